@@ -1,0 +1,93 @@
+"""Codecs: gradient tensors to self-describing bytes and back.
+
+=========  ==========================================  ==============================
+name       what                                        payload bytes for n coords
+=========  ==========================================  ==============================
+fp32       identity                                    4 n
+fp16       half-precision cast                         2 n
+qsgd       QSGD, L2 norm per bucket                    4 ceil(n/d) + ceil(n b / 8)
+qsgd-inf   QSGD, max norm per bucket                   4 ceil(n/d) + ceil(n b / 8)
+sign       scaled sign, L1 scale per bucket            4 ceil(n/d) + ceil(n / 8)
+=========  ==========================================  ==============================
+
+Every message adds a 13-byte prefix and a msgpack header of a few dozen bytes
+(:mod:`mpiqsgd.wire`). ``make_codec(name, ...)`` builds one by name;
+``decode(message)`` decodes any message by its header.
+"""
+
+import inspect
+
+from ..errors import ConfigError, DecodeError
+from .. import wire
+from .base import Codec, make_generator
+from .feedback import ErrorFeedback
+from .fp import FP16, FP32
+from .qsgd import QSGD
+from .sign import Sign
+
+__all__ = [
+    "Codec", "ErrorFeedback", "CODECS", "WIRE_CODECS", "make_codec", "decode", "make_generator",
+]
+
+# Wire name -> class: how a header's "codec" field is resolved.
+WIRE_CODECS = {cls.name: cls for cls in (FP32, FP16, QSGD, Sign)}
+
+# User-facing name -> (class, fixed parameters).
+CODECS = {
+    "fp32": (FP32, {}),
+    "fp16": (FP16, {}),
+    "qsgd": (QSGD, {"norm": "l2"}),
+    "qsgd-inf": (QSGD, {"norm": "max"}),
+    "sign": (Sign, {}),
+}
+
+
+def make_codec(name, error_feedback=False, **params):
+    """Build a codec by name.
+
+    Args:
+        name: one of :data:`CODECS`.
+        error_feedback: wrap it in :class:`ErrorFeedback`.
+        **params: codec parameters (``bits``, ``levels``, ``bucket``, ``rounding`` ...);
+            ``None`` values are dropped so CLI defaults apply.
+
+    Raises:
+        ConfigError: unknown name or invalid parameters, listing what is valid.
+    """
+    if name not in CODECS:
+        raise ConfigError(f"unknown codec {name!r}; choose one of: {', '.join(CODECS)}")
+    cls, fixed = CODECS[name]
+    params = {k: v for k, v in params.items() if v is not None}
+    clash = set(params) & set(fixed)
+    if clash:
+        raise ConfigError(f"codec {name!r} fixes {', '.join(sorted(clash))}")
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self" and p not in fixed]
+    unknown = sorted(set(params) - set(accepted))
+    if unknown:
+        raise ConfigError(
+            f"codec {name!r} takes no parameter {', '.join(unknown)}; "
+            f"it takes: {', '.join(accepted) or 'none'}"
+        )
+    codec = cls(**fixed, **params)
+    return ErrorFeedback(codec) if error_feedback else codec
+
+
+def codec_for(header):
+    """The codec a message header names, with its parameters validated."""
+    cls = WIRE_CODECS.get(header["codec"])
+    if cls is None:
+        raise DecodeError(f"message names unknown codec {header['codec']!r:.40}")
+    try:
+        return cls(**header["params"])
+    except (ConfigError, TypeError) as exc:
+        raise DecodeError(f"message header has invalid {header['codec']} parameters: {exc}") from None
+
+
+def decode(message, device="cpu"):
+    """Decode any mpiqsgd message by its header.
+
+    Raises:
+        DecodeError: truncated, corrupted or foreign bytes.
+    """
+    header, payload = wire.unframe(message)
+    return codec_for(header)._decode_payload(header["numel"], payload, device)

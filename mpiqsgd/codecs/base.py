@@ -1,0 +1,157 @@
+"""The codec contract: a 1-D float32 tensor to self-describing bytes and back.
+
+Every message is framed by :mod:`mpiqsgd.wire` (prefix, msgpack header naming the
+codec, its parameters and ``numel``, then the payload). A subclass defines only its
+payload: its exact length (:meth:`Codec.payload_nbytes`), how to produce it together
+with the values a receiver will decode (:meth:`Codec._quantize`), and how to read it
+back (:meth:`Codec._dequantize`). The base class does the framing, the checks on
+input and on received bytes, and guarantees that the values returned by
+:meth:`Codec.encode_decode` are bit-identical to :meth:`Codec.decode` of the bytes.
+"""
+
+import numpy as np
+import torch
+
+from .. import wire
+from ..errors import ConfigError, DecodeError, NonFiniteError
+
+__all__ = ["Codec", "make_generator", "check_choice", "check_int"]
+
+
+def make_generator(seed, rank=0, step=0, device="cpu"):
+    """A ``torch.Generator`` seeded from (seed, rank, step), the only source of codec randomness.
+
+    Different ranks and steps get independent streams; the same triple always gives
+    the same stream, so runs are reproducible.
+    """
+    state = np.random.SeedSequence([int(seed), int(rank), int(step)]).generate_state(1, np.uint64)[0]
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+    return gen
+
+
+def check_choice(codec, name, value, choices):
+    if value not in choices:
+        raise ConfigError(f"{codec}: {name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+    return value
+
+
+def check_int(codec, name, value, lo, hi=None):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ConfigError(f"{codec}: {name} must be an integer; got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+        raise ConfigError(f"{codec}: {name} must be {bound}; got {value}")
+    return int(value)
+
+
+class Codec:
+    """Base class of all codecs.
+
+    Subclasses set ``name`` (the wire name), ``stochastic``, validate their
+    parameters in ``__init__`` and expose them as :attr:`params` (a dict of msgpack
+    scalars: the header carries exactly these).
+    """
+
+    name = "codec"
+    stochastic = False
+
+    @property
+    def params(self):
+        """Parameters carried in every header; equal params mean compatible bytes."""
+        return {}
+
+    def payload_nbytes(self, numel):
+        """Exact payload bytes for ``numel`` coordinates (pure function)."""
+        raise NotImplementedError
+
+    def _quantize(self, x, rng):
+        """Return (payload uint8 tensor, decoded float32 tensor) for a flat finite ``x``."""
+        raise NotImplementedError
+
+    def _dequantize(self, payload, numel):
+        """Return the float32 values of a payload (a uint8 tensor of the exact length).
+
+        Raise :class:`DecodeError` for values no encoder produces.
+        """
+        raise NotImplementedError
+
+    # -- shared machinery -------------------------------------------------------------
+
+    def header_bytes(self, numel):
+        """The msgpack header of a message of ``numel`` coordinates."""
+        return wire.pack_header(self.name, numel, self.params)
+
+    def encoded_nbytes(self, numel):
+        """Exact length of ``encode`` of ``numel`` coordinates (pure function)."""
+        return wire.PREFIX_BYTES + len(self.header_bytes(numel)) + self.payload_nbytes(numel)
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
+        return f"{type(self).__name__}({args})"
+
+    def _check_input(self, x, rng):
+        if not isinstance(x, torch.Tensor):
+            raise ConfigError(f"{self.name}: expected a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise ConfigError(f"{self.name}: expected a floating-point tensor, got {x.dtype}")
+        x = x.detach().reshape(-1).to(torch.float32)
+        if not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).sum())
+            raise NonFiniteError(
+                f"{self.name}: refusing to encode a gradient with {bad} NaN/Inf value(s) out of {x.numel()}"
+            )
+        if self.stochastic and not isinstance(rng, torch.Generator):
+            raise ConfigError(
+                f"{self.name} rounds stochastically and needs a torch.Generator "
+                "(mpiqsgd.codecs.make_generator(seed, rank, step))"
+            )
+        return x.contiguous()
+
+    def encode_decode(self, x, rng=None, key=None):
+        """Encode ``x`` and also return what every receiver will decode from the bytes.
+
+        Args:
+            x: floating-point tensor (flattened; converted to float32). Must be finite.
+            rng: ``torch.Generator`` on ``x``'s device; required by stochastic codecs.
+            key: identifies the buffer for stateful wrappers (error feedback); ignored here.
+
+        Returns:
+            (bytes, float32 tensor of ``x.numel()`` values on ``x``'s device).
+        """
+        x = self._check_input(x, rng)
+        if x.numel() == 0:
+            payload, decoded = torch.zeros(0, dtype=torch.uint8), x.clone()
+        else:
+            payload, decoded = self._quantize(x, rng)
+        message = wire.frame(self.header_bytes(x.numel()), payload.cpu().numpy())
+        return message, decoded
+
+    def encode(self, x, rng=None, key=None):
+        """Encode ``x`` into a self-describing message (see :meth:`encode_decode`)."""
+        return self.encode_decode(x, rng, key)[0]
+
+    def decode(self, message, device="cpu"):
+        """Decode a message produced by a codec with the same parameters.
+
+        Raises:
+            DecodeError: the bytes are invalid or were encoded with other parameters.
+        """
+        header, payload = wire.unframe(message)
+        if header["codec"] != self.name or header["params"] != self.params:
+            raise DecodeError(
+                f"message was encoded with {header['codec']} {header['params']}, "
+                f"but this codec is {self.name} {self.params}"
+            )
+        return self._decode_payload(header["numel"], payload, device)
+
+    def _decode_payload(self, numel, payload, device):
+        expected = self.payload_nbytes(numel)
+        if len(payload) != expected:
+            raise DecodeError(
+                f"{self.name}: payload of {len(payload)} bytes, but numel={numel} needs {expected}"
+            )
+        if numel == 0:
+            return torch.zeros(0, dtype=torch.float32, device=device)
+        buf = torch.from_numpy(np.frombuffer(payload, dtype=np.uint8).copy()).to(device)
+        return self._dequantize(buf, numel)

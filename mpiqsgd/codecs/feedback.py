@@ -1,0 +1,65 @@
+"""Error feedback as a wrapper around any codec.
+
+Per buffer ``key`` the wrapper keeps a residual ``e`` (initially zero). Each call:
+``p = x + e``; send ``C(p)``; ``e = p - decode(C(p))``. The bytes are exactly the
+inner codec's (same header, same size): error feedback changes what is sent, not the
+wire format, and receivers decode with the inner codec. Residuals are per rank and per
+key (a topology uses one key per place it encodes, e.g. the worker's gradient and a
+server's downlink); a residual whose shape no longer matches is reset to zero.
+"""
+
+import torch
+
+__all__ = ["ErrorFeedback"]
+
+
+class ErrorFeedback:
+    """Wrap ``codec`` with per-key error-feedback residuals.
+
+    Args:
+        codec: any :class:`~mpiqsgd.codecs.base.Codec`.
+    """
+
+    def __init__(self, codec):
+        self.inner = codec
+        self.residuals = {}
+
+    name = property(lambda self: self.inner.name)
+    params = property(lambda self: self.inner.params)
+    stochastic = property(lambda self: self.inner.stochastic)
+
+    def __repr__(self):
+        return f"ErrorFeedback({self.inner!r})"
+
+    def __getattr__(self, attr):
+        # Sizes, headers and decoding are the inner codec's.
+        if attr == "inner":
+            raise AttributeError(attr)
+        return getattr(self.inner, attr)
+
+    def encode_decode(self, x, rng=None, key="grad"):
+        """Encode ``x`` plus the residual of ``key``; update the residual.
+
+        Returns:
+            (bytes, decoded float32 tensor) as :meth:`Codec.encode_decode`.
+        """
+        flat = x.detach().reshape(-1).to(torch.float32)
+        e = self.residuals.get(key)
+        p = flat if e is None or e.shape != flat.shape or e.device != flat.device else flat + e
+        message, decoded = self.inner.encode_decode(p, rng)
+        self.residuals[key] = p - decoded
+        return message, decoded
+
+    def encode(self, x, rng=None, key="grad"):
+        return self.encode_decode(x, rng, key)[0]
+
+    def reset(self):
+        """Forget all residuals."""
+        self.residuals.clear()
+
+    def state_dict(self):
+        """Residuals by key, on the CPU (for checkpoints)."""
+        return {"residuals": {k: v.detach().cpu().clone() for k, v in self.residuals.items()}}
+
+    def load_state_dict(self, state, device="cpu"):
+        self.residuals = {k: v.to(device).clone() for k, v in state["residuals"].items()}

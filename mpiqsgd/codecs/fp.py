@@ -1,0 +1,46 @@
+"""Uncompressed baselines: ``fp32`` (identity) and ``fp16`` (half precision cast).
+
+Wire format: the standard frame (:mod:`mpiqsgd.wire`) with a payload of ``numel``
+little-endian float32 (4 bytes each) or float16 (2 bytes each) values. No parameters.
+An fp16 payload refuses values outside the float16 range rather than sending Inf.
+"""
+
+import torch
+
+from ..errors import DecodeError, NonFiniteError
+from .base import Codec
+
+__all__ = ["FP32", "FP16"]
+
+
+class _Float(Codec):
+    dtype = torch.float32
+
+    def payload_nbytes(self, numel):
+        return numel * self.dtype.itemsize
+
+    def _quantize(self, x, rng):
+        cast = x.to(self.dtype)
+        if not bool(torch.isfinite(cast).all()):
+            raise NonFiniteError(f"{self.name}: gradient values exceed the {self.dtype} range")
+        return cast.view(torch.uint8), cast.to(torch.float32)
+
+    def _dequantize(self, payload, numel):
+        values = payload.view(self.dtype)
+        if not bool(torch.isfinite(values).all()):
+            raise DecodeError(f"{self.name}: payload holds NaN or Inf")
+        return values.to(torch.float32)
+
+
+class FP32(_Float):
+    """Identity codec: 4 bytes per coordinate."""
+
+    name = "fp32"
+    dtype = torch.float32
+
+
+class FP16(_Float):
+    """Half-precision cast: 2 bytes per coordinate, round to nearest."""
+
+    name = "fp16"
+    dtype = torch.float16

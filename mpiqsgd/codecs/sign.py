@@ -1,0 +1,61 @@
+"""Scaled sign: one scale per bucket and one bit per coordinate.
+
+``C(v) = (||v||_1 / d) * sgn(v)`` per bucket of ``d`` coordinates (the last bucket
+uses its own length); ``sgn(0) = +1``. Biased and deterministic: pair it with
+``--error-feedback`` (EF-SignSGD, Karimireddy et al. 2019).
+
+Wire format (payload after the frame of :mod:`mpiqsgd.wire`)::
+
+    n_buckets float32 scales, n_buckets = ceil(numel / bucket)
+    numel sign bits, densely packed, 1 = negative
+
+Payload bytes: ``4 * ceil(numel / bucket) + ceil(numel / 8)``.
+"""
+
+import torch
+
+from . import bits as bitpack
+from .base import Codec, check_int
+from .qsgd import bucket_view, finite_scales
+
+__all__ = ["Sign"]
+
+
+class Sign(Codec):
+    """Scaled sign compressor.
+
+    Args:
+        bucket: coordinates per scale. Default 512.
+    """
+
+    name = "sign"
+
+    def __init__(self, bucket=512):
+        self.bucket = check_int(self.name, "bucket", bucket, 1, 2**30)
+
+    @property
+    def params(self):
+        return {"bucket": self.bucket}
+
+    def payload_nbytes(self, numel):
+        return 4 * (-(-numel // self.bucket)) + bitpack.packed_nbytes(numel, 1)
+
+    def _reconstruct(self, negative, scales, numel):
+        values = scales.repeat_interleave(self.bucket)[:numel]
+        return torch.where(negative, -values, values)
+
+    def _quantize(self, x, rng):
+        numel = x.numel()
+        v = bucket_view(x, self.bucket)
+        counts = torch.full((v.shape[0],), float(self.bucket), device=x.device)
+        counts[-1] = numel - (v.shape[0] - 1) * self.bucket if numel else 1.0
+        scales = v.abs().sum(dim=1) / counts
+        negative = x < 0
+        payload = torch.cat([scales.view(torch.uint8), bitpack.pack(negative.to(torch.uint8), 1)])
+        return payload, self._reconstruct(negative, scales, numel)
+
+    def _dequantize(self, payload, numel):
+        n_buckets = -(-numel // self.bucket)
+        scales = finite_scales(payload, n_buckets, self.name)
+        negative = bitpack.unpack(payload[4 * n_buckets:], numel, 1).bool()
+        return self._reconstruct(negative, scales, numel)
