@@ -61,7 +61,7 @@ def make_codec(name, error_feedback=False, **params):
     clash = set(params) & set(fixed)
     if clash:
         raise ConfigError(f"codec {name!r} fixes {', '.join(sorted(clash))}")
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self" and p not in fixed]
+    accepted = [p for p in inspect.signature(cls).parameters if p not in fixed]
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise ConfigError(

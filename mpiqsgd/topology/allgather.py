@@ -1,0 +1,41 @@
+"""``allgather``: every rank's encoded gradient travels the ring; each rank decodes all n.
+
+Message pattern (n ranks, right = r+1, left = r-1 mod n): each rank encodes its
+gradient once; in hop k = 0..n-2 rank r sends the message of rank (r-k) mod n to the
+right and receives that of rank (r-k-1) mod n from the left. Every rank then decodes
+all n messages and averages them in rank order: the exact mean of the quantized
+gradients, with no re-quantization (the QSGD paper's pattern).
+
+Bytes sent per rank: ``(n-1) * E(numel)`` with ``E`` the codec's encoded size;
+received the same. Decode work grows with n.
+"""
+
+from .base import Aggregator, mean_of
+
+__all__ = ["Allgather"]
+
+
+class Allgather(Aggregator):
+    """Allgather of encoded gradients, decode-all, mean in fp32."""
+
+    name = "allgather"
+
+    def aggregate(self, flat, step):
+        self._check(flat)
+        t, meter = self.transport, self.meter
+        meter.step = step
+        n, r = t.size, t.rank
+        with meter.time("encode"):
+            own, own_decoded = self.codec.encode_decode(flat, self._rng(flat, step), key="grad")
+        messages = {r: own}
+        with meter.time("communicate"):
+            for k in range(n - 1):
+                messages[(r - k - 1) % n] = t.sendrecv(
+                    messages[(r - k) % n], (r + 1) % n, (r - 1) % n, "allgather", 4 * flat.numel())
+        with meter.time("decode"):
+            decoded = [own_decoded if src == r else self.codec.decode(messages[src], flat.device)
+                       for src in range(n)]
+            return mean_of(decoded)
+
+    def sent_nbytes(self, numel, rank):
+        return (self.transport.size - 1) * self.codec.encoded_nbytes(numel)
