@@ -16,7 +16,6 @@ recorded only when given a phase.
 """
 
 import sys
-import traceback
 import zlib
 
 import numpy as np
@@ -25,7 +24,7 @@ import torch
 from . import wire
 from .meter import Meter
 
-__all__ = ["Transport", "MPITransport", "world", "abort_on_error", "mpi_library"]
+__all__ = ["Transport", "MPITransport", "world", "abort_if_parallel", "mpi_library"]
 
 
 def phase_tag(phase):
@@ -136,17 +135,15 @@ def mpi_library():
     return MPI.Get_library_version().strip().splitlines()[0].strip()
 
 
-def abort_on_error(exc):
-    """Print ``exc`` and abort every rank of the job when running under MPI with >1 rank.
+def abort_if_parallel(message):
+    """Print ``message`` and abort every rank, if this is an MPI job of more than one rank.
 
-    Without this an exception on one rank leaves the others waiting in a receive forever.
-    Returns normally when MPI was never started or the job has one rank.
+    Without this an exception on one rank leaves the others waiting in a receive
+    forever. Returns (printing nothing) when MPI was never started or has one rank.
     """
-    traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
-    sys.stderr.flush()
     mpi = sys.modules.get("mpi4py.MPI")
-    if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized():
+    if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized() or mpi.COMM_WORLD.Get_size() == 1:
         return
-    if mpi.COMM_WORLD.Get_size() > 1:
-        print(f"mpiqsgd: rank {mpi.COMM_WORLD.Get_rank()} failed; aborting all ranks", file=sys.stderr, flush=True)
-        mpi.COMM_WORLD.Abort(1)
+    rank = mpi.COMM_WORLD.Get_rank()
+    print(f"{message.rstrip()}\nmpiqsgd: rank {rank} failed; aborting all ranks", file=sys.stderr, flush=True)
+    mpi.COMM_WORLD.Abort(1)

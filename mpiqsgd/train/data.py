@@ -239,6 +239,9 @@ def _write_cache(file: Path, train: ImageArrays, test: ImageArrays) -> None:
                 test_labels=test.labels,
                 classes=np.array(train.classes, dtype=str),
             )
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, file)
         tmp = None
     except OSError as exc:
@@ -294,7 +297,7 @@ def _layout(rel_paths: Sequence[str], source: Path) -> dict[str, dict[str, list[
     if len(candidates) > 1:
         roots = ", ".join("/".join(p) or "." for p in sorted(candidates))
         raise MpiqsgdError(f"{source} holds several image folders ({roots}); point at one of them")
-    (prefix, splits), = candidates.items()
+    prefix, splits = next(iter(candidates.items()))
     if "test" not in splits:
         where = "/".join(prefix + ("test",))
         raise MpiqsgdError(f"{source} has train/ but no {where}/<class>/<image> files")
@@ -346,7 +349,13 @@ def _decode_folder(
             labels += [label] * len(chosen)
         images, label_array = _stack_decoded(members, labels, read, source)
         out.append(ImageArrays(images, label_array, classes))
-    return out[0], out[1]
+    train, test = out
+    if train.images.shape[1:] != test.images.shape[1:]:
+        raise MpiqsgdError(
+            f"{source}: train images are {train.images.shape[1:]} but test images are "
+            f"{test.images.shape[1:]}; all images must share one size"
+        )
+    return train, test
 
 
 def _decode_image_folder(
@@ -533,6 +542,26 @@ def load_cifar10_batches(root: PathLike) -> tuple[ImageArrays, ImageArrays]:
     return train, ImageArrays(np.ascontiguousarray(test_images), test_labels, classes)
 
 
+def _torchvision_cifar10() -> Callable[..., object]:
+    from torchvision.datasets import CIFAR10
+
+    return CIFAR10
+
+
+def _download_cifar10(root: Path) -> None:
+    try:
+        cifar10 = _torchvision_cifar10()
+        root.mkdir(parents=True, exist_ok=True)
+        for train in (True, False):
+            cifar10(str(root), train=train, download=True)
+    except Exception as exc:
+        raise MpiqsgdError(
+            f"could not download CIFAR-10 into {root} ({type(exc).__name__}: {exc}). "
+            "Without network access, copy the data set yourself and pass --data-dir PATH, "
+            "or run with --dataset synthetic"
+        ) from exc
+
+
 def load_cifar10(root: PathLike, download: bool = False) -> tuple[ImageArrays, ImageArrays]:
     """Loads CIFAR-10 batches from ``root``, downloading them with torchvision if asked.
 
@@ -549,18 +578,7 @@ def load_cifar10(root: PathLike, download: bool = False) -> tuple[ImageArrays, I
     """
     root = Path(root).expanduser()
     if download:
-        try:
-            from torchvision.datasets import CIFAR10
-
-            root.mkdir(parents=True, exist_ok=True)
-            for train in (True, False):
-                CIFAR10(str(root), train=train, download=True)
-        except Exception as exc:
-            raise MpiqsgdError(
-                f"could not download CIFAR-10 into {root} ({type(exc).__name__}: {exc}). "
-                "Without network access, copy the data set yourself and pass --data-dir PATH, "
-                "or run with --dataset synthetic"
-            ) from exc
+        _download_cifar10(root)
     return load_cifar10_batches(root)
 
 
@@ -708,8 +726,11 @@ def find_dataset(
             return found
     if download:
         target = places[0] if data_dir is not None else _resolve_cache_dir(cache_dir) / "data"
-        load_cifar10(target, download=True)
-        return DatasetSource("cifar10", "cifar10-batches", Path(os.path.abspath(target / _BATCHES_DIR)))
+        _download_cifar10(target)
+        found = _find_cifar10_in(target)
+        if found is not None:
+            return found
+        raise MpiqsgdError(f"downloaded CIFAR-10 into {target} but cannot find it there")
     raise _not_found(places, explicit=data_dir is not None)
 
 

@@ -1,0 +1,140 @@
+"""Benchmarks: codec throughput and variance; exchange time and bytes over MPI.
+
+Every figure is a median over ``repeats`` timed runs after one warm-up, and comes with
+a reference measured in the same run: a memcpy of the same buffer for codecs, an fp32
+``MPI.Allreduce`` for exchanges.
+"""
+
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from .codecs import make_generator
+from .codecs.fp import FP32
+from .machine import machine_info
+from .topology import make_aggregator
+
+__all__ = ["bench_codec", "bench_exchange", "variance_bound"]
+
+
+def _sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device):
+    _sync(device)
+    start = time.perf_counter()
+    result = fn()
+    _sync(device)
+    return time.perf_counter() - start, result
+
+
+def variance_bound(codec):
+    """QSGD's Lemma 3.1 bound min(d/s^2, sqrt(d)/s) on E||Q(v)-v||^2 / ||v||^2, if it applies."""
+    inner = getattr(codec, "inner", codec)
+    if inner.name != "qsgd" or inner.norm != "l2" or not inner.stochastic:
+        return None
+    d, s = inner.bucket, inner.levels
+    return min(d / s**2, d**0.5 / s)
+
+
+def bench_codec(codec, numel, repeats=5, seed=0, device="cpu"):
+    """Time encode and decode of a Gaussian vector of ``numel`` coordinates.
+
+    Returns:
+        JSON-ready dict: medians in seconds, GB/s of fp32 input (1e9 bytes), bytes per
+        coordinate, the measured normalized variance ||Q(v) - v||^2 / ||v||^2 (mean over
+        repeats), and a memcpy of the same buffer as the reference.
+    """
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(seed)).to(device)
+    scratch = torch.empty_like(x)
+    fp32_bytes = 4 * numel
+    enc_s, dec_s, copy_s, variances = [], [], [], []
+    message = None
+    for rep in range(repeats + 1):
+        rng = make_generator(seed, 0, rep, device)
+        t_enc, message = _timed(lambda: codec.encode(x, rng), device)
+        t_dec, y = _timed(lambda: codec.decode(message, device), device)
+        t_copy, _ = _timed(lambda: scratch.copy_(x), device)
+        if rep == 0:
+            continue  # warm-up
+        enc_s.append(t_enc)
+        dec_s.append(t_dec)
+        copy_s.append(t_copy)
+        variances.append(float((y - x).double().pow(2).sum() / x.double().pow(2).sum()))
+    enc, dec, copy = (statistics.median(v) for v in (enc_s, dec_s, copy_s))
+    return {
+        "benchmark": "codec",
+        "codec": repr(codec),
+        "params": dict(getattr(codec, "params", {})),
+        "numel": numel,
+        "repeats": repeats,
+        "encoded_bytes": len(message),
+        "bytes_per_coordinate": len(message) / numel,
+        "compression_vs_fp32": FP32().encoded_nbytes(numel) / len(message),
+        "encode_seconds": enc,
+        "decode_seconds": dec,
+        "memcpy_seconds": copy,
+        "encode_GBps": fp32_bytes / enc / 1e9,
+        "decode_GBps": fp32_bytes / dec / 1e9,
+        "memcpy_GBps": fp32_bytes / copy / 1e9,
+        "encode_vs_memcpy": copy / enc,
+        "decode_vs_memcpy": copy / dec,
+        "variance_ratio": float(np.mean(variances)),
+        "variance_bound": variance_bound(codec),
+        "machine": machine_info(device),
+    }
+
+
+def _median_max(transport, seconds):
+    """Median over repeats of the slowest rank's time (an exchange ends when all ranks finish)."""
+    per_rank = transport.allgather_bytes(np.asarray(seconds, dtype=np.float64).tobytes())
+    table = np.stack([np.frombuffer(b, dtype=np.float64) for b in per_rank])
+    return float(np.median(table.max(axis=0))), table.max(axis=0).tolist()
+
+
+def bench_exchange(transport, codec, topology, numel, repeats=5, seed=0, device="cpu", **options):
+    """Time one topology against fp32 allreduce on every rank's random gradient.
+
+    Returns:
+        JSON-ready dict (meaningful on every rank; print it on rank 0).
+    """
+    rank, n = transport.rank, transport.size
+    grad = torch.randn(numel, generator=torch.Generator().manual_seed(seed + rank)).to(device)
+    runs = {}
+    candidates = [("allreduce", FP32(), {}), (topology, codec, options)]
+    for label, (name, cod, opts) in zip(("baseline", "candidate"), candidates):
+        agg = make_aggregator(name, transport, cod, seed=seed, **opts)
+        seconds = []
+        for rep in range(repeats + 1):
+            transport.meter.reset()
+            transport.barrier()
+            t, result = _timed(lambda: agg.aggregate(grad, rep), device)
+            if rep:
+                seconds.append(t)
+        sent = transport.meter.sent()
+        median, series = _median_max(transport, seconds)
+        runs[label] = {"topology": name, "codec": repr(cod), "median_seconds": median,
+                       "seconds_per_repeat": series, "sent_bytes_this_rank": sent["bytes"],
+                       "sent_bytes_formula": agg.sent_nbytes(numel, rank),
+                       "phase_seconds_this_rank": dict(transport.meter.seconds), "result": result}
+    exact = runs["baseline"].pop("result")
+    approx = runs["candidate"].pop("result")
+    bytes_by_rank = [int(np.frombuffer(b, np.int64)[0]) for b in
+                     transport.allgather_bytes(np.array([runs["candidate"]["sent_bytes_this_rank"]], np.int64).tobytes())]
+    return {
+        "benchmark": "exchange",
+        "n_ranks": n,
+        "numel": numel,
+        "repeats": repeats,
+        "baseline": runs["baseline"],
+        "candidate": runs["candidate"],
+        "candidate_sent_bytes_by_rank": bytes_by_rank,
+        "speedup_vs_allreduce": runs["baseline"]["median_seconds"] / runs["candidate"]["median_seconds"],
+        "bytes_vs_allreduce": runs["candidate"]["sent_bytes_this_rank"] / max(1, runs["baseline"]["sent_bytes_this_rank"]),
+        "relative_error_vs_exact_mean": float((approx - exact).norm() / exact.norm().clamp_min(1e-30)),
+        "machine": machine_info(device),
+    }

@@ -1,0 +1,144 @@
+"""Command line: ``mpiqsgd <command> ...`` (also ``python -m mpiqsgd``).
+
+Commands:
+    bench codec      encode/decode throughput, bytes and variance of one codec
+    bench exchange   time and bytes of one topology against fp32 allreduce (run under mpiexec)
+
+An uncaught exception on any rank aborts the whole MPI job (MPI_Abort) after printing
+the error, instead of leaving the other ranks waiting.
+"""
+
+import argparse
+import json
+import sys
+import traceback
+
+from . import __version__
+from .codecs import CODECS, make_codec
+from .errors import MpiqsgdError
+from .topology import TOPOLOGIES
+from .transport import abort_if_parallel
+
+__all__ = ["main", "build_parser", "add_codec_args", "codec_from_args"]
+
+
+def add_codec_args(p):
+    """Flags that choose and configure a codec."""
+    g = p.add_argument_group("codec")
+    g.add_argument("--codec", default="qsgd", choices=list(CODECS), help="gradient codec (default qsgd)")
+    g.add_argument("--bits", type=int, help="bits per coordinate on the wire, sign included (qsgd default 4)")
+    g.add_argument("--levels", type=int, help="qsgd: number of magnitude levels s (sets bits)")
+    g.add_argument("--bucket", type=int, help="coordinates per bucket/norm (default 512)")
+    g.add_argument("--rounding", choices=["stochastic", "nearest"], help="qsgd rounding (default stochastic)")
+    g.add_argument("--error-feedback", action="store_true", help="wrap the codec with error feedback")
+
+
+def codec_from_args(args):
+    """Build the codec the flags describe."""
+    return make_codec(args.codec, error_feedback=args.error_feedback, bits=args.bits,
+                      levels=args.levels, bucket=args.bucket, rounding=args.rounding)
+
+
+def add_topology_args(p):
+    g = p.add_argument_group("topology")
+    g.add_argument("--topology", default="ring", choices=list(TOPOLOGIES), help="aggregation (default ring)")
+    g.add_argument("--downlink", choices=["fp32", "codec"], help="ps: what the server sends back (default fp32)")
+    g.add_argument("--server-error-feedback", action="store_true", default=None,
+                   help="ps: server-side error feedback on an encoded downlink")
+    g.add_argument("--dedicated-server", action="store_true", default=None,
+                   help="ps: rank 0 only serves and does not train")
+
+
+def topology_options(args):
+    return {"downlink": args.downlink, "server_error_feedback": args.server_error_feedback,
+            "dedicated": args.dedicated_server}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="mpiqsgd", description="Quantized data-parallel SGD over MPI.")
+    parser.add_argument("--version", action="version", version=f"mpiqsgd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    bc = bench.add_parser("codec", help="codec throughput, bytes and variance (one process)")
+    add_codec_args(bc)
+    bc.add_argument("--numel", type=int, default=25_000_000, help="coordinates (default 25M, ResNet-50 size)")
+    bc.add_argument("--repeats", type=int, default=5, help="timed repeats after one warm-up (default 5)")
+    bc.add_argument("--seed", type=int, default=0)
+    bc.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
+    bc.add_argument("--json", action="store_true", help="print one JSON object")
+    bc.set_defaults(func=run_bench_codec)
+
+    be = bench.add_parser("exchange", help="one topology vs fp32 allreduce (run under mpiexec)")
+    add_codec_args(be)
+    add_topology_args(be)
+    be.add_argument("--numel", type=int, default=25_000_000)
+    be.add_argument("--repeats", type=int, default=5)
+    be.add_argument("--seed", type=int, default=0)
+    be.add_argument("--device", default="cpu")
+    be.add_argument("--json", action="store_true")
+    be.set_defaults(func=run_bench_exchange)
+    return parser
+
+
+def _positive(name, value):
+    if value < 1:
+        raise MpiqsgdError(f"--{name} must be at least 1; got {value}")
+
+
+def run_bench_codec(args):
+    from .bench import bench_codec
+
+    _positive("numel", args.numel)
+    _positive("repeats", args.repeats)
+    result = bench_codec(codec_from_args(args), args.numel, args.repeats, args.seed, args.device)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    r = result
+    print(f"{r['codec']}  numel={r['numel']:,}  median of {r['repeats']}  ({r['machine']['processor']}, "
+          f"{r['machine']['torch_threads']} threads, {r['machine']['device']})")
+    print(f"  encode {r['encode_GBps']:.3f} GB/s   decode {r['decode_GBps']:.3f} GB/s   "
+          f"memcpy {r['memcpy_GBps']:.3f} GB/s")
+    print(f"  {r['bytes_per_coordinate']:.4f} bytes/coordinate ({r['compression_vs_fp32']:.2f}x smaller than fp32)")
+    bound = f"  (QSGD bound {r['variance_bound']:.3f})" if r["variance_bound"] is not None else ""
+    print(f"  ||Q(v)-v||^2/||v||^2 = {r['variance_ratio']:.4f}{bound}")
+
+
+def run_bench_exchange(args):
+    from .bench import bench_exchange
+    from .transport import world
+
+    _positive("numel", args.numel)
+    _positive("repeats", args.repeats)
+    transport = world()
+    result = bench_exchange(transport, codec_from_args(args), args.topology, args.numel, args.repeats,
+                            args.seed, args.device, **topology_options(args))
+    if transport.rank != 0:
+        return
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    r = result
+    print(f"{r['n_ranks']} ranks, numel={r['numel']:,}, median of {r['repeats']} (slowest rank per repeat)")
+    for key in ("baseline", "candidate"):
+        x = r[key]
+        print(f"  {x['topology']:<10} {x['codec']:<60} {x['median_seconds'] * 1e3:9.2f} ms  "
+              f"{x['sent_bytes_this_rank']:>12,} bytes sent by rank 0")
+    print(f"  speedup vs allreduce {r['speedup_vs_allreduce']:.2f}x, bytes {r['bytes_vs_allreduce']:.3f}x, "
+          f"relative error vs exact mean {r['relative_error_vs_exact_mean']:.4f}")
+
+
+def main(argv=None):
+    """Entry point of the ``mpiqsgd`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MpiqsgdError as exc:
+        abort_if_parallel(f"mpiqsgd: error: {exc}")
+        print(f"mpiqsgd: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception:
+        abort_if_parallel(traceback.format_exc())
+        raise
+    return 0
