@@ -16,7 +16,7 @@ from .codecs.fp import FP32
 from .machine import machine_info
 from .topology import make_aggregator
 
-__all__ = ["bench_codec", "bench_exchange", "variance_bound"]
+__all__ = ["bench_codec", "bench_exchange"]
 
 
 def _sync(device):
@@ -30,15 +30,6 @@ def _timed(fn, device):
     result = fn()
     _sync(device)
     return time.perf_counter() - start, result
-
-
-def variance_bound(codec):
-    """QSGD's Lemma 3.1 bound min(d/s^2, sqrt(d)/s) on E||Q(v)-v||^2 / ||v||^2, if it applies."""
-    inner = getattr(codec, "inner", codec)
-    if inner.name != "qsgd" or inner.norm != "l2" or not inner.stochastic:
-        return None
-    d, s = inner.bucket, inner.levels
-    return min(d / s**2, d**0.5 / s)
 
 
 def bench_codec(codec, numel, repeats=5, seed=0, device="cpu"):
@@ -84,7 +75,7 @@ def bench_codec(codec, numel, repeats=5, seed=0, device="cpu"):
         "encode_vs_memcpy": copy / enc,
         "decode_vs_memcpy": copy / dec,
         "variance_ratio": float(np.mean(variances)),
-        "variance_bound": variance_bound(codec),
+        "variance_bound": getattr(codec, "variance_bound", lambda: None)(),
         "machine": machine_info(device),
     }
 

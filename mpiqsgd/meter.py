@@ -13,6 +13,8 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import msgpack
+
 __all__ = ["Message", "Meter", "merge", "COUNT_FIELDS"]
 
 COUNT_FIELDS = ("messages", "bytes", "header_bytes", "payload_bytes", "fp32_bytes")
@@ -100,6 +102,11 @@ class Meter:
         for counts in self.by_phase.values():
             _add(total, counts)
         return total
+
+    def job_totals(self, transport):
+        """:func:`merge` of every rank's totals (collective: call on all ranks of ``transport``)."""
+        packed = transport.allgather_bytes(msgpack.packb(self.totals(), use_bin_type=True))
+        return merge([msgpack.unpackb(b, raw=False, strict_map_key=False) for b in packed])
 
     def totals(self):
         """This rank's counters as a JSON-ready dict."""

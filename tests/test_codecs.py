@@ -304,3 +304,26 @@ def test_error_feedback_refuses_nan_without_touching_residual():
     with pytest.raises(NonFiniteError):
         ef.encode(bad)
     assert torch.equal(ef.residuals["grad"], before)
+
+
+def test_error_feedback_warns_when_the_compressor_is_not_contractive():
+    with pytest.warns(UserWarning, match="can diverge"):
+        make_codec("qsgd", bits=4, bucket=512, error_feedback=True)
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_codec("qsgd", bits=8, error_feedback=True)
+        make_codec("qsgd", bits=4, rounding="nearest", error_feedback=True)
+        make_codec("sign", error_feedback=True)
+
+
+def test_error_feedback_with_non_contractive_qsgd_really_diverges():
+    # The warning is not hypothetical: the residual grows step after step.
+    with pytest.warns(UserWarning):
+        ef = make_codec("qsgd", bits=2, bucket=512, error_feedback=True)
+    g = vec(512)
+    norms = []
+    for step in range(30):
+        ef.encode(g, make_generator(0, 0, step))
+        norms.append(float(ef.residuals["grad"].norm()))
+    assert norms[-1] > 5 * norms[0]

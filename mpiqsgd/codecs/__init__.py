@@ -78,9 +78,13 @@ def codec_for(header):
     if cls is None:
         raise DecodeError(f"message names unknown codec {header['codec']!r:.40}")
     try:
-        return cls(**header["params"])
+        codec = cls(**header["params"])
     except (ConfigError, TypeError) as exc:
         raise DecodeError(f"message header has invalid {header['codec']} parameters: {exc}") from None
+    if codec.params != header["params"]:
+        raise DecodeError(f"message header has invalid {header['codec']} parameters: "
+                          f"{header['params']!r:.200}, expected the form {codec.params!r}")
+    return codec
 
 
 def decode(message, device="cpu"):

@@ -6,7 +6,14 @@ inner codec's (same header, same size): error feedback changes what is sent, not
 wire format, and receivers decode with the inner codec. Residuals are per rank and per
 key (a topology uses one key per place it encodes, e.g. the worker's gradient and a
 server's downlink); a residual whose shape no longer matches is reset to zero.
+
+Error feedback needs a contractive compressor, ``E||C(p) - p||^2 < ||p||^2``. Scaled
+sign and nearest rounding are; stochastic QSGD is only when its variance factor
+``min(d/s^2, sqrt(d)/s)`` is below 1 (e.g. 8 bits, or small buckets): otherwise the
+residual grows without bound, and :class:`ErrorFeedback` warns at construction.
 """
+
+import warnings
 
 import torch
 
@@ -23,6 +30,11 @@ class ErrorFeedback:
     def __init__(self, codec):
         self.inner = codec
         self.residuals = {}
+        bound = getattr(codec, "variance_bound", lambda: None)()
+        if bound is not None and bound >= 1:
+            warnings.warn(
+                f"error feedback with {codec!r} can diverge: its variance factor is up to {bound:.2f} >= 1; "
+                "use nearest rounding, more bits or smaller buckets", stacklevel=3)
 
     name = property(lambda self: self.inner.name)
     params = property(lambda self: self.inner.params)

@@ -95,6 +95,15 @@ class QSGD(Codec):
         return {"bits": self.bits, "levels": self.levels, "bucket": self.bucket,
                 "norm": self.norm, "rounding": self.rounding}
 
+    def variance_bound(self):
+        """Lemma 3.1: E||Q(v) - v||^2 <= min(d/s^2, sqrt(d)/s) ||v||^2 per bucket (stochastic, L2 norm).
+
+        None where the lemma does not apply (nearest rounding or max norm).
+        """
+        if not self.stochastic or self.norm != "l2":
+            return None
+        return min(self.bucket / self.levels**2, math.sqrt(self.bucket) / self.levels)
+
     def payload_nbytes(self, numel):
         return 4 * (-(-numel // self.bucket)) + bitpack.packed_nbytes(numel, self.bits)
 
