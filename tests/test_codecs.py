@@ -327,3 +327,28 @@ def test_error_feedback_with_non_contractive_qsgd_really_diverges():
         ef.encode(g, make_generator(0, 0, step))
         norms.append(float(ef.residuals["grad"].norm()))
     assert norms[-1] > 5 * norms[0]
+
+
+@pytest.mark.parametrize("params", [{}, {"bits": 2, "bucket": 7}, {"bits": 8, "bucket": 1000},
+                                    {"rounding": "nearest", "bits": 3}, {"norm": "max", "bits": 5}])
+@pytest.mark.parametrize("n", [1, 9, 1000, 40_001])
+def test_cpu_kernel_and_torch_kernel_give_the_same_bytes(params, n):
+    # The numba CPU kernel and the torch ops used on GPUs are one algorithm: same seed, same bytes.
+    fast, ref = QSGD(**params), QSGD(**params)
+    ref.force_torch = True
+    x = vec(n, seed=n) ** 3
+    m1, d1 = fast.encode_decode(x, make_generator(4, 1, 2))
+    m2, d2 = ref.encode_decode(x, make_generator(4, 1, 2))
+    assert m1 == m2
+    assert torch.equal(d1, d2)
+    assert torch.equal(fast.decode(m2), ref.decode(m1))
+
+
+def test_counter_based_uniforms_are_uniform():
+    from mpiqsgd.codecs.kernels import uniform
+    u = uniform(123, 200_000).double()
+    assert 0 <= float(u.min()) and float(u.max()) < 1
+    assert abs(float(u.mean()) - 0.5) < 0.005
+    assert abs(float(u.var()) - 1 / 12) < 0.002
+    assert abs(float(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1])) < 0.01
+    assert not torch.equal(uniform(124, 1000), uniform(123, 1000))

@@ -105,7 +105,7 @@ def test_appended_bytes():
     ({"codec": "sign", "numel": 1, "params": {"bucket": 4}}, struct.pack("<f", -1.0) + b"\0", "scale"),
     ({"codec": "qsgd", "numel": 1, "params": {"bits": 4, "levels": 5, "bucket": 4, "norm": "l2",
                                              "rounding": "stochastic"}},
-     struct.pack("<f", 1.0) + bytes([7]), "level index above"),
+     struct.pack("<f", 1.0) + bytes([7]), "above s=5"),
     ({"codec": "qsgd", "numel": 1, "params": {"bits": 4, "levels": 7, "bucket": 4, "norm": "l2",
                                              "rounding": "stochastic"}},
      struct.pack("<f", float("inf")) + bytes([1]), "scale"),

@@ -1,5 +1,6 @@
 """Launch the multi-rank tests under real mpiexec, once per world size, under a timeout."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -27,3 +28,34 @@ def test_topologies_under_mpiexec(n):
     assert proc.returncode == 0, out[-6000:]
     assert out.count(" passed") >= n, out[-3000:]
     assert " failed" not in out
+
+
+@pytest.mark.parametrize("kind,message", [("error", "mpiqsgd: error: deliberate failure on rank 1"),
+                                          ("crash", "RuntimeError: deliberate crash on rank 1")])
+def test_failure_on_one_rank_aborts_the_job(kind, message):
+    proc = launch(3, "tests/mpi/crash_job.py", kind, timeout=60)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert message in out
+    assert "aborting all ranks" in out
+
+
+def test_console_script_error_ends_the_job():
+    proc = launch(2, "-m", "mpiqsgd", "bench", "exchange", "--numel", "100", "--bucket", "0", timeout=60)
+    assert proc.returncode != 0
+    assert "bucket must be between 1 and" in proc.stderr
+
+
+def test_bench_exchange_json_counts_exact_bytes():
+    proc = launch(3, "-m", "mpi4py", "-m", "mpiqsgd", "bench", "exchange", "--numel", "10007", "--repeats", "2",
+                  "--codec", "qsgd", "--bits", "4", "--topology", "ring", "--json", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["n_ranks"] == 3
+    cand, base = result["candidate"], result["baseline"]
+    assert cand["sent_bytes_this_rank"] == cand["sent_bytes_formula"] > 0
+    assert base["sent_bytes_this_rank"] == 2 * 2 * 4 * 10007 // 3
+    assert len(result["candidate_sent_bytes_by_rank"]) == 3
+    assert 0 < result["bytes_vs_allreduce"] < 0.2
+    assert cand["median_seconds"] > 0 and base["median_seconds"] > 0
+    assert 0 < result["relative_error_vs_exact_mean"] < 3

@@ -65,8 +65,11 @@ class Codec:
         """Exact payload bytes for ``numel`` coordinates (pure function)."""
         raise NotImplementedError
 
-    def _quantize(self, x, rng):
-        """Return (payload uint8 tensor, decoded float32 tensor) for a flat finite ``x``."""
+    def _quantize(self, x, rng, want_decoded):
+        """Return (payload uint8 tensor, decoded float32 tensor) for a flat finite ``x``.
+
+        The decoded tensor may be None when ``want_decoded`` is false (plain ``encode``).
+        """
         raise NotImplementedError
 
     def _dequantize(self, payload, numel):
@@ -96,7 +99,8 @@ class Codec:
         if not x.is_floating_point():
             raise ConfigError(f"{self.name}: expected a floating-point tensor, got {x.dtype}")
         x = x.detach().reshape(-1).to(torch.float32)
-        if not bool(torch.isfinite(x).all()):
+        # A NaN or Inf makes the sum non-finite; only then look closer (the sum may just overflow).
+        if not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x)).sum())
             raise NonFiniteError(
                 f"{self.name}: refusing to encode a gradient with {bad} NaN/Inf value(s) out of {x.numel()}"
@@ -119,17 +123,20 @@ class Codec:
         Returns:
             (bytes, float32 tensor of ``x.numel()`` values on ``x``'s device).
         """
+        return self._encode(x, rng, True)
+
+    def _encode(self, x, rng, want_decoded):
         x = self._check_input(x, rng)
         if x.numel() == 0:
             payload, decoded = torch.zeros(0, dtype=torch.uint8), x.clone()
         else:
-            payload, decoded = self._quantize(x, rng)
+            payload, decoded = self._quantize(x, rng, want_decoded)
         message = wire.frame(self.header_bytes(x.numel()), payload.cpu().numpy())
         return message, decoded
 
     def encode(self, x, rng=None, key=None):
         """Encode ``x`` into a self-describing message (see :meth:`encode_decode`)."""
-        return self.encode_decode(x, rng, key)[0]
+        return self._encode(x, rng, False)[0]
 
     def decode(self, message, device="cpu"):
         """Decode a message produced by a codec with the same parameters.

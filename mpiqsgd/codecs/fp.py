@@ -19,7 +19,7 @@ class _Float(Codec):
     def payload_nbytes(self, numel):
         return numel * self.dtype.itemsize
 
-    def _quantize(self, x, rng):
+    def _quantize(self, x, rng, want_decoded):
         cast = x.to(self.dtype)
         if not bool(torch.isfinite(cast).all()):
             raise NonFiniteError(f"{self.name}: gradient values exceed the {self.dtype} range")

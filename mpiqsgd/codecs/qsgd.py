@@ -4,7 +4,10 @@ Quantization of one bucket ``v`` of ``d`` coordinates with ``s`` levels: ``r_i =
 |v_i| / N(v) * s`` with ``N`` the L2 norm (``qsgd``) or the max norm (``qsgd-inf``);
 stochastic rounding picks ``ceil(r_i)`` with probability ``r_i - floor(r_i)``
 (unbiased), nearest rounding picks ``round(r_i)`` (biased, deterministic). The
-receiver reconstructs ``sgn(v_i) * level_i * N(v) / s``.
+receiver reconstructs ``sgn(v_i) * level_i * N(v) / s``. The rounding's uniforms are
+counter based, from one seed drawn from the caller's generator
+(:mod:`mpiqsgd.codecs.kernels`: a fused numba kernel on the CPU, torch ops elsewhere,
+the same bytes either way).
 
 Wire format (payload after the frame of :mod:`mpiqsgd.wire`)::
 
@@ -24,9 +27,10 @@ import torch
 
 from ..errors import ConfigError, DecodeError
 from . import bits as bitpack
+from . import kernels
 from .base import Codec, check_choice, check_int
 
-__all__ = ["QSGD", "bits_for_levels", "bucket_view", "finite_scales"]
+__all__ = ["QSGD", "bits_for_levels", "bucket_view", "bucket_norms", "finite_scales"]
 
 ROUNDINGS = ("stochastic", "nearest")
 NORMS = ("l2", "max")
@@ -44,6 +48,16 @@ def bucket_view(x, bucket):
     if n_buckets * bucket != n:
         x = torch.cat([x, x.new_zeros(n_buckets * bucket - n)])
     return x.view(n_buckets, bucket)
+
+
+def bucket_norms(x, bucket, norm="l2"):
+    """Float32 L2 (``"l2"``) or max-abs (``"max"``) norm of each bucket; the last may be short."""
+    full = x.numel() // bucket
+    parts = [x[: full * bucket].view(full, bucket)]
+    if full * bucket < x.numel():
+        parts.append(x[full * bucket:].view(1, -1))
+    reduce = (lambda v: v.norm(dim=1)) if norm == "l2" else (lambda v: v.abs().amax(dim=1))
+    return torch.cat([reduce(v) for v in parts])
 
 
 def finite_scales(payload, n_buckets, codec):
@@ -89,6 +103,7 @@ class QSGD(Codec):
         self.norm = check_choice(self.name, "norm", norm, NORMS)
         self.rounding = check_choice(self.name, "rounding", rounding, ROUNDINGS)
         self.stochastic = rounding == "stochastic"
+        self.force_torch = False  # tests: run the torch kernels on the CPU too
 
     @property
     def params(self):
@@ -107,39 +122,20 @@ class QSGD(Codec):
     def payload_nbytes(self, numel):
         return 4 * (-(-numel // self.bucket)) + bitpack.packed_nbytes(numel, self.bits)
 
-    def _reconstruct(self, levels, negative, norms, numel):
-        unit = norms / self.levels
-        values = levels.view(unit.numel(), -1).to(torch.float32) * unit[:, None]
-        values = values.view(-1)[:numel]
-        return torch.where(negative[:numel], -values, values)
-
-    def _quantize(self, x, rng):
-        numel = x.numel()
-        v = bucket_view(x, self.bucket)
-        norms = v.norm(dim=1) if self.norm == "l2" else v.abs().amax(dim=1)
+    def _quantize(self, x, rng, want_decoded):
+        norms = bucket_norms(x, self.bucket, self.norm)
         scale = torch.where(norms > 0, self.levels / norms, torch.zeros_like(norms))
-        r = (v.abs() * scale[:, None]).clamp_(max=self.levels)
-        if self.stochastic:
-            lower = r.floor()
-            u = torch.rand(r.shape, generator=rng, device=r.device)
-            level = lower + (u < (r - lower)).to(r.dtype)
-        else:
-            level = r.round()
-        level = level.to(torch.uint8).view(-1)
-        negative = (v < 0).view(-1)
-        codes = level[:numel] | (negative[:numel].to(torch.uint8) << (self.bits - 1))
-        payload = torch.cat([norms.view(torch.uint8), bitpack.pack(codes, self.bits)])
-        return payload, self._reconstruct(level, negative, norms, numel)
+        seed = kernels.draw_seed(rng) if self.stochastic else 0
+        packed, decoded = kernels.level_encode(
+            x, scale, norms / self.levels, self.bucket, self.bits, self.levels, seed, self.stochastic,
+            want_decoded, self.force_torch)
+        return torch.cat([norms.view(torch.uint8), packed]), decoded
 
     def _dequantize(self, payload, numel):
         n_buckets = -(-numel // self.bucket)
         norms = finite_scales(payload, n_buckets, self.name)
-        codes = bitpack.unpack(payload[4 * n_buckets:], numel, self.bits)
-        level = codes & ((1 << (self.bits - 1)) - 1)
-        if numel and int(level.max()) > self.levels:
-            raise DecodeError(f"{self.name}: level index above s={self.levels} in payload")
-        negative = (codes >> (self.bits - 1)).bool()
-        pad = n_buckets * self.bucket - numel
-        if pad:
-            level = torch.cat([level, level.new_zeros(pad)])
-        return self._reconstruct(level, negative, norms, numel)
+        values, bad = kernels.level_decode(payload[4 * n_buckets:], norms / self.levels, self.bucket,
+                                           self.bits, self.levels, numel, self.force_torch)
+        if bad:
+            raise DecodeError(f"{self.name}: {bad} level index(es) above s={self.levels} in payload")
+        return values

@@ -44,7 +44,7 @@ class Sign(Codec):
         values = scales.repeat_interleave(self.bucket)[:numel]
         return torch.where(negative, -values, values)
 
-    def _quantize(self, x, rng):
+    def _quantize(self, x, rng, want_decoded):
         numel = x.numel()
         v = bucket_view(x, self.bucket)
         counts = torch.full((v.shape[0],), float(self.bucket), device=x.device)

@@ -1,0 +1,197 @@
+"""Fused quantize-and-pack kernels: numba on the CPU, torch ops on other devices.
+
+Both implementations produce the same bytes for the same input and seed. Their
+randomness is counter based: coordinate ``i`` of a message uses
+
+    z = splitmix64(seed + (i + 1) * 0x9E3779B97F4A7C15),   u_i = (z >> 40) / 2**24
+
+a float32 uniform on [0, 1) with 24 random bits, where ``seed`` is one 62-bit draw
+from the caller's ``torch.Generator``. A counter-based stream needs no sequential
+state, so the CPU kernel runs in parallel and still reproduces exactly.
+
+Level codes are packed as in :mod:`mpiqsgd.codecs.bits`: groups of 8 codes form one
+little-endian word of ``bits`` bytes.
+"""
+
+import numpy as np
+import torch
+
+try:
+    import numba
+except ImportError:  # pragma: no cover - numba is a declared dependency
+    numba = None
+
+__all__ = ["draw_seed", "uniform", "level_encode", "level_decode", "HAVE_NUMBA"]
+
+HAVE_NUMBA = numba is not None
+
+_GOLDEN = 0x9E3779B97F4A7C15
+_M1 = 0xBF58476D1CE4E5B9
+_M2 = 0x94D049BB133111EB
+
+
+def draw_seed(rng):
+    """One 62-bit seed from a torch generator (advances it)."""
+    return int(torch.randint(0, 2**62, (1,), generator=rng, device=rng.device).item())
+
+
+def _signed(c):
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _lsr(z, k):
+    """Logical right shift of int64 tensors holding uint64 bit patterns."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def uniform(seed, n, device="cpu"):
+    """The counter-based uniforms u_0..u_{n-1} of ``seed`` as a float32 tensor (torch ops)."""
+    z = torch.arange(1, n + 1, dtype=torch.int64, device=device) * _signed(_GOLDEN) + _signed(seed)
+    z = (z ^ _lsr(z, 30)) * _signed(_M1)
+    z = (z ^ _lsr(z, 27)) * _signed(_M2)
+    z = z ^ _lsr(z, 31)
+    return _lsr(z, 40).to(torch.float32) * (1.0 / 16777216.0)
+
+
+# -- torch implementation (any device) ----------------------------------------------------
+
+def _encode_torch(x, scale, bucket, bits, levels, seed, stochastic):
+    from .bits import pack
+
+    n = x.numel()
+    n_buckets = scale.numel()
+    padded = torch.zeros(n_buckets * bucket, dtype=torch.float32, device=x.device)
+    padded[:n] = x
+    r = (padded.view(n_buckets, bucket).abs() * scale[:, None]).clamp_(max=float(levels)).view(-1)[:n]
+    if stochastic:
+        lower = r.floor()
+        level = lower + (uniform(seed, n, x.device) < (r - lower)).to(torch.float32)
+    else:
+        level = r.round()
+    level = level.to(torch.uint8)
+    negative = x < 0
+    return pack(level | (negative.to(torch.uint8) << (bits - 1)), bits), level, negative
+
+
+def _values_torch(level, negative, unit, bucket):
+    n = level.numel()
+    values = level.to(torch.float32) * unit.repeat_interleave(bucket)[:n]
+    return torch.where(negative, -values, values)
+
+
+def _decode_torch(packed, unit, bucket, bits, levels, n):
+    from .bits import unpack
+
+    codes = unpack(packed, n, bits)
+    level = codes & ((1 << (bits - 1)) - 1)
+    bad = int((level > levels).sum()) if n else 0
+    return _values_torch(level, (codes >> (bits - 1)).bool(), unit, bucket), bad
+
+
+# -- numba implementation (CPU) -----------------------------------------------------------
+
+if HAVE_NUMBA:
+    _G, _A, _B = np.uint64(_GOLDEN), np.uint64(_M1), np.uint64(_M2)
+
+    @numba.njit(inline="always")
+    def _u(seed, i):
+        z = seed + np.uint64(i + 1) * _G
+        z = (z ^ (z >> np.uint64(30))) * _A
+        z = (z ^ (z >> np.uint64(27))) * _B
+        z = z ^ (z >> np.uint64(31))
+        return np.float32(z >> np.uint64(40)) * np.float32(1.0 / 16777216.0)
+
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def _encode_numba(x, scale, unit, bucket, bits, levels, seed, stochastic, out, decoded, want_decoded):
+        n = x.size
+        nbytes = out.size
+        top = np.float32(levels)
+        for g in numba.prange((n + 7) // 8):
+            word = np.uint64(0)
+            for k in range(8):
+                i = g * 8 + k
+                if i >= n:
+                    break
+                v = x[i]
+                b = i // bucket
+                r = abs(v) * scale[b]
+                if r > top:
+                    r = top
+                if stochastic:
+                    lower = np.floor(r)
+                    level = np.int64(lower) + (1 if _u(seed, i) < r - lower else 0)
+                else:
+                    level = np.int64(np.rint(r))
+                neg = v < 0
+                word |= np.uint64(level | (np.int64(neg) << (bits - 1))) << np.uint64(k * bits)
+                if want_decoded:
+                    val = np.float32(level) * unit[b]
+                    decoded[i] = -val if neg else val
+            base = g * bits
+            for j in range(bits):
+                if base + j < nbytes:
+                    out[base + j] = np.uint8((word >> np.uint64(8 * j)) & np.uint64(255))
+
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def _decode_numba(packed, unit, bucket, bits, levels, n, out):
+        nbytes = packed.size
+        code_mask = np.uint64((1 << bits) - 1)
+        level_mask = np.int64((1 << (bits - 1)) - 1)
+        bad = 0
+        for g in numba.prange((n + 7) // 8):
+            word = np.uint64(0)
+            base = g * bits
+            for j in range(bits):
+                if base + j < nbytes:
+                    word |= np.uint64(packed[base + j]) << np.uint64(8 * j)
+            for k in range(8):
+                i = g * 8 + k
+                if i >= n:
+                    break
+                code = np.int64((word >> np.uint64(k * bits)) & code_mask)
+                level = code & level_mask
+                if level > levels:
+                    bad += 1
+                val = np.float32(level) * unit[i // bucket]
+                out[i] = -val if (code >> (bits - 1)) & 1 else val
+        return bad
+
+
+def _use_numba(device, force_torch):
+    return HAVE_NUMBA and not force_torch and torch.device(device).type == "cpu"
+
+
+def level_encode(x, scale, unit, bucket, bits, levels, seed, stochastic, want_decoded, force_torch=False):
+    """Quantize ``x`` to sign + level codes and pack them.
+
+    Args:
+        x: flat float32 tensor.
+        scale: float32 per bucket, ``levels / norm`` (0 for a zero bucket).
+        unit: float32 per bucket, ``norm / levels``: the value of one level step.
+        bucket, bits, levels: codec parameters.
+        seed: counter-based RNG seed (ignored when not stochastic).
+        stochastic: unbiased stochastic rounding, else nearest (half to even).
+        want_decoded: also return the values a receiver decodes.
+        force_torch: use the torch implementation on the CPU too (tests).
+
+    Returns:
+        (packed uint8 tensor, decoded float32 tensor or None), on ``x``'s device.
+    """
+    if not _use_numba(x.device, force_torch):
+        packed, level, negative = _encode_torch(x, scale, bucket, bits, levels, seed, stochastic)
+        return packed, (_values_torch(level, negative, unit, bucket) if want_decoded else None)
+    n = x.numel()
+    out = np.empty((n * bits + 7) // 8, dtype=np.uint8)
+    decoded = np.empty(n if want_decoded else 0, dtype=np.float32)
+    _encode_numba(x.numpy(), scale.numpy(), unit.numpy(), bucket, bits, levels, np.uint64(seed),
+                  stochastic, out, decoded, want_decoded)
+    return torch.from_numpy(out), (torch.from_numpy(decoded) if want_decoded else None)
+
+
+def level_decode(packed, unit, bucket, bits, levels, n, force_torch=False):
+    """Unpack codes and return (float32 values, number of codes with a level above ``levels``)."""
+    if not _use_numba(packed.device, force_torch):
+        return _decode_torch(packed, unit, bucket, bits, levels, n)
+    out = np.empty(n, dtype=np.float32)
+    bad = _decode_numba(packed.numpy(), unit.numpy(), bucket, bits, levels, n, out)
+    return torch.from_numpy(out), int(bad)

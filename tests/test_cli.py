@@ -1,0 +1,53 @@
+import json
+
+import pytest
+
+from mpiqsgd.cli import main
+from mpiqsgd.codecs import make_codec
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_bench_codec_json(capsys):
+    code, out, _ = run(capsys, "bench", "codec", "--numel", "20000", "--repeats", "2", "--bits", "3",
+                       "--bucket", "128", "--json")
+    assert code == 0
+    r = json.loads(out)
+    codec = make_codec("qsgd", bits=3, bucket=128)
+    assert r["encoded_bytes"] == codec.encoded_nbytes(20000)
+    assert r["bytes_per_coordinate"] == pytest.approx(codec.encoded_nbytes(20000) / 20000)
+    assert r["variance_bound"] == pytest.approx(min(128 / 9, 128**0.5 / 3))
+    assert 0 < r["variance_ratio"] <= r["variance_bound"]
+    for key in ("encode_GBps", "decode_GBps", "memcpy_GBps", "encode_vs_memcpy"):
+        assert r[key] > 0
+    assert r["machine"]["cpu_count"] >= 1
+
+
+def test_bench_codec_text_and_error_feedback(capsys):
+    code, out, _ = run(capsys, "bench", "codec", "--numel", "5000", "--repeats", "1", "--codec", "sign",
+                       "--error-feedback")
+    assert code == 0
+    assert "ErrorFeedback(Sign(bucket=512))" in out and "bytes/coordinate" in out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--bits", "0"], "bits must be between 2 and 8"),
+    (["--codec", "fp32", "--bits", "4"], "takes no parameter bits"),
+    (["--numel", "0"], "--numel must be at least 1"),
+    (["--repeats", "0"], "--repeats must be at least 1"),
+])
+def test_bad_input_gives_a_clear_error_and_exit_code(capsys, argv, message):
+    code, _, err = run(capsys, "bench", "codec", "--numel", "100", *argv)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_unknown_codec_is_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "codec", "--codec", "zip"])
+    assert "invalid choice" in capsys.readouterr().err
