@@ -331,7 +331,7 @@ def test_error_feedback_with_non_contractive_qsgd_really_diverges():
 
 @pytest.mark.parametrize("params", [{}, {"bits": 2, "bucket": 7}, {"bits": 8, "bucket": 1000},
                                     {"rounding": "nearest", "bits": 3}, {"norm": "max", "bits": 5}])
-@pytest.mark.parametrize("n", [1, 9, 1000, 40_001])
+@pytest.mark.parametrize("n", [1, 9, 1000, 40_001, 300_000])
 def test_cpu_kernel_and_torch_kernel_give_the_same_bytes(params, n):
     # The numba CPU kernel and the torch ops used on GPUs are one algorithm: same seed, same bytes.
     fast, ref = QSGD(**params), QSGD(**params)

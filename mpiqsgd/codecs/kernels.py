@@ -101,60 +101,83 @@ if HAVE_NUMBA:
         z = z ^ (z >> np.uint64(31))
         return np.float32(z >> np.uint64(40)) * np.float32(1.0 / 16777216.0)
 
-    @numba.njit(parallel=True, cache=True, nogil=True)
-    def _encode_numba(x, scale, unit, bucket, bits, levels, seed, stochastic, out, decoded, want_decoded):
+    @numba.njit(inline="always")
+    def _encode_group(g, x, scale, unit, bucket, bits, top, seed, stochastic, out, decoded, want_decoded):
         n = x.size
-        nbytes = out.size
+        word = np.uint64(0)
+        for k in range(8):
+            i = g * 8 + k
+            if i >= n:
+                break
+            v = x[i]
+            b = i // bucket
+            r = abs(v) * scale[b]
+            if r > top:
+                r = top
+            if stochastic:
+                lower = np.floor(r)
+                level = np.int64(lower) + (1 if _u(seed, i) < r - lower else 0)
+            else:
+                level = np.int64(np.rint(r))
+            neg = v < 0
+            word |= np.uint64(level | (np.int64(neg) << (bits - 1))) << np.uint64(k * bits)
+            if want_decoded:
+                val = np.float32(level) * unit[b]
+                decoded[i] = -val if neg else val
+        base = g * bits
+        for j in range(bits):
+            if base + j < out.size:
+                out[base + j] = np.uint8((word >> np.uint64(8 * j)) & np.uint64(255))
+
+    @numba.njit(inline="always")
+    def _decode_group(g, packed, unit, bucket, bits, levels, n, out):
+        word = np.uint64(0)
+        base = g * bits
+        for j in range(bits):
+            if base + j < packed.size:
+                word |= np.uint64(packed[base + j]) << np.uint64(8 * j)
+        bad = 0
+        for k in range(8):
+            i = g * 8 + k
+            if i >= n:
+                break
+            code = np.int64((word >> np.uint64(k * bits)) & np.uint64((1 << bits) - 1))
+            level = code & np.int64((1 << (bits - 1)) - 1)
+            if level > levels:
+                bad += 1
+            val = np.float32(level) * unit[i // bucket]
+            out[i] = -val if (code >> (bits - 1)) & 1 else val
+        return bad
+
+    # Threads pay off only on large buffers; small ones (and oversubscribed ranks) run serially.
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def _encode_parallel(x, scale, unit, bucket, bits, levels, seed, stochastic, out, decoded, want_decoded):
         top = np.float32(levels)
-        for g in numba.prange((n + 7) // 8):
-            word = np.uint64(0)
-            for k in range(8):
-                i = g * 8 + k
-                if i >= n:
-                    break
-                v = x[i]
-                b = i // bucket
-                r = abs(v) * scale[b]
-                if r > top:
-                    r = top
-                if stochastic:
-                    lower = np.floor(r)
-                    level = np.int64(lower) + (1 if _u(seed, i) < r - lower else 0)
-                else:
-                    level = np.int64(np.rint(r))
-                neg = v < 0
-                word |= np.uint64(level | (np.int64(neg) << (bits - 1))) << np.uint64(k * bits)
-                if want_decoded:
-                    val = np.float32(level) * unit[b]
-                    decoded[i] = -val if neg else val
-            base = g * bits
-            for j in range(bits):
-                if base + j < nbytes:
-                    out[base + j] = np.uint8((word >> np.uint64(8 * j)) & np.uint64(255))
+        for g in numba.prange((x.size + 7) // 8):
+            _encode_group(g, x, scale, unit, bucket, bits, top, seed, stochastic, out, decoded, want_decoded)
+
+    @numba.njit(cache=True, nogil=True)
+    def _encode_serial(x, scale, unit, bucket, bits, levels, seed, stochastic, out, decoded, want_decoded):
+        top = np.float32(levels)
+        for g in range((x.size + 7) // 8):
+            _encode_group(g, x, scale, unit, bucket, bits, top, seed, stochastic, out, decoded, want_decoded)
 
     @numba.njit(parallel=True, cache=True, nogil=True)
-    def _decode_numba(packed, unit, bucket, bits, levels, n, out):
-        nbytes = packed.size
-        code_mask = np.uint64((1 << bits) - 1)
-        level_mask = np.int64((1 << (bits - 1)) - 1)
+    def _decode_parallel(packed, unit, bucket, bits, levels, n, out):
         bad = 0
         for g in numba.prange((n + 7) // 8):
-            word = np.uint64(0)
-            base = g * bits
-            for j in range(bits):
-                if base + j < nbytes:
-                    word |= np.uint64(packed[base + j]) << np.uint64(8 * j)
-            for k in range(8):
-                i = g * 8 + k
-                if i >= n:
-                    break
-                code = np.int64((word >> np.uint64(k * bits)) & code_mask)
-                level = code & level_mask
-                if level > levels:
-                    bad += 1
-                val = np.float32(level) * unit[i // bucket]
-                out[i] = -val if (code >> (bits - 1)) & 1 else val
+            bad += _decode_group(g, packed, unit, bucket, bits, levels, n, out)
         return bad
+
+    @numba.njit(cache=True, nogil=True)
+    def _decode_serial(packed, unit, bucket, bits, levels, n, out):
+        bad = 0
+        for g in range((n + 7) // 8):
+            bad += _decode_group(g, packed, unit, bucket, bits, levels, n, out)
+        return bad
+
+
+PARALLEL_MIN_NUMEL = 1 << 18
 
 
 def _use_numba(device, force_torch):
@@ -183,7 +206,8 @@ def level_encode(x, scale, unit, bucket, bits, levels, seed, stochastic, want_de
     n = x.numel()
     out = np.empty((n * bits + 7) // 8, dtype=np.uint8)
     decoded = np.empty(n if want_decoded else 0, dtype=np.float32)
-    _encode_numba(x.numpy(), scale.numpy(), unit.numpy(), bucket, bits, levels, np.uint64(seed),
+    kernel = _encode_parallel if n >= PARALLEL_MIN_NUMEL else _encode_serial
+    kernel(x.numpy(), scale.numpy(), unit.numpy(), bucket, bits, levels, np.uint64(seed),
                   stochastic, out, decoded, want_decoded)
     return torch.from_numpy(out), (torch.from_numpy(decoded) if want_decoded else None)
 
@@ -193,5 +217,6 @@ def level_decode(packed, unit, bucket, bits, levels, n, force_torch=False):
     if not _use_numba(packed.device, force_torch):
         return _decode_torch(packed, unit, bucket, bits, levels, n)
     out = np.empty(n, dtype=np.float32)
-    bad = _decode_numba(packed.numpy(), unit.numpy(), bucket, bits, levels, n, out)
+    kernel = _decode_parallel if n >= PARALLEL_MIN_NUMEL else _decode_serial
+    bad = kernel(packed.numpy(), unit.numpy(), bucket, bits, levels, n, out)
     return torch.from_numpy(out), int(bad)
