@@ -102,7 +102,7 @@ def unframe(message):
         raise DecodeError(f"checksum mismatch in a message of {len(view)} bytes (corrupted or truncated)")
     try:
         header = msgpack.unpackb(
-            body[:hlen], raw=False, strict_map_key=True, max_str_len=256, max_bin_len=0,
+            body[:hlen], raw=False, strict_map_key=True, max_str_len=256, max_bin_len=2048,
             max_array_len=1024, max_map_len=64,
         )
     except Exception as exc:  # msgpack raises several unrelated types
