@@ -1,6 +1,7 @@
 """Command line: ``mpiqsgd <command> ...`` (also ``python -m mpiqsgd``).
 
 Commands:
+    train            data-parallel training (mpiexec -n N ... train, or train --simulate N)
     bench codec      encode/decode throughput, bytes and variance of one codec
     bench exchange   time and bytes of one topology against fp32 allreduce (run under mpiexec)
 
@@ -58,6 +59,13 @@ def build_parser():
     parser = argparse.ArgumentParser(prog="mpiqsgd", description="Quantized data-parallel SGD over MPI.")
     parser.add_argument("--version", action="version", version=f"mpiqsgd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    tr = sub.add_parser("train", help="train a model with quantized gradient exchange (under mpiexec, "
+                                      "or --simulate N)")
+    from .train.config import add_config_args
+
+    add_config_args(tr)
+    tr.set_defaults(func=run_train)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     bc = bench.add_parser("codec", help="codec throughput, bytes and variance (one process)")
@@ -127,6 +135,15 @@ def run_bench_exchange(args):
               f"{x['sent_bytes_this_rank']:>12,} bytes sent by rank 0")
     print(f"  speedup vs allreduce {r['speedup_vs_allreduce']:.2f}x, bytes {r['bytes_vs_allreduce']:.3f}x, "
           f"relative error vs exact mean {r['relative_error_vs_exact_mean']:.4f}")
+
+
+def run_train(args):
+    from .train.config import config_from_args
+    from .train.driver import train
+
+    summary = train(config_from_args(args))
+    if summary is not None:
+        print(json.dumps(summary, indent=1))
 
 
 def main(argv=None):

@@ -68,6 +68,15 @@ class Meter:
         self.by_link = defaultdict(_zero)
         self.seconds = defaultdict(float)
 
+    def load_totals(self, totals):
+        """Restore counters from :meth:`totals` (resuming a run); message lists are not restored."""
+        self.reset()
+        for k, v in totals["by_phase"].items():
+            _add(self.by_phase[k], v)
+        for k, v in totals["by_link"].items():
+            _add(self.by_link[k], v)
+        self.seconds.update(totals["seconds"])
+
     def record(self, phase, source, dest, header_bytes, payload_bytes, fp32_bytes):
         """Count one message sent by this rank."""
         msg = Message(self.step, phase, source, dest, header_bytes, payload_bytes, fp32_bytes)

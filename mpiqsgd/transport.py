@@ -11,11 +11,16 @@ different phases never match each other.
 what it sends, so each rank records the nominal bandwidth-optimal cost
 ``floor(2 (n-1) / n * 4 numel)`` bytes with destination -1.
 
-Small control traffic (meters, statistics) goes through ``allgather_bytes`` and is
-recorded only when given a phase.
+Small control traffic (meters, statistics, initial parameters) goes through
+``allgather_bytes`` / ``bcast_bytes`` and is recorded only when given a phase.
+
+:class:`LocalGroup` runs N ranks as threads of one process (``--simulate N``) with
+the same interface and the same byte counting, over in-process queues.
 """
 
+import queue
 import sys
+import threading
 import zlib
 
 import numpy as np
@@ -24,7 +29,7 @@ import torch
 from . import wire
 from .meter import Meter
 
-__all__ = ["Transport", "MPITransport", "world", "abort_if_parallel", "mpi_library"]
+__all__ = ["Transport", "MPITransport", "LocalGroup", "LocalTransport", "world", "abort_if_parallel", "mpi_library"]
 
 
 def phase_tag(phase):
@@ -119,8 +124,137 @@ class MPITransport(Transport):
         self.comm.Allgatherv([data, self._MPI.BYTE], [out, (counts, displs), self._MPI.BYTE])
         return [out[d:d + c].tobytes() for d, c in zip(displs, counts)]
 
+    def bcast_bytes(self, buf, root=0):
+        """``root``'s bytes on every rank (uncounted control traffic, e.g. initial parameters)."""
+        data = _as_bytes_array(buf) if self.rank == root else np.empty(0, np.uint8)
+        count = np.array([data.size], dtype=np.int64)
+        self.comm.Bcast([count, self._MPI.INT64_T], root=root)
+        out = data.copy() if self.rank == root else np.empty(int(count[0]), dtype=np.uint8)
+        self.comm.Bcast([out, self._MPI.BYTE], root=root)
+        return out.tobytes()
+
     def barrier(self):
         self.comm.Barrier()
+
+
+class LocalGroup:
+    """N ranks inside one process, one thread each, joined by queues (``--simulate N``).
+
+    Runs the very code a real job runs (same topologies, same byte counting); only the
+    wire is a ``queue.Queue`` per (source, dest, tag). If one rank fails, the others
+    stop waiting and :meth:`run` re-raises the first error.
+    """
+
+    def __init__(self, size):
+        self.size = size
+        self._queues = {}
+        self._lock = threading.Lock()
+        self._barrier = threading.Barrier(size)
+        self._slots = [None] * size
+        self.error = None
+
+    def queue(self, source, dest, tag):
+        with self._lock:
+            return self._queues.setdefault((source, dest, tag), queue.Queue())
+
+    def barrier(self):
+        try:
+            self._barrier.wait()
+        except threading.BrokenBarrierError:
+            raise _Aborted() from None
+
+    def exchange(self, rank, value):
+        """Every rank's ``value``, in rank order (a collective of the group)."""
+        self.barrier()
+        self._slots[rank] = value
+        self.barrier()
+        values = list(self._slots)
+        self.barrier()
+        return values
+
+    def transports(self, keep_messages=False):
+        return [LocalTransport(self, r, Meter(r, keep_messages)) for r in range(self.size)]
+
+    def run(self, fn, transports):
+        """Call ``fn(transport)`` for every rank in its own thread; return the results by rank."""
+        results = [None] * self.size
+
+        def target(t):
+            try:
+                results[t.rank] = fn(t)
+            except _Aborted:
+                pass
+            except BaseException as exc:  # first failure wins; wake everyone else
+                with self._lock:
+                    if self.error is None:
+                        self.error = exc
+                self._barrier.abort()
+
+        threads = [threading.Thread(target=target, args=(t,), name=f"rank{t.rank}") for t in transports]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        if self.error is not None:
+            raise self.error
+        return results
+
+
+class _Aborted(Exception):
+    """Raised in a simulated rank when another rank failed."""
+
+
+class LocalTransport(Transport):
+    """One rank of a :class:`LocalGroup`; same methods and byte counting as :class:`MPITransport`."""
+
+    def __init__(self, group, rank, meter=None):
+        self.group = group
+        self.rank = rank
+        self.size = group.size
+        self.meter = Meter(rank) if meter is None else meter
+
+    def send(self, buf, dest, phase, fp32_bytes):
+        self._record(buf, dest, phase, fp32_bytes)
+        self.group.queue(self.rank, dest, phase_tag(phase)).put(bytes(memoryview(buf).cast("B")))
+
+    def recv(self, source, phase):
+        q = self.group.queue(source, self.rank, phase_tag(phase))
+        while True:
+            try:
+                return np.frombuffer(q.get(timeout=0.05), dtype=np.uint8)
+            except queue.Empty:
+                if self.group.error is not None:
+                    raise _Aborted() from None
+
+    def sendrecv(self, buf, dest, source, phase, fp32_bytes):
+        self.send(buf, dest, phase, fp32_bytes)
+        return self.recv(source, phase)
+
+    def allreduce_sum(self, tensor, phase="allreduce"):
+        n = self.size
+        host = tensor.detach().to("cpu", torch.float32).contiguous().clone()
+        if n > 1:
+            nominal = 2 * (n - 1) * host.numel() * 4 // n
+            self.meter.record(phase, self.rank, -1, 0, nominal, nominal)
+        total = self.group.exchange(self.rank, host)
+        acc = total[0].clone()
+        for t in total[1:]:
+            acc += t
+        return acc.to(tensor.device)
+
+    def allgather_bytes(self, buf, phase=None):
+        data = bytes(memoryview(buf).cast("B"))
+        if phase is not None:
+            for dest in range(self.size):
+                if dest != self.rank:
+                    self._record(data, dest, phase, 0, framed=False)
+        return self.group.exchange(self.rank, data)
+
+    def bcast_bytes(self, buf, root=0):
+        return self.group.exchange(self.rank, bytes(memoryview(buf).cast("B")) if self.rank == root else None)[root]
+
+    def barrier(self):
+        self.group.barrier()
 
 
 def world():

@@ -1,0 +1,136 @@
+"""Training configuration: one flat dataclass, every knob with a default and a help line.
+
+The ``mpiqsgd train`` flags are generated from these fields (``--field-name``), so the
+command line, ``config.json`` and this file cannot disagree.
+"""
+
+from dataclasses import MISSING, asdict, dataclass, field, fields
+import typing
+from typing import Optional
+
+from ..codecs import CODECS
+from ..errors import ConfigError
+from ..topology import TOPOLOGIES
+
+__all__ = ["TrainConfig", "add_config_args", "config_from_args"]
+
+
+def knob(default, help, choices=None, group="training"):
+    return field(default=default, metadata={"help": help, "choices": choices, "group": group})
+
+
+@dataclass
+class TrainConfig:
+    # model and data
+    model: str = knob("resnet20", "model: tiny, alexnet, resnet20/32/44/56/110, resnet50", group="data")
+    dataset: str = knob("cifar10", "cifar10 (files) or synthetic (no files)", ["cifar10", "synthetic"], "data")
+    data_dir: Optional[str] = knob(None, "where CIFAR-10 lives (batches or image-folder dir/.tar.gz)", group="data")
+    download: bool = knob(False, "download CIFAR-10 with torchvision if not found", group="data")
+    train_subset: Optional[int] = knob(None, "use only N training images (quick runs)", group="data")
+    val_fraction: float = knob(0.1, "share of the training set held out for validation", group="data")
+    synthetic_size: int = knob(10000, "training images of --dataset synthetic", group="data")
+
+    # optimization
+    epochs: int = knob(20, "epochs over the training shard")
+    max_steps: Optional[int] = knob(None, "stop after this many steps (before the epochs end)")
+    batch_size: int = knob(128, "images per worker per step")
+    lr: float = knob(0.1, "peak learning rate")
+    momentum: float = knob(0.9, "SGD momentum")
+    nesterov: bool = knob(False, "Nesterov momentum")
+    weight_decay: float = knob(1e-4, "L2 weight decay")
+    lr_schedule: str = knob("step", "step, cosine or constant", ["step", "cosine", "constant"])
+    lr_decay_epochs: Optional[str] = knob(None, "step schedule: comma-separated epochs (default 50%,75%)")
+    lr_decay_factor: float = knob(0.1, "step schedule: multiply the rate by this at each decay epoch")
+    warmup_epochs: float = knob(0.0, "linear learning-rate warm-up from 0, in epochs")
+    seed: int = knob(0, "seed of model init, data order, augmentation and codec randomness")
+
+    # communication
+    codec: str = knob("qsgd", "gradient codec", list(CODECS), "communication")
+    bits: Optional[int] = knob(None, "bits per coordinate on the wire (qsgd default 4)", group="communication")
+    levels: Optional[int] = knob(None, "qsgd: number of magnitude levels s", group="communication")
+    bucket: Optional[int] = knob(None, "coordinates per bucket norm (default 512)", group="communication")
+    rounding: Optional[str] = knob(None, "stochastic (default) or nearest", ["stochastic", "nearest"], "communication")
+    error_feedback: bool = knob(False, "error feedback around the codec", group="communication")
+    topology: str = knob("ring", "gradient aggregation", list(TOPOLOGIES), "communication")
+    downlink: Optional[str] = knob(None, "ps: fp32 (default) or codec", ["fp32", "codec"], "communication")
+    server_error_feedback: bool = knob(False, "ps: server-side error feedback", group="communication")
+    dedicated_server: bool = knob(False, "ps: rank 0 serves only, does not train", group="communication")
+    min_compress_numel: int = knob(1024, "tensors smaller than this go uncompressed (fp32)", group="communication")
+    uncompressed_warmup_steps: int = knob(0, "first steps exchange fp32 only", group="communication")
+
+    # execution and output
+    simulate: int = knob(0, "simulate N workers in this one process instead of MPI ranks", group="run")
+    threads: Optional[int] = knob(None, "torch threads per rank (same value on both sides to compare runs bitwise)",
+                                  group="run")
+    device: str = knob("auto", "auto (cuda:rank%%n_gpus, else cpu), cpu, cuda, cuda:i", group="run")
+    run_dir: Optional[str] = knob(None, "output directory (default runs/<time>-<model>-<codec>)", group="run")
+    eval_every: int = knob(0, "evaluate every N steps as well as after each epoch (0: per epoch)", group="run")
+    target_acc: Optional[float] = knob(None, "report steps and seconds to reach this validation accuracy", group="run")
+    check_sync_every: int = knob(0, "verify parameters are bit-identical on all ranks every N steps", group="run")
+    checkpoint_every: int = knob(0, "checkpoint every N steps (and at the end); 0: never", group="run")
+    resume: Optional[str] = knob(None, "resume from a run directory or checkpoint directory", group="run")
+    progress: bool = knob(True, "progress bar on rank 0 (--no-progress to disable)", group="run")
+
+    def validate(self):
+        """Raise :class:`ConfigError` for values that cannot work."""
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}")
+        for name in ("max_steps", "train_subset"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1; got {value}")
+        for name in ("eval_every", "check_sync_every", "checkpoint_every", "min_compress_numel",
+                     "uncompressed_warmup_steps", "simulate"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(self, name)}")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"--val-fraction must be in [0, 1); got {self.val_fraction}")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be positive; got {self.lr}")
+        self.decay_epochs()
+        return self
+
+    def decay_epochs(self):
+        """Epochs at which the step schedule multiplies the rate by ``lr_decay_factor``."""
+        if self.lr_decay_epochs is None:
+            return [self.epochs * 0.5, self.epochs * 0.75]
+        try:
+            return [float(e) for e in self.lr_decay_epochs.split(",") if e.strip()]
+        except ValueError:
+            raise ConfigError(f"--lr-decay-epochs must be comma-separated numbers; got {self.lr_decay_epochs!r}")
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def _arg_type(tp):
+    """``int`` for ``int`` and ``Optional[int]``."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def add_config_args(parser):
+    """Add one ``--flag`` per :class:`TrainConfig` field, grouped as in the dataclass."""
+    groups = {}
+    for f in fields(TrainConfig):
+        meta = f.metadata
+        group = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        conv = _arg_type(f.type)
+        if conv is bool:
+            if default:
+                group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+                                   help=meta["help"])
+            else:
+                group.add_argument(flag, dest=f.name, action="store_true", help=meta["help"])
+            continue
+        group.add_argument(flag, dest=f.name, type=conv, default=default, choices=meta["choices"],
+                           help=f"{meta['help']} (default {default})")
+
+
+def config_from_args(args):
+    """A validated :class:`TrainConfig` from parsed arguments."""
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    return TrainConfig(**values).validate()

@@ -1,0 +1,358 @@
+"""``mpiqsgd train``: data-parallel training with quantized gradient exchange.
+
+Per step, on every rank (worker): draw the next batch of its shard, forward, backward,
+:class:`~mpiqsgd.exchange.GradientExchange` (gradient -> codec -> bytes -> transport ->
+bytes -> codec -> mean), then the same SGD update everywhere. Under MPI each rank is a
+process; with ``--simulate N`` the same function runs in N threads of one process over
+a :class:`~mpiqsgd.transport.LocalGroup`, with a lock so that one worker computes at a
+time and each worker keeps its own RNG state, which makes a simulated run end with
+the same parameters as an MPI run with the same flags.
+
+Rank 0 evaluates (validation after each epoch, or every ``--eval-every`` steps, and
+test at the end) and writes the run directory: ``config.json``, ``metrics.jsonl``,
+``comm.json``, ``summary.json`` and ``checkpoints/``.
+"""
+
+import contextlib
+import json
+import math
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..codecs import make_codec
+from ..errors import MpiqsgdError
+from ..exchange import GradientExchange, broadcast_parameters, parameter_checksum
+from ..machine import default_device, machine_info
+from . import data as D
+from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from .models import build_model
+
+__all__ = ["train", "run_worker", "load_data", "learning_rate"]
+
+
+@dataclass
+class Shared:
+    """What the workers of one process share: the data, and the compute lock of a simulation."""
+
+    train: D.ImageArrays
+    val: D.ImageArrays
+    test: D.ImageArrays
+    lock: object
+    run_dir: Path
+
+
+def load_data(cfg):
+    """(train, val, test) arrays as the flags ask: split, subset."""
+    train, test = D.load_dataset(cfg.dataset, cfg.data_dir, cfg.download, synthetic_train=cfg.synthetic_size,
+                                 synthetic_test=max(1, cfg.synthetic_size // 5), seed=cfg.seed)
+    if cfg.val_fraction > 0:
+        train, val = D.split_train_val(train, cfg.val_fraction, seed=cfg.seed)
+    else:
+        val = test
+    if cfg.train_subset is not None and cfg.train_subset < len(train):
+        train = D.subset(train, cfg.train_subset, seed=cfg.seed)
+    return train, val, test
+
+
+def learning_rate(cfg, step, steps_per_epoch):
+    """The learning rate of ``step`` (a pure function of the step, so resuming needs no state)."""
+    epoch = step / steps_per_epoch
+    if cfg.warmup_epochs > 0 and epoch < cfg.warmup_epochs:
+        return cfg.lr * epoch / cfg.warmup_epochs
+    if cfg.lr_schedule == "cosine":
+        span = max(cfg.epochs - cfg.warmup_epochs, 1e-9)
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, (epoch - cfg.warmup_epochs) / span)))
+    if cfg.lr_schedule == "step":
+        return cfg.lr * cfg.lr_decay_factor ** sum(epoch >= e for e in cfg.decay_epochs())
+    return cfg.lr
+
+
+def default_run_dir(cfg):
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    bits = f"{cfg.bits}b" if cfg.bits else ""
+    return Path("runs") / f"{stamp}-{cfg.model}-{cfg.codec}{bits}-{cfg.topology}"
+
+
+def _device(cfg, rank):
+    if cfg.device == "auto":
+        return torch.device(default_device(rank))
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+    return device
+
+
+def _sync_for(device):
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+
+
+class _RNG:
+    """A worker's own global-RNG state (dropout), swapped in around its compute."""
+
+    def __init__(self, seed, rank, device):
+        self.device = device
+        self.cpu = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, rank, 7]).generate_state(1)[0]))
+        self.cpu_state = self.cpu.get_state()
+        self.cuda_state = None
+
+    @contextlib.contextmanager
+    def active(self):
+        torch.set_rng_state(self.cpu_state)
+        if self.device.type == "cuda" and self.cuda_state is not None:
+            torch.cuda.set_rng_state(self.cuda_state, self.device)
+        try:
+            yield
+        finally:
+            self.cpu_state = torch.get_rng_state()
+            if self.device.type == "cuda":
+                self.cuda_state = torch.cuda.get_rng_state(self.device)
+
+    def state_dict(self):
+        return {"cpu": self.cpu_state, "cuda": self.cuda_state}
+
+    def load_state_dict(self, state):
+        self.cpu_state, self.cuda_state = state["cpu"], state["cuda"]
+
+
+def evaluate(model, arrays, device, batch=1000):
+    """Top-1 accuracy of ``model`` on ``arrays`` (eval mode, no augmentation)."""
+    was_training = model.training
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(arrays), batch):
+            x = D.to_tensor(arrays.images[start:start + batch], device=device)
+            y = torch.as_tensor(arrays.labels[start:start + batch], device=device)
+            correct += int((model(x).argmax(1) == y).sum())
+    model.train(was_training)
+    return correct / max(1, len(arrays))
+
+
+def run_worker(cfg, transport, shared):
+    """Train on one rank; return rank 0's summary (None elsewhere)."""
+    rank, n = transport.rank, transport.size
+    device = _device(cfg, rank)
+    dedicated = cfg.dedicated_server and cfg.topology == "ps"
+    workers = n - 1 if dedicated else n
+    worker = rank - 1 if dedicated else rank
+    if dedicated and n < 2:
+        raise MpiqsgdError("--dedicated-server needs at least 2 ranks")
+    computes = worker >= 0
+    lock = shared.lock
+
+    with lock:
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model, num_classes=shared.train.num_classes).to(device)
+    broadcast_parameters(model, transport)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                weight_decay=cfg.weight_decay)
+    codec = make_codec(cfg.codec, error_feedback=cfg.error_feedback, bits=cfg.bits, levels=cfg.levels,
+                       bucket=cfg.bucket, rounding=cfg.rounding)
+    options = {"downlink": cfg.downlink, "server_error_feedback": cfg.server_error_feedback or None,
+               "dedicated": cfg.dedicated_server or None} if cfg.topology == "ps" else {}
+    exchange = GradientExchange(model.parameters(), transport, codec, cfg.topology, seed=cfg.seed,
+                                min_compress_numel=cfg.min_compress_numel,
+                                warmup_steps=cfg.uncompressed_warmup_steps, **options)
+    rng = _RNG(cfg.seed, rank, device)
+    aug = torch.Generator(device=device).manual_seed(
+        int(np.random.SeedSequence([cfg.seed, rank, 11]).generate_state(1)[0]))
+    meter, sync = transport.meter, _sync_for(device)
+
+    images = torch.from_numpy(shared.train.images).to(device)
+    labels = torch.from_numpy(shared.train.labels).to(device)
+    steps_per_epoch = len(shared.train) // (workers * cfg.batch_size)
+    if steps_per_epoch < 1:
+        raise MpiqsgdError(f"{len(shared.train)} training images are too few for {workers} workers x batch "
+                           f"{cfg.batch_size}; lower --batch-size or raise --train-subset")
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+
+    st = {"step": 0, "last_eval": -1, "loss_sum": 0.0, "loss_count": 0, "wall": 0.0,
+          "best_val": None, "target_step": None, "target_seconds": None, "history": []}
+    if cfg.resume:
+        saved = load_checkpoint(cfg.resume, rank, n)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        exchange.load_state_dict(saved["exchange"], device)
+        rng.load_state_dict(saved["rng"])
+        aug.set_state(saved["aug"])
+        meter.load_totals(saved["meter"])
+        st.update(saved["progress"])
+
+    is_root = rank == 0
+    run_dir = shared.run_dir
+    bar = None
+    if is_root and cfg.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps, initial=st["step"], unit="step", dynamic_ncols=True, leave=True)
+
+    started = time.perf_counter() - st["wall"]
+
+    def check_sync():
+        sums = transport.allgather_bytes(parameter_checksum(model.parameters()))
+        bad = [r for r, s in enumerate(sums) if s != sums[0]]
+        if bad:
+            raise MpiqsgdError(f"replicas drifted at step {st['step']}: parameters of ranks {bad} differ from rank 0")
+
+    def record_eval():
+        """Collective: job byte totals and training loss from all ranks; rank 0 evaluates and logs."""
+        st["last_eval"] = st["step"]
+        job = meter.job_totals(transport)
+        losses = transport.allgather_bytes(np.array([st["loss_sum"], st["loss_count"]], np.float64).tobytes())
+        pairs = np.stack([np.frombuffer(b, np.float64) for b in losses])
+        if not is_root:
+            st["loss_sum"], st["loss_count"] = 0.0, 0
+            return job
+        with lock:
+            val = evaluate(model, shared.val, device)
+            test = evaluate(model, shared.test, device)
+        wall = time.perf_counter() - started
+        train_loss = float(pairs[:, 0].sum() / max(1.0, pairs[:, 1].sum()))
+        st["loss_sum"], st["loss_count"] = 0.0, 0
+        row = {"epoch": st["step"] / steps_per_epoch, "step": st["step"], "train_loss": train_loss,
+               "val_acc": val, "test_acc": test, "wall_seconds": wall, "bytes_sent": job["sent"]["bytes"],
+               "lr": optimizer.param_groups[0]["lr"]}
+        st["history"].append(row)
+        if st["best_val"] is None or val > st["best_val"]:
+            st["best_val"] = val
+        if cfg.target_acc is not None and st["target_step"] is None and val >= cfg.target_acc:
+            st["target_step"], st["target_seconds"] = st["step"], wall
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if bar is not None:
+            bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val:.3f}",
+                            kB_step=f"{job['sent']['bytes'] / max(1, st['step']) / n / 1e3:.1f}")
+        return job
+
+    def checkpoint():
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "exchange": exchange.state_dict(), "rng": rng.state_dict(), "aug": aug.get_state(),
+                 "meter": meter.totals(), "progress": dict(st, wall=time.perf_counter() - started)}
+        save_checkpoint(run_dir / "checkpoints", st["step"], state, transport)
+
+    model.train()
+    while st["step"] < total_steps:
+        epoch, first = divmod(st["step"], steps_per_epoch)
+        order = torch.from_numpy(D.shard_indices(len(shared.train), max(worker, 0), workers, epoch, cfg.seed))
+        order = order.to(device)
+        for b in range(first, steps_per_epoch):
+            if st["step"] >= total_steps:
+                break
+            step = st["step"]
+            lr = learning_rate(cfg, step, steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=False)
+            if computes:
+                with meter.time("compute", sync), lock, rng.active():
+                    sel = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                    x = D.augment(D.to_tensor(images.index_select(0, sel), device=device), aug)
+                    loss = torch.nn.functional.cross_entropy(model(x), labels.index_select(0, sel))
+                    loss.backward()
+                st["loss_sum"] += float(loss.detach())
+                st["loss_count"] += 1
+            exchange.synchronize(step)
+            with meter.time("update", sync):
+                optimizer.step()
+            st["step"] += 1
+            if bar is not None:
+                bar.update(1)
+            if cfg.check_sync_every and st["step"] % cfg.check_sync_every == 0:
+                check_sync()
+            end_of_epoch = st["step"] % steps_per_epoch == 0
+            if end_of_epoch or (cfg.eval_every and st["step"] % cfg.eval_every == 0):
+                record_eval()
+            if cfg.checkpoint_every and st["step"] % cfg.checkpoint_every == 0:
+                checkpoint()
+    if cfg.checkpoint_every and st["step"] % cfg.checkpoint_every != 0:
+        checkpoint()
+    job = record_eval() if st["last_eval"] != st["step"] else meter.job_totals(transport)
+    devices = transport.allgather_bytes(str(device).encode())
+    if bar is not None:
+        bar.close()
+    if not is_root:
+        return None
+    return _finish(cfg, run_dir, job, st, n, workers, steps_per_epoch, [d.decode() for d in devices], model)
+
+
+def _finish(cfg, run_dir, job, st, n, workers, steps_per_epoch, devices, model):
+    last = st["history"][-1]
+    steps = st["step"]
+    sent = job["sent"]
+    summary = {
+        "final_val_acc": last["val_acc"],
+        "best_val_acc": st["best_val"],
+        "test_acc": last["test_acc"],
+        "epochs": steps / steps_per_epoch,
+        "steps": steps,
+        "wall_seconds": last["wall_seconds"],
+        "target_acc": cfg.target_acc,
+        "steps_to_target": st["target_step"],
+        "seconds_to_target": st["target_seconds"],
+        "bytes_per_step_per_rank": sent["bytes"] / max(1, steps) / n,
+        "total_bytes": sent["bytes"],
+        "compression_vs_fp32": sent["fp32_bytes"] / sent["bytes"] if sent["bytes"] else None,
+        "seconds_per_phase": {k: v / n for k, v in job["seconds"].items()},
+        "n_ranks": n,
+        "n_workers": workers,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    atomic_write_bytes(run_dir / "comm.json", json.dumps(job, indent=1).encode())
+    atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=1).encode())
+    config = json.loads((run_dir / "config.json").read_text())
+    config["devices"] = devices
+    atomic_write_bytes(run_dir / "config.json", json.dumps(config, indent=1).encode())
+    return summary
+
+
+def _prepare_run_dir(cfg, world_size, simulate):
+    run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
+    if cfg.resume and not cfg.run_dir:
+        run_dir = Path(cfg.resume)
+        if run_dir.name.startswith("step-") or run_dir.name == "checkpoints":
+            run_dir = run_dir.parent if run_dir.name == "checkpoints" else run_dir.parent.parent
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.resume and (run_dir / "metrics.jsonl").exists():
+        (run_dir / "metrics.jsonl").unlink()
+    config = {"flags": cfg.to_dict(), "mpiqsgd": __version__, "world_size": world_size,
+              "simulated": bool(simulate), "machine": machine_info()}
+    atomic_write_bytes(run_dir / "config.json", json.dumps(config, indent=1).encode())
+    return run_dir
+
+
+def train(cfg, transport=None):
+    """Run ``cfg`` under MPI (one call per rank) or, with ``cfg.simulate``, as N threads here.
+
+    Returns:
+        the summary dict on rank 0 (and in a simulation), None on other ranks.
+    """
+    cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.simulate:
+        from ..transport import LocalGroup
+
+        train_set, val, test = load_data(cfg)
+        run_dir = _prepare_run_dir(cfg, cfg.simulate, True)
+        shared = Shared(train_set, val, test, threading.Lock(), run_dir)
+        group = LocalGroup(cfg.simulate)
+        return group.run(lambda t: run_worker(cfg, t, shared), group.transports())[0]
+    if transport is None:
+        from ..transport import world
+
+        transport = world()
+    train_set, val, test = load_data(cfg)
+    run_dir = None
+    if transport.rank == 0:
+        run_dir = _prepare_run_dir(cfg, transport.size, False)
+    run_dir = Path(transport.bcast_bytes(str(run_dir or "").encode()).decode())
+    shared = Shared(train_set, val, test, contextlib.nullcontext(), run_dir)
+    return run_worker(cfg, transport, shared)
