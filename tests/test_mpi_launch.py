@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import ROOT
 
@@ -59,3 +60,37 @@ def test_bench_exchange_json_counts_exact_bytes():
     assert 0 < result["bytes_vs_allreduce"] < 0.2
     assert cand["median_seconds"] > 0 and base["median_seconds"] > 0
     assert 0 < result["relative_error_vs_exact_mean"] < 3
+
+
+TRAIN = ["train", "--dataset", "synthetic", "--synthetic-size", "1200", "--model", "tiny", "--epochs", "2",
+         "--batch-size", "32", "--lr", "0.05", "--no-progress", "--threads", "1", "--checkpoint-every", "1000",
+         "--check-sync-every", "4"]
+
+
+def final_states(run_dir, n):
+    latest = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
+    return [torch.load(run_dir / "checkpoints" / latest["dir"] / f"rank{r}.pt", weights_only=False)
+            for r in range(n)]
+
+
+@pytest.mark.parametrize("n,flags", [
+    (2, ["--codec", "qsgd", "--bits", "4", "--topology", "ring"]),
+    (3, ["--codec", "qsgd", "--bits", "3", "--rounding", "nearest", "--error-feedback", "--topology", "ps",
+         "--downlink", "codec", "--min-compress-numel", "100"]),
+    (3, ["--codec", "sign", "--error-feedback", "--topology", "allgather"]),
+])
+def test_mpi_training_equals_simulation(tmp_path, n, flags):
+    mpi = launch(n, "-m", "mpi4py", "-m", "mpiqsgd", *TRAIN, *flags, "--run-dir", str(tmp_path / "mpi"), timeout=300)
+    assert mpi.returncode == 0, mpi.stderr[-4000:]
+    sim = subprocess.run([sys.executable, "-m", "mpiqsgd", *TRAIN, *flags, "--simulate", str(n),
+                          "--run-dir", str(tmp_path / "sim")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert sim.returncode == 0, sim.stderr[-4000:]
+    s_mpi, s_sim = json.loads(mpi.stdout), json.loads(sim.stdout)
+    assert s_mpi["steps"] == s_sim["steps"] == 2 * (1080 // (n * 32))
+    assert s_mpi["total_bytes"] == s_sim["total_bytes"] > 0
+    assert s_mpi["final_val_acc"] == s_sim["final_val_acc"]
+    for a, b in zip(final_states(tmp_path / "mpi", n), final_states(tmp_path / "sim", n)):
+        assert a["model"].keys() == b["model"].keys()
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    comm = json.loads((tmp_path / "mpi" / "comm.json").read_text())
+    assert comm["n_ranks"] == n and sorted(comm["sent_by_rank"]) == [str(r) for r in range(n)]

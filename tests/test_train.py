@@ -1,0 +1,224 @@
+"""Training driver, library API and data plumbing, in one process (--simulate)."""
+
+import json
+
+import pytest
+import torch
+
+from mpiqsgd.cli import main
+from mpiqsgd.codecs import make_codec
+from mpiqsgd.errors import ConfigError, MpiqsgdError
+from mpiqsgd.exchange import DistributedOptimizer, GradientExchange
+from mpiqsgd.train import driver
+from mpiqsgd.train.config import TrainConfig
+from mpiqsgd.transport import LocalGroup
+
+SMALL = dict(dataset="synthetic", synthetic_size=1200, model="tiny", epochs=2, batch_size=32, lr=0.05,
+             progress=False, threads=1)
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(tmp_path, name="run", **kw):
+    cfg = TrainConfig(**{**SMALL, "run_dir": str(tmp_path / name), **kw})
+    return driver.train(cfg), tmp_path / name
+
+
+def final_model(run_dir, rank=0):
+    latest = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
+    return torch.load(run_dir / "checkpoints" / latest["dir"] / f"rank{rank}.pt", weights_only=False)["model"]
+
+
+def same_state(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_simulated_run_writes_the_run_directory(tmp_path):
+    summary, d = run(tmp_path, simulate=2, codec="qsgd", bits=4, check_sync_every=3)
+    assert {p.name for p in d.iterdir()} >= {"config.json", "metrics.jsonl", "comm.json", "summary.json"}
+    metrics = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1.0, 2.0]
+    assert all(set(m) >= {"epoch", "step", "train_loss", "val_acc", "test_acc", "wall_seconds", "bytes_sent"}
+               for m in metrics)
+    assert metrics[0]["bytes_sent"] < metrics[1]["bytes_sent"]
+    steps = summary["steps"]
+    assert steps == 2 * (1080 // (2 * 32))  # 1200 images, 10% held out
+    comm = json.loads((d / "comm.json").read_text())
+    assert comm["n_ranks"] == 2 and comm["sent"]["bytes"] == summary["total_bytes"]
+    assert summary["bytes_per_step_per_rank"] == pytest.approx(summary["total_bytes"] / steps / 2)
+    assert summary["compression_vs_fp32"] > 4
+    assert set(summary["seconds_per_phase"]) >= {"compute", "encode", "communicate", "decode", "update"}
+    config = json.loads((d / "config.json").read_text())
+    assert config["flags"]["codec"] == "qsgd" and config["world_size"] == 2 and config["devices"] == ["cpu"] * 2
+    assert metrics[-1]["val_acc"] == summary["final_val_acc"]
+
+
+def test_synthetic_task_learns(tmp_path):
+    summary, _ = run(tmp_path, simulate=2, synthetic_size=6000, epochs=4, codec="qsgd", bits=4,
+                     lr=0.05, lr_schedule="constant")
+    assert summary["steps"] >= 300
+    assert summary["final_val_acc"] > 0.5  # chance is 0.1
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    flags = dict(simulate=2, codec="qsgd", bits=3, rounding="nearest", error_feedback=True, checkpoint_every=1000)
+    full, a = run(tmp_path, "full", **flags)
+    run(tmp_path, "part", max_steps=17, **flags)
+    resumed, b = run(tmp_path, "part", resume=str(tmp_path / "part"), **flags)
+    assert resumed["steps"] == full["steps"]
+    for rank in (0, 1):
+        assert same_state(final_model(a, rank), final_model(b, rank))
+    assert resumed["total_bytes"] == full["total_bytes"]
+    assert resumed["final_val_acc"] == full["final_val_acc"]
+
+
+def test_resume_with_stochastic_rounding_and_mid_epoch_checkpoints(tmp_path):
+    flags = dict(simulate=2, codec="qsgd", bits=4, checkpoint_every=7)
+    run(tmp_path, "full", **flags)
+    run(tmp_path, "part", max_steps=20, **flags)
+    run(tmp_path, "part", resume=str(tmp_path / "part" / "checkpoints"), **flags)
+    assert same_state(final_model(tmp_path / "full"), final_model(tmp_path / "part"))
+    assert len(list((tmp_path / "part" / "checkpoints").glob("step-*"))) == 1  # old ones removed
+
+
+def test_resume_refuses_another_world_size(tmp_path):
+    run(tmp_path, "a", simulate=2, max_steps=3, checkpoint_every=3)
+    with pytest.raises(MpiqsgdError, match="written by 2 ranks"):
+        run(tmp_path, "a", simulate=3, resume=str(tmp_path / "a"))
+
+
+def test_sync_check_detects_drift(tmp_path, monkeypatch):
+    original = GradientExchange.synchronize
+
+    def drifting(self, step):
+        original(self, step)
+        if self.transport.rank == 1 and step == 2:
+            self.params[0].grad.add_(1e-3)
+
+    monkeypatch.setattr(GradientExchange, "synchronize", drifting)
+    with pytest.raises(MpiqsgdError, match=r"replicas drifted at step 4: parameters of ranks \[1\]"):
+        run(tmp_path, simulate=2, check_sync_every=4)
+
+
+def test_missing_data_says_where_it_looked_and_how_to_fix(tmp_path):
+    with pytest.raises(MpiqsgdError) as info:
+        run(tmp_path, simulate=1, dataset="cifar10", data_dir=str(tmp_path / "nothing"))
+    message = str(info.value)
+    assert str(tmp_path / "nothing") in message and "--data-dir" in message and "--download" in message
+
+
+def test_trains_from_an_image_folder_archive(tmp_path):
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "src"
+    for split, n in (("train", 40), ("test", 10)):
+        for c, name in enumerate(["cat", "dog", "ship"]):
+            folder = src / split / name
+            folder.mkdir(parents=True)
+            for i in range(n):
+                img = np.full((32, 32, 3), 60 * c, np.uint8) + rng.integers(0, 40, (32, 32, 3), dtype=np.uint8)
+                Image.fromarray(img).save(folder / f"{i:04d}.png")
+    archive = tmp_path / "data" / "images.tar.gz"
+    archive.parent.mkdir()
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(src / "train", arcname="train")
+        tar.add(src / "test", arcname="test")
+    summary, _ = run(tmp_path, simulate=2, dataset="cifar10", data_dir=str(archive.parent), batch_size=8,
+                     epochs=3, lr=0.02)
+    assert summary["parameters"] > 0 and summary["steps"] == 3 * (108 // 16)
+    assert summary["final_val_acc"] > 0.5  # three easy classes
+
+
+def test_learning_rate_schedules():
+    cfg = TrainConfig(epochs=10, lr=1.0, lr_schedule="step", lr_decay_epochs="5,8", lr_decay_factor=0.1)
+    assert [driver.learning_rate(cfg, s, 10) for s in (0, 49, 50, 79, 80)] == pytest.approx([1, 1, .1, .1, .01])
+    cfg = TrainConfig(epochs=10, lr=1.0, lr_schedule="cosine")
+    assert driver.learning_rate(cfg, 0, 10) == 1.0 and driver.learning_rate(cfg, 100, 10) == pytest.approx(0)
+    assert driver.learning_rate(cfg, 50, 10) == pytest.approx(0.5)
+    cfg = TrainConfig(epochs=10, lr=1.0, lr_schedule="constant", warmup_epochs=2)
+    assert driver.learning_rate(cfg, 10, 10) == pytest.approx(0.5) and driver.learning_rate(cfg, 30, 10) == 1.0
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(epochs=0), "--epochs must be at least 1"), (dict(batch_size=0), "--batch-size"),
+    (dict(lr=0), "--lr must be positive"), (dict(val_fraction=1.0), "--val-fraction"),
+    (dict(lr_decay_epochs="a,b"), "comma-separated"), (dict(simulate=-1), "--simulate"),
+])
+def test_config_validation(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig(**kw).validate()
+
+
+def test_train_cli_reports_bad_flags(capsys, tmp_path):
+    code = main(["train", "--simulate", "1", "--dataset", "synthetic", "--codec", "qsgd", "--bits", "9",
+                 "--run-dir", str(tmp_path / "x"), "--no-progress"])
+    assert code == 2 and "bits must be between 2 and 8" in capsys.readouterr().err
+
+
+def test_too_few_images_is_a_clear_error(tmp_path):
+    with pytest.raises(MpiqsgdError, match="too few"):
+        run(tmp_path, simulate=2, synthetic_size=100, batch_size=64)
+
+
+# -- library API ------------------------------------------------------------------------
+
+def two_rank_models(seed=0):
+    torch.manual_seed(seed)
+    proto = torch.nn.Sequential(torch.nn.Linear(40, 30), torch.nn.ReLU(), torch.nn.Linear(30, 3))
+    models = [proto, type(proto)(*[type(m)(m.in_features, m.out_features) if isinstance(m, torch.nn.Linear)
+                                   else torch.nn.ReLU() for m in proto])]
+    models[1].load_state_dict(models[0].state_dict())
+    return models
+
+
+def test_gradient_exchange_averages_and_splits_small_tensors():
+    models = two_rank_models()
+    for r, m in enumerate(models):
+        m(torch.randn(8, 40, generator=torch.Generator().manual_seed(r))).sum().backward()
+    expected = [(a.grad + b.grad) / 2 for a, b in zip(models[0].parameters(), models[1].parameters())]
+    group = LocalGroup(2)
+
+    def work(t):
+        ex = GradientExchange(models[t.rank].parameters(), t, make_codec("fp32"), "ring", min_compress_numel=100)
+        assert [p.numel() for p in ex.uncompressed] == [30, 90, 3]  # 30x3 weight is small too
+        ex.synchronize(0)
+        return ex
+
+    group.run(work, group.transports())
+    for m in models:
+        for p, e in zip(m.parameters(), expected):
+            assert torch.allclose(p.grad, e)
+
+
+def test_distributed_optimizer_keeps_replicas_identical_and_warmup_is_uncompressed():
+    models = two_rank_models(1)
+    group = LocalGroup(2)
+    transports = group.transports()
+
+    def work(t):
+        model = models[t.rank]
+        ex = GradientExchange(model.parameters(), t, make_codec("qsgd", bits=2), "allgather", warmup_steps=2)
+        opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), ex)
+        sent = []
+        for step in range(4):
+            opt.zero_grad()
+            x = torch.randn(16, 40, generator=torch.Generator().manual_seed(10 * step + t.rank))
+            model(x).pow(2).mean().backward()
+            before = t.meter.sent()["bytes"]
+            opt.step()
+            sent.append(t.meter.sent()["bytes"] - before)
+        return sent
+
+    sent = group.run(work, transports)[0]
+    assert sent[0] == sent[1] > 4 * sent[2] and sent[2] == sent[3]  # fp32 warm-up, then 2-bit
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)
