@@ -94,3 +94,10 @@ def test_mpi_training_equals_simulation(tmp_path, n, flags):
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     comm = json.loads((tmp_path / "mpi" / "comm.json").read_text())
     assert comm["n_ranks"] == n and sorted(comm["sent_by_rank"]) == [str(r) for r in range(n)]
+
+
+def test_custom_loop_example_runs_and_learns():
+    proc = launch(2, "-m", "mpi4py", "scripts/custom_loop.py", "--steps", "80", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = [float(line.split()[3]) for line in proc.stdout.splitlines() if line.startswith("step")]
+    assert len(losses) == 5 and losses[-1] < 0.5 * losses[0]
