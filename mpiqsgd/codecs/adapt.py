@@ -317,7 +317,7 @@ def _alq_flat(a, c, start, mu, sg, wz, tol, out):
 
 def _flat(*arrays):
     arrays = np.broadcast_arrays(*(np.asarray(v, dtype=np.float64) for v in arrays))
-    return arrays[0].shape, [np.ascontiguousarray(v).reshape(-1) for v in arrays]
+    return arrays[0].shape, [np.array(v, dtype=np.float64).reshape(-1) for v in arrays]
 
 
 class Mixture:

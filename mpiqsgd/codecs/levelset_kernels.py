@@ -1,0 +1,173 @@
+"""Fused level-set quantize-and-pack kernels: numba on the CPU, torch ops on other devices.
+
+Coordinate ``i`` of bucket ``b`` is normalized in float32, ``r = x_i / norm_b`` (``r = 0``
+in a zero bucket), clamped to [-1, 1], and placed by binary search in the interval
+``L_j <= r < L_{j+1}`` (``j <= K - 2``). With the counter-based uniform ``u_i`` of
+:mod:`mpiqsgd.codecs.kernels` the code is ``j + 1`` when ``u_i < (r - L_j) / (L_{j+1} - L_j)``,
+else ``j`` (all float32). The receiver's value is ``norm_b * L[code]``. Codes are packed
+as in :mod:`mpiqsgd.codecs.bits`. Both implementations give the same bytes and values.
+"""
+
+import numpy as np
+import torch
+
+from .kernels import HAVE_NUMBA, PARALLEL_MIN_NUMEL, uniform
+
+if HAVE_NUMBA:
+    import numba
+
+    from .kernels import _u
+
+__all__ = ["levelset_encode", "levelset_decode"]
+
+
+# -- torch implementation (any device) ----------------------------------------------------
+
+def _encode_torch(x, norms, levels, bucket, bits, seed, want_decoded):
+    from .bits import pack
+
+    n = x.numel()
+    K = levels.numel()
+    scale = norms.repeat_interleave(bucket)[:n]
+    r = torch.where(scale > 0, x / scale, torch.zeros((), dtype=x.dtype, device=x.device)).clamp_(-1.0, 1.0)
+    j = (torch.searchsorted(levels, r, right=True) - 1).clamp_(0, K - 2)
+    low = levels[j]
+    p = (r - low) / (levels[j + 1] - low)
+    code = j + (uniform(seed, n, x.device) < p).to(j.dtype)
+    decoded = scale * levels[code] if want_decoded else None
+    return pack(code.to(torch.uint8), bits), decoded
+
+
+def _decode_torch(packed, norms, levels, bucket, bits, n):
+    from .bits import unpack
+
+    codes = unpack(packed, n, bits).long()
+    K = levels.numel()
+    bad = int((codes >= K).sum())
+    values = norms.repeat_interleave(bucket)[:n] * levels[codes.clamp(max=K - 1)]
+    return values, bad
+
+
+# -- numba implementation (CPU) -----------------------------------------------------------
+
+if HAVE_NUMBA:
+    @numba.njit(inline="always")
+    def _encode_group(g, x, norms, levels, bucket, bits, seed, out, decoded, want_decoded):
+        n = x.size
+        K = levels.size
+        one = np.float32(1.0)
+        word = np.uint64(0)
+        for k in range(8):
+            i = g * 8 + k
+            if i >= n:
+                break
+            scale = norms[i // bucket]
+            r = np.float32(0.0)
+            if scale > 0:
+                r = x[i] / scale
+            if r > one:
+                r = one
+            elif r < -one:
+                r = -one
+            lo = 0
+            hi = K - 1
+            while hi - lo > 1:
+                mid = (lo + hi) >> 1
+                if levels[mid] <= r:
+                    lo = mid
+                else:
+                    hi = mid
+            low = levels[lo]
+            p = (r - low) / (levels[lo + 1] - low)
+            code = lo + (1 if _u(seed, i) < p else 0)
+            word |= np.uint64(code) << np.uint64(k * bits)
+            if want_decoded:
+                decoded[i] = scale * levels[code]
+        base = g * bits
+        for j in range(bits):
+            if base + j < out.size:
+                out[base + j] = np.uint8((word >> np.uint64(8 * j)) & np.uint64(255))
+
+    @numba.njit(inline="always")
+    def _decode_group(g, packed, norms, levels, bucket, bits, n, out):
+        word = np.uint64(0)
+        base = g * bits
+        for j in range(bits):
+            if base + j < packed.size:
+                word |= np.uint64(packed[base + j]) << np.uint64(8 * j)
+        K = levels.size
+        bad = 0
+        for k in range(8):
+            i = g * 8 + k
+            if i >= n:
+                break
+            code = np.int64((word >> np.uint64(k * bits)) & np.uint64((1 << bits) - 1))
+            if code >= K:
+                bad += 1
+                code = K - 1
+            out[i] = norms[i // bucket] * levels[code]
+        return bad
+
+    # Threads pay off only on large buffers; small ones (and oversubscribed ranks) run serially.
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def _encode_parallel(x, norms, levels, bucket, bits, seed, out, decoded, want_decoded):
+        for g in numba.prange((x.size + 7) // 8):
+            _encode_group(g, x, norms, levels, bucket, bits, seed, out, decoded, want_decoded)
+
+    @numba.njit(cache=True, nogil=True)
+    def _encode_serial(x, norms, levels, bucket, bits, seed, out, decoded, want_decoded):
+        for g in range((x.size + 7) // 8):
+            _encode_group(g, x, norms, levels, bucket, bits, seed, out, decoded, want_decoded)
+
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def _decode_parallel(packed, norms, levels, bucket, bits, n, out):
+        bad = 0
+        for g in numba.prange((n + 7) // 8):
+            bad += _decode_group(g, packed, norms, levels, bucket, bits, n, out)
+        return bad
+
+    @numba.njit(cache=True, nogil=True)
+    def _decode_serial(packed, norms, levels, bucket, bits, n, out):
+        bad = 0
+        for g in range((n + 7) // 8):
+            bad += _decode_group(g, packed, norms, levels, bucket, bits, n, out)
+        return bad
+
+
+def _use_numba(device, force_torch):
+    return HAVE_NUMBA and not force_torch and torch.device(device).type == "cpu"
+
+
+def levelset_encode(x, norms, levels, bucket, bits, seed, want_decoded, force_torch=False):
+    """Round ``x`` stochastically to a level set and pack the level indices.
+
+    Args:
+        x: flat float32 tensor.
+        norms: float32 per bucket, finite and >= 0.
+        levels: float32 tensor of K strictly increasing levels, ``L_0 = -1``, ``L_{K-1} = 1``.
+        bucket, bits: codec parameters (``K <= 2**bits``).
+        seed: counter-based RNG seed.
+        want_decoded: also return the values a receiver decodes.
+        force_torch: use the torch implementation on the CPU too (tests).
+
+    Returns:
+        (packed uint8 tensor, decoded float32 tensor or None), on ``x``'s device.
+    """
+    if not _use_numba(x.device, force_torch):
+        return _encode_torch(x, norms, levels, bucket, bits, seed, want_decoded)
+    n = x.numel()
+    out = np.empty((n * bits + 7) // 8, dtype=np.uint8)
+    decoded = np.empty(n if want_decoded else 0, dtype=np.float32)
+    kernel = _encode_parallel if n >= PARALLEL_MIN_NUMEL else _encode_serial
+    kernel(x.numpy(), norms.numpy(), levels.numpy(), bucket, bits, np.uint64(seed), out, decoded, want_decoded)
+    return torch.from_numpy(out), (torch.from_numpy(decoded) if want_decoded else None)
+
+
+def levelset_decode(packed, norms, levels, bucket, bits, n, force_torch=False):
+    """Unpack codes; return (float32 values, number of codes >= K)."""
+    if not _use_numba(packed.device, force_torch):
+        return _decode_torch(packed, norms, levels, bucket, bits, n)
+    out = np.empty(n, dtype=np.float32)
+    kernel = _decode_parallel if n >= PARALLEL_MIN_NUMEL else _decode_serial
+    bad = kernel(packed.numpy(), norms.numpy(), levels.numpy(), bucket, bits, n, out)
+    return torch.from_numpy(out), int(bad)

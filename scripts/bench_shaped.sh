@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Exchange benchmark over a rate-limited link on one machine (needs root and iproute2).
+#
+# Creates a network namespace whose loopback is shaped to RATE with tc's token bucket,
+# forces MPICH onto TCP inside it (so ranks really talk over that loopback), and runs
+# `mpiqsgd bench exchange` for several codecs and topologies, each timed against fp32
+# MPI_Allreduce in the same run. All ranks share the one link.
+#
+# Usage: sudo bash scripts/bench_shaped.sh [RANKS] [NUMEL] [RATE] [OUT_DIR]
+set -euo pipefail
+ranks=${1:-4}; numel=${2:-5000000}; rate=${3:-1gbit}; out=${4:-runs/bench-shaped}
+ns=mpiqsgd-shaped-$$
+mkdir -p "$out"
+ip netns add "$ns"
+trap 'ip netns del "$ns"' EXIT
+ip netns exec "$ns" ip link set lo up
+ip netns exec "$ns" tc qdisc add dev lo root tbf rate "$rate" burst 256kb latency 50ms
+export MPIR_CVAR_NOLOCAL=1 MPIR_CVAR_CH4_NETMOD=ofi FI_PROVIDER=tcp
+bench() {
+  name=$1; shift
+  ip netns exec "$ns" mpiexec -n "$ranks" python -m mpi4py -m mpiqsgd bench exchange \
+    --numel "$numel" --repeats 5 --json "$@" > "$out/$name.json"
+  python - "$out/$name.json" "$name" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+c, b = r["candidate"], r["baseline"]
+print(f"{sys.argv[2]:<22} {c['median_seconds']*1e3:9.1f} ms  allreduce {b['median_seconds']*1e3:9.1f} ms  "
+      f"speedup {r['speedup_vs_allreduce']:5.2f}x  bytes/rank {c['sent_bytes_this_rank']:>12,} "
+      f"({r['bytes_vs_allreduce']:.3f}x)  rel.err {r['relative_error_vs_exact_mean']:.3f}")
+PY
+}
+echo "rate $rate, $ranks ranks, numel $numel (fp32 $((numel * 4)) bytes), medians of 5"
+bench ring-fp32      --topology ring --codec fp32
+bench ring-qsgd4     --topology ring --codec qsgd --bits 4
+bench ring-qsgd2     --topology ring --codec qsgd --bits 2 --bucket 128
+bench allgather-qsgd4 --topology allgather --codec qsgd --bits 4
+bench ps-qsgd4       --topology ps --codec qsgd --bits 4
+bench ps-qsgd4-down  --topology ps --codec qsgd --bits 4 --downlink codec
+bench ring-sign      --topology ring --codec sign
