@@ -19,6 +19,12 @@ norm go as fp32) -> each buffer's topology -> the mean written back into ``.grad
 Every rank then applies the same optimizer step, so replicas stay bit-identical.
 The fp32 buffer is one more message pattern of the same topology (``allreduce`` for
 the ``allreduce`` baseline), counted by the same meter.
+
+Adaptive codecs (ALQ, AMQ and their -N variants) refit their levels at the steps of
+the schedule (by default 0, 100, 2000, then every 10,000): every rank computes
+sufficient statistics of its own compressed buffer, they are allgathered (phase
+``adapt``, counted), merged in rank order, and every rank fits the same levels from the
+same merged statistics, so all ranks hold bit-identical tables.
 """
 
 import io
@@ -65,11 +71,13 @@ class GradientExchange:
         seed: base seed of codec randomness.
         min_compress_numel: tensors with fewer elements travel uncompressed (fp32).
         warmup_steps: steps before this one send everything uncompressed.
+        adapt_at: steps at which an adaptive codec refits its levels ...
+        adapt_every: ... and every this many steps (0: never again).
         **options: topology options (``ps``: downlink, server_error_feedback, dedicated).
     """
 
     def __init__(self, parameters, transport, codec, topology="ring", seed=0, min_compress_numel=0,
-                 warmup_steps=0, **options):
+                 warmup_steps=0, adapt_at=(0, 100, 2000), adapt_every=10000, **options):
         self.params = [p for p in parameters if p.requires_grad]
         if not self.params:
             raise ConfigError("GradientExchange: no parameters that require gradients")
@@ -82,6 +90,52 @@ class GradientExchange:
         self.fp32 = make_aggregator(topology, transport, FP32(), seed=seed, **options)
         self.numel = {"compressed": sum(p.numel() for p in self.compressed),
                       "uncompressed": sum(p.numel() for p in self.uncompressed)}
+        inner = getattr(codec, "inner", codec)
+        self.adaptive = inner if hasattr(inner, "fit") else None
+        self.adapt_at = set(adapt_at)
+        self.adapt_every = adapt_every
+        self.seed = seed
+
+    def adapts_at(self, step):
+        """Whether the adaptive codec refits its levels at ``step``."""
+        if self.adaptive is None or not self.compressed:
+            return False
+        return step in self.adapt_at or (self.adapt_every > 0 and step > 0 and step % self.adapt_every == 0)
+
+    def adapt(self, flat, step):
+        """Refit the adaptive codec's levels from every rank's statistics of ``flat`` (collective)."""
+        from .codecs import adapt
+
+        meter = self.transport.meter
+        meter.step = step
+        with meter.time("adapt"):
+            local = adapt.stats_to_bytes(self.adaptive.local_stats(flat))
+            gathered = self.transport.allgather_bytes(local, phase="adapt")
+            self.adaptive.fit(adapt.merge_stats([adapt.stats_from_bytes(b) for b in gathered]))
+
+    def diagnostics(self, step):
+        """Quantization diagnostics of this rank's compressed buffer (no communication).
+
+        Returns:
+            dict: ``quant_variance`` = ||Q(v) - v||^2 / ||v||^2 for one draw (from a generator
+            separate from training's, so training is unchanged), and ``coord_std`` = the
+            standard deviation of the normalized coordinates v_i / ||bucket||.
+        """
+        from .codecs import make_generator
+        from .codecs.qsgd import bucket_norms
+
+        inner = getattr(self.codec, "inner", self.codec)
+        flat = self._flatten(self.compressed)
+        if not flat.numel() or not bool(flat.any()):
+            return {"step": step, "quant_variance": None, "coord_std": None}
+        rng = make_generator(self.seed + 7919, self.transport.rank, step, flat.device)
+        _, decoded = inner.encode_decode(flat, rng)
+        bucket = getattr(inner, "bucket", flat.numel())
+        norms = bucket_norms(flat, bucket).repeat_interleave(bucket)[:flat.numel()]
+        r = flat / torch.where(norms > 0, norms, torch.ones_like(norms))
+        return {"step": step,
+                "quant_variance": float((decoded - flat).double().pow(2).sum() / flat.double().pow(2).sum()),
+                "coord_std": float(r.double().std())}
 
     @staticmethod
     def _flatten(params):
@@ -101,6 +155,8 @@ class GradientExchange:
     def synchronize(self, step):
         """Replace every parameter's ``.grad`` by its mean over ranks (collective)."""
         compress = step >= self.warmup_steps
+        if self.adapts_at(step):
+            self.adapt(self._flatten(self.compressed), step)
         for group, agg in ((self.compressed, self.aggregator if compress else self.fp32),
                            (self.uncompressed, self.fp32)):
             if group:

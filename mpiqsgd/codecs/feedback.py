@@ -70,8 +70,13 @@ class ErrorFeedback:
         self.residuals.clear()
 
     def state_dict(self):
-        """Residuals by key, on the CPU (for checkpoints)."""
-        return {"residuals": {k: v.detach().cpu().clone() for k, v in self.residuals.items()}}
+        """Residuals by key, on the CPU, and the inner codec's state if it has one (for checkpoints)."""
+        state = {"residuals": {k: v.detach().cpu().clone() for k, v in self.residuals.items()}}
+        if hasattr(self.inner, "state_dict"):
+            state["inner"] = self.inner.state_dict()
+        return state
 
     def load_state_dict(self, state, device="cpu"):
         self.residuals = {k: v.to(device).clone() for k, v in state["residuals"].items()}
+        if "inner" in state:
+            self.inner.load_state_dict(state["inner"])

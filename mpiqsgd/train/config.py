@@ -57,6 +57,10 @@ class TrainConfig:
     dedicated_server: bool = knob(False, "ps: rank 0 serves only, does not train", group="communication")
     min_compress_numel: int = knob(1024, "tensors smaller than this go uncompressed (fp32)", group="communication")
     uncompressed_warmup_steps: int = knob(0, "first steps exchange fp32 only", group="communication")
+    adapt_at: str = knob("0,100,2000", "adaptive codecs: steps at which levels are refit", group="communication")
+    adapt_every: int = knob(10000, "adaptive codecs: then refit every N steps (0: never)", group="communication")
+    diag_every: int = knob(50, "log quantization variance of rank 0's gradient every N steps (0: never)",
+                           group="run")
 
     # execution and output
     simulate: int = knob(0, "simulate N workers in this one process instead of MPI ranks", group="run")
@@ -80,7 +84,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1; got {value}")
-        for name in ("eval_every", "check_sync_every", "checkpoint_every", "min_compress_numel",
+        for name in ("eval_every", "check_sync_every", "adapt_every", "diag_every", "checkpoint_every", "min_compress_numel",
                      "uncompressed_warmup_steps", "simulate"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(self, name)}")
@@ -89,7 +93,15 @@ class TrainConfig:
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive; got {self.lr}")
         self.decay_epochs()
+        self.adapt_steps()
         return self
+
+    def adapt_steps(self):
+        """Steps listed by ``--adapt-at``."""
+        try:
+            return tuple(int(s) for s in self.adapt_at.split(",") if s.strip())
+        except ValueError:
+            raise ConfigError(f"--adapt-at must be comma-separated step numbers; got {self.adapt_at!r}") from None
 
     def decay_epochs(self):
         """Epochs at which the step schedule multiplies the rate by ``lr_decay_factor``."""

@@ -159,7 +159,8 @@ def run_worker(cfg, transport, shared):
                "dedicated": cfg.dedicated_server or None} if cfg.topology == "ps" else {}
     exchange = GradientExchange(model.parameters(), transport, codec, cfg.topology, seed=cfg.seed,
                                 min_compress_numel=cfg.min_compress_numel,
-                                warmup_steps=cfg.uncompressed_warmup_steps, **options)
+                                warmup_steps=cfg.uncompressed_warmup_steps, adapt_at=cfg.adapt_steps(),
+                                adapt_every=cfg.adapt_every, **options)
     rng = _RNG(cfg.seed, rank, device)
     aug = torch.Generator(device=device).manual_seed(
         int(np.random.SeedSequence([cfg.seed, rank, 11]).generate_state(1)[0]))
@@ -259,6 +260,9 @@ def run_worker(cfg, transport, shared):
                     loss.backward()
                 st["loss_sum"] += float(loss.detach())
                 st["loss_count"] += 1
+            if is_root and computes and cfg.diag_every and step % cfg.diag_every == 0:
+                with open(run_dir / "diagnostics.jsonl", "a") as f:
+                    f.write(json.dumps(exchange.diagnostics(step)) + "\n")
             exchange.synchronize(step)
             with meter.time("update", sync):
                 optimizer.step()
@@ -280,10 +284,26 @@ def run_worker(cfg, transport, shared):
         bar.close()
     if not is_root:
         return None
-    return _finish(cfg, run_dir, job, st, n, workers, steps_per_epoch, [d.decode() for d in devices], model)
+    return _finish(cfg, run_dir, job, st, n, workers, steps_per_epoch, [d.decode() for d in devices], model,
+                   exchange)
 
 
-def _finish(cfg, run_dir, job, st, n, workers, steps_per_epoch, devices, model):
+def _adaptation_cost(job, exchange, n, steps, wall):
+    """Cost of level refits (seconds and bytes per update) against a training step."""
+    if exchange.adaptive is None:
+        return None
+    updates = sum(exchange.adapts_at(s) for s in range(steps))
+    if not updates:
+        return {"updates": 0}
+    seconds = job["seconds"].get("adapt", 0.0) / n / updates
+    sent = job["by_phase"].get("adapt", {}).get("bytes", 0) / n / updates
+    step_seconds = wall / max(1, steps)
+    return {"updates": updates, "seconds_per_update": seconds, "bytes_per_update_per_rank": sent,
+            "step_seconds": step_seconds, "update_vs_step_seconds": seconds / step_seconds,
+            "levels": [float(v) for v in getattr(exchange.adaptive, "levels", [])]}
+
+
+def _finish(cfg, run_dir, job, st, n, workers, steps_per_epoch, devices, model, exchange):
     last = st["history"][-1]
     steps = st["step"]
     sent = job["sent"]
@@ -304,6 +324,7 @@ def _finish(cfg, run_dir, job, st, n, workers, steps_per_epoch, devices, model):
         "n_ranks": n,
         "n_workers": workers,
         "parameters": sum(p.numel() for p in model.parameters()),
+        "adaptation": _adaptation_cost(job, exchange, n, steps, last["wall_seconds"]),
     }
     atomic_write_bytes(run_dir / "comm.json", json.dumps(job, indent=1).encode())
     atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=1).encode())
@@ -320,8 +341,9 @@ def _prepare_run_dir(cfg, world_size, simulate):
         if run_dir.name.startswith("step-") or run_dir.name == "checkpoints":
             run_dir = run_dir.parent if run_dir.name == "checkpoints" else run_dir.parent.parent
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not cfg.resume and (run_dir / "metrics.jsonl").exists():
-        (run_dir / "metrics.jsonl").unlink()
+    for name in ("metrics.jsonl", "diagnostics.jsonl"):
+        if not cfg.resume and (run_dir / name).exists():
+            (run_dir / name).unlink()
     config = {"flags": cfg.to_dict(), "mpiqsgd": __version__, "world_size": world_size,
               "simulated": bool(simulate), "machine": machine_info()}
     atomic_write_bytes(run_dir / "config.json", json.dumps(config, indent=1).encode())
