@@ -8,7 +8,17 @@ fp16       half-precision cast                         2 n
 qsgd       QSGD, L2 norm per bucket                    4 ceil(n/d) + ceil(n b / 8)
 qsgd-inf   QSGD, max norm per bucket                   4 ceil(n/d) + ceil(n b / 8)
 sign       scaled sign, L1 scale per bucket            4 ceil(n/d) + ceil(n / 8)
+nuqsgd     signed NUQ levels +-0.5^j, L2 norm          4 ceil(n/d) + ceil(n b / 8)
+terngrad   levels {-1, 0, 1}, max norm (b = 2)         4 ceil(n/d) + ceil(n / 4)
+alq        ALQ levels fitted to a mixture model        4 ceil(n/d) + ceil(n b / 8)
+alq-n      ALQ levels fitted to one pooled model       4 ceil(n/d) + ceil(n b / 8)
+amq        levels +-p^j, p fitted to a mixture model   4 ceil(n/d) + ceil(n b / 8)
+amq-n      levels +-p^j, p fitted to a pooled model    4 ceil(n/d) + ceil(n b / 8)
 =========  ==========================================  ==============================
+
+The level-set codecs (:mod:`mpiqsgd.codecs.levelset`) share the wire name ``levelset``;
+their headers carry the float32 level table (4 K bytes), so adaptive codecs' messages
+name the table they were encoded with.
 
 Every message adds a 13-byte prefix and a msgpack header of a few dozen bytes
 (:mod:`mpiqsgd.wire`). ``make_codec(name, ...)`` builds one by name;
@@ -22,6 +32,7 @@ from .. import wire
 from .base import Codec, make_generator
 from .feedback import ErrorFeedback
 from .fp import FP16, FP32
+from .levelset import AdaptiveLevelSet, LevelSet
 from .qsgd import QSGD
 from .sign import Sign
 
@@ -30,7 +41,7 @@ __all__ = [
 ]
 
 # Wire name -> class: how a header's "codec" field is resolved.
-WIRE_CODECS = {cls.name: cls for cls in (FP32, FP16, QSGD, Sign)}
+WIRE_CODECS = {cls.name: cls for cls in (FP32, FP16, QSGD, Sign, LevelSet)}
 
 # User-facing name -> (class, fixed parameters).
 CODECS = {
@@ -39,6 +50,12 @@ CODECS = {
     "qsgd": (QSGD, {"norm": "l2"}),
     "qsgd-inf": (QSGD, {"norm": "max"}),
     "sign": (Sign, {}),
+    "nuqsgd": (LevelSet, {"method": "nuq"}),
+    "terngrad": (LevelSet, {"method": "terngrad", "norm": "max"}),
+    "alq": (AdaptiveLevelSet, {"method": "alq"}),
+    "alq-n": (AdaptiveLevelSet, {"method": "alq-n"}),
+    "amq": (AdaptiveLevelSet, {"method": "amq"}),
+    "amq-n": (AdaptiveLevelSet, {"method": "amq-n"}),
 }
 
 

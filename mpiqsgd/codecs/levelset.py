@@ -1,0 +1,373 @@
+"""Level-set codecs: NUQSGD, TernGrad, ALQ, ALQ-N, AMQ, AMQ-N (and QSGD's levels) on one wire format.
+
+A level set is a float32 table of ``K`` levels ``-1 = L_0 < L_1 < ... < L_{K-1} = 1`` on
+normalized coordinates ``r = v_i / N(v)``, with ``N`` the L2 norm (``norm="l2"``) or the
+max norm (``"max"``) of the coordinate's bucket. Each coordinate is rounded to one of
+its two neighbouring levels, up with probability ``(r - L_j) / (L_{j+1} - L_j)``
+(unbiased: ``E[N(v) L_code] = v_i``, variance ``N(v)^2 (r - L_j)(L_{j+1} - r)``). The
+receiver decodes ``N(v) * L[code]``. Kernels: :mod:`mpiqsgd.codecs.levelset_kernels`.
+
+Level sets (``b`` bits per coordinate, ``K = 2^b`` unless stated):
+
+=========  ===============================================================  ==========
+method     levels                                                           norm
+=========  ===============================================================  ==========
+nuq        ``+-0.5^j``, ``j = 0..K/2-1``: the signed NUQSGD of the ALQ         l2
+           paper ("NUQ, p = 0.5"); no zero level, so ``r`` between
+           ``-0.5^(K/2-1)`` and ``+0.5^(K/2-1)`` rounds to one of those two
+terngrad   ``{-1, 0, 1}``, ``K = 3`` with ``b = 2`` (code 3 is invalid)        max
+uniform    ``K`` evenly spaced levels from -1 to 1                          l2
+qsgd       ``l / s``, ``l = -s..s``, ``s = 2^(b-1) - 1`` (``K = 2^b - 1``):      l2
+           the same distribution as the ``qsgd`` codec
+alq        fitted by ALQ to a norm-weighted mixture of per-bucket            l2
+           truncated normals (:mod:`mpiqsgd.codecs.adapt`)
+alq-n      fitted by ALQ to one pooled truncated normal                     l2
+amq        ``+-p^j``, ``j = 0..K/2-1``, ``p`` fitted by AMQ to the mixture     l2
+amq-n      the same, fitted to the pooled truncated normal                  l2
+=========  ===============================================================  ==========
+
+Adaptive codecs (:class:`AdaptiveLevelSet`) start from the ``nuq`` levels and change
+their table in :meth:`AdaptiveLevelSet.fit`. Message pattern: none of its own; the
+trainer gathers :func:`~mpiqsgd.codecs.adapt.local_stats` of every rank, merges them
+with :func:`~mpiqsgd.codecs.adapt.merge_stats` in rank order and calls ``fit`` on every
+rank (or fits on one and broadcasts :attr:`LevelSet.levels_bytes`).
+
+Wire format (payload after the frame of :mod:`mpiqsgd.wire`)::
+
+    n_buckets float32 norms, n_buckets = ceil(numel / bucket)
+    numel codes of `bits` bits, densely packed (mpiqsgd.codecs.bits): code = level index 0..K-1
+
+Payload bytes: ``4 * ceil(numel / bucket) + ceil(numel * bits / 8)``; with the defaults
+(3 bits, bucket 8192) about 0.3755 bytes per coordinate. The header carries the params
+``{"bits", "bucket", "norm", "method", "levels"}``, ``levels`` being the ``4 K`` bytes of
+the float32 little-endian table (32 bytes at 3 bits, 1 KiB at 8; the whole header is 111
+bytes at 3 bits, 1104 at 8), so every message names the table it was encoded with;
+decoding it with another table is a :class:`DecodeError`.
+The last bucket may be short; its norm covers only its own coordinates.
+"""
+
+import zlib
+
+import numpy as np
+import torch
+
+from .. import wire
+from ..errors import ConfigError, DecodeError
+from . import adapt
+from . import bits as bitpack
+from . import kernels
+from .base import Codec, check_choice, check_int
+from .levelset_kernels import levelset_decode, levelset_encode, search_table
+from .qsgd import bucket_norms, finite_scales
+
+__all__ = ["LevelSet", "AdaptiveLevelSet", "METHODS", "ADAPTIVE", "named_levels", "table_id",
+           "expected_variance", "normalized_variance"]
+
+# method -> (default bits, norm it requires or None, kind of statistics for adaptive ones)
+METHODS = {
+    "nuq": (3, None, None),
+    "terngrad": (2, "max", None),
+    "uniform": (3, None, None),
+    "qsgd": (3, None, None),
+    "alq": (3, None, "mixture"),
+    "alq-n": (3, None, "pooled"),
+    "amq": (3, None, "mixture"),
+    "amq-n": (3, None, "pooled"),
+}
+ADAPTIVE = tuple(m for m, spec in METHODS.items() if spec[2] is not None)
+NORMS = ("l2", "max")
+
+
+def named_levels(method, bits):
+    """The float32 table of a fixed method, or the starting table of an adaptive one."""
+    if method == "terngrad":
+        if bits != 2:
+            raise ConfigError(f"terngrad: levels {{-1, 0, 1}} take bits=2; got bits={bits}")
+        return adapt.to_table(adapt.terngrad_levels())
+    if method == "uniform":
+        return adapt.to_table(adapt.uniform_levels(bits))
+    if method == "qsgd":
+        if bits < 2:
+            raise ConfigError("qsgd levels need bits >= 2")
+        return adapt.to_table(adapt.qsgd_levels(bits))
+    return adapt.to_table(adapt.nuq_levels(bits))  # nuq and the adaptive methods' start
+
+
+def table_id(levels_bytes):
+    """Short id of a level table (CRC-32, 8 hex digits) for messages and logs."""
+    return f"{zlib.crc32(levels_bytes):08x}"
+
+
+def _parse_levels(codec, levels):
+    if isinstance(levels, (bytes, bytearray, memoryview)):
+        raw = bytes(levels)
+        if len(raw) % 4 or not 8 <= len(raw) <= 1024:
+            raise ConfigError(f"{codec}: levels must be 2..256 float32 values (8..1024 bytes); got {len(raw)} bytes")
+        table = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    else:
+        try:
+            table = np.asarray(levels, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{codec}: levels must be float32 bytes or a sequence of numbers; got {levels!r:.100}") \
+                from None
+        if table.ndim != 1 or not 2 <= table.size <= 256:
+            raise ConfigError(f"{codec}: levels must be a list of 2..256 numbers; got {levels!r:.100}")
+        table = table.astype(np.float32)
+    if not (np.all(np.isfinite(table)) and table[0] == -1.0 and table[-1] == 1.0 and np.all(np.diff(table) > 0)):
+        raise ConfigError(f"{codec}: levels must be strictly increasing from exactly -1 to exactly 1; "
+                          f"got {np.round(table[:16], 6).tolist()}{' ...' if table.size > 16 else ''}")
+    return table
+
+
+class LevelSet(Codec):
+    """Stochastic rounding to a level set (see the module docstring for the methods).
+
+    Args:
+        bits: bits per coordinate on the wire, 1..8 (default 3; terngrad 2). ``K <= 2^bits``.
+        bucket: coordinates per bucket, each with its own fp32 norm. Default 8192.
+        norm: ``"l2"`` (default) or ``"max"`` (terngrad: only ``"max"``).
+        method: one of :data:`METHODS`.
+        levels: float32 little-endian bytes (or a sequence) of the table; default the
+            method's own (for adaptive methods: its starting table). Fixed methods accept
+            only their own table.
+        clip_sigma: clip each coordinate to ``+-clip_sigma * std`` of its bucket before
+            quantizing (TernGrad uses 2.5); biased; encoder-side only, not in the header.
+    """
+
+    name = "levelset"
+    stochastic = True
+
+    def __init__(self, bits=None, bucket=8192, norm=None, method="nuq", levels=None, clip_sigma=None):
+        self.method = check_choice(self.name, "method", method, tuple(METHODS))
+        default_bits, fixed_norm, _ = METHODS[method]
+        self.bits = check_int(method, "bits", default_bits if bits is None else bits, 1, 8)
+        self.bucket = check_int(method, "bucket", bucket, 1, 2**30)
+        if norm is None:
+            norm = fixed_norm or "l2"
+        self.norm = check_choice(method, "norm", norm, NORMS)
+        if fixed_norm is not None and norm != fixed_norm:
+            raise ConfigError(f"{method}: norm must be {fixed_norm!r}; got {norm!r}")
+        if clip_sigma is not None and (isinstance(clip_sigma, bool) or not isinstance(clip_sigma, (int, float))
+                                       or not 0 < clip_sigma < float("inf")):
+            raise ConfigError(f"{method}: clip_sigma must be a positive number or None; got {clip_sigma!r}")
+        self.clip_sigma = None if clip_sigma is None else float(clip_sigma)
+        own = named_levels(method, self.bits)
+        table = own if levels is None else _parse_levels(method, levels)
+        if method not in ADAPTIVE and levels is not None and not np.array_equal(table, own):
+            raise ConfigError(f"{method}: levels must be the method's own {own.tolist()}; got {table.tolist()}")
+        self._set_table(table)
+        self.force_torch = False  # tests: run the torch kernels on the CPU too
+
+    def _set_table(self, table):
+        if table.size > 2**self.bits:
+            raise ConfigError(f"{self.method}: {table.size} levels do not fit in bits={self.bits}")
+        if self.method in ADAPTIVE and table.size != 2**self.bits:
+            raise ConfigError(f"{self.method}: needs exactly 2^bits = {2**self.bits} levels; got {table.size}")
+        self.table = np.ascontiguousarray(table, dtype=np.float32)
+        self.levels_bytes = self.table.astype("<f4").tobytes()
+        self._levels_t = torch.from_numpy(self.table.copy())
+        self._search = search_table(self.table)
+
+    @property
+    def levels(self):
+        """The level table as float64 values (a copy)."""
+        return self.table.astype(np.float64)
+
+    @property
+    def params(self):
+        return {"bits": self.bits, "bucket": self.bucket, "norm": self.norm, "method": self.method,
+                "levels": self.levels_bytes}
+
+    def __repr__(self):
+        shown = ", ".join(f"{v:.4g}" for v in self.table[:8]) + (", ..." if self.table.size > 8 else "")
+        return (f"{type(self).__name__}(method={self.method!r}, bits={self.bits}, bucket={self.bucket}, "
+                f"norm={self.norm!r}, levels=[{shown}] #{table_id(self.levels_bytes)})")
+
+    def payload_nbytes(self, numel):
+        return 4 * (-(-numel // self.bucket)) + bitpack.packed_nbytes(numel, self.bits)
+
+    def _levels_on(self, device):
+        return self._levels_t if torch.device(device).type == "cpu" else self._levels_t.to(device)
+
+    def _clip(self, x):
+        n = x.numel()
+        full = n // self.bucket
+        parts = [x[: full * self.bucket].view(full, self.bucket)]
+        if full * self.bucket < n:
+            parts.append(x[full * self.bucket:].view(1, -1))
+        out = []
+        for v in parts:
+            if v.numel() == 0:
+                continue
+            bound = self.clip_sigma * v.std(dim=1, correction=0, keepdim=True)
+            out.append(torch.maximum(torch.minimum(v, bound), -bound).reshape(-1))
+        return torch.cat(out)
+
+    def _quantize(self, x, rng, want_decoded):
+        if self.clip_sigma is not None:
+            x = self._clip(x)
+        norms = safe_norms(x, self.bucket, self.norm)
+        packed, decoded = levelset_encode(x, norms, self._levels_on(x.device), self.bucket, self.bits,
+                                          kernels.draw_seed(rng), want_decoded, self.force_torch, self._search)
+        return torch.cat([norms.view(torch.uint8), packed]), decoded
+
+    def _dequantize(self, payload, numel):
+        n_buckets = -(-numel // self.bucket)
+        norms = finite_scales(payload, n_buckets, self.method)
+        values, bad = levelset_decode(payload[4 * n_buckets:], norms, self._levels_on(payload.device),
+                                      self.bucket, self.bits, numel, self.force_torch)
+        if bad:
+            raise DecodeError(f"{self.method}: {bad} level code(s) >= K={self.table.size} in payload")
+        return values
+
+    def decode(self, message, device="cpu"):
+        """Decode a message encoded with the same parameters and the same level table.
+
+        Raises:
+            DecodeError: invalid bytes, other parameters, or another level table (e.g.
+                a message encoded before the last :meth:`AdaptiveLevelSet.fit`).
+        """
+        header, payload = wire.unframe(message)
+        params = header["params"]
+        if header["codec"] == self.name and params != self.params:
+            same_rest = {k: v for k, v in params.items() if k != "levels"} == \
+                {k: v for k, v in self.params.items() if k != "levels"}
+            theirs = params.get("levels")
+            if same_rest and isinstance(theirs, bytes):
+                raise DecodeError(
+                    f"{self.method}: message was encoded with level table #{table_id(theirs)} "
+                    f"{_describe(theirs)}, but this codec holds table #{table_id(self.levels_bytes)} "
+                    f"{_describe(self.levels_bytes)}; the levels changed (fit or load) between "
+                    "encoding and decoding")
+        return super().decode(message, device)
+
+
+def _describe(levels_bytes):
+    t = np.frombuffer(levels_bytes[: 4 * 256], dtype="<f4")
+    shown = ", ".join(f"{v:.4g}" for v in t[:8])
+    return f"[{shown}{', ...' if t.size > 8 else ''}]"
+
+
+def safe_norms(x, bucket, norm):
+    """Float32 bucket norms as :func:`~mpiqsgd.codecs.qsgd.bucket_norms`, recomputed with
+    scaling where the L2 norm overflows float32 (finite gradients give finite norms)."""
+    norms = bucket_norms(x, bucket, norm)
+    if norm == "l2" and not bool(torch.isfinite(norms).all()):
+        big = bucket_norms(x.double(), bucket, norm)
+        norms = big.clamp(max=torch.finfo(torch.float32).max).to(torch.float32)
+    return norms
+
+
+class AdaptiveLevelSet(LevelSet):
+    """A level set refitted to the gradients' statistics (ALQ, ALQ-N, AMQ, AMQ-N).
+
+    Args:
+        bits, bucket, norm, method, levels, clip_sigma: as :class:`LevelSet`; ``method`` is
+            one of :data:`ADAPTIVE`; ``levels`` is the starting table (default ``nuq``).
+        max_buckets: mixture statistics keep this many buckets of largest norm. Default 64.
+        weight_power: mixture component weight ``count * norm**weight_power``. Default 2.
+
+    Example::
+
+        codec = make_codec("alq", bits=3, bucket=8192)
+        stats = merge_stats(comm.allgather(codec.local_stats(flat_grad)))  # every rank, rank order
+        codec.fit(stats)  # same levels on every rank; older messages no longer decode
+    """
+
+    def __init__(self, bits=None, bucket=8192, norm=None, method="alq", levels=None, clip_sigma=None,
+                 max_buckets=64, weight_power=2.0):
+        if method not in ADAPTIVE:
+            raise ConfigError(f"adaptive level sets: method must be one of {', '.join(ADAPTIVE)}; got {method!r}")
+        super().__init__(bits=bits, bucket=bucket, norm=norm, method=method, levels=levels, clip_sigma=clip_sigma)
+        self.max_buckets = check_int(method, "max_buckets", max_buckets, 1, 1 << 20)
+        self.weight_power = float(weight_power)
+        self.stats = None  # the merged statistics of the last fit
+        self.p = 0.5 if method.startswith("amq") else None  # AMQ multiplier of the table
+        self.n_fits = 0
+        self.model_variance = None  # Psi of the table under the last fitted model
+
+    @property
+    def stats_kind(self):
+        """``"mixture"`` (alq, amq) or ``"pooled"`` (alq-n, amq-n)."""
+        return METHODS[self.method][2]
+
+    def local_stats(self, flat):
+        """This rank's sufficient statistics of ``flat`` for this codec (a dict)."""
+        return adapt.local_stats(flat, self.bucket, self.stats_kind, self.norm, self.max_buckets)
+
+    def fit(self, stats):
+        """Refit the level table to merged statistics; a pure function of ``stats``.
+
+        Args:
+            stats: a statistics dict (from :func:`~mpiqsgd.codecs.adapt.merge_stats`) or its bytes.
+
+        Returns:
+            The new float32 table (also the codec's; ``params["levels"]`` changes with it).
+        """
+        if isinstance(stats, (bytes, bytearray, memoryview)):
+            stats = adapt.stats_from_bytes(stats)
+        if stats["kind"] != self.stats_kind or stats["norm"] != self.norm or stats["bucket"] != self.bucket:
+            raise ConfigError(
+                f"{self.method}: needs {self.stats_kind} statistics with norm={self.norm} and bucket={self.bucket}; "
+                f"got {stats['kind']} with norm={stats['norm']} and bucket={stats['bucket']}")
+        density = adapt.density_from_stats(stats, self.weight_power)
+        if self.method.startswith("alq"):
+            table, value = adapt.fit_alq(density, self.bits)
+        else:
+            table, self.p, value = adapt.fit_amq(density, self.bits)
+        self._set_table(table)
+        self.stats = stats
+        self.model_variance = value
+        self.n_fits += 1
+        return self.table.copy()
+
+    def set_levels(self, levels):
+        """Install a table (bytes or sequence), e.g. one fitted and broadcast by another rank."""
+        self._set_table(_parse_levels(self.method, levels))
+
+    def state_dict(self):
+        """Level table, last statistics and fit count (msgpack-friendly values) for checkpoints."""
+        return {"method": self.method, "bits": self.bits, "bucket": self.bucket, "norm": self.norm,
+                "levels": self.levels_bytes, "p": self.p, "n_fits": self.n_fits,
+                "model_variance": self.model_variance,
+                "stats": None if self.stats is None else adapt.stats_to_bytes(self.stats)}
+
+    def load_state_dict(self, state, device="cpu"):
+        """Restore :meth:`state_dict` (``device`` is accepted for symmetry with other codec state)."""
+        for key in ("method", "bits", "bucket", "norm"):
+            if state[key] != getattr(self, key):
+                raise ConfigError(f"{self.method}: checkpoint has {key}={state[key]!r}, "
+                                  f"this codec {getattr(self, key)!r}")
+        self.set_levels(state["levels"])
+        self.p = state.get("p")
+        self.n_fits = int(state.get("n_fits", 0))
+        self.model_variance = state.get("model_variance")
+        self.stats = None if state.get("stats") is None else adapt.stats_from_bytes(state["stats"])
+
+
+def _codes_and_r(levels, flat, bucket, norm):
+    """The float32 normalized coordinates the kernels see, their interval index, and the norms."""
+    x = flat.detach().reshape(-1).to(torch.float32)
+    norms = safe_norms(x, bucket, norm)
+    scale = norms.repeat_interleave(bucket)[: x.numel()]
+    r = torch.where(scale > 0, x / scale, torch.zeros((), dtype=x.dtype, device=x.device)).clamp_(-1.0, 1.0)
+    L = torch.as_tensor(np.asarray(levels, dtype=np.float32), device=x.device)
+    j = (torch.searchsorted(L, r, right=True) - 1).clamp_(0, L.numel() - 2)
+    return x, r, j, L, scale
+
+
+def expected_variance(levels, flat, bucket, norm="l2"):
+    """Exact ``E||Q(x) - x||^2`` of stochastic rounding of ``flat`` to ``levels`` (float64 sum).
+
+    ``sum_i norm_b(i)^2 (r_i - L_j)(L_{j+1} - r_i)`` with ``r_i`` the float32 normalized
+    coordinate as the encoder computes it. ``levels`` is any valid table (array-like).
+    """
+    x, r, j, L, scale = _codes_and_r(levels, flat, bucket, norm)
+    r, L, scale = r.double(), L.double(), scale.double()
+    return float((scale.pow(2) * (r - L[j]) * (L[j + 1] - r)).sum())
+
+
+def normalized_variance(levels, flat, bucket, norm="l2"):
+    """:func:`expected_variance` divided by ``||flat||^2`` (0 for a zero vector)."""
+    total = float(flat.detach().reshape(-1).double().pow(2).sum())
+    return expected_variance(levels, flat, bucket, norm) / total if total > 0 else 0.0
