@@ -27,17 +27,19 @@ def add_codec_args(p):
     """Flags that choose and configure a codec."""
     g = p.add_argument_group("codec")
     g.add_argument("--codec", default="qsgd", choices=list(CODECS), help="gradient codec (default qsgd)")
-    g.add_argument("--bits", type=int, help="bits per coordinate on the wire, sign included (qsgd default 4)")
+    g.add_argument("--bits", type=int, help="bits per coordinate on the wire (qsgd: sign included, default 4; "
+                                            "level sets: default 3)")
     g.add_argument("--levels", type=int, help="qsgd: number of magnitude levels s (sets bits)")
-    g.add_argument("--bucket", type=int, help="coordinates per bucket/norm (default 512)")
+    g.add_argument("--bucket", type=int, help="coordinates per bucket/norm (default 512; level sets 8192)")
     g.add_argument("--rounding", choices=["stochastic", "nearest"], help="qsgd rounding (default stochastic)")
+    g.add_argument("--clip-sigma", type=float, help="terngrad: clip each bucket at this many standard deviations")
     g.add_argument("--error-feedback", action="store_true", help="wrap the codec with error feedback")
 
 
 def codec_from_args(args):
     """Build the codec the flags describe."""
     return make_codec(args.codec, error_feedback=args.error_feedback, bits=args.bits,
-                      levels=args.levels, bucket=args.bucket, rounding=args.rounding)
+                      levels=args.levels, bucket=args.bucket, rounding=args.rounding, clip_sigma=args.clip_sigma)
 
 
 def add_topology_args(p):

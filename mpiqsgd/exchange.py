@@ -32,7 +32,7 @@ import io
 import torch
 
 from .codecs.fp import FP32
-from .errors import ConfigError
+from .errors import ConfigError, NonFiniteError
 from .topology import make_aggregator
 
 __all__ = ["GradientExchange", "DistributedOptimizer", "broadcast_parameters", "parameter_checksum"]
@@ -108,6 +108,8 @@ class GradientExchange:
 
         meter = self.transport.meter
         meter.step = step
+        if not bool(torch.isfinite(flat).all()):
+            raise NonFiniteError(f"gradient holds NaN/Inf at step {step}; not refitting levels to it")
         with meter.time("adapt"):
             local = adapt.stats_to_bytes(self.adaptive.local_stats(flat))
             gathered = self.transport.allgather_bytes(local, phase="adapt")

@@ -352,3 +352,13 @@ def test_counter_based_uniforms_are_uniform():
     assert abs(float(u.var()) - 1 / 12) < 0.002
     assert abs(float(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1])) < 0.01
     assert not torch.equal(uniform(124, 1000), uniform(123, 1000))
+
+
+def test_error_feedback_state_includes_the_inner_codec_state():
+    ef = make_codec("alq-n", bits=3, bucket=64, error_feedback=True)
+    from mpiqsgd.codecs import adapt
+    ef.inner.fit(adapt.local_stats(vec(640), 64, "pooled"))
+    ef.encode(vec(640), make_generator(0))
+    other = make_codec("alq-n", bits=3, bucket=64, error_feedback=True)
+    other.load_state_dict(ef.state_dict())
+    assert other.params == ef.params and torch.equal(other.residuals["grad"], ef.residuals["grad"])

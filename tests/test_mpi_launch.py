@@ -31,6 +31,14 @@ def test_topologies_under_mpiexec(n):
     assert " failed" not in out
 
 
+@pytest.mark.parametrize("n", [2, 3])
+def test_adaptive_levels_under_mpiexec(n):
+    proc = launch(n, "-m", "mpi4py", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", "tests/mpi/mpi_adapt.py")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert " failed" not in out and out.count(" passed") >= n
+
+
 @pytest.mark.parametrize("kind,message", [("error", "mpiqsgd: error: deliberate failure on rank 1"),
                                           ("crash", "RuntimeError: deliberate crash on rank 1")])
 def test_failure_on_one_rank_aborts_the_job(kind, message):

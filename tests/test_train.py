@@ -222,3 +222,37 @@ def test_distributed_optimizer_keeps_replicas_identical_and_warmup_is_uncompress
     assert sent[0] == sent[1] > 4 * sent[2] and sent[2] == sent[3]  # fp32 warm-up, then 2-bit
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         assert torch.equal(a, b)
+
+
+# -- adaptive codecs in training ------------------------------------------------------------
+
+def test_adaptive_codec_trains_refits_and_logs_diagnostics(tmp_path):
+    summary, d = run(tmp_path, simulate=2, codec="alq", bits=3, bucket=1024, adapt_at="0,10", adapt_every=20,
+                     diag_every=8)
+    steps = summary["steps"]
+    cost = summary["adaptation"]
+    assert cost["updates"] == len({0, 10} | set(range(20, steps, 20)))
+    assert cost["seconds_per_update"] > 0 and cost["bytes_per_update_per_rank"] > 0
+    assert cost["levels"] != [-1, -0.5, -0.25, -0.125, 0.125, 0.25, 0.5, 1]  # moved from the NUQ start
+    comm = json.loads((d / "comm.json").read_text())
+    assert comm["by_phase"]["adapt"]["messages"] == 2 * cost["updates"]  # each rank to the other
+    diag = [json.loads(line) for line in (d / "diagnostics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in diag] == list(range(0, steps, 8))
+    assert all(x["quant_variance"] > 0 and 0 < x["coord_std"] < 1 for x in diag)
+    # refitted levels quantize the drifting gradients better than the NUQ start of step 0
+    assert min(x["quant_variance"] for x in diag[1:]) < diag[0]["quant_variance"]
+
+
+def test_resume_restores_adaptive_levels(tmp_path):
+    flags = dict(simulate=2, codec="amq-n", bits=3, bucket=512, adapt_at="0,5",
+                 adapt_every=12, checkpoint_every=1000, diag_every=0)
+    full, _ = run(tmp_path, "full", **flags)
+    run(tmp_path, "part", max_steps=15, **flags)
+    resumed, _ = run(tmp_path, "part", resume=str(tmp_path / "part"), **flags)
+    assert same_state(final_model(tmp_path / "full"), final_model(tmp_path / "part"))
+    assert resumed["adaptation"]["levels"] == full["adaptation"]["levels"]
+
+
+def test_divergence_is_a_clear_error(tmp_path):
+    with pytest.raises(MpiqsgdError, match="training diverged at step"):
+        run(tmp_path, simulate=2, lr=1e6, lr_schedule="constant")

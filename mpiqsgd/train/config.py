@@ -46,10 +46,14 @@ class TrainConfig:
 
     # communication
     codec: str = knob("qsgd", "gradient codec", list(CODECS), "communication")
-    bits: Optional[int] = knob(None, "bits per coordinate on the wire (qsgd default 4)", group="communication")
+    bits: Optional[int] = knob(None, "bits per coordinate on the wire (qsgd default 4, level sets 3)",
+                               group="communication")
     levels: Optional[int] = knob(None, "qsgd: number of magnitude levels s", group="communication")
-    bucket: Optional[int] = knob(None, "coordinates per bucket norm (default 512)", group="communication")
+    bucket: Optional[int] = knob(None, "coordinates per bucket norm (qsgd/sign 512, level sets 8192)",
+                                 group="communication")
     rounding: Optional[str] = knob(None, "stochastic (default) or nearest", ["stochastic", "nearest"], "communication")
+    clip_sigma: Optional[float] = knob(None, "terngrad: clip buckets at this many standard deviations",
+                                       group="communication")
     error_feedback: bool = knob(False, "error feedback around the codec", group="communication")
     topology: str = knob("ring", "gradient aggregation", list(TOPOLOGIES), "communication")
     downlink: Optional[str] = knob(None, "ps: fp32 (default) or codec", ["fp32", "codec"], "communication")

@@ -154,7 +154,7 @@ def run_worker(cfg, transport, shared):
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                 weight_decay=cfg.weight_decay)
     codec = make_codec(cfg.codec, error_feedback=cfg.error_feedback, bits=cfg.bits, levels=cfg.levels,
-                       bucket=cfg.bucket, rounding=cfg.rounding)
+                       bucket=cfg.bucket, rounding=cfg.rounding, clip_sigma=cfg.clip_sigma)
     options = {"downlink": cfg.downlink, "server_error_feedback": cfg.server_error_feedback or None,
                "dedicated": cfg.dedicated_server or None} if cfg.topology == "ps" else {}
     exchange = GradientExchange(model.parameters(), transport, codec, cfg.topology, seed=cfg.seed,
@@ -258,7 +258,12 @@ def run_worker(cfg, transport, shared):
                     x = D.augment(D.to_tensor(images.index_select(0, sel), device=device), aug)
                     loss = torch.nn.functional.cross_entropy(model(x), labels.index_select(0, sel))
                     loss.backward()
-                st["loss_sum"] += float(loss.detach())
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise MpiqsgdError(
+                        f"training diverged at step {step} on rank {rank}: loss is {value}; lower --lr, or "
+                        "check --error-feedback (it needs a contractive codec: nearest rounding, sign, more bits)")
+                st["loss_sum"] += value
                 st["loss_count"] += 1
             if is_root and computes and cfg.diag_every and step % cfg.diag_every == 0:
                 with open(run_dir / "diagnostics.jsonl", "a") as f:
