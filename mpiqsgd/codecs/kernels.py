@@ -102,6 +102,24 @@ if HAVE_NUMBA:
         return np.float32(z >> np.uint64(40)) * np.float32(1.0 / 16777216.0)
 
     @numba.njit(inline="always")
+    def _store_word(out, g, bits, word):
+        """Write group ``g``'s packed word: its first ``bits`` bytes, cut at the end of ``out``."""
+        base = g * bits
+        for j in range(bits):
+            if base + j < out.size:
+                out[base + j] = np.uint8((word >> np.uint64(8 * j)) & np.uint64(255))
+
+    @numba.njit(inline="always")
+    def _load_word(packed, g, bits):
+        """Read group ``g``'s packed word (missing bytes past the end read as zero)."""
+        word = np.uint64(0)
+        base = g * bits
+        for j in range(bits):
+            if base + j < packed.size:
+                word |= np.uint64(packed[base + j]) << np.uint64(8 * j)
+        return word
+
+    @numba.njit(inline="always")
     def _encode_group(g, x, scale, unit, bucket, bits, top, seed, stochastic, out, decoded, want_decoded):
         n = x.size
         word = np.uint64(0)
@@ -124,18 +142,11 @@ if HAVE_NUMBA:
             if want_decoded:
                 val = np.float32(level) * unit[b]
                 decoded[i] = -val if neg else val
-        base = g * bits
-        for j in range(bits):
-            if base + j < out.size:
-                out[base + j] = np.uint8((word >> np.uint64(8 * j)) & np.uint64(255))
+        _store_word(out, g, bits, word)
 
     @numba.njit(inline="always")
     def _decode_group(g, packed, unit, bucket, bits, levels, n, out):
-        word = np.uint64(0)
-        base = g * bits
-        for j in range(bits):
-            if base + j < packed.size:
-                word |= np.uint64(packed[base + j]) << np.uint64(8 * j)
+        word = _load_word(packed, g, bits)
         bad = 0
         for k in range(8):
             i = g * 8 + k

@@ -18,7 +18,7 @@ from .kernels import HAVE_NUMBA, PARALLEL_MIN_NUMEL, uniform
 if HAVE_NUMBA:
     import numba
 
-    from .kernels import _u
+    from .kernels import _load_word, _store_word, _u
 
 __all__ = ["levelset_encode", "levelset_decode", "search_table", "CELLS"]
 
@@ -90,18 +90,11 @@ if HAVE_NUMBA:
             word |= np.uint64(code) << np.uint64(k * bits)
             if want_decoded:
                 decoded[i] = scale * levels[code]
-        base = g * bits
-        for j in range(bits):
-            if base + j < out.size:
-                out[base + j] = np.uint8((word >> np.uint64(8 * j)) & np.uint64(255))
+        _store_word(out, g, bits, word)
 
     @numba.njit(inline="always")
     def _decode_group(g, packed, norms, levels, bucket, bits, n, out):
-        word = np.uint64(0)
-        base = g * bits
-        for j in range(bits):
-            if base + j < packed.size:
-                word |= np.uint64(packed[base + j]) << np.uint64(8 * j)
+        word = _load_word(packed, g, bits)
         K = levels.size
         bad = 0
         for k in range(8):
