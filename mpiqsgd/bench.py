@@ -42,6 +42,12 @@ def bench_codec(codec, numel, repeats=5, seed=0, device="cpu"):
     """
     x = torch.randn(numel, generator=torch.Generator().manual_seed(seed)).to(device)
     scratch = torch.empty_like(x)
+    adaptive = {}
+    inner = getattr(codec, "inner", codec)
+    if hasattr(inner, "fit"):  # adaptive: fit the levels to this vector first, and time it
+        t_stats, stats = _timed(lambda: inner.local_stats(x), device)
+        t_fit, _ = _timed(lambda: inner.fit(stats), device)
+        adaptive = {"stats_seconds": t_stats, "fit_seconds": t_fit, "levels": [float(v) for v in inner.levels]}
     fp32_bytes = 4 * numel
     enc_s, dec_s, copy_s, variances = [], [], [], []
     message = None
@@ -60,7 +66,8 @@ def bench_codec(codec, numel, repeats=5, seed=0, device="cpu"):
     return {
         "benchmark": "codec",
         "codec": repr(codec),
-        "params": dict(getattr(codec, "params", {})),
+        "params": {k: (np.frombuffer(v, "<f4").tolist() if isinstance(v, bytes) else v)
+                   for k, v in getattr(codec, "params", {}).items()},
         "numel": numel,
         "repeats": repeats,
         "encoded_bytes": len(message),
@@ -76,6 +83,7 @@ def bench_codec(codec, numel, repeats=5, seed=0, device="cpu"):
         "decode_vs_memcpy": copy / dec,
         "variance_ratio": float(np.mean(variances)),
         "variance_bound": getattr(codec, "variance_bound", lambda: None)(),
+        "adaptive": adaptive or None,
         "machine": machine_info(device),
     }
 

@@ -51,3 +51,13 @@ def test_unknown_codec_is_rejected_by_the_parser(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "codec", "--codec", "zip"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_bench_codec_adaptive_fits_first_and_is_json(capsys):
+    code, out, _ = run(capsys, "bench", "codec", "--codec", "alq-n", "--numel", "50000", "--repeats", "1",
+                       "--bucket", "1024", "--json")
+    assert code == 0
+    r = json.loads(out)
+    assert r["adaptive"]["fit_seconds"] > 0 and len(r["adaptive"]["levels"]) == 8
+    assert r["params"]["levels"] == pytest.approx(r["adaptive"]["levels"])
+    assert r["variance_ratio"] < 1  # fitted levels; NUQ's start would be far above 1 here
