@@ -8,7 +8,7 @@ import torch
 
 from . import __version__
 
-__all__ = ["machine_info", "default_device"]
+__all__ = ["machine_info", "default_device", "share_cpus"]
 
 
 def default_device(rank=0):
@@ -37,3 +37,21 @@ def machine_info(device="cpu"):
         info["mpi"] = mpi.Get_library_version().strip().splitlines()[0].strip()
         info["world_size"] = mpi.COMM_WORLD.Get_size()
     return info
+
+
+def share_cpus(local_ranks):
+    """Size the codec kernels' thread pool to this process's share of the node's cores.
+
+    ``local_ranks`` processes on one node each get ``cpu_count // local_ranks`` threads (at
+    least one): oversubscribed ranks that each spin up a full pool run several times slower.
+
+    Returns:
+        the number of threads chosen.
+    """
+    threads = max(1, (os.cpu_count() or 1) // max(1, local_ranks))
+    try:
+        import numba
+    except ImportError:  # pragma: no cover - numba is a declared dependency
+        return threads
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    return threads

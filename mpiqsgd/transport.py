@@ -75,6 +75,9 @@ class MPITransport(Transport):
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self.meter = Meter(self.rank) if meter is None else meter
+        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        self.local_size = node.Get_size()  # ranks of this communicator on this node
+        node.Free()
 
     def send(self, buf, dest, phase, fp32_bytes):
         """Blocking send of a framed message to ``dest``."""
@@ -258,8 +261,12 @@ class LocalTransport(Transport):
 
 
 def world():
-    """An :class:`MPITransport` on ``COMM_WORLD``."""
-    return MPITransport()
+    """An :class:`MPITransport` on ``COMM_WORLD``, with codec threads shared among the node's ranks."""
+    from .machine import share_cpus
+
+    transport = MPITransport()
+    share_cpus(transport.local_size)
+    return transport
 
 
 def mpi_library():

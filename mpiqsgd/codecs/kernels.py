@@ -13,6 +13,8 @@ Level codes are packed as in :mod:`mpiqsgd.codecs.bits`: groups of 8 codes form 
 little-endian word of ``bits`` bytes.
 """
 
+import threading
+
 import numpy as np
 import torch
 
@@ -191,6 +193,17 @@ if HAVE_NUMBA:
 PARALLEL_MIN_NUMEL = 1 << 18
 
 
+def parallel_ok(n):
+    """Use the threaded kernel for ``n`` coordinates?
+
+    Only for large buffers, and only from the main thread: simulated ranks are threads
+    that may encode at the same time, and numba's thread pool must not be entered by
+    several of them at once. Under MPI, :func:`mpiqsgd.machine.share_cpus` sizes the pool
+    so that ranks on one node do not oversubscribe its cores.
+    """
+    return n >= PARALLEL_MIN_NUMEL and threading.current_thread() is threading.main_thread()
+
+
 def _use_numba(device, force_torch):
     return HAVE_NUMBA and not force_torch and torch.device(device).type == "cpu"
 
@@ -217,7 +230,7 @@ def level_encode(x, scale, unit, bucket, bits, levels, seed, stochastic, want_de
     n = x.numel()
     out = np.empty((n * bits + 7) // 8, dtype=np.uint8)
     decoded = np.empty(n if want_decoded else 0, dtype=np.float32)
-    kernel = _encode_parallel if n >= PARALLEL_MIN_NUMEL else _encode_serial
+    kernel = _encode_parallel if parallel_ok(n) else _encode_serial
     kernel(x.numpy(), scale.numpy(), unit.numpy(), bucket, bits, levels, np.uint64(seed),
                   stochastic, out, decoded, want_decoded)
     return torch.from_numpy(out), (torch.from_numpy(decoded) if want_decoded else None)
@@ -228,6 +241,6 @@ def level_decode(packed, unit, bucket, bits, levels, n, force_torch=False):
     if not _use_numba(packed.device, force_torch):
         return _decode_torch(packed, unit, bucket, bits, levels, n)
     out = np.empty(n, dtype=np.float32)
-    kernel = _decode_parallel if n >= PARALLEL_MIN_NUMEL else _decode_serial
+    kernel = _decode_parallel if parallel_ok(n) else _decode_serial
     bad = kernel(packed.numpy(), unit.numpy(), bucket, bits, levels, n, out)
     return torch.from_numpy(out), int(bad)

@@ -13,7 +13,7 @@ implementations give the same bytes and values.
 import numpy as np
 import torch
 
-from .kernels import HAVE_NUMBA, PARALLEL_MIN_NUMEL, uniform
+from .kernels import HAVE_NUMBA, parallel_ok, uniform
 
 if HAVE_NUMBA:
     import numba
@@ -178,7 +178,7 @@ def levelset_encode(x, norms, levels, bucket, bits, seed, want_decoded, force_to
     n = x.numel()
     out = np.empty((n * bits + 7) // 8, dtype=np.uint8)
     decoded = np.empty(n if want_decoded else 0, dtype=np.float32)
-    kernel = _encode_parallel if n >= PARALLEL_MIN_NUMEL else _encode_serial
+    kernel = _encode_parallel if parallel_ok(n) else _encode_serial
     first, count = search_table(levels.numpy()) if table is None else table
     kernel(x.numpy(), norms.numpy(), levels.numpy(), first, count, bucket, bits, np.uint64(seed), out, decoded,
            want_decoded)
@@ -190,6 +190,6 @@ def levelset_decode(packed, norms, levels, bucket, bits, n, force_torch=False):
     if not _use_numba(packed.device, force_torch):
         return _decode_torch(packed, norms, levels, bucket, bits, n)
     out = np.empty(n, dtype=np.float32)
-    kernel = _decode_parallel if n >= PARALLEL_MIN_NUMEL else _decode_serial
+    kernel = _decode_parallel if parallel_ok(n) else _decode_serial
     bad = kernel(packed.numpy(), norms.numpy(), levels.numpy(), bucket, bits, n, out)
     return torch.from_numpy(out), int(bad)

@@ -1,0 +1,55 @@
+"""The in-process LocalGroup transport behind --simulate."""
+
+import numba
+import pytest
+import torch
+
+from mpiqsgd.codecs import make_codec
+from mpiqsgd.machine import share_cpus
+from mpiqsgd.topology import make_aggregator
+from mpiqsgd.transport import LocalGroup
+
+
+@pytest.mark.parametrize("topology", ["allreduce", "ps", "ring", "allgather"])
+def test_all_ranks_agree_and_bytes_match_the_formula(topology):
+    group = LocalGroup(3)
+    transports = group.transports()
+    grads = [torch.randn(300_000, generator=torch.Generator().manual_seed(r)) for r in range(3)]
+    codec = make_codec("fp32" if topology == "allreduce" else "qsgd")  # large: kernels run in threads
+    aggs = [make_aggregator(topology, t, codec, seed=2) for t in transports]
+    out = group.run(lambda t: aggs[t.rank].aggregate(grads[t.rank].clone(), 0), transports)
+    assert all(torch.equal(out[0], o) for o in out)
+    assert [t.meter.sent()["bytes"] for t in transports] == [aggs[0].sent_nbytes(300_000, r) for r in range(3)]
+    exact = torch.stack(grads).mean(0)
+    assert float((out[0] - exact).norm() / exact.norm()) < (1e-6 if topology == "allreduce" else 4)
+
+
+def test_failure_in_one_rank_releases_the_others():
+    group = LocalGroup(3)
+
+    def work(t):
+        if t.rank == 2:
+            raise ValueError("rank 2 broke")
+        if t.rank == 0:
+            t.recv(2, "never")
+        t.barrier()
+
+    with pytest.raises(ValueError, match="rank 2 broke"):
+        group.run(work, group.transports())
+
+
+def test_collectives():
+    group = LocalGroup(3)
+    out = group.run(lambda t: (t.allgather_bytes(bytes([t.rank])), t.bcast_bytes(b"x" * (t.rank + 1), root=1),
+                               t.allreduce_sum(torch.full((2,), float(t.rank)))), group.transports())
+    for gathered, bcast, total in out:
+        assert gathered == [b"\x00", b"\x01", b"\x02"] and bcast == b"xx" and torch.equal(total, torch.full((2,), 3.0))
+
+
+def test_share_cpus_divides_the_cores_among_local_ranks():
+    before = numba.get_num_threads()
+    try:
+        assert share_cpus(10**6) == 1 and numba.get_num_threads() == 1
+        assert share_cpus(1) >= 1
+    finally:
+        numba.set_num_threads(before)
