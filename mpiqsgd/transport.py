@@ -29,7 +29,7 @@ import torch
 from . import wire
 from .meter import Meter
 
-__all__ = ["Transport", "MPITransport", "LocalGroup", "LocalTransport", "world", "abort_if_parallel", "mpi_library"]
+__all__ = ["Transport", "MPITransport", "LocalGroup", "LocalTransport", "world", "abort_if_parallel"]
 
 
 def phase_tag(phase):
@@ -234,6 +234,7 @@ class LocalTransport(Transport):
         return self.recv(source, phase)
 
     def allreduce_sum(self, tensor, phase="allreduce"):
+        """Sum in rank order (MPI may associate differently: last-bit differences from a real job)."""
         n = self.size
         host = tensor.detach().to("cpu", torch.float32).contiguous().clone()
         if n > 1:
@@ -267,13 +268,6 @@ def world():
     transport = MPITransport()
     share_cpus(transport.local_size)
     return transport
-
-
-def mpi_library():
-    """One line naming the MPI library (imports mpi4py)."""
-    from mpi4py import MPI
-
-    return MPI.Get_library_version().strip().splitlines()[0].strip()
 
 
 def abort_if_parallel(message):

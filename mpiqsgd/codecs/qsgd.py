@@ -30,7 +30,7 @@ from . import bits as bitpack
 from . import kernels
 from .base import Codec, check_choice, check_int
 
-__all__ = ["QSGD", "bits_for_levels", "bucket_view", "bucket_norms", "finite_scales"]
+__all__ = ["QSGD", "bits_for_levels", "bucket_norms", "finite_scales"]
 
 ROUNDINGS = ("stochastic", "nearest")
 NORMS = ("l2", "max")
@@ -41,22 +41,17 @@ def bits_for_levels(levels):
     return 1 + math.ceil(math.log2(levels + 1))
 
 
-def bucket_view(x, bucket):
-    """``x`` zero-padded to whole buckets, viewed as (n_buckets, bucket)."""
-    n = x.numel()
-    n_buckets = -(-n // bucket)
-    if n_buckets * bucket != n:
-        x = torch.cat([x, x.new_zeros(n_buckets * bucket - n)])
-    return x.view(n_buckets, bucket)
-
-
 def bucket_norms(x, bucket, norm="l2"):
-    """Float32 L2 (``"l2"``) or max-abs (``"max"``) norm of each bucket; the last may be short."""
+    """Float32 norm of each bucket; the last bucket may be short.
+
+    ``norm``: ``"l2"``, ``"max"`` (max |x_i|) or ``"mean_abs"`` (||x||_1 / bucket length).
+    """
     full = x.numel() // bucket
     parts = [x[: full * bucket].view(full, bucket)]
     if full * bucket < x.numel():
         parts.append(x[full * bucket:].view(1, -1))
-    reduce = (lambda v: v.norm(dim=1)) if norm == "l2" else (lambda v: v.abs().amax(dim=1))
+    reduce = {"l2": lambda v: v.norm(dim=1), "max": lambda v: v.abs().amax(dim=1),
+              "mean_abs": lambda v: v.abs().mean(dim=1)}[norm]
     return torch.cat([reduce(v) for v in parts])
 
 

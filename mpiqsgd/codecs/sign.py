@@ -16,7 +16,7 @@ import torch
 
 from . import bits as bitpack
 from .base import Codec, check_int
-from .qsgd import bucket_view, finite_scales
+from .qsgd import bucket_norms, finite_scales
 
 __all__ = ["Sign"]
 
@@ -46,13 +46,10 @@ class Sign(Codec):
 
     def _quantize(self, x, rng, want_decoded):
         numel = x.numel()
-        v = bucket_view(x, self.bucket)
-        counts = torch.full((v.shape[0],), float(self.bucket), device=x.device)
-        counts[-1] = numel - (v.shape[0] - 1) * self.bucket if numel else 1.0
-        scales = v.abs().sum(dim=1) / counts
+        scales = bucket_norms(x, self.bucket, "mean_abs")
         negative = x < 0
         payload = torch.cat([scales.view(torch.uint8), bitpack.pack(negative.to(torch.uint8), 1)])
-        return payload, self._reconstruct(negative, scales, numel)
+        return payload, (self._reconstruct(negative, scales, numel) if want_decoded else None)
 
     def _dequantize(self, payload, numel):
         n_buckets = -(-numel // self.bucket)
