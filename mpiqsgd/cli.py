@@ -15,7 +15,7 @@ import sys
 import traceback
 
 from . import __version__
-from .codecs import CODECS, make_codec
+from .codecs import CODECS, codec_from_flags
 from .errors import MpiqsgdError
 from .topology import TOPOLOGIES
 from .transport import abort_if_parallel
@@ -38,8 +38,8 @@ def add_codec_args(p):
 
 def codec_from_args(args):
     """Build the codec the flags describe."""
-    return make_codec(args.codec, error_feedback=args.error_feedback, bits=args.bits,
-                      levels=args.levels, bucket=args.bucket, rounding=args.rounding, clip_sigma=args.clip_sigma)
+    return codec_from_flags(args.codec, args.bits, args.levels, args.bucket, args.rounding, args.clip_sigma,
+                            args.error_feedback)
 
 
 def add_topology_args(p):

@@ -212,5 +212,5 @@ class DistributedOptimizer:
 
     def load_state_dict(self, state):
         self.optimizer.load_state_dict(state["optimizer"])
-        self.exchange.load_state_dict(state["exchange"])
+        self.exchange.load_state_dict(state["exchange"], self.exchange.params[0].device)
         self.steps = state["steps"]

@@ -77,6 +77,7 @@ class MPITransport(Transport):
         self.meter = Meter(self.rank) if meter is None else meter
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         self.local_size = node.Get_size()  # ranks of this communicator on this node
+        self.local_rank = node.Get_rank()  # this rank's index among them (picks its GPU)
         node.Free()
 
     def send(self, buf, dest, phase, fp32_bytes):

@@ -36,7 +36,7 @@ def test_bench_codec_text_and_error_feedback(capsys):
 
 @pytest.mark.parametrize("argv,message", [
     (["--bits", "0"], "bits must be between 2 and 8"),
-    (["--codec", "fp32", "--bits", "4"], "takes no parameter bits"),
+    (["--codec", "fp32", "--bits", "4"], "--bits does not apply to --codec fp32"),
     (["--numel", "0"], "--numel must be at least 1"),
     (["--repeats", "0"], "--repeats must be at least 1"),
 ])

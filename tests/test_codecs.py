@@ -362,3 +362,13 @@ def test_error_feedback_state_includes_the_inner_codec_state():
     other = make_codec("alq-n", bits=3, bucket=64, error_feedback=True)
     other.load_state_dict(ef.state_dict())
     assert other.params == ef.params and torch.equal(other.residuals["grad"], ef.residuals["grad"])
+
+
+@pytest.mark.parametrize("name", ["qsgd", "qsgd-inf"])
+def test_subnormal_buckets_are_sent_as_zeros_consistently(name):
+    codec = make_codec(name, bucket=16)
+    x = torch.zeros(32)
+    x[0], x[5], x[20] = 1e-39, -1e-39, 1.0
+    message, decoded = codec.encode_decode(x, make_generator(0))
+    assert torch.equal(decoded, codec.decode(message))
+    assert torch.equal(decoded[:16], torch.zeros(16))

@@ -256,3 +256,28 @@ def test_resume_restores_adaptive_levels(tmp_path):
 def test_divergence_is_a_clear_error(tmp_path):
     with pytest.raises(MpiqsgdError, match="training diverged at step"):
         run(tmp_path, simulate=2, lr=1e6, lr_schedule="constant")
+
+
+def test_resume_refuses_changed_flags_and_drops_rows_after_the_checkpoint(tmp_path):
+    run(tmp_path, "a", simulate=2, checkpoint_every=10, eval_every=5, max_steps=22)
+    with pytest.raises(MpiqsgdError, match="written with --batch-size 32, this run has --batch-size 16"):
+        run(tmp_path, "a", simulate=2, resume=str(tmp_path / "a"), batch_size=16)
+    # as if the run had gone on past its last checkpoint (step 22) and crashed: rows to drop
+    with open(tmp_path / "a" / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 25, "stale": True}) + "\n")
+    run(tmp_path, "a", simulate=2, resume=str(tmp_path / "a"), checkpoint_every=10, eval_every=5)
+    assert "stale" not in (tmp_path / "a" / "metrics.jsonl").read_text()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 32
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(topology="ring", downlink="codec"), "--downlink only apply to --topology ps"),
+    (dict(codec="alq", levels=7), "--levels applies only to --codec qsgd"),
+    (dict(codec="sign", bits=2), "--bits does not apply to --codec sign"),
+    (dict(seed=-1), "--seed must be >= 0"),
+    (dict(nesterov=True, momentum=0.0), "--nesterov needs"),
+])
+def test_flag_combinations_that_cannot_work(tmp_path, kw, match):
+    with pytest.raises(ConfigError, match=match):
+        run(tmp_path, simulate=1, **kw)

@@ -37,7 +37,8 @@ from .qsgd import QSGD
 from .sign import Sign
 
 __all__ = [
-    "Codec", "ErrorFeedback", "CODECS", "WIRE_CODECS", "make_codec", "decode", "make_generator",
+    "Codec", "ErrorFeedback", "CODECS", "WIRE_CODECS", "make_codec", "codec_from_flags", "decode",
+    "make_generator",
 ]
 
 # Wire name -> class: how a header's "codec" field is resolved.
@@ -87,6 +88,26 @@ def make_codec(name, error_feedback=False, **params):
         )
     codec = cls(**fixed, **params)
     return ErrorFeedback(codec) if error_feedback else codec
+
+
+QSGD_ONLY = ("qsgd", "qsgd-inf")
+
+
+def codec_from_flags(codec, bits=None, levels=None, bucket=None, rounding=None, clip_sigma=None,
+                     error_feedback=False):
+    """The codec that command-line flags describe, with flag names in every error."""
+    if levels is not None and codec not in QSGD_ONLY:
+        raise ConfigError(f"--levels applies only to --codec qsgd or qsgd-inf (got --codec {codec})")
+    if rounding is not None and codec not in QSGD_ONLY:
+        raise ConfigError(f"--rounding applies only to --codec qsgd or qsgd-inf (got --codec {codec})")
+    if clip_sigma is not None and codec != "terngrad":
+        raise ConfigError(f"--clip-sigma applies only to --codec terngrad (got --codec {codec})")
+    if bits is not None and codec in ("fp32", "fp16", "sign"):
+        raise ConfigError(f"--bits does not apply to --codec {codec} (it has a fixed width)")
+    if bucket is not None and codec in ("fp32", "fp16"):
+        raise ConfigError(f"--bucket does not apply to --codec {codec}")
+    return make_codec(codec, error_feedback=error_feedback, bits=bits, levels=levels, bucket=bucket,
+                      rounding=rounding, clip_sigma=clip_sigma)
 
 
 def codec_for(header):

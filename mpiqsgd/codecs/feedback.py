@@ -57,7 +57,7 @@ class ErrorFeedback:
         """
         flat = x.detach().reshape(-1).to(torch.float32)
         e = self.residuals.get(key)
-        p = flat if e is None or e.shape != flat.shape or e.device != flat.device else flat + e
+        p = flat if e is None or e.shape != flat.shape else flat + e.to(flat.device)
         message, decoded = self.inner.encode_decode(p, rng)
         self.residuals[key] = p - decoded
         return message, decoded

@@ -119,7 +119,9 @@ class QSGD(Codec):
 
     def _quantize(self, x, rng, want_decoded):
         norms = bucket_norms(x, self.bucket, self.norm)
-        scale = torch.where(norms > 0, self.levels / norms, torch.zeros_like(norms))
+        scale = self.levels / norms
+        # A zero bucket, or one so small that levels / norm overflows, is sent as zeros.
+        scale = torch.where(torch.isfinite(scale), scale, torch.zeros_like(scale))
         seed = kernels.draw_seed(rng) if self.stochastic else 0
         packed, decoded = kernels.level_encode(
             x, scale, norms / self.levels, self.bucket, self.bits, self.levels, seed, self.stochastic,

@@ -26,7 +26,7 @@ class Allgather(Aggregator):
         meter.step = step
         n, r = t.size, t.rank
         with meter.time("encode"):
-            own, own_decoded = self.codec.encode_decode(flat, self._rng(flat, step), key="grad")
+            own, own_decoded = self.codec.encode_decode(flat, self._rng(step), key="grad")
         messages = {r: own}
         with meter.time("communicate"):
             for k in range(n - 1):

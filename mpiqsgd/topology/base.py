@@ -2,8 +2,9 @@
 
 An aggregator takes each rank's flat float32 gradient and returns the mean over
 ranks, bit-identical on every rank. Codec randomness comes from
-``make_generator(seed, rank, step)``, so a run is reproducible and a payload depends
-only on (gradient, seed, rank, step). Sums are taken in rank order by :func:`mean_of`
+``make_generator(seed, rank, step)`` (one generator per call, shared by all encodes of
+that call), so a run is reproducible and a payload depends only on (gradient, seed,
+rank, step). Sums are taken in rank order by :func:`mean_of`
 so that topologies that see the same payloads return the same bits.
 """
 
@@ -54,8 +55,12 @@ class Aggregator:
     def meter(self):
         return self.transport.meter
 
-    def _rng(self, flat, step):
-        return make_generator(self.seed, self.transport.rank, step, flat.device)
+    def _rng(self, step):
+        """This rank's codec generator for ``step``: one per aggregate call, shared by all its encodes
+        (separate generators with one seed would draw the same uniforms twice: correlated
+        rounding). On the CPU whatever the tensors' device: the kernels only need its seeds,
+        so CPU and GPU ranks produce the same bytes."""
+        return make_generator(self.seed, self.transport.rank, step)
 
     def _check(self, flat):
         if not isinstance(flat, torch.Tensor) or flat.dim() != 1 or flat.dtype != torch.float32:

@@ -69,7 +69,7 @@ class ParameterServer(Aggregator):
         if t.rank != self.root:
             self._check(flat)
             with meter.time("encode"):
-                message = self.codec.encode(flat, self._rng(flat, step), key="grad")
+                message = self.codec.encode(flat, self._rng(step), key="grad")
             with meter.time("communicate"):
                 t.send(message, self.root, "push", 4 * flat.numel())
                 reply = t.recv(self.root, "pull")
@@ -79,11 +79,12 @@ class ParameterServer(Aggregator):
 
     def _serve(self, flat, step):
         t, meter = self.transport, self.meter
+        rng = self._rng(step)
         decoded = {}
         if not self.dedicated:
             self._check(flat)
             with meter.time("encode"):
-                _, decoded[self.root] = self.codec.encode_decode(flat, self._rng(flat, step), key="grad")
+                _, decoded[self.root] = self.codec.encode_decode(flat, rng, key="grad")
         device = flat.device if flat is not None else "cpu"
         for src in self.workers:
             if src == self.root:
@@ -94,7 +95,7 @@ class ParameterServer(Aggregator):
                 decoded[src] = self.codec.decode(message, device)
         mean = mean_of([decoded[src] for src in self.workers])
         with meter.time("encode"):
-            reply, result = self.down_codec.encode_decode(mean, self._rng(mean, step), key="pull")
+            reply, result = self.down_codec.encode_decode(mean, rng, key="pull")
         with meter.time("communicate"):
             for dest in range(t.size):
                 if dest != self.root:

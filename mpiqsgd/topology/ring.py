@@ -37,7 +37,7 @@ class Ring(Aggregator):
         n, r = t.size, t.rank
         right, left = (r + 1) % n, (r - 1) % n
         bounds = chunk_bounds(flat.numel(), n)
-        rng = self._rng(flat, step)
+        rng = self._rng(step)
 
         def chunk(c):
             return flat[bounds[c][0]:bounds[c][1]]

@@ -71,7 +71,8 @@ class TrainConfig:
     threads: Optional[int] = knob(None, "torch threads per rank (same value on both sides to compare runs bitwise)",
                                   group="run")
     device: str = knob("auto", "auto (cuda:rank%%n_gpus, else cpu), cpu, cuda, cuda:i", group="run")
-    run_dir: Optional[str] = knob(None, "output directory (default runs/<time>-<model>-<codec>)", group="run")
+    run_dir: Optional[str] = knob(None, "output directory (default runs/<time>-<pid>-<model>-<codec>-<topology>)",
+                                  group="run")
     eval_every: int = knob(0, "evaluate every N steps as well as after each epoch (0: per epoch)", group="run")
     target_acc: Optional[float] = knob(None, "report steps and seconds to reach this validation accuracy", group="run")
     check_sync_every: int = knob(0, "verify parameters are bit-identical on all ranks every N steps", group="run")
@@ -96,6 +97,18 @@ class TrainConfig:
             raise ConfigError(f"--val-fraction must be in [0, 1); got {self.val_fraction}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive; got {self.lr}")
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be >= 0; got {self.seed}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be at least 1; got {self.threads}")
+        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise ConfigError("--weight-decay must be >= 0 and --momentum in [0, 1)")
+        if self.nesterov and self.momentum == 0:
+            raise ConfigError("--nesterov needs --momentum above 0")
+        ps_only = [f for f in ("downlink", "server_error_feedback", "dedicated_server") if getattr(self, f)]
+        if ps_only and self.topology != "ps":
+            names = ", ".join("--" + f.replace("_", "-") for f in ps_only)
+            raise ConfigError(f"{names} only apply to --topology ps (this run uses --topology {self.topology})")
         self.decay_epochs()
         self.adapt_steps()
         return self

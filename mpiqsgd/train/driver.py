@@ -8,14 +8,17 @@ a :class:`~mpiqsgd.transport.LocalGroup`, with a lock so that one worker compute
 time and each worker keeps its own RNG state, which makes a simulated run end with
 the same parameters as an MPI run with the same flags.
 
-Rank 0 evaluates (validation after each epoch, or every ``--eval-every`` steps, and
-test at the end) and writes the run directory: ``config.json``, ``metrics.jsonl``,
-``comm.json``, ``summary.json`` and ``checkpoints/``.
+Rank 0 evaluates validation and test accuracy after each epoch (and every
+``--eval-every`` steps); report the test accuracy of the run's end, and choose among
+runs by validation accuracy. It writes the run directory: ``config.json``,
+``metrics.jsonl``, ``diagnostics.jsonl``, ``comm.json``, ``summary.json`` and
+``checkpoints/``.
 """
 
 import contextlib
 import json
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -26,7 +29,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..codecs import make_codec
+from ..codecs import codec_from_flags
 from ..errors import MpiqsgdError
 from ..exchange import GradientExchange, broadcast_parameters, parameter_checksum
 from ..machine import default_device, machine_info
@@ -77,15 +80,21 @@ def learning_rate(cfg, step, steps_per_epoch):
 def default_run_dir(cfg):
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     bits = f"{cfg.bits}b" if cfg.bits else ""
-    return Path("runs") / f"{stamp}-{cfg.model}-{cfg.codec}{bits}-{cfg.topology}"
+    return Path("runs") / f"{stamp}-{os.getpid()}-{cfg.model}-{cfg.codec}{bits}-{cfg.topology}"
 
 
-def _device(cfg, rank):
+def _device(cfg, local_rank):
+    """The device of the rank with this node-local rank: GPU local_rank % n_gpus under auto/cuda."""
     if cfg.device == "auto":
-        return torch.device(default_device(rank))
+        return torch.device(default_device(local_rank))
     device = torch.device(cfg.device)
-    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
-        device = torch.device("cuda", rank % torch.cuda.device_count())
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MpiqsgdError(f"--device {cfg.device}: CUDA is not available here; use --device cpu or auto")
+        if device.index is None:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        elif device.index >= torch.cuda.device_count():
+            raise MpiqsgdError(f"--device {cfg.device}: only {torch.cuda.device_count()} GPU(s) here")
     return device
 
 
@@ -98,9 +107,10 @@ class _RNG:
 
     def __init__(self, seed, rank, device):
         self.device = device
-        self.cpu = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, rank, 7]).generate_state(1)[0]))
-        self.cpu_state = self.cpu.get_state()
-        self.cuda_state = None
+        seed = int(np.random.SeedSequence([seed, rank, 7]).generate_state(1)[0])
+        self.cpu_state = torch.Generator().manual_seed(seed).get_state()
+        self.cuda_state = (torch.Generator(device=device).manual_seed(seed).get_state()
+                           if device.type == "cuda" else None)
 
     @contextlib.contextmanager
     def active(self):
@@ -138,7 +148,7 @@ def evaluate(model, arrays, device, batch=1000):
 def run_worker(cfg, transport, shared):
     """Train on one rank; return rank 0's summary (None elsewhere)."""
     rank, n = transport.rank, transport.size
-    device = _device(cfg, rank)
+    device = _device(cfg, getattr(transport, "local_rank", rank))
     dedicated = cfg.dedicated_server and cfg.topology == "ps"
     workers = n - 1 if dedicated else n
     worker = rank - 1 if dedicated else rank
@@ -153,8 +163,8 @@ def run_worker(cfg, transport, shared):
     broadcast_parameters(model, transport)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                 weight_decay=cfg.weight_decay)
-    codec = make_codec(cfg.codec, error_feedback=cfg.error_feedback, bits=cfg.bits, levels=cfg.levels,
-                       bucket=cfg.bucket, rounding=cfg.rounding, clip_sigma=cfg.clip_sigma)
+    codec = codec_from_flags(cfg.codec, cfg.bits, cfg.levels, cfg.bucket, cfg.rounding, cfg.clip_sigma,
+                             cfg.error_feedback)
     options = {"downlink": cfg.downlink, "server_error_feedback": cfg.server_error_feedback or None,
                "dedicated": cfg.dedicated_server or None} if cfg.topology == "ps" else {}
     exchange = GradientExchange(model.parameters(), transport, codec, cfg.topology, seed=cfg.seed,
@@ -180,6 +190,7 @@ def run_worker(cfg, transport, shared):
           "best_val": None, "target_step": None, "target_seconds": None, "history": []}
     if cfg.resume:
         saved = load_checkpoint(cfg.resume, rank, n)
+        _check_resume_flags(saved.get("flags", {}), cfg)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         exchange.load_state_dict(saved["exchange"], device)
@@ -187,6 +198,9 @@ def run_worker(cfg, transport, shared):
         aug.set_state(saved["aug"])
         meter.load_totals(saved["meter"])
         st.update(saved["progress"])
+        if rank == 0:  # drop rows written after the checkpoint by the run that stopped
+            _truncate_log(shared.run_dir / "metrics.jsonl", st["step"], keep_equal=True)
+            _truncate_log(shared.run_dir / "diagnostics.jsonl", st["step"], keep_equal=False)
 
     is_root = rank == 0
     run_dir = shared.run_dir
@@ -209,15 +223,17 @@ def run_worker(cfg, transport, shared):
         job = meter.job_totals(transport)
         losses = transport.allgather_bytes(np.array([st["loss_sum"], st["loss_count"]], np.float64).tobytes())
         pairs = np.stack([np.frombuffer(b, np.float64) for b in losses])
+        st["loss_sum"], st["loss_count"] = 0.0, 0
+        with meter.time("eval"):  # the other ranks wait here, not in their next exchange
+            if is_root:
+                with lock:
+                    val = evaluate(model, shared.val, device)
+                    test = evaluate(model, shared.test, device)
+            transport.barrier()
         if not is_root:
-            st["loss_sum"], st["loss_count"] = 0.0, 0
             return job
-        with lock:
-            val = evaluate(model, shared.val, device)
-            test = evaluate(model, shared.test, device)
         wall = time.perf_counter() - started
         train_loss = float(pairs[:, 0].sum() / max(1.0, pairs[:, 1].sum()))
-        st["loss_sum"], st["loss_count"] = 0.0, 0
         row = {"epoch": st["step"] / steps_per_epoch, "step": st["step"], "train_loss": train_loss,
                "val_acc": val, "test_acc": test, "wall_seconds": wall, "bytes_sent": job["sent"]["bytes"],
                "lr": optimizer.param_groups[0]["lr"]}
@@ -234,7 +250,7 @@ def run_worker(cfg, transport, shared):
         return job
 
     def checkpoint():
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        state = {"flags": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                  "exchange": exchange.state_dict(), "rng": rng.state_dict(), "aug": aug.get_state(),
                  "meter": meter.totals(), "progress": dict(st, wall=time.perf_counter() - started)}
         save_checkpoint(run_dir / "checkpoints", st["step"], state, transport)
@@ -291,6 +307,29 @@ def run_worker(cfg, transport, shared):
         return None
     return _finish(cfg, run_dir, job, st, n, workers, steps_per_epoch, [d.decode() for d in devices], model,
                    exchange)
+
+
+# Flags a resumed run must share with the checkpoint (others, like --epochs, may change).
+RESUME_FLAGS = ("model", "dataset", "train_subset", "val_fraction", "synthetic_size", "batch_size", "seed",
+                "codec", "bits", "levels", "bucket", "rounding", "clip_sigma", "error_feedback", "topology",
+                "downlink", "server_error_feedback", "dedicated_server", "min_compress_numel")
+
+
+def _check_resume_flags(saved, cfg):
+    for name in RESUME_FLAGS:
+        if name in saved and saved[name] != getattr(cfg, name):
+            flag = "--" + name.replace("_", "-")
+            raise MpiqsgdError(f"cannot resume: the checkpoint was written with {flag} {saved[name]!r}, "
+                               f"this run has {flag} {getattr(cfg, name)!r}")
+
+
+def _truncate_log(path, step, keep_equal):
+    """Keep the JSON lines of ``path`` whose step is below ``step`` (or equal, with ``keep_equal``)."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [r for r in rows if json.loads(r)["step"] < step or (keep_equal and json.loads(r)["step"] == step)]
+    atomic_write_bytes(path, "".join(r + "\n" for r in kept).encode())
 
 
 def _adaptation_cost(job, exchange, n, steps, wall):
