@@ -241,6 +241,7 @@ def test_header_is_self_describing():
     assert len(payload) == 4 * 3 + math.ceil(250 * 3 / 8)
 
 
+@pytest.mark.filterwarnings("ignore:error feedback with")
 def test_registry_names():
     assert set(CODECS) == {"fp32", "fp16", "qsgd", "qsgd-inf", "sign", "nuqsgd", "terngrad", "alq", "alq-n", "amq", "amq-n"}
     assert isinstance(make_codec("qsgd", error_feedback=True), ErrorFeedback)
@@ -280,6 +281,7 @@ def test_error_feedback_keeps_what_the_compressor_drops():
     assert (total_in - total_out).norm() < 0.5 * drift.norm()
 
 
+@pytest.mark.filterwarnings("ignore:error feedback with")
 def test_error_feedback_state_roundtrip_reset_and_shape_change():
     ef = make_codec("qsgd", bits=2, error_feedback=True)
     ef.encode(vec(100), make_generator(0), key="k")
