@@ -110,9 +110,12 @@ class GradientExchange:
         meter.step = step
         if not bool(torch.isfinite(flat).all()):
             raise NonFiniteError(f"gradient holds NaN/Inf at step {step}; not refitting levels to it")
+        # "adapt" times this rank's own work; waiting for the others is "communicate".
         with meter.time("adapt"):
             local = adapt.stats_to_bytes(self.adaptive.local_stats(flat))
+        with meter.time("communicate"):
             gathered = self.transport.allgather_bytes(local, phase="adapt")
+        with meter.time("adapt"):
             self.adaptive.fit(adapt.merge_stats([adapt.stats_from_bytes(b) for b in gathered]))
 
     def diagnostics(self, step):
