@@ -33,6 +33,8 @@ echo "rate $rate, $ranks ranks, numel $numel (fp32 $((numel * 4)) bytes), median
 bench ring-fp32      --topology ring --codec fp32
 bench ring-qsgd4     --topology ring --codec qsgd --bits 4
 bench ring-qsgd2     --topology ring --codec qsgd --bits 2 --bucket 128
+bench scatter-qsgd4  --topology scatter --codec qsgd --bits 4
+bench scatter-qsgd2  --topology scatter --codec qsgd --bits 2 --bucket 128
 bench allgather-qsgd4 --topology allgather --codec qsgd --bits 4
 bench ps-qsgd4       --topology ps --codec qsgd --bits 4
 bench ps-qsgd4-down  --topology ps --codec qsgd --bits 4 --downlink codec

@@ -10,7 +10,7 @@ from mpiqsgd.topology import make_aggregator
 from mpiqsgd.transport import LocalGroup
 
 
-@pytest.mark.parametrize("topology", ["allreduce", "ps", "ring", "allgather"])
+@pytest.mark.parametrize("topology", ["allreduce", "ps", "ring", "scatter", "allgather"])
 def test_all_ranks_agree_and_bytes_match_the_formula(topology):
     group = LocalGroup(3)
     transports = group.transports()

@@ -6,6 +6,7 @@ name       pattern                                          bytes sent per rank
 allreduce  MPI Allreduce of fp32 (baseline)                 ~2 (n-1)/n * 4 numel
 ps         push to rank 0, mean, pull (fp32 or encoded)     worker E; root (n-1) F or E
 ring       reduce-scatter + allgather of encoded chunks     ~2 (n-1)/n * E
+scatter    direct scatter-reduce to owners + allgather      ~2 (n-1)/n * E
 allgather  ring allgather of encoded gradients, decode all  (n-1) * E
 =========  ===============================================  ==========================
 
@@ -16,13 +17,13 @@ docstring gives the exact formula; ``Aggregator.sent_nbytes`` computes it.
 from ..errors import ConfigError
 from .allgather import Allgather
 from .allreduce import Allreduce
-from .base import Aggregator, chunk_bounds, mean_of
+from .base import Aggregator, chunk_bounds, mean_of, sum_of
 from .ps import ParameterServer
-from .ring import Ring
+from .ring import Ring, Scatter
 
 __all__ = ["Aggregator", "TOPOLOGIES", "make_aggregator", "chunk_bounds", "mean_of"]
 
-TOPOLOGIES = {cls.name: cls for cls in (Allreduce, ParameterServer, Ring, Allgather)}
+TOPOLOGIES = {cls.name: cls for cls in (Allreduce, ParameterServer, Ring, Scatter, Allgather)}
 
 
 def make_aggregator(name, transport, codec, seed=0, **options):

@@ -13,15 +13,20 @@ import torch
 from ..codecs import make_generator
 from ..errors import ConfigError
 
-__all__ = ["Aggregator", "mean_of", "chunk_bounds"]
+__all__ = ["Aggregator", "mean_of", "sum_of", "chunk_bounds"]
+
+
+def sum_of(tensors):
+    """Sum of equally shaped tensors, added one after another in the given order."""
+    acc = tensors[0].clone()
+    for t in tensors[1:]:
+        acc += t
+    return acc
 
 
 def mean_of(tensors):
     """Mean of equally shaped tensors, summed one after another in the given order."""
-    acc = tensors[0].clone()
-    for t in tensors[1:]:
-        acc += t
-    return acc.div_(len(tensors))
+    return sum_of(tensors).div_(len(tensors))
 
 
 def chunk_bounds(numel, n):

@@ -1,4 +1,4 @@
-"""``ring``: bandwidth-optimal ring reduce-scatter + allgather over encoded chunks.
+"""``ring`` and ``scatter``: bandwidth-optimal reduce-scatter + allgather over encoded chunks.
 
 The gradient is cut into n contiguous chunks (:func:`chunk_bounds`; sizes differ by
 at most one). Ranks form a ring, right = r+1, left = r-1 mod n.
@@ -16,56 +16,110 @@ at most one). Ranks form a ring, right = r+1, left = r-1 mod n.
 Bytes sent by rank r: ``sum_k E(c_(r-k)) + sum_k E(c_(r+1-k))`` over k = 0..n-2, with
 ``E`` the codec's encoded size of a chunk: about ``2 (n-1)/n * E(numel)`` plus one
 frame per message. With n = 1 nothing is sent, but the chunk is still encoded once.
+
+``scatter`` replaces step 1 by a direct scatter-reduce (the pattern of CGX, DeepSpeed
+and GRACE): in rounds k = 1..n-1 rank r encodes its own chunk (r+k) mod n for that
+chunk's owner and receives its chunk r from rank (r-k) mod n (paired sends, no
+deadlock); it encodes its own chunk r too and uses the decoded version, so every
+contribution is quantized exactly once; the owner of chunk r sums the n decoded
+contributions in rank order in fp32, then steps 2 and 3 as above with rank r owning
+chunk r. Same bytes as ``ring`` (``sum_(k=1..n-1) E(c_(r+k)) + sum_k E(c_(r-k))``),
+n-1 messages per phase, and two quantizations per element instead of up to n.
 """
 
 import torch
 
-from .base import Aggregator, chunk_bounds
+from .base import Aggregator, chunk_bounds, sum_of
 
-__all__ = ["Ring"]
+__all__ = ["Ring", "Scatter"]
 
 
 class Ring(Aggregator):
     """Ring reduce-scatter + allgather of encoded chunks."""
 
     name = "ring"
+    owner_offset = 1  # rank r ends the reduce phase owning chunk (r + owner_offset) mod n
 
     def aggregate(self, flat, step):
         self._check(flat)
-        t, meter = self.transport, self.meter
+        meter = self.meter
         meter.step = step
-        n, r = t.size, t.rank
-        right, left = (r + 1) % n, (r - 1) % n
+        n = self.transport.size
         bounds = chunk_bounds(flat.numel(), n)
         rng = self._rng(step)
+        owned, total = self._reduce(flat, bounds, rng)
+        with meter.time("encode"):
+            message, decoded = self.codec.encode_decode(total / n, rng, key="owner")
+        return self._allgather(flat, bounds, owned, message, decoded)
 
-        def chunk(c):
-            return flat[bounds[c][0]:bounds[c][1]]
-
-        acc = chunk(r)
+    def _reduce(self, flat, bounds, rng):
+        """Ring reduce-scatter; return (index of the chunk this rank owns, its fp32 sum)."""
+        t, meter = self.transport, self.meter
+        n, r = t.size, t.rank
+        acc = _chunk(flat, bounds, r)
         for k in range(n - 1):
             with meter.time("encode"):
                 message = self.codec.encode(acc, rng, key=("reduce_scatter", k))
             with meter.time("communicate"):
-                received = t.sendrecv(message, right, left, "reduce_scatter", 4 * acc.numel())
+                received = t.sendrecv(message, (r + 1) % n, (r - 1) % n, "reduce_scatter", 4 * acc.numel())
             with meter.time("decode"):
-                acc = self.codec.decode(received, flat.device).add_(chunk((r - k - 1) % n))
+                acc = self.codec.decode(received, flat.device).add_(_chunk(flat, bounds, (r - k - 1) % n))
+        return (r + 1) % n, acc
 
+    def _allgather(self, flat, bounds, owned, message, decoded):
+        """Pass the owners' encoded chunks around the ring; every rank decodes every chunk."""
+        t, meter = self.transport, self.meter
+        n, r = t.size, t.rank
         out = torch.empty_like(flat)
-        owned = (r + 1) % n
-        with meter.time("encode"):
-            message, decoded = self.codec.encode_decode(acc / n, rng, key="owner")
         out[bounds[owned][0]:bounds[owned][1]] = decoded
         for k in range(n - 1):
-            sent, c = (r + 1 - k) % n, (r - k) % n
+            sent, c = (owned - k) % n, (owned - k - 1) % n
             with meter.time("communicate"):
-                message = t.sendrecv(message, right, left, "allgather", 4 * chunk(sent).numel())
+                message = t.sendrecv(message, (r + 1) % n, (r - 1) % n, "allgather",
+                                     4 * (bounds[sent][1] - bounds[sent][0]))
             with meter.time("decode"):
                 out[bounds[c][0]:bounds[c][1]] = self.codec.decode(message, flat.device)
         return out
 
+    def _reduce_nbytes(self, sizes, rank):
+        n = self.transport.size
+        return sum(self.codec.encoded_nbytes(sizes[(rank - k) % n]) for k in range(n - 1))
+
     def sent_nbytes(self, numel, rank):
         n = self.transport.size
         sizes = [end - start for start, end in chunk_bounds(numel, n)]
-        enc = self.codec.encoded_nbytes
-        return sum(enc(sizes[(rank - k) % n]) + enc(sizes[(rank + 1 - k) % n]) for k in range(n - 1))
+        owned = (rank + self.owner_offset) % n
+        gather = sum(self.codec.encoded_nbytes(sizes[(owned - k) % n]) for k in range(n - 1))
+        return self._reduce_nbytes(sizes, rank) + gather
+
+
+def _chunk(flat, bounds, c):
+    return flat[bounds[c][0]:bounds[c][1]]
+
+
+class Scatter(Ring):
+    """Scatter-reduce to chunk owners (one quantization per contribution), then the ring allgather."""
+
+    name = "scatter"
+    owner_offset = 0
+
+    def _reduce(self, flat, bounds, rng):
+        t, meter = self.transport, self.meter
+        n, r = t.size, t.rank
+        with meter.time("encode"):
+            _, own = self.codec.encode_decode(_chunk(flat, bounds, r), rng, key=("scatter", r))
+        parts = {r: own}
+        for k in range(1, n):
+            dest, source = (r + k) % n, (r - k) % n
+            piece = _chunk(flat, bounds, dest)
+            with meter.time("encode"):
+                message = self.codec.encode(piece, rng, key=("scatter", dest))
+            with meter.time("communicate"):
+                received = t.sendrecv(message, dest, source, "scatter", 4 * piece.numel())
+            with meter.time("decode"):
+                parts[source] = self.codec.decode(received, flat.device)
+        return r, sum_of([parts[src] for src in range(n)])
+
+    def _reduce_nbytes(self, sizes, rank):
+        n = self.transport.size
+        return sum(self.codec.encoded_nbytes(sizes[(rank + k) % n]) for k in range(1, n))
