@@ -61,3 +61,13 @@ def test_bench_codec_adaptive_fits_first_and_is_json(capsys):
     assert r["adaptive"]["fit_seconds"] > 0 and len(r["adaptive"]["levels"]) == 8
     assert r["params"]["levels"] == pytest.approx(r["adaptive"]["levels"])
     assert r["variance_ratio"] < 1  # fitted levels; NUQ's start would be far above 1 here
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["bench", "codec", "--help"],
+                                  ["bench", "exchange", "--help"]])
+def test_help_renders(capsys, argv):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: mpiqsgd" in out and "%%" not in out

@@ -70,7 +70,7 @@ class TrainConfig:
     simulate: int = knob(0, "simulate N workers in this one process instead of MPI ranks", group="run")
     threads: Optional[int] = knob(None, "torch threads per rank (same value on both sides to compare runs bitwise)",
                                   group="run")
-    device: str = knob("auto", "auto (cuda:rank%%n_gpus, else cpu), cpu, cuda, cuda:i", group="run")
+    device: str = knob("auto", "auto (GPU local_rank % n_gpus, else cpu), cpu, cuda, cuda:i", group="run")
     run_dir: Optional[str] = knob(None, "output directory (default runs/<time>-<pid>-<model>-<codec>-<topology>)",
                                   group="run")
     eval_every: int = knob(0, "evaluate every N steps as well as after each epoch (0: per epoch)", group="run")
@@ -151,12 +151,12 @@ def add_config_args(parser):
         if conv is bool:
             if default:
                 group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
-                                   help=meta["help"])
+                                   help=meta["help"].replace("%", "%%"))
             else:
-                group.add_argument(flag, dest=f.name, action="store_true", help=meta["help"])
+                group.add_argument(flag, dest=f.name, action="store_true", help=meta["help"].replace("%", "%%"))
             continue
         group.add_argument(flag, dest=f.name, type=conv, default=default, choices=meta["choices"],
-                           help=f"{meta['help']} (default {default})")
+                           help=f"{meta['help']} (default {default})".replace("%", "%%"))
 
 
 def config_from_args(args):
