@@ -281,3 +281,11 @@ def test_resume_refuses_changed_flags_and_drops_rows_after_the_checkpoint(tmp_pa
 def test_flag_combinations_that_cannot_work(tmp_path, kw, match):
     with pytest.raises(ConfigError, match=match):
         run(tmp_path, simulate=1, **kw)
+
+
+def test_dedicated_server_training_and_target_accuracy(tmp_path):
+    summary, d = run(tmp_path, simulate=3, topology="ps", dedicated_server=True, epochs=1, target_acc=0.0,
+                     diag_every=4)
+    assert summary["n_workers"] == 2 and summary["steps"] == 1080 // (2 * 32)
+    assert summary["steps_to_target"] == summary["steps"] and summary["seconds_to_target"] > 0
+    assert len((d / "diagnostics.jsonl").read_text().splitlines()) == 4  # written by rank 1, the first worker

@@ -281,7 +281,7 @@ def run_worker(cfg, transport, shared):
                         "check --error-feedback (it needs a contractive codec: nearest rounding, sign, more bits)")
                 st["loss_sum"] += value
                 st["loss_count"] += 1
-            if is_root and computes and cfg.diag_every and step % cfg.diag_every == 0:
+            if rank == (1 if dedicated else 0) and cfg.diag_every and step % cfg.diag_every == 0:
                 with open(run_dir / "diagnostics.jsonl", "a") as f:
                     f.write(json.dumps(exchange.diagnostics(step)) + "\n")
             exchange.synchronize(step)
