@@ -109,3 +109,17 @@ def test_custom_loop_example_runs_and_learns():
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = [float(line.split()[3]) for line in proc.stdout.splitlines() if line.startswith("step")]
     assert len(losses) == 5 and losses[-1] < 0.5 * losses[0]
+
+
+def test_mpi_stop_and_resume_equals_uninterrupted_simulation(tmp_path):
+    flags = [*TRAIN, "--codec", "qsgd", "--rounding", "nearest", "--error-feedback"]
+    first = launch(2, "-m", "mpi4py", "-m", "mpiqsgd", *flags, "--max-steps", "9", "--run-dir", str(tmp_path / "mpi"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = launch(2, "-m", "mpi4py", "-m", "mpiqsgd", *flags, "--resume", str(tmp_path / "mpi"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    sim = subprocess.run([sys.executable, "-m", "mpiqsgd", *flags, "--simulate", "2", "--run-dir", str(tmp_path / "sim")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert sim.returncode == 0, sim.stderr[-3000:]
+    assert json.loads(resumed.stdout)["steps"] == json.loads(sim.stdout)["steps"] == 32
+    for a, b in zip(final_states(tmp_path / "mpi", 2), final_states(tmp_path / "sim", 2)):
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
