@@ -8,14 +8,16 @@ a :class:`~mpiqsgd.transport.LocalGroup`, with a lock so that one worker compute
 time and each worker keeps its own RNG state, which makes a simulated run end with
 the same parameters as an MPI run with the same flags.
 
-Rank 0 evaluates validation and test accuracy after each epoch (and every
-``--eval-every`` steps); report the test accuracy of the run's end, and choose among
-runs by validation accuracy. It writes the run directory: ``config.json``,
+Validation and test accuracy are measured after each epoch (and every ``--eval-every``
+steps), every rank scoring 1/n of the images with the first worker's batch-norm
+statistics; report the test accuracy of the run's end, and choose among runs by
+validation accuracy. Rank 0 writes the files. The run directory holds ``config.json``,
 ``metrics.jsonl``, ``diagnostics.jsonl``, ``comm.json``, ``summary.json`` and
 ``checkpoints/``.
 """
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -37,7 +39,7 @@ from . import data as D
 from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
 from .models import build_model
 
-__all__ = ["train", "run_worker", "load_data", "learning_rate"]
+__all__ = ["train", "run_worker", "load_data", "learning_rate", "count_correct"]
 
 
 @dataclass
@@ -131,18 +133,25 @@ class _RNG:
         self.cpu_state, self.cuda_state = state["cpu"], state["cuda"]
 
 
-def evaluate(model, arrays, device, batch=1000):
-    """Top-1 accuracy of ``model`` on ``arrays`` (eval mode, no augmentation)."""
+def count_correct(model, arrays, device, rank=0, size=1, batch=1000):
+    """Correct top-1 predictions of ``model`` on images ``rank, rank + size, ...`` of ``arrays``."""
+    images, labels = arrays.images[rank::size], arrays.labels[rank::size]
     was_training = model.training
     model.eval()
     correct = 0
     with torch.no_grad():
-        for start in range(0, len(arrays), batch):
-            x = D.to_tensor(arrays.images[start:start + batch], device=device)
-            y = torch.as_tensor(arrays.labels[start:start + batch], device=device)
+        for start in range(0, len(images), batch):
+            x = D.to_tensor(images[start:start + batch], device=device)
+            y = torch.as_tensor(labels[start:start + batch], device=device)
             correct += int((model(x).argmax(1) == y).sum())
     model.train(was_training)
-    return correct / max(1, len(arrays))
+    return correct
+
+
+def _buffers_bytes(model):
+    buf = io.BytesIO()
+    torch.save([b.detach().cpu() for b in model.buffers()], buf)
+    return buf.getvalue()
 
 
 def run_worker(cfg, transport, shared):
@@ -224,18 +233,27 @@ def run_worker(cfg, transport, shared):
         losses = transport.allgather_bytes(np.array([st["loss_sum"], st["loss_count"]], np.float64).tobytes())
         pairs = np.stack([np.frombuffer(b, np.float64) for b in losses])
         st["loss_sum"], st["loss_count"] = 0.0, 0
-        with meter.time("eval"):  # the other ranks wait here, not in their next exchange
-            if is_root:
-                with lock:
-                    val = evaluate(model, shared.val, device)
-                    test = evaluate(model, shared.test, device)
-            transport.barrier()
+        with meter.time("eval"):
+            # Every rank scores a 1/n share of the images with the first worker's batch-norm
+            # statistics (each replica keeps its own), so no rank idles while one evaluates.
+            source = 1 if dedicated else 0
+            stats = transport.bcast_bytes(_buffers_bytes(model) if rank == source else b"", root=source)
+            with lock:
+                own = [b.detach().clone() for b in model.buffers()]
+                for b, v in zip(model.buffers(), torch.load(io.BytesIO(stats), weights_only=True)):
+                    b.copy_(v)
+                counts = np.array([count_correct(model, shared.val, device, rank, n),
+                                   count_correct(model, shared.test, device, rank, n)], np.int64)
+                for b, v in zip(model.buffers(), own):
+                    b.copy_(v)
+            counts = sum(np.frombuffer(c, np.int64) for c in transport.allgather_bytes(counts.tobytes()))
         if not is_root:
             return job
+        val, test = counts[0] / max(1, len(shared.val)), counts[1] / max(1, len(shared.test))
         wall = time.perf_counter() - started
         train_loss = float(pairs[:, 0].sum() / max(1.0, pairs[:, 1].sum()))
         row = {"epoch": st["step"] / steps_per_epoch, "step": st["step"], "train_loss": train_loss,
-               "val_acc": val, "test_acc": test, "wall_seconds": wall, "bytes_sent": job["sent"]["bytes"],
+               "val_acc": float(val), "test_acc": float(test), "wall_seconds": wall, "bytes_sent": job["sent"]["bytes"],
                "lr": optimizer.param_groups[0]["lr"]}
         st["history"].append(row)
         if st["best_val"] is None or val > st["best_val"]:
