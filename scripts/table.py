@@ -20,7 +20,7 @@ def main(dirs):
         s["quant_variance"] = (qv[0], sorted(qv)[len(qv) // 2], qv[-1]) if qv else None
         rows.append((d.name, flags, s, per_epoch))
     epochs = max((len(r[3]) for r in rows), default=0)
-    head = f"| run | codec | topology | " + " | ".join(f"val@{e + 1}" for e in range(epochs))
+    head = "| run | codec | topology | " + " | ".join(f"val@{e + 1}" for e in range(epochs))
     print(head + " | test | bytes/step/rank | vs fp32 | ||Q(v)-v||²/||v||² first / median / last | wall s |")
     print("|" + "---|" * (head.count("|") + 4))
     for name, f, s, per in rows:

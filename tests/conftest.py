@@ -1,8 +1,6 @@
 """Shared test helpers. Multi-rank tests live in tests/mpi (files mpi_*.py, collected only
 when named explicitly) and are launched under mpiexec by tests/test_mpi_launch.py."""
 
-import os
-import sys
 from pathlib import Path
 
 import pytest

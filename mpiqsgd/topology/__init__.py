@@ -21,7 +21,7 @@ from .base import Aggregator, chunk_bounds, mean_of, sum_of
 from .ps import ParameterServer
 from .ring import Ring, Scatter
 
-__all__ = ["Aggregator", "TOPOLOGIES", "make_aggregator", "chunk_bounds", "mean_of"]
+__all__ = ["Aggregator", "TOPOLOGIES", "make_aggregator", "chunk_bounds", "mean_of", "sum_of"]
 
 TOPOLOGIES = {cls.name: cls for cls in (Allreduce, ParameterServer, Ring, Scatter, Allgather)}
 

@@ -18,7 +18,7 @@ resnet50   23,520,842  bottleneck (3,4,6,3), CIFAR stem
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Type, Union
+from typing import Callable, Dict, List
 
 import torch
 import torch.nn.functional as F
