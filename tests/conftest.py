@@ -3,12 +3,4 @@ when named explicitly) and are launched under mpiexec by tests/test_mpi_launch.p
 
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
-
-
-@pytest.fixture(scope="session")
-def root():
-    return ROOT
