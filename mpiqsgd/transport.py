@@ -21,6 +21,7 @@ the same interface and the same byte counting, over in-process queues.
 import queue
 import sys
 import threading
+import time
 import zlib
 
 import numpy as np
@@ -28,6 +29,8 @@ import torch
 
 from . import wire
 from .meter import Meter
+
+ABORT_GRACE_SECONDS = 1.0  # see abort_if_parallel
 
 __all__ = ["Transport", "MPITransport", "LocalGroup", "LocalTransport", "world", "abort_if_parallel"]
 
@@ -282,4 +285,7 @@ def abort_if_parallel(message):
         return
     rank = mpi.COMM_WORLD.Get_rank()
     print(f"{message.rstrip()}\nmpiqsgd: rank {rank} failed; aborting all ranks", file=sys.stderr, flush=True)
+    # mpiexec forwards a rank's stderr through a pipe that it may stop reading the
+    # moment the abort arrives; give the message time to get out first.
+    time.sleep(ABORT_GRACE_SECONDS)
     mpi.COMM_WORLD.Abort(1)

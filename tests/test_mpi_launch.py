@@ -44,8 +44,8 @@ def test_adaptive_levels_under_mpiexec(n):
 def test_failure_on_one_rank_aborts_the_job(kind, message):
     proc = launch(3, "tests/mpi/crash_job.py", kind, timeout=60)
     out = proc.stdout + proc.stderr
-    assert proc.returncode != 0
-    assert message in out
+    assert proc.returncode != 0, out
+    assert message in out, f"exit code {proc.returncode}, output: {out!r}"
     assert "aborting all ranks" in out
 
 
