@@ -13,6 +13,7 @@ run alq-n    --codec alq-n
 run amq      --codec amq
 run amq-n    --codec amq-n
 run nuqsgd   --codec nuqsgd
+run nuqsgd-zero --codec nuqsgd-zero
 run qsgd-inf --codec qsgd-inf
 run terngrad --codec terngrad --bits 2
 python scripts/table.py "$out"/*/

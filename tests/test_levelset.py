@@ -16,11 +16,13 @@ from mpiqsgd.errors import ConfigError, DecodeError
 LEVELSET = [
     ("nuqsgd", {}), ("nuqsgd", {"bits": 1, "bucket": 16}), ("nuqsgd", {"bits": 2, "bucket": 100}),
     ("nuqsgd", {"bits": 8, "bucket": 64}), ("nuqsgd", {"norm": "max", "bits": 4, "bucket": 33}),
+    ("nuqsgd-zero", {}), ("nuqsgd-zero", {"bits": 2, "bucket": 30}),
     ("terngrad", {"bucket": 50}), ("terngrad", {"bucket": 50, "clip_sigma": 2.5}),
     ("alq", {}), ("alq-n", {"bits": 2, "bucket": 7}), ("amq", {"bits": 4, "bucket": 128}), ("amq-n", {}),
 ]
 STOCHASTIC = [
     ("nuqsgd", {"bits": 3, "bucket": 64}), ("nuqsgd", {"bits": 1, "bucket": 16}),
+    ("nuqsgd-zero", {"bits": 4, "bucket": 64}),
     ("terngrad", {"bucket": 32}), ("alq", {"bits": 2, "bucket": 50}),
     ("amq-n", {"bits": 4, "bucket": 128}),
 ]
@@ -96,6 +98,9 @@ def test_exact_level_tables():
     assert named_levels("nuq", 3).tolist() == [-1, -0.5, -0.25, -0.125, 0.125, 0.25, 0.5, 1]
     assert named_levels("nuq", 1).tolist() == [-1, 1]
     assert named_levels("nuq", 8).size == 256 and named_levels("nuq", 8)[128] == 0.5**127
+    assert named_levels("nuq0", 3).tolist() == [-1, -0.5, -0.25, 0, 0.25, 0.5, 1]
+    assert named_levels("nuq0", 2).tolist() == [-1, 0, 1]
+    assert named_levels("nuq0", 8).size == 255 and named_levels("nuq0", 8)[128] == 0.5**126
     assert named_levels("terngrad", 2).tolist() == [-1, 0, 1]
     assert named_levels("uniform", 2).tolist() == pytest.approx([-1, -1 / 3, 1 / 3, 1])
     assert named_levels("qsgd", 3).tolist() == pytest.approx([-1, -2 / 3, -1 / 3, 0, 1 / 3, 2 / 3, 1])
@@ -134,6 +139,7 @@ def test_levelset_qsgd_has_the_qsgd_codec_distribution():
 
 @pytest.mark.parametrize("name,params", [("nuqsgd", {"bits": 1}), ("nuqsgd", {"bits": 3, "bucket": 7}),
                                          ("nuqsgd", {"bits": 8, "bucket": 1000}), ("terngrad", {}),
+                                         ("nuqsgd-zero", {"bits": 7, "bucket": 100}),
                                          ("alq", {"bits": 5, "bucket": 512}), ("amq-n", {"bits": 6})])
 @pytest.mark.parametrize("n", [1, 9, 1000, 300_000])
 def test_cpu_kernel_and_torch_kernel_give_the_same_bytes(name, params, n):
@@ -224,6 +230,7 @@ def test_terngrad_is_ternary_with_max_norm_and_clipping():
     (dict(name="nuqsgd", bits=9), "between 1 and 8"),
     (dict(name="alq", bucket=0), "bucket must be"),
     (dict(name="nuqsgd", norm="l1"), "l2, max"),
+    (dict(name="nuqsgd-zero", bits=1), "bits >= 2"),
     (dict(name="nuqsgd", levels=[-1, 0, 1]), "method's own"),
     (dict(name="alq", levels=[-1, 0, 1]), "exactly 2\\^bits = 8"),
     (dict(name="alq", bits=2, levels=[-1, 0.5, 0.2, 1]), "strictly increasing"),
@@ -238,7 +245,7 @@ def test_invalid_parameters_fail_at_construction(kwargs, match):
 
 
 def test_registry_has_the_level_set_codecs():
-    assert {"nuqsgd", "terngrad", "alq", "alq-n", "amq", "amq-n"} <= set(CODECS)
+    assert {"nuqsgd", "nuqsgd-zero", "terngrad", "alq", "alq-n", "amq", "amq-n"} <= set(CODECS)
     assert isinstance(make_codec("alq"), AdaptiveLevelSet) and not isinstance(make_codec("nuqsgd"), AdaptiveLevelSet)
     assert make_codec("alq-n").stats_kind == "pooled" and make_codec("amq").stats_kind == "mixture"
 
@@ -353,7 +360,7 @@ def test_adapted_levels_beat_qsgd_and_nuqsgd_on_gaussian_gradients(bits):
     x = (torch.randn(32, d, generator=g) + 0.3 * torch.randn(32, 1, generator=g)) * scale[:, None]
     x = x.reshape(-1)
     qsgd = expected_variance(named_levels("qsgd", bits), x, d)
-    nuq = expected_variance(named_levels("nuq", bits), x, d)
+    nuq = min(expected_variance(named_levels(m, bits), x, d) for m in ("nuq", "nuq0"))
     for name in ("alq", "alq-n", "amq", "amq-n"):
         codec = make_codec(name, bits=bits, bucket=d)
         codec.fit(codec.local_stats(x))

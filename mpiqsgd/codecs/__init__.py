@@ -1,20 +1,21 @@
 """Codecs: gradient tensors to self-describing bytes and back.
 
-=========  ==========================================  ==============================
-name       what                                        payload bytes for n coords
-=========  ==========================================  ==============================
-fp32       identity                                    4 n
-fp16       half-precision cast                         2 n
-qsgd       QSGD, L2 norm per bucket                    4 ceil(n/d) + ceil(n b / 8)
-qsgd-inf   QSGD, max norm per bucket                   4 ceil(n/d) + ceil(n b / 8)
-sign       scaled sign, L1 scale per bucket            4 ceil(n/d) + ceil(n / 8)
-nuqsgd     signed NUQ levels +-0.5^j, L2 norm          4 ceil(n/d) + ceil(n b / 8)
-terngrad   levels {-1, 0, 1}, max norm (b = 2)         4 ceil(n/d) + ceil(n / 4)
-alq        ALQ levels fitted to a mixture model        4 ceil(n/d) + ceil(n b / 8)
-alq-n      ALQ levels fitted to one pooled model       4 ceil(n/d) + ceil(n b / 8)
-amq        levels +-p^j, p fitted to a mixture model   4 ceil(n/d) + ceil(n b / 8)
-amq-n      levels +-p^j, p fitted to a pooled model    4 ceil(n/d) + ceil(n b / 8)
-=========  ==========================================  ==============================
+===========  ==========================================  ==============================
+name         what                                        payload bytes for n coords
+===========  ==========================================  ==============================
+fp32         identity                                    4 n
+fp16         half-precision cast                         2 n
+qsgd         QSGD, L2 norm per bucket                    4 ceil(n/d) + ceil(n b / 8)
+qsgd-inf     QSGD, max norm per bucket                   4 ceil(n/d) + ceil(n b / 8)
+sign         scaled sign, L1 scale per bucket            4 ceil(n/d) + ceil(n / 8)
+nuqsgd       signed NUQ levels +-0.5^j, L2 norm          4 ceil(n/d) + ceil(n b / 8)
+nuqsgd-zero  NUQ levels 0, +-0.5^j (JMLR), L2 norm      4 ceil(n/d) + ceil(n b / 8)
+terngrad     levels {-1, 0, 1}, max norm (b = 2)         4 ceil(n/d) + ceil(n / 4)
+alq          ALQ levels fitted to a mixture model        4 ceil(n/d) + ceil(n b / 8)
+alq-n        ALQ levels fitted to one pooled model       4 ceil(n/d) + ceil(n b / 8)
+amq          levels +-p^j, p fitted to a mixture model   4 ceil(n/d) + ceil(n b / 8)
+amq-n        levels +-p^j, p fitted to a pooled model    4 ceil(n/d) + ceil(n b / 8)
+===========  ==========================================  ==============================
 
 The level-set codecs (:mod:`mpiqsgd.codecs.levelset`) share the wire name ``levelset``;
 their headers carry the float32 level table (4 K bytes), so adaptive codecs' messages
@@ -52,6 +53,7 @@ CODECS = {
     "qsgd-inf": (QSGD, {"norm": "max"}),
     "sign": (Sign, {}),
     "nuqsgd": (LevelSet, {"method": "nuq"}),
+    "nuqsgd-zero": (LevelSet, {"method": "nuq0"}),
     "terngrad": (LevelSet, {"method": "terngrad", "norm": "max"}),
     "alq": (AdaptiveLevelSet, {"method": "alq"}),
     "alq-n": (AdaptiveLevelSet, {"method": "alq-n"}),

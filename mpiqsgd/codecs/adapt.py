@@ -68,7 +68,7 @@ if HAVE_NUMBA:
     import numba
 
 __all__ = [
-    "SIGMA_MIN", "Mixture", "uniform_levels", "qsgd_levels", "exp_levels", "nuq_levels", "terngrad_levels",
+    "SIGMA_MIN", "Mixture", "uniform_levels", "qsgd_levels", "exp_levels", "nuq_levels", "nuq_zero_levels", "terngrad_levels",
     "amq_levels", "interval_variance", "psi", "psi_grad", "alq_update", "alq_start", "fit_alq", "amq_psi", "amq_grad",
     "amq_hess", "fit_amq", "local_stats", "merge_stats", "stats_to_bytes", "stats_from_bytes", "density_from_stats",
     "to_table",
@@ -103,6 +103,16 @@ def exp_levels(bits, p=0.5):
 
 
 nuq_levels = exp_levels
+
+
+def nuq_zero_levels(bits):
+    """NUQSGD's levels with a zero level (the JMLR paper): ``0`` and ``+-0.5^j``,
+    ``j = 0..s-1``, ``s = 2^(bits-1) - 1`` (``2^bits - 1`` levels; a sign and a magnitude index)."""
+    if bits < 2:
+        raise ValueError("nuq_zero_levels needs bits >= 2")
+    s = 2 ** (bits - 1) - 1
+    pos = 0.5 ** np.arange(s)
+    return np.concatenate([-pos, [0.0], pos[::-1]])
 
 
 def terngrad_levels():

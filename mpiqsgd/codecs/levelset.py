@@ -15,6 +15,9 @@ method     levels                                                           norm
 nuq        ``+-0.5^j``, ``j = 0..K/2-1``: the signed NUQSGD of the ALQ         l2
            paper ("NUQ, p = 0.5"); no zero level, so ``r`` between
            ``-0.5^(K/2-1)`` and ``+0.5^(K/2-1)`` rounds to one of those two
+nuq0       ``0`` and ``+-0.5^j``, ``j = 0..s-1``, ``s = 2^(b-1) - 1``         l2
+           (``K = 2^b - 1``): NUQSGD as in its JMLR paper, levels
+           ``{0, 2^-(s-1), ..., 1/2, 1}`` with a sign; ``b >= 2``
 terngrad   ``{-1, 0, 1}``, ``K = 3`` with ``b = 2`` (code 3 is invalid)        max
 uniform    ``K`` evenly spaced levels from -1 to 1                          l2
 qsgd       ``l / s``, ``l = -s..s``, ``s = 2^(b-1) - 1`` (``K = 2^b - 1``):      l2
@@ -66,6 +69,7 @@ __all__ = ["LevelSet", "AdaptiveLevelSet", "METHODS", "ADAPTIVE", "named_levels"
 # method -> (default bits, norm it requires or None, kind of statistics for adaptive ones)
 METHODS = {
     "nuq": (3, None, None),
+    "nuq0": (3, None, None),
     "terngrad": (2, "max", None),
     "uniform": (3, None, None),
     "qsgd": (3, None, None),
@@ -86,6 +90,10 @@ def named_levels(method, bits):
         return adapt.to_table(adapt.terngrad_levels())
     if method == "uniform":
         return adapt.to_table(adapt.uniform_levels(bits))
+    if method == "nuq0":
+        if bits < 2:
+            raise ConfigError("nuqsgd-zero: levels 0 and +-0.5^j need bits >= 2")
+        return adapt.to_table(adapt.nuq_zero_levels(bits))
     if method == "qsgd":
         if bits < 2:
             raise ConfigError("qsgd levels need bits >= 2")
