@@ -135,7 +135,8 @@ def bench_exchange(transport, codec, topology, numel, repeats=5, seed=0, device=
         exact = exact * (n / (n - 1))
     approx = runs["candidate"].pop("result")
     bytes_by_rank = [int(np.frombuffer(b, np.int64)[0]) for b in
-                     transport.allgather_bytes(np.array([runs["candidate"]["sent_bytes_this_rank"]], np.int64).tobytes())]
+                     transport.allgather_bytes(
+                         np.array([runs["candidate"]["sent_bytes_this_rank"]], np.int64).tobytes())]
     return {
         "benchmark": "exchange",
         "n_ranks": n,
@@ -145,7 +146,8 @@ def bench_exchange(transport, codec, topology, numel, repeats=5, seed=0, device=
         "candidate": runs["candidate"],
         "candidate_sent_bytes_by_rank": bytes_by_rank,
         "speedup_vs_allreduce": runs["baseline"]["median_seconds"] / runs["candidate"]["median_seconds"],
-        "bytes_vs_allreduce": runs["candidate"]["sent_bytes_this_rank"] / max(1, runs["baseline"]["sent_bytes_this_rank"]),
+        "bytes_vs_allreduce": (runs["candidate"]["sent_bytes_this_rank"]
+                               / max(1, runs["baseline"]["sent_bytes_this_rank"])),
         "relative_error_vs_exact_mean": float((approx - exact).norm() / exact.norm().clamp_min(1e-30)),
         "machine": machine_info(device),
     }

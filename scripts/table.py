@@ -29,7 +29,8 @@ def main(dirs):
         accs = " | ".join(f"{m['val_acc']:.3f}" for m in per)
         qv = " / ".join(f"{v:.3g}" for v in s["quant_variance"]) if s["quant_variance"] else "-"
         print(f"| {name} | {codec} | {f['topology']} | {accs} | {s['test_acc']:.3f} | "
-              f"{s['bytes_per_step_per_rank']:,.0f} | {s['compression_vs_fp32']:.2f}x | {qv} | {s['wall_seconds']:.0f} |")
+              f"{s['bytes_per_step_per_rank']:,.0f} | {s['compression_vs_fp32']:.2f}x | {qv} | "
+              f"{s['wall_seconds']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -243,7 +243,8 @@ def test_header_is_self_describing():
 
 @pytest.mark.filterwarnings("ignore:error feedback with")
 def test_registry_names():
-    assert set(CODECS) == {"fp32", "fp16", "qsgd", "qsgd-inf", "sign", "nuqsgd", "nuqsgd-zero", "terngrad", "alq", "alq-n", "amq", "amq-n"}
+    assert set(CODECS) == {"fp32", "fp16", "qsgd", "qsgd-inf", "sign", "nuqsgd", "nuqsgd-zero", "terngrad",
+                           "alq", "alq-n", "amq", "amq-n"}
     assert isinstance(make_codec("qsgd", error_feedback=True), ErrorFeedback)
 
 

@@ -117,8 +117,8 @@ def test_mpi_stop_and_resume_equals_uninterrupted_simulation(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     resumed = launch(2, "-m", "mpi4py", "-m", "mpiqsgd", *flags, "--resume", str(tmp_path / "mpi"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    sim = subprocess.run([sys.executable, "-m", "mpiqsgd", *flags, "--simulate", "2", "--run-dir", str(tmp_path / "sim")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    sim = subprocess.run([sys.executable, "-m", "mpiqsgd", *flags, "--simulate", "2",
+                          "--run-dir", str(tmp_path / "sim")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert sim.returncode == 0, sim.stderr[-3000:]
     assert json.loads(resumed.stdout)["steps"] == json.loads(sim.stdout)["steps"] == 32
     for a, b in zip(final_states(tmp_path / "mpi", 2), final_states(tmp_path / "sim", 2)):

@@ -68,7 +68,8 @@ if HAVE_NUMBA:
     import numba
 
 __all__ = [
-    "SIGMA_MIN", "Mixture", "uniform_levels", "qsgd_levels", "exp_levels", "nuq_levels", "nuq_zero_levels", "terngrad_levels",
+    "SIGMA_MIN", "Mixture", "uniform_levels", "qsgd_levels", "exp_levels", "nuq_levels", "nuq_zero_levels",
+    "terngrad_levels",
     "amq_levels", "interval_variance", "psi", "psi_grad", "alq_update", "alq_start", "fit_alq", "amq_psi", "amq_grad",
     "amq_hess", "fit_amq", "local_stats", "merge_stats", "stats_to_bytes", "stats_from_bytes", "density_from_stats",
     "to_table",

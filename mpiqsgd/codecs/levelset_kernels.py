@@ -147,7 +147,8 @@ def search_table(levels):
     """
     L = np.asarray(levels, dtype=np.float32).astype(np.float64)
     edges = -1.0 + np.arange(CELLS + 1) * (2.0 / CELLS)
-    j = lambda r: np.clip(np.searchsorted(L, r, side="right") - 1, 0, L.size - 2)
+    def j(r):
+        return np.clip(np.searchsorted(L, r, side="right") - 1, 0, L.size - 2)
     first = j(edges[:-1] - _MARGIN)
     last = j(edges[1:] + _MARGIN)
     return first.astype(np.int16), (last - first + 1).astype(np.int16)

@@ -19,7 +19,8 @@ class Allreduce(Aggregator):
 
     def __init__(self, transport, codec=None, seed=0):
         if codec is not None and (codec.name != "fp32" or hasattr(codec, "inner")):
-            raise ConfigError("topology 'allreduce' sends plain fp32; use --codec fp32 (or ps, ring, allgather for other codecs)")
+            raise ConfigError("topology 'allreduce' sends plain fp32; use --codec fp32 "
+                              "(or ps, ring, allgather for other codecs)")
         super().__init__(transport, codec or FP32(), seed)
 
     def aggregate(self, flat, step):

@@ -89,8 +89,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1; got {value}")
-        for name in ("eval_every", "check_sync_every", "adapt_every", "diag_every", "checkpoint_every", "min_compress_numel",
-                     "uncompressed_warmup_steps", "simulate"):
+        for name in ("eval_every", "check_sync_every", "adapt_every", "diag_every", "checkpoint_every",
+                     "min_compress_numel", "uncompressed_warmup_steps", "simulate"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(self, name)}")
         if not 0 <= self.val_fraction < 1:
