@@ -122,7 +122,7 @@ def test_levels_sets_bits():
     (dict(name="sign", bucket=0), "bucket must be"),
     (dict(name="qsgd", levels=0), "levels must be"),
     (dict(name="qsgd", rounding="up"), "stochastic, nearest"),
-    (dict(name="nope"), "fp32, fp16, qsgd, qsgd-inf, sign"),
+    (dict(name="nope"), "fp32, fp16, qsgd, qsgd-inf, qsgd-elias, sign"),
     (dict(name="fp32", bits=4), "takes no parameter bits"),
     (dict(name="qsgd-inf", norm="l2"), "fixes norm"),
     (dict(name="qsgd", bits=2.5), "integer"),
@@ -243,8 +243,8 @@ def test_header_is_self_describing():
 
 @pytest.mark.filterwarnings("ignore:error feedback with")
 def test_registry_names():
-    assert set(CODECS) == {"fp32", "fp16", "qsgd", "qsgd-inf", "sign", "nuqsgd", "nuqsgd-zero", "terngrad",
-                           "alq", "alq-n", "amq", "amq-n"}
+    assert set(CODECS) == {"fp32", "fp16", "qsgd", "qsgd-inf", "qsgd-elias", "sign", "nuqsgd", "nuqsgd-zero",
+                           "terngrad", "alq", "alq-n", "amq", "amq-n"}
     assert isinstance(make_codec("qsgd", error_feedback=True), ErrorFeedback)
 
 

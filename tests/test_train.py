@@ -65,6 +65,16 @@ def test_synthetic_task_learns(tmp_path):
     assert summary["final_val_acc"] > 0.5  # chance is 0.1
 
 
+def test_sparse_code_trains_like_the_dense_code_in_fewer_bytes(tmp_path):
+    flags = dict(simulate=2, bits=2, bucket=128, topology="allgather", min_compress_numel=0, checkpoint_every=1000)
+    dense, a = run(tmp_path, "dense", codec="qsgd", **flags)
+    sparse, b = run(tmp_path, "sparse", codec="qsgd-elias", **flags)
+    for rank in (0, 1):  # same quantization and decoded values: the same model
+        assert same_state(final_model(a, rank), final_model(b, rank))
+    assert sparse["final_val_acc"] == dense["final_val_acc"]
+    assert sparse["total_bytes"] < dense["total_bytes"] / 2
+
+
 def test_resume_equals_uninterrupted(tmp_path):
     flags = dict(simulate=2, codec="qsgd", bits=3, rounding="nearest", error_feedback=True, checkpoint_every=1000)
     full, a = run(tmp_path, "full", **flags)

@@ -7,6 +7,7 @@ fp32         identity                                    4 n
 fp16         half-precision cast                         2 n
 qsgd         QSGD, L2 norm per bucket                    4 ceil(n/d) + ceil(n b / 8)
 qsgd-inf     QSGD, max norm per bucket                   4 ceil(n/d) + ceil(n b / 8)
+qsgd-elias   QSGD, L2 norm, Elias-omega sparse code      4 ceil(n/d) + variable
 sign         scaled sign, L1 scale per bucket            4 ceil(n/d) + ceil(n / 8)
 nuqsgd       signed NUQ levels +-0.5^j, L2 norm          4 ceil(n/d) + ceil(n b / 8)
 nuqsgd-zero  NUQ levels 0, +-0.5^j (JMLR), L2 norm      4 ceil(n/d) + ceil(n b / 8)
@@ -51,6 +52,7 @@ CODECS = {
     "fp16": (FP16, {}),
     "qsgd": (QSGD, {"norm": "l2"}),
     "qsgd-inf": (QSGD, {"norm": "max"}),
+    "qsgd-elias": (QSGD, {"norm": "l2", "encoding": "elias"}),
     "sign": (Sign, {}),
     "nuqsgd": (LevelSet, {"method": "nuq"}),
     "nuqsgd-zero": (LevelSet, {"method": "nuq0"}),
@@ -92,16 +94,16 @@ def make_codec(name, error_feedback=False, **params):
     return ErrorFeedback(codec) if error_feedback else codec
 
 
-QSGD_ONLY = ("qsgd", "qsgd-inf")
+QSGD_ONLY = ("qsgd", "qsgd-inf", "qsgd-elias")
 
 
 def codec_from_flags(codec, bits=None, levels=None, bucket=None, rounding=None, clip_sigma=None,
                      error_feedback=False):
     """The codec that command-line flags describe, with flag names in every error."""
     if levels is not None and codec not in QSGD_ONLY:
-        raise ConfigError(f"--levels applies only to --codec qsgd or qsgd-inf (got --codec {codec})")
+        raise ConfigError(f"--levels applies only to --codec qsgd, qsgd-inf or qsgd-elias (got --codec {codec})")
     if rounding is not None and codec not in QSGD_ONLY:
-        raise ConfigError(f"--rounding applies only to --codec qsgd or qsgd-inf (got --codec {codec})")
+        raise ConfigError(f"--rounding applies only to --codec qsgd, qsgd-inf or qsgd-elias (got --codec {codec})")
     if clip_sigma is not None and codec != "terngrad":
         raise ConfigError(f"--clip-sigma applies only to --codec terngrad (got --codec {codec})")
     if bits is not None and codec in ("fp32", "fp16", "sign"):

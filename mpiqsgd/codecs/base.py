@@ -2,7 +2,8 @@
 
 Every message is framed by :mod:`mpiqsgd.wire` (prefix, msgpack header naming the
 codec, its parameters and ``numel``, then the payload). A subclass defines only its
-payload: its exact length (:meth:`Codec.payload_nbytes`), how to produce it together
+payload: its exact length (:meth:`Codec.payload_nbytes`; ``None`` for a variable-length
+code, which then gives :meth:`Codec.min_payload_nbytes`), how to produce it together
 with the values a receiver will decode (:meth:`Codec._quantize`), and how to read it
 back (:meth:`Codec._dequantize`). The base class does the framing, the checks on
 input and on received bytes, and guarantees that the values returned by
@@ -62,8 +63,18 @@ class Codec:
         return {}
 
     def payload_nbytes(self, numel):
-        """Exact payload bytes for ``numel`` coordinates (pure function)."""
+        """Exact payload bytes for ``numel`` coordinates (pure function), or None when the
+        length depends on the data (then :meth:`min_payload_nbytes` bounds it)."""
         raise NotImplementedError
+
+    def min_payload_nbytes(self, numel):
+        """Fewest payload bytes any message of ``numel`` coordinates can have."""
+        return self.payload_nbytes(numel)
+
+    @property
+    def fixed_size(self):
+        """True when every message of ``numel`` coordinates has the same length."""
+        return self.payload_nbytes(1) is not None
 
     def _quantize(self, x, rng, want_decoded):
         """Return (payload uint8 tensor, decoded float32 tensor) for a flat finite ``x``.
@@ -86,8 +97,10 @@ class Codec:
         return wire.pack_header(self.name, numel, self.params)
 
     def encoded_nbytes(self, numel):
-        """Exact length of ``encode`` of ``numel`` coordinates (pure function)."""
-        return wire.PREFIX_BYTES + len(self.header_bytes(numel)) + self.payload_nbytes(numel)
+        """Exact length of ``encode`` of ``numel`` coordinates (pure function); None for a
+        variable-length code."""
+        payload = self.payload_nbytes(numel)
+        return None if payload is None else wire.PREFIX_BYTES + len(self.header_bytes(numel)) + payload
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
@@ -154,7 +167,13 @@ class Codec:
 
     def _decode_payload(self, numel, payload, device):
         expected = self.payload_nbytes(numel)
-        if len(payload) != expected:
+        if expected is None:
+            least = self.min_payload_nbytes(numel)
+            if len(payload) < least:
+                raise DecodeError(
+                    f"{self.name}: payload of {len(payload)} bytes, but numel={numel} needs at least {least}"
+                )
+        elif len(payload) != expected:
             raise DecodeError(
                 f"{self.name}: payload of {len(payload)} bytes, but numel={numel} needs {expected}"
             )

@@ -19,21 +19,31 @@ Payload bytes: ``4 * ceil(numel / bucket) + ceil(numel * bits / 8)``, with
 ``bits = 1 + ceil(log2(s + 1))``; by default bits = 4 (s = 7) and bucket = 512, about
 0.508 bytes per coordinate against 4 for fp32. The last bucket may be short; its
 norm covers only its own coordinates.
+
+With ``encoding="elias"`` (codec ``qsgd-elias``; the header's params gain
+``"encoding": "elias"``) the same norms are followed by the Elias-omega stream of
+:mod:`mpiqsgd.codecs.elias` instead of the dense codes: only non-zero levels are
+written, so the length depends on the data (at least ``4 * n_buckets +
+ceil(n_buckets / 8)`` bytes). The quantization, its random draws and the decoded
+values are those of the dense code (a level-0 coordinate decodes to +0.0 in both).
 """
 
 import math
 
+import numpy as np
 import torch
 
 from ..errors import ConfigError, DecodeError
 from . import bits as bitpack
-from . import kernels
+from . import elias, kernels
 from .base import Codec, check_choice, check_int
 
 __all__ = ["QSGD", "bits_for_levels", "bucket_norms", "finite_scales"]
 
 ROUNDINGS = ("stochastic", "nearest")
 NORMS = ("l2", "max")
+ENCODINGS = ("dense", "elias")
+ELIAS_MAX_BUCKET = 1 << 16  # bounds what a short sparse message can make a receiver allocate
 
 
 def bits_for_levels(levels):
@@ -73,11 +83,13 @@ class QSGD(Codec):
         bucket: coordinates per bucket, each with its own fp32 norm. Default 512.
         norm: ``"l2"`` (QSGD) or ``"max"`` (QSGD-inf).
         rounding: ``"stochastic"`` (unbiased, default) or ``"nearest"``.
+        encoding: ``"dense"`` bit packing (default, fixed length) or ``"elias"``
+            (the paper's sparse code, variable length; bucket at most 65536).
     """
 
     name = "qsgd"
 
-    def __init__(self, bits=None, levels=None, bucket=512, norm="l2", rounding="stochastic"):
+    def __init__(self, bits=None, levels=None, bucket=512, norm="l2", rounding="stochastic", encoding="dense"):
         if levels is not None:
             levels = check_int(self.name, "levels", levels, 1, 127)
             needed = bits_for_levels(levels)
@@ -98,12 +110,18 @@ class QSGD(Codec):
         self.norm = check_choice(self.name, "norm", norm, NORMS)
         self.rounding = check_choice(self.name, "rounding", rounding, ROUNDINGS)
         self.stochastic = rounding == "stochastic"
+        self.encoding = check_choice(self.name, "encoding", encoding, ENCODINGS)
+        if encoding == "elias" and self.bucket > ELIAS_MAX_BUCKET:
+            raise ConfigError(f"{self.name}: elias encoding takes bucket <= {ELIAS_MAX_BUCKET}; got {self.bucket}")
         self.force_torch = False  # tests: run the torch kernels on the CPU too
 
     @property
     def params(self):
-        return {"bits": self.bits, "levels": self.levels, "bucket": self.bucket,
-                "norm": self.norm, "rounding": self.rounding}
+        params = {"bits": self.bits, "levels": self.levels, "bucket": self.bucket,
+                  "norm": self.norm, "rounding": self.rounding}
+        if self.encoding != "dense":  # dense headers stay as they were
+            params["encoding"] = self.encoding
+        return params
 
     def variance_bound(self):
         """Lemma 3.1: E||Q(v) - v||^2 <= min(d/s^2, sqrt(d)/s) ||v||^2 per bucket (stochastic, L2 norm).
@@ -115,7 +133,15 @@ class QSGD(Codec):
         return min(self.bucket / self.levels**2, math.sqrt(self.bucket) / self.levels)
 
     def payload_nbytes(self, numel):
+        if self.encoding == "elias":
+            return None
         return 4 * (-(-numel // self.bucket)) + bitpack.packed_nbytes(numel, self.bits)
+
+    def min_payload_nbytes(self, numel):
+        if self.encoding == "dense":
+            return self.payload_nbytes(numel)
+        n_buckets = -(-numel // self.bucket)
+        return 4 * n_buckets + (n_buckets + 7) // 8  # one bit per all-zero bucket
 
     def _quantize(self, x, rng, want_decoded):
         norms = bucket_norms(x, self.bucket, self.norm)
@@ -125,14 +151,32 @@ class QSGD(Codec):
         seed = kernels.draw_seed(rng) if self.stochastic else 0
         packed, decoded = kernels.level_encode(
             x, scale, norms / self.levels, self.bucket, self.bits, self.levels, seed, self.stochastic,
-            want_decoded, self.force_torch)
-        return torch.cat([norms.view(torch.uint8), packed]), decoded
+            want_decoded or self.encoding == "elias", self.force_torch)
+        if self.encoding == "elias":
+            packed, decoded = self._elias(packed, x.numel()), decoded + 0.0  # -0.0 -> +0.0, as decoded
+        return torch.cat([norms.view(torch.uint8), packed.to(norms.device)]), decoded
+
+    def _elias(self, packed, numel):
+        codes = bitpack.unpack(packed, numel, self.bits).cpu().numpy()
+        levels = codes & ((1 << (self.bits - 1)) - 1)
+        negative = codes >> (self.bits - 1)
+        nbits = elias.count_bits(levels, self.bucket)
+        return torch.from_numpy(elias.encode_codes(levels, negative, self.bucket, nbits))
 
     def _dequantize(self, payload, numel):
         n_buckets = -(-numel // self.bucket)
         norms = finite_scales(payload, n_buckets, self.name)
+        if self.encoding == "elias":
+            return self._elias_decode(payload[4 * n_buckets:], norms / self.levels, numel)
         values, bad = kernels.level_decode(payload[4 * n_buckets:], norms / self.levels, self.bucket,
                                            self.bits, self.levels, numel, self.force_torch)
         if bad:
             raise DecodeError(f"{self.name}: {bad} level index(es) above s={self.levels} in payload")
         return values
+
+    def _elias_decode(self, stream, unit, numel):
+        out = np.empty(numel, dtype=np.float32)
+        err = elias.decode_stream(stream.cpu().numpy(), unit.cpu().numpy(), self.bucket, self.levels, numel, out)
+        if err:
+            raise DecodeError(f"{self.name}: invalid elias stream: {elias.ERRORS[err]}")
+        return torch.from_numpy(out).to(unit.device)

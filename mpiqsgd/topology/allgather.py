@@ -37,5 +37,5 @@ class Allgather(Aggregator):
                        for src in range(n)]
             return mean_of(decoded)
 
-    def sent_nbytes(self, numel, rank):
+    def _sent_nbytes(self, numel, rank):
         return (self.transport.size - 1) * self.codec.encoded_nbytes(numel)

@@ -30,6 +30,6 @@ class Allreduce(Aggregator):
             total = self.transport.allreduce_sum(flat)
         return total.div_(self.transport.size)
 
-    def sent_nbytes(self, numel, rank):
+    def _sent_nbytes(self, numel, rank):
         n = self.transport.size
         return 2 * (n - 1) * 4 * numel // n if n > 1 else 0

@@ -82,5 +82,15 @@ class Aggregator:
         raise NotImplementedError
 
     def sent_nbytes(self, numel, rank):
-        """Exact bytes ``rank`` sends in one :meth:`aggregate` of ``numel`` coordinates."""
+        """Exact bytes ``rank`` sends in one :meth:`aggregate` of ``numel`` coordinates.
+
+        None when a codec's message length depends on the data (``qsgd-elias``): the
+        meter still counts every message as sent.
+        """
+        codecs = (self.codec, getattr(self, "down_codec", self.codec))
+        if not all(codec.fixed_size for codec in codecs):
+            return None
+        return self._sent_nbytes(numel, rank)
+
+    def _sent_nbytes(self, numel, rank):
         raise NotImplementedError

@@ -102,7 +102,7 @@ class ParameterServer(Aggregator):
                     t.send(reply, dest, "pull", 4 * mean.numel())
         return result
 
-    def sent_nbytes(self, numel, rank):
+    def _sent_nbytes(self, numel, rank):
         if rank != self.root:
             return self.codec.encoded_nbytes(numel)
         return (self.transport.size - 1) * self.down_codec.encoded_nbytes(numel)

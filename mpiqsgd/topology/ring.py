@@ -85,7 +85,7 @@ class Ring(Aggregator):
         n = self.transport.size
         return sum(self.codec.encoded_nbytes(sizes[(rank - k) % n]) for k in range(n - 1))
 
-    def sent_nbytes(self, numel, rank):
+    def _sent_nbytes(self, numel, rank):
         n = self.transport.size
         sizes = [end - start for start, end in chunk_bounds(numel, n)]
         owned = (rank + self.owner_offset) % n

@@ -148,6 +148,21 @@ def test_meter_bytes_equal_the_topology_formula(t, topology, codec, params, opti
         assert all(job["received_by_rank"][r] == agg.down_codec.encoded_nbytes(numel) for r in range(1, t.size))
 
 
+@pytest.mark.parametrize("topology,options", [("ps", {"downlink": "codec"}), ("ring", {}), ("allgather", {})])
+def test_variable_length_codec_is_bit_identical_and_counted(t, topology, options):
+    agg = make(t, topology, "qsgd-elias", {"bits": 2, "bucket": 128}, options)
+    t.meter.reset()
+    for step in range(2):
+        out = agg.aggregate(grads(t.size, 4099, step)[t.rank].clone(), step=step)
+        assert same_on_all_ranks(t, out)
+    assert agg.sent_nbytes(4099, t.rank) is None
+    sent = t.meter.sent()
+    assert sent["bytes"] == sum(m.bytes for m in t.meter.messages if m.source == t.rank)
+    job = t.meter.job_totals(t)
+    assert job["sent"]["bytes"] == sum(job["sent_by_rank"].values())
+    assert sum(job["received_by_rank"].values()) == job["sent"]["bytes"]
+
+
 def test_ring_sends_about_two_n_minus_one_over_n_of_the_encoded_size(t):
     codec = make_codec("qsgd")
     agg = make_aggregator("ring", t, codec)

@@ -1,0 +1,211 @@
+"""Elias-omega coding of QSGD's sparse level codes (the QSGD paper's section 3.1).
+
+At a few levels per bucket most coordinates round to level 0, and a dense code still
+spends ``bits`` on each of them. The sparse code writes only the non-zero ones::
+
+    for each bucket (its float32 norm travels separately, before the stream):
+        omega(nnz + 1)                      number of non-zero levels in the bucket
+        nnz times:
+            omega(gap)                      gap >= 1 from the previous non-zero position
+                                            (the first gap counts from position -1)
+            1 sign bit                      1 for negative
+            omega(level)                    level in 1..s
+
+Bits are written most significant first, bucket after bucket, with no padding until
+the last byte (whose unused low bits are zero). ``omega(k)`` for ``k >= 1`` is Elias's
+omega code: ``"0"`` ends it; while ``k > 1`` the binary form of ``k`` is prepended and
+``k`` becomes its length minus one (1 -> ``0``, 2 -> ``100``, 4 -> ``101000``).
+
+The count ``nnz + 1`` at the start of each bucket is not in the paper (which leaves
+the end of a bucket implicit); it costs 1 bit for an all-zero bucket and about
+``2 log2(nnz)`` bits otherwise. The paper's bound on the expected length of a bucket of
+``d`` coordinates at ``s`` levels is ``(3 + 1.5 log2(2 (s^2 + d) / (s (s + sqrt d))))
+* s (s + sqrt d) + 32`` bits, against ``d (1 + ceil(log2(s + 1))) + 32`` dense.
+
+The length depends on the data, so it is known only after encoding. The coding is a
+sequential pass on the CPU (numba when installed, else the same functions in Python).
+Decoding validates every field against the bucket and the stream: a truncated,
+overlong or corrupted stream is an error code, never a read past the buffer.
+"""
+
+import numpy as np
+
+try:
+    import numba
+except ImportError:  # pragma: no cover - numba is a declared dependency
+    numba = None
+
+__all__ = ["omega_bits", "count_bits", "encode_codes", "decode_stream", "ERRORS"]
+
+_jit = numba.njit(cache=True, nogil=True) if numba is not None else (lambda f: f)
+
+# decode_stream's error codes (0 = success)
+ERRORS = {
+    1: "the stream ends inside a bucket",
+    2: "an omega code's value exceeds 2^40, more than any count, gap or level",
+    3: "a bucket claims more non-zero levels than it has coordinates",
+    4: "a gap points past the end of its bucket",
+    5: "a level is outside 1..s",
+    6: "bytes are left over after the last bucket",
+    7: "the padding bits after the last bucket are not zero",
+}
+
+
+_MAX = 1 << 40  # no valid count, gap or level comes close (bucket <= 2^16, levels <= 127)
+
+
+@_jit
+def _bit_length(k):
+    length = 0
+    while k > 0:
+        length += 1
+        k >>= 1
+    return length
+
+
+@_jit
+def omega_bits(k):
+    """Length in bits of the omega code of ``k >= 1``."""
+    n = 1
+    while k > 1:
+        length = _bit_length(k)
+        n += length
+        k = length - 1
+    return n
+
+
+@_jit
+def _put(out, pos, value, nbits):
+    for b in range(nbits - 1, -1, -1):
+        if (value >> b) & 1:
+            out[pos >> 3] |= np.uint8(0x80 >> (pos & 7))
+        pos += 1
+    return pos
+
+
+@_jit
+def _put_omega(out, pos, k):
+    groups = np.empty(8, dtype=np.int64)  # k < 2^62 needs at most 6 groups
+    sizes = np.empty(8, dtype=np.int64)
+    m = 0
+    while k > 1:
+        length = _bit_length(k)
+        groups[m] = k
+        sizes[m] = length
+        m += 1
+        k = length - 1
+    for g in range(m - 1, -1, -1):
+        pos = _put(out, pos, groups[g], sizes[g])
+    return pos + 1  # the terminating 0 (the buffer starts zeroed)
+
+
+@_jit
+def count_bits(levels, bucket):
+    """Exact stream length in bits for level indices ``levels`` (uint8, one per coordinate)."""
+    n = levels.size
+    total = 0
+    for start in range(0, n, bucket):
+        end = min(start + bucket, n)
+        nnz = 0
+        prev = start - 1
+        for i in range(start, end):
+            if levels[i] != 0:
+                nnz += 1
+                total += omega_bits(i - prev) + 1 + omega_bits(np.int64(levels[i]))
+                prev = i
+        total += omega_bits(nnz + 1)
+    return total
+
+
+@_jit
+def encode_codes(levels, negative, bucket, nbits):
+    """The stream (uint8, ``ceil(nbits / 8)`` bytes) of levels and signs; ``nbits`` from :func:`count_bits`."""
+    n = levels.size
+    out = np.zeros((nbits + 7) // 8, dtype=np.uint8)
+    pos = 0
+    for start in range(0, n, bucket):
+        end = min(start + bucket, n)
+        nnz = 0
+        for i in range(start, end):
+            if levels[i] != 0:
+                nnz += 1
+        pos = _put_omega(out, pos, nnz + 1)
+        prev = start - 1
+        for i in range(start, end):
+            if levels[i] != 0:
+                pos = _put_omega(out, pos, i - prev)
+                pos = _put(out, pos, 1 if negative[i] else 0, 1)
+                pos = _put_omega(out, pos, np.int64(levels[i]))
+                prev = i
+    return out
+
+
+@_jit
+def _get_omega(data, pos, limit, max_value):
+    """(value, new pos, error): decode one omega code at bit ``pos`` of ``limit`` bits."""
+    k = 1
+    while True:
+        if pos >= limit:
+            return 0, pos, 1
+        bit = (data[pos >> 3] >> (7 - (pos & 7))) & 1
+        pos += 1
+        if bit == 0:
+            return k, pos, 0
+        if k > 40:  # the next group would exceed 2^41
+            return 0, pos, 2
+        if pos + k > limit:
+            return 0, pos, 1
+        v = 1
+        for _ in range(k):
+            v = (v << 1) | ((data[pos >> 3] >> (7 - (pos & 7))) & 1)
+            pos += 1
+        k = v
+        if k > max_value:
+            return 0, pos, 2
+
+
+@_jit
+def decode_stream(data, unit, bucket, levels, n, out):
+    """Decode a stream into ``out`` (float32, ``n`` values, zeroed here).
+
+    ``unit[b]`` is the value of one level step in bucket ``b`` (``norm / s``). Returns an
+    error code of :data:`ERRORS`, 0 on success.
+    """
+    limit = data.size * 8
+    pos = 0
+    for i in range(n):
+        out[i] = 0.0
+    b = 0
+    for start in range(0, n, bucket):
+        length = min(bucket, n - start)
+        count, pos, err = _get_omega(data, pos, limit, _MAX)
+        if err:
+            return err
+        nnz = count - 1
+        if nnz > length:
+            return 3
+        at = -1
+        for _ in range(nnz):
+            gap, pos, err = _get_omega(data, pos, limit, _MAX)
+            if err:
+                return err
+            at += gap
+            if at >= length:
+                return 4
+            if pos >= limit:
+                return 1
+            sign = (data[pos >> 3] >> (7 - (pos & 7))) & 1
+            pos += 1
+            level, pos, err = _get_omega(data, pos, limit, _MAX)
+            if err:
+                return err
+            if level > levels:
+                return 5
+            val = np.float32(level) * unit[b]
+            out[start + at] = -val if sign else val
+        b += 1
+    if (pos + 7) // 8 != data.size:
+        return 6
+    if pos & 7 and data[pos >> 3] & ((1 << (8 - (pos & 7))) - 1):
+        return 7
+    return 0
