@@ -76,10 +76,14 @@ def omega_bits(k):
 
 @_jit
 def _put(out, pos, value, nbits):
-    for b in range(nbits - 1, -1, -1):
-        if (value >> b) & 1:
-            out[pos >> 3] |= np.uint8(0x80 >> (pos & 7))
-        pos += 1
+    """Write the low ``nbits`` of ``value`` at bit ``pos``, most significant first, a byte at a time."""
+    while nbits > 0:
+        room = 8 - (pos & 7)
+        take = min(room, nbits)
+        chunk = (value >> (nbits - take)) & ((1 << take) - 1)
+        out[pos >> 3] |= np.uint8(chunk << (room - take))
+        pos += take
+        nbits -= take
     return pos
 
 

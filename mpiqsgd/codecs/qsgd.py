@@ -151,9 +151,11 @@ class QSGD(Codec):
         seed = kernels.draw_seed(rng) if self.stochastic else 0
         packed, decoded = kernels.level_encode(
             x, scale, norms / self.levels, self.bucket, self.bits, self.levels, seed, self.stochastic,
-            want_decoded or self.encoding == "elias", self.force_torch)
+            want_decoded, self.force_torch)
         if self.encoding == "elias":
-            packed, decoded = self._elias(packed, x.numel()), decoded + 0.0  # -0.0 -> +0.0, as decoded
+            packed = self._elias(packed, x.numel())
+            if want_decoded:
+                decoded = decoded + 0.0  # -0.0 -> +0.0: zeros are not sent
         return torch.cat([norms.view(torch.uint8), packed.to(norms.device)]), decoded
 
     def _elias(self, packed, numel):

@@ -11,7 +11,8 @@ allgather  ring allgather of encoded gradients, decode all  (n-1) * E
 =========  ===============================================  ==========================
 
 E is the codec's encoded size of the whole gradient, F that of fp32. Each module's
-docstring gives the exact formula; ``Aggregator.sent_nbytes`` computes it.
+docstring gives the exact formula; ``Aggregator.sent_nbytes`` computes it (None for a
+variable-length codec such as ``qsgd-elias``, whose messages the meter still counts).
 """
 
 from ..errors import ConfigError
