@@ -13,7 +13,8 @@ from mpiqsgd.codecs import decode, make_codec, make_generator
 from mpiqsgd.errors import DecodeError, MpiqsgdError
 
 CODECS = [make_codec("fp32"), make_codec("fp16"), make_codec("qsgd", bits=3, bucket=16),
-          make_codec("qsgd", levels=5, bucket=8), make_codec("qsgd-inf"), make_codec("sign", bucket=10)]
+          make_codec("qsgd", levels=5, bucket=8), make_codec("qsgd-inf"), make_codec("sign", bucket=10),
+          make_codec("qsgd-elias", bits=2, bucket=16)]
 
 
 def valid_messages():

@@ -134,6 +134,8 @@ def test_bad_streams_are_decode_errors():
     for numel, bucket, payload_, match in cases:
         with pytest.raises(DecodeError, match=match):
             decode(reframe({**params, "bucket": bucket}, numel, payload_))
+    with pytest.raises(DecodeError, match="payload bytes for numel=0"):
+        decode(reframe(params, 0, b"\0"))
     with pytest.raises(DecodeError, match="needs at least"):
         decode(reframe(params, 10**9, payload[:norms]))
 

@@ -178,6 +178,8 @@ class Codec:
                 f"{self.name}: payload of {len(payload)} bytes, but numel={numel} needs {expected}"
             )
         if numel == 0:
+            if len(payload):
+                raise DecodeError(f"{self.name}: {len(payload)} payload bytes for numel=0")
             return torch.zeros(0, dtype=torch.float32, device=device)
         buf = torch.from_numpy(np.frombuffer(payload, dtype=np.uint8).copy()).to(device)
         return self._dequantize(buf, numel)
