@@ -86,6 +86,7 @@ def final_states(run_dir, n):
     (3, ["--codec", "qsgd", "--bits", "3", "--rounding", "nearest", "--error-feedback", "--topology", "ps",
          "--downlink", "codec", "--min-compress-numel", "100"]),
     (3, ["--codec", "sign", "--error-feedback", "--topology", "allgather"]),
+    (2, ["--codec", "qsgd-elias", "--bits", "2", "--bucket", "128", "--topology", "scatter"]),
 ])
 def test_mpi_training_equals_simulation(tmp_path, n, flags):
     mpi = launch(n, "-m", "mpi4py", "-m", "mpiqsgd", *TRAIN, *flags, "--run-dir", str(tmp_path / "mpi"), timeout=300)
