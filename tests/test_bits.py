@@ -20,6 +20,10 @@ def test_layout_is_lsb_first_and_dense():
     assert bits.pack(torch.tensor([1, 2, 3], dtype=torch.uint8), 2).tolist() == [0b00111001]
     # 3-bit codes cross byte boundaries: 7, 0, 5 -> 111 000 101 -> byte0 0b01000111, byte1 0b1
     assert bits.pack(torch.tensor([7, 0, 5], dtype=torch.uint8), 3).tolist() == [0b01000111, 0b1]
+    # 1-bit codes (numpy's packbits on the CPU): code k of a byte is its bit k
+    assert bits.pack(torch.tensor([1, 0, 0, 1, 1, 0, 0, 0, 1], dtype=torch.uint8), 1).tolist() == [0b00011001, 0b1]
+    assert bits.unpack(torch.tensor([0b10000010, 0xFF], dtype=torch.uint8), 9, 1).tolist() == [0, 1, 0, 0, 0, 0, 0,
+                                                                                               1, 1]
 
 
 @settings(max_examples=60, deadline=None)

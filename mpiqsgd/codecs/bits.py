@@ -7,6 +7,7 @@ Each group of 8 codes is one little-endian word of ``bits`` bytes, so packing is
 eight shift-and-or passes over the data.
 """
 
+import numpy as np
 import torch
 
 __all__ = ["packed_nbytes", "pack", "unpack"]
@@ -34,6 +35,8 @@ def pack(codes, bits):
     n = codes.numel()
     if n == 0:
         return codes.new_zeros(0, dtype=torch.uint8)
+    if bits == 1 and codes.device.type == "cpu":  # numpy's packbits: the same layout, much faster
+        return torch.from_numpy(np.packbits(codes.numpy(), bitorder="little"))
     groups = (n + 7) // 8
     if n % 8:
         codes = torch.cat([codes, codes.new_zeros(groups * 8 - n)])
@@ -50,6 +53,8 @@ def unpack(packed, n, bits):
     """Inverse of :func:`pack`: return ``n`` codes as a uint8 tensor."""
     if n == 0:
         return packed.new_zeros(0, dtype=torch.uint8)
+    if bits == 1 and packed.device.type == "cpu":
+        return torch.from_numpy(np.unpackbits(packed.numpy(), count=n, bitorder="little"))
     groups = (n + 7) // 8
     dtype, word_bytes = _word(bits)
     flat = torch.zeros(groups * bits, dtype=torch.uint8, device=packed.device)
