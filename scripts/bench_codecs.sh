@@ -15,8 +15,12 @@ qsgd4-nearest --codec qsgd --bits 4 --rounding nearest
 qsgd2-d128 --codec qsgd --bits 2 --bucket 128
 qsgd8 --codec qsgd --bits 8
 qsgd-inf4 --codec qsgd-inf --bits 4
+qsgd-elias2 --codec qsgd-elias --bits 2
+qsgd-elias2-d128 --codec qsgd-elias --bits 2 --bucket 128
+qsgd-elias4 --codec qsgd-elias --bits 4
 sign --codec sign
 nuqsgd3 --codec nuqsgd --bits 3
+nuqsgd-zero3 --codec nuqsgd-zero --bits 3
 terngrad --codec terngrad
 alq3 --codec alq --bits 3
 alq-n3 --codec alq-n --bits 3
