@@ -23,7 +23,7 @@ try:
 except ImportError:  # pragma: no cover - numba is a declared dependency
     numba = None
 
-__all__ = ["draw_seed", "uniform", "level_encode", "level_decode", "HAVE_NUMBA"]
+__all__ = ["draw_seed", "uniform", "level_encode", "level_decode", "sign_decode", "HAVE_NUMBA"]
 
 HAVE_NUMBA = numba is not None
 
@@ -190,6 +190,27 @@ if HAVE_NUMBA:
         return bad
 
 
+    @numba.njit(inline="always")
+    def _sign_group(g, packed, scales, bucket, n, out):
+        byte = packed[g]
+        for k in range(8):
+            i = g * 8 + k
+            if i >= n:
+                break
+            s = scales[i // bucket]
+            out[i] = -s if (byte >> k) & 1 else s
+
+    @numba.njit(parallel=True, cache=True, nogil=True)
+    def _sign_parallel(packed, scales, bucket, n, out):
+        for g in numba.prange((n + 7) // 8):
+            _sign_group(g, packed, scales, bucket, n, out)
+
+    @numba.njit(cache=True, nogil=True)
+    def _sign_serial(packed, scales, bucket, n, out):
+        for g in range((n + 7) // 8):
+            _sign_group(g, packed, scales, bucket, n, out)
+
+
 PARALLEL_MIN_NUMEL = 1 << 18
 
 
@@ -244,3 +265,16 @@ def level_decode(packed, unit, bucket, bits, levels, n, force_torch=False):
     kernel = _decode_parallel if parallel_ok(n) else _decode_serial
     bad = kernel(packed.numpy(), unit.numpy(), bucket, bits, levels, n, out)
     return torch.from_numpy(out), int(bad)
+
+
+def sign_decode(packed, scales, bucket, n, force_torch=False):
+    """Values of ``n`` packed sign bits (1 = negative) times their bucket's scale."""
+    if not _use_numba(packed.device, force_torch):
+        from .bits import unpack
+
+        values = scales.repeat_interleave(bucket)[:n]
+        return torch.where(unpack(packed, n, 1).bool(), -values, values)
+    out = np.empty(n, dtype=np.float32)
+    kernel = _sign_parallel if parallel_ok(n) else _sign_serial
+    kernel(packed.numpy(), scales.numpy(), bucket, n, out)
+    return torch.from_numpy(out)

@@ -15,6 +15,7 @@ Payload bytes: ``4 * ceil(numel / bucket) + ceil(numel / 8)``.
 import torch
 
 from . import bits as bitpack
+from . import kernels
 from .base import Codec, check_int
 from .qsgd import bucket_norms, finite_scales
 
@@ -32,6 +33,7 @@ class Sign(Codec):
 
     def __init__(self, bucket=512):
         self.bucket = check_int(self.name, "bucket", bucket, 1, 2**30)
+        self.force_torch = False  # tests: run the torch implementation on the CPU too
 
     @property
     def params(self):
@@ -40,19 +42,15 @@ class Sign(Codec):
     def payload_nbytes(self, numel):
         return 4 * (-(-numel // self.bucket)) + bitpack.packed_nbytes(numel, 1)
 
-    def _reconstruct(self, negative, scales, numel):
-        values = scales.repeat_interleave(self.bucket)[:numel]
-        return torch.where(negative, -values, values)
-
     def _quantize(self, x, rng, want_decoded):
-        numel = x.numel()
         scales = bucket_norms(x, self.bucket, "mean_abs")
-        negative = x < 0
-        payload = torch.cat([scales.view(torch.uint8), bitpack.pack(negative.to(torch.uint8), 1)])
-        return payload, (self._reconstruct(negative, scales, numel) if want_decoded else None)
+        packed = bitpack.pack((x < 0).to(torch.uint8), 1)
+        decoded = None
+        if want_decoded:
+            decoded = kernels.sign_decode(packed, scales, self.bucket, x.numel(), self.force_torch)
+        return torch.cat([scales.view(torch.uint8), packed]), decoded
 
     def _dequantize(self, payload, numel):
         n_buckets = -(-numel // self.bucket)
         scales = finite_scales(payload, n_buckets, self.name)
-        negative = bitpack.unpack(payload[4 * n_buckets:], numel, 1).bool()
-        return self._reconstruct(negative, scales, numel)
+        return kernels.sign_decode(payload[4 * n_buckets:], scales, self.bucket, numel, self.force_torch)
