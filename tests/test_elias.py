@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mpiqsgd import wire
+from mpiqsgd.codecs import bits as bitpack
 from mpiqsgd.codecs import decode, elias, make_codec, make_generator
 from mpiqsgd.errors import ConfigError, DecodeError
 
@@ -51,8 +52,10 @@ def test_stream_matches_the_documented_layout(n, bucket, top):
     levels = np.where(rng.random(n) < 0.3, rng.integers(1, top + 1, n), 0).astype(np.uint8)
     negative = (rng.random(n) < 0.5).astype(np.uint8)
     expected, nbits = reference_stream(levels, negative, bucket)
-    assert elias.count_bits(levels, bucket) == nbits
-    got = elias.encode_codes(levels, negative, bucket, nbits)
+    bits = 1 + max(1, int(top).bit_length())
+    packed = bitpack.pack(torch.from_numpy(negative << (bits - 1) | levels), bits).numpy()
+    assert elias.count_bits(packed, n, bits, bucket) == nbits
+    got = elias.encode_codes(packed, n, bits, bucket, nbits)
     assert bytes(got) == expected
     unit = np.full(-(-n // bucket), 0.5, dtype=np.float32)
     out = np.empty(n, dtype=np.float32)

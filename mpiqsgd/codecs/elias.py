@@ -35,6 +35,8 @@ try:
 except ImportError:  # pragma: no cover - numba is a declared dependency
     numba = None
 
+from .kernels import _load_word
+
 __all__ = ["omega_bits", "count_bits", "encode_codes", "decode_stream", "ERRORS"]
 
 _jit = numba.njit(cache=True, nogil=True) if numba is not None else (lambda f: f)
@@ -104,42 +106,68 @@ def _put_omega(out, pos, k):
 
 
 @_jit
-def count_bits(levels, bucket):
-    """Exact stream length in bits for level indices ``levels`` (uint8, one per coordinate)."""
-    n = levels.size
+def _bucket_nnz(packed, start, end, bits):
+    """Non-zero levels among dense codes ``start..end-1``."""
+    top = np.uint64((1 << (bits - 1)) - 1)
+    nnz = 0
+    g_loaded = -1
+    word = np.uint64(0)
+    for i in range(start, end):
+        if i >> 3 != g_loaded:
+            g_loaded = i >> 3
+            word = _load_word(packed, g_loaded, bits)
+        if (word >> np.uint64((i & 7) * bits)) & top:
+            nnz += 1
+    return nnz
+
+
+@_jit
+def count_bits(packed, n, bits, bucket):
+    """Exact stream length in bits for ``n`` dense QSGD codes (``sign << (bits - 1) | level``,
+    packed as in :mod:`mpiqsgd.codecs.bits`)."""
+    top = np.uint64((1 << (bits - 1)) - 1)
     total = 0
+    g_loaded = -1
+    word = np.uint64(0)
     for start in range(0, n, bucket):
-        end = min(start + bucket, n)
         nnz = 0
         prev = start - 1
-        for i in range(start, end):
-            if levels[i] != 0:
+        for i in range(start, min(start + bucket, n)):
+            if i >> 3 != g_loaded:
+                g_loaded = i >> 3
+                word = _load_word(packed, g_loaded, bits)
+            level = np.int64((word >> np.uint64((i & 7) * bits)) & top)
+            if level != 0:
                 nnz += 1
-                total += omega_bits(i - prev) + 1 + omega_bits(np.int64(levels[i]))
+                total += omega_bits(i - prev) + 1 + omega_bits(level)
                 prev = i
         total += omega_bits(nnz + 1)
     return total
 
 
 @_jit
-def encode_codes(levels, negative, bucket, nbits):
-    """The stream (uint8, ``ceil(nbits / 8)`` bytes) of levels and signs; ``nbits`` from :func:`count_bits`."""
-    n = levels.size
+def encode_codes(packed, n, bits, bucket, nbits):
+    """The stream (uint8, ``ceil(nbits / 8)`` bytes) of ``n`` dense QSGD codes; ``nbits`` from
+    :func:`count_bits`."""
+    top = np.uint64((1 << (bits - 1)) - 1)
     out = np.zeros((nbits + 7) // 8, dtype=np.uint8)
     pos = 0
+    g_loaded = -1
+    word = np.uint64(0)
     for start in range(0, n, bucket):
         end = min(start + bucket, n)
-        nnz = 0
-        for i in range(start, end):
-            if levels[i] != 0:
-                nnz += 1
-        pos = _put_omega(out, pos, nnz + 1)
+        pos = _put_omega(out, pos, _bucket_nnz(packed, start, end, bits) + 1)
         prev = start - 1
         for i in range(start, end):
-            if levels[i] != 0:
+            if i >> 3 != g_loaded:
+                g_loaded = i >> 3
+                word = _load_word(packed, g_loaded, bits)
+            code = np.int64((word >> np.uint64((i & 7) * bits)) & np.uint64((1 << bits) - 1))
+            level = code & np.int64(top)
+            if level:
                 pos = _put_omega(out, pos, i - prev)
-                pos = _put(out, pos, 1 if negative[i] else 0, 1)
-                pos = _put_omega(out, pos, np.int64(levels[i]))
+                pos = _put(out, pos, code >> (bits - 1), 1)
+                pos = _put_omega(out, pos, level)
                 prev = i
     return out
 

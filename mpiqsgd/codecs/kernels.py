@@ -92,6 +92,21 @@ def _decode_torch(packed, unit, bucket, bits, levels, n):
 
 # -- numba implementation (CPU) -----------------------------------------------------------
 
+_inline = numba.njit(inline="always") if HAVE_NUMBA else (lambda f: f)
+
+
+@_inline
+def _load_word(packed, g, bits):
+    """Read group ``g``'s packed word (missing bytes past the end read as zero); also used by
+    :mod:`mpiqsgd.codecs.elias`, in plain Python where numba is absent."""
+    word = np.uint64(0)
+    base = g * bits
+    for j in range(bits):
+        if base + j < packed.size:
+            word |= np.uint64(packed[base + j]) << np.uint64(8 * j)
+    return word
+
+
 if HAVE_NUMBA:
     _G, _A, _B = np.uint64(_GOLDEN), np.uint64(_M1), np.uint64(_M2)
 
@@ -110,16 +125,6 @@ if HAVE_NUMBA:
         for j in range(bits):
             if base + j < out.size:
                 out[base + j] = np.uint8((word >> np.uint64(8 * j)) & np.uint64(255))
-
-    @numba.njit(inline="always")
-    def _load_word(packed, g, bits):
-        """Read group ``g``'s packed word (missing bytes past the end read as zero)."""
-        word = np.uint64(0)
-        base = g * bits
-        for j in range(bits):
-            if base + j < packed.size:
-                word |= np.uint64(packed[base + j]) << np.uint64(8 * j)
-        return word
 
     @numba.njit(inline="always")
     def _encode_group(g, x, scale, unit, bucket, bits, top, seed, stochastic, out, decoded, want_decoded):

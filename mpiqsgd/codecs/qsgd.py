@@ -159,11 +159,10 @@ class QSGD(Codec):
         return torch.cat([norms.view(torch.uint8), packed.to(norms.device)]), decoded
 
     def _elias(self, packed, numel):
-        codes = bitpack.unpack(packed, numel, self.bits).cpu().numpy()
-        levels = codes & ((1 << (self.bits - 1)) - 1)
-        negative = codes >> (self.bits - 1)
-        nbits = elias.count_bits(levels, self.bucket)
-        return torch.from_numpy(elias.encode_codes(levels, negative, self.bucket, nbits))
+        """Transcode the dense codes into the Elias stream (read in place, no unpacking)."""
+        packed = packed.cpu().numpy()
+        nbits = elias.count_bits(packed, numel, self.bits, self.bucket)
+        return torch.from_numpy(elias.encode_codes(packed, numel, self.bits, self.bucket, nbits))
 
     def _dequantize(self, payload, numel):
         n_buckets = -(-numel // self.bucket)
