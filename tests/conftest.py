@@ -3,4 +3,16 @@ when named explicitly) and are launched under mpiexec by tests/test_mpi_launch.p
 
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def vec(n, seed=0, dist="normal"):
+    """A seeded test vector: ``normal``, ``heavy`` (normal cubed) or shifted uniform."""
+    g = torch.Generator().manual_seed(seed)
+    if dist == "normal":
+        return torch.randn(n, generator=g)
+    if dist == "heavy":
+        return torch.randn(n, generator=g) ** 3
+    return torch.rand(n, generator=g) - 0.3

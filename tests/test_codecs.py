@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from conftest import vec
 from mpiqsgd.codecs import CODECS, ErrorFeedback, decode, make_codec, make_generator
 from mpiqsgd.codecs.qsgd import QSGD
 from mpiqsgd.errors import ConfigError, DecodeError, NonFiniteError
@@ -15,15 +16,6 @@ ALL = [
 ]
 STOCHASTIC = [("qsgd", {"bits": b, "bucket": d}) for b, d in [(2, 16), (3, 64), (4, 512), (8, 128)]] + [
     ("qsgd-inf", {"bits": 3, "bucket": 32}), ("qsgd", {"levels": 5, "bucket": 10})]
-
-
-def vec(n, seed=0, dist="normal"):
-    g = torch.Generator().manual_seed(seed)
-    if dist == "normal":
-        return torch.randn(n, generator=g)
-    if dist == "heavy":
-        return torch.randn(n, generator=g) ** 3
-    return torch.rand(n, generator=g) - 0.3
 
 
 @pytest.mark.parametrize("name,params", ALL)

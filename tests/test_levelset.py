@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import vec
 from mpiqsgd import wire
 from mpiqsgd.codecs import CODECS, ErrorFeedback, adapt, decode, make_codec, make_generator
 from mpiqsgd.codecs.levelset import (AdaptiveLevelSet, LevelSet, expected_variance, named_levels,
@@ -26,15 +27,6 @@ STOCHASTIC = [
     ("terngrad", {"bucket": 32}), ("alq", {"bits": 2, "bucket": 50}),
     ("amq-n", {"bits": 4, "bucket": 128}),
 ]
-
-
-def vec(n, seed=0, dist="normal"):
-    g = torch.Generator().manual_seed(seed)
-    if dist == "normal":
-        return torch.randn(n, generator=g)
-    if dist == "heavy":
-        return torch.randn(n, generator=g) ** 3
-    return torch.rand(n, generator=g) - 0.3
 
 
 def fitted(name, bits=3, bucket=256, seed=0, **kw):

@@ -84,7 +84,8 @@ class Codec:
         raise NotImplementedError
 
     def _dequantize(self, payload, numel):
-        """Return the float32 values of a payload (a uint8 tensor of the exact length).
+        """Return the float32 values of a payload (a uint8 tensor of the exact length, or for a
+        variable-length code at least :meth:`min_payload_nbytes`; the codec checks the rest).
 
         Raise :class:`DecodeError` for values no encoder produces.
         """
