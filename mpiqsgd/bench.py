@@ -45,8 +45,8 @@ def bench_codec(codec, numel, repeats=5, seed=0, device="cpu"):
     x = torch.randn(numel, generator=torch.Generator().manual_seed(seed)).to(device)
     scratch = torch.empty_like(x)
     adaptive = {}
-    inner = getattr(codec, "inner", codec)
-    if hasattr(inner, "fit"):  # adaptive: fit the levels to this vector first, and time it
+    inner = codec.base
+    if codec.adaptive:  # adaptive: fit the levels to this vector first, and time it
         t_first, stats = _timed(lambda: inner.local_stats(x), device)  # includes compiling kernels
         t_first_fit, _ = _timed(lambda: inner.fit(stats), device)
         t_stats, stats = _timed(lambda: inner.local_stats(x), device)
@@ -72,7 +72,7 @@ def bench_codec(codec, numel, repeats=5, seed=0, device="cpu"):
         "benchmark": "codec",
         "codec": repr(codec),
         "params": {k: (np.frombuffer(v, "<f4").tolist() if isinstance(v, bytes) else v)
-                   for k, v in getattr(codec, "params", {}).items()},
+                   for k, v in codec.params.items()},
         "numel": numel,
         "repeats": repeats,
         "encoded_bytes": len(message),
@@ -87,7 +87,7 @@ def bench_codec(codec, numel, repeats=5, seed=0, device="cpu"):
         "encode_vs_memcpy": copy / enc,
         "decode_vs_memcpy": copy / dec,
         "variance_ratio": float(np.mean(variances)),
-        "variance_bound": getattr(codec, "variance_bound", lambda: None)(),
+        "variance_bound": codec.variance_bound(),
         "adaptive": adaptive or None,
         "machine": machine_info(device),
     }
@@ -108,7 +108,7 @@ def bench_exchange(transport, codec, topology, numel, repeats=5, seed=0, device=
     """
     rank, n = transport.rank, transport.size
     if str(device) == "cuda":
-        device = f"cuda:{getattr(transport, 'local_rank', rank) % torch.cuda.device_count()}"
+        device = f"cuda:{transport.local_rank % torch.cuda.device_count()}"
     dedicated = bool(options.get("dedicated"))
     grad = torch.randn(numel, generator=torch.Generator().manual_seed(seed + rank)).to(device)
     if dedicated and rank == 0:

@@ -8,6 +8,7 @@ recorded with ``dest = -1`` and its nominal cost. :func:`merge` sums the totals 
 all ranks (the byte counts of a job); ``Meter.totals`` is one rank's, JSON-ready.
 """
 
+import threading
 import time
 from collections import defaultdict
 from contextlib import contextmanager
@@ -59,6 +60,7 @@ class Meter:
         self.rank = rank
         self.keep_messages = keep_messages
         self.step = 0
+        self._lock = threading.Lock()  # a communication thread records beside the training thread
         self.reset()
 
     def reset(self):
@@ -82,10 +84,11 @@ class Meter:
         msg = Message(self.step, phase, source, dest, header_bytes, payload_bytes, fp32_bytes)
         counts = {"messages": 1, "bytes": msg.bytes, "header_bytes": header_bytes,
                   "payload_bytes": payload_bytes, "fp32_bytes": fp32_bytes}
-        _add(self.by_phase[phase], counts)
-        _add(self.by_link[f"{source}->{dest}"], counts)
-        if self.keep_messages:
-            self.messages.append(msg)
+        with self._lock:
+            _add(self.by_phase[phase], counts)
+            _add(self.by_link[f"{source}->{dest}"], counts)
+            if self.keep_messages:
+                self.messages.append(msg)
 
     @contextmanager
     def time(self, phase, sync=None):
@@ -103,7 +106,9 @@ class Meter:
         finally:
             if sync:
                 sync()
-            self.seconds[phase] += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            with self._lock:
+                self.seconds[phase] += elapsed
 
     def sent(self):
         """Totals over everything this rank sent."""

@@ -16,8 +16,22 @@ Small control traffic (meters, statistics, initial parameters) goes through
 
 :class:`LocalGroup` runs N ranks as threads of one process (``--simulate N``) with
 the same interface and the same byte counting, over in-process queues.
+
+The transport alone owns the meter: :meth:`Transport.begin_step` stamps the step on
+every record, every counted call (point-to-point messages, the allreduce baseline,
+allgathers given a phase) adds its seconds to ``communicate``, and
+:meth:`Transport.timed` is how callers time their own phases (``encode``, ``decode``).
+
+Waiting: MPI libraries poll at full speed inside a blocking call, so a rank waiting
+for a message takes a core from the ranks that compute (oversubscribed ranks on a
+laptop, or a communication thread beside backward). :class:`MPITransport` therefore
+posts non-blocking calls and polls them itself (:class:`Poller`): a short spin, then
+sleeps that double from ``POLL_FIRST_SLEEP`` to ``POLL_MAX_SLEEP`` seconds, so a waiting
+rank yields its core. ``wait="spin"`` keeps MPI's blocking calls (lowest latency when
+every rank has a core of its own).
 """
 
+import contextlib
 import queue
 import sys
 import threading
@@ -30,9 +44,43 @@ import torch
 from . import wire
 from .meter import Meter
 
-ABORT_GRACE_SECONDS = 1.0  # see abort_if_parallel
+from .errors import ConfigError
 
-__all__ = ["Transport", "MPITransport", "LocalGroup", "LocalTransport", "world", "abort_if_parallel"]
+ABORT_GRACE_SECONDS = 1.0  # see abort_if_parallel
+POLL_SPIN_SECONDS = 20e-6  # poll without sleeping this long: short waits keep their latency
+POLL_FIRST_SLEEP = 10e-6  # then sleep, doubling each time ...
+POLL_MAX_SLEEP = 500e-6  # ... up to this: a waiting rank costs about 1/1000 of a core
+WAITS = ("backoff", "spin")
+
+__all__ = ["Transport", "MPITransport", "LocalGroup", "LocalTransport", "Poller", "world", "abort_if_parallel",
+           "allreduce_nbytes", "WAITS"]
+
+
+def allreduce_nbytes(numel, n):
+    """Nominal bytes one rank sends in a bandwidth-optimal allreduce of ``numel`` float32."""
+    return 2 * (n - 1) * 4 * numel // n if n > 1 else 0
+
+
+class Poller:
+    """Wait for a condition without holding a core: spin briefly, then sleep with back-off."""
+
+    def __init__(self, spin_seconds=POLL_SPIN_SECONDS, first_sleep=POLL_FIRST_SLEEP, max_sleep=POLL_MAX_SLEEP):
+        self.spin_seconds, self.first_sleep, self.max_sleep = spin_seconds, first_sleep, max_sleep
+
+    def until(self, done):
+        """Return the first true value of ``done()``."""
+        result = done()
+        if result:
+            return result
+        start = time.perf_counter()
+        sleep = self.first_sleep
+        while True:
+            result = done()
+            if result:
+                return result
+            if time.perf_counter() - start > self.spin_seconds:
+                time.sleep(sleep)
+                sleep = min(2 * sleep, self.max_sleep)
 
 
 def phase_tag(phase):
@@ -49,18 +97,35 @@ class Transport:
 
     Attributes:
         rank, size: this process's rank and the number of ranks.
+        local_rank, local_size: this rank's index among the ranks of its node, and their number.
         meter: the :class:`~mpiqsgd.meter.Meter` every sent message is recorded in.
+
+    Message calls: ``send(buf, dest, phase, fp32_bytes)``, ``recv(source, phase)`` (a
+    uint8 array), ``sendrecv(buf, dest, source, phase, fp32_bytes)``, ``allreduce_sum(tensor)``;
+    control calls: ``allgather_bytes(buf, phase=None)``, ``bcast_bytes(buf, root)``, ``barrier()``.
     """
 
     rank = 0
     size = 1
+    local_rank = 0
+    local_size = 1
     meter = None
+
+    def begin_step(self, step):
+        """Stamp ``step`` on everything recorded from now on."""
+        self.meter.step = step
+
+    def timed(self, phase):
+        """Context manager adding the seconds of its block to ``phase`` in the meter."""
+        return self.meter.time(phase)
+
+    def require_threads(self):
+        """Raise :class:`ConfigError` unless a second thread may make this transport's calls."""
 
     def _record(self, buf, dest, phase, fp32_bytes, framed=True):
         nbytes = len(memoryview(buf).cast("B"))
         header = wire.header_nbytes(buf) if framed else 0
         self.meter.record(phase, self.rank, dest, header, nbytes - header, fp32_bytes)
-
 
 class MPITransport(Transport):
     """Transport over an mpi4py communicator.
@@ -68,68 +133,105 @@ class MPITransport(Transport):
     Args:
         comm: an ``mpi4py.MPI.Comm`` (default ``COMM_WORLD``).
         meter: where to count messages (default: a new :class:`Meter`).
+        wait: ``"backoff"`` (default: poll non-blocking calls, sleeping between polls) or
+            ``"spin"`` (MPI's blocking calls).
     """
 
-    def __init__(self, comm=None, meter=None):
+    def __init__(self, comm=None, meter=None, wait="backoff"):
         from mpi4py import MPI
 
+        if wait not in WAITS:
+            raise ConfigError(f"transport: wait must be one of {', '.join(WAITS)}; got {wait!r}")
         self._MPI = MPI
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self.meter = Meter(self.rank) if meter is None else meter
+        self.poller = Poller() if wait == "backoff" else None
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         self.local_size = node.Get_size()  # ranks of this communicator on this node
         self.local_rank = node.Get_rank()  # this rank's index among them (picks its GPU)
         node.Free()
 
+    def require_threads(self):
+        """Exchanges in a communication thread need ``MPI_THREAD_SERIALIZED`` (one thread calls MPI at a time)."""
+        MPI = self._MPI
+        provided = MPI.Query_thread()
+        if provided < MPI.THREAD_SERIALIZED:
+            names = {MPI.THREAD_SINGLE: "MPI_THREAD_SINGLE", MPI.THREAD_FUNNELED: "MPI_THREAD_FUNNELED"}
+            raise ConfigError(
+                f"overlapping communication with backward runs MPI calls from a second thread, which needs "
+                f"MPI_THREAD_SERIALIZED; this MPI library provides {names.get(provided, provided)}. "
+                "Exchange without overlap, or use an MPI built with thread support "
+                "(mpi4py requests MPI_THREAD_MULTIPLE unless mpi4py.rc.thread_level says otherwise)")
+
+    def _wait(self, request):
+        if self.poller is None:
+            request.Wait()
+        else:
+            self.poller.until(request.Test)
+
     def send(self, buf, dest, phase, fp32_bytes):
-        """Blocking send of a framed message to ``dest``."""
+        """Send a framed message to ``dest``; returns when the buffer may be reused."""
         self._record(buf, dest, phase, fp32_bytes)
-        self.comm.Send([_as_bytes_array(buf), self._MPI.BYTE], dest=dest, tag=phase_tag(phase))
+        with self.meter.time("communicate"):
+            self._wait(self.comm.Isend([_as_bytes_array(buf), self._MPI.BYTE], dest=dest, tag=phase_tag(phase)))
+
+    def _recv(self, source, tag):
+        status = self._MPI.Status()
+        if self.poller is None:
+            self.comm.Probe(source=source, tag=tag, status=status)
+        else:
+            self.poller.until(lambda: self.comm.Iprobe(source=source, tag=tag, status=status))
+        out = np.empty(status.Get_count(self._MPI.BYTE), dtype=np.uint8)
+        self._wait(self.comm.Irecv([out, self._MPI.BYTE], source=source, tag=tag))
+        return out
 
     def recv(self, source, phase):
         """Receive one message of ``phase`` from ``source``; return it as a uint8 array."""
-        status = self._MPI.Status()
-        tag = phase_tag(phase)
-        self.comm.Probe(source=source, tag=tag, status=status)
-        out = np.empty(status.Get_count(self._MPI.BYTE), dtype=np.uint8)
-        self.comm.Recv([out, self._MPI.BYTE], source=source, tag=tag)
-        return out
+        with self.meter.time("communicate"):
+            return self._recv(source, phase_tag(phase))
 
     def sendrecv(self, buf, dest, source, phase, fp32_bytes):
         """Send to ``dest`` while receiving from ``source`` (any lengths); no deadlock in rings."""
         self._record(buf, dest, phase, fp32_bytes)
-        request = self.comm.Isend([_as_bytes_array(buf), self._MPI.BYTE], dest=dest, tag=phase_tag(phase))
-        try:
-            return self.recv(source, phase)
-        finally:
-            request.Wait()
+        tag = phase_tag(phase)
+        with self.meter.time("communicate"):
+            request = self.comm.Isend([_as_bytes_array(buf), self._MPI.BYTE], dest=dest, tag=tag)
+            try:
+                return self._recv(source, tag)
+            finally:
+                self._wait(request)
 
     def allreduce_sum(self, tensor, phase="allreduce"):
         """Sum a float32 tensor over all ranks with ``MPI.Allreduce`` (staged through the CPU)."""
         host = tensor.detach().to("cpu", torch.float32).contiguous().numpy().copy()
         n = self.size
         if n > 1:
-            nominal = 2 * (n - 1) * host.nbytes // n
+            nominal = allreduce_nbytes(host.size, n)
             self.meter.record(phase, self.rank, -1, 0, nominal, nominal)
-            self.comm.Allreduce(self._MPI.IN_PLACE, [host, self._MPI.FLOAT], op=self._MPI.SUM)
+            with self.meter.time("communicate"):
+                if self.poller is None:
+                    self.comm.Allreduce(self._MPI.IN_PLACE, [host, self._MPI.FLOAT], op=self._MPI.SUM)
+                else:
+                    self._wait(self.comm.Iallreduce(self._MPI.IN_PLACE, [host, self._MPI.FLOAT], op=self._MPI.SUM))
         return torch.from_numpy(host).to(tensor.device)
 
     def allgather_bytes(self, buf, phase=None):
-        """Every rank's ``buf`` (any lengths), in rank order; counted only when ``phase`` is given."""
-        data = _as_bytes_array(buf)
-        counts = np.zeros(self.size, dtype=np.int64)
-        self.comm.Allgather([np.array([data.size], dtype=np.int64), self._MPI.INT64_T],
-                            [counts, self._MPI.INT64_T])
-        if phase is not None:
-            for dest in range(self.size):
-                if dest != self.rank:
-                    self._record(data, dest, phase, 0, framed=False)
-        displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        out = np.empty(int(counts.sum()), dtype=np.uint8)
-        self.comm.Allgatherv([data, self._MPI.BYTE], [out, (counts, displs), self._MPI.BYTE])
-        return [out[d:d + c].tobytes() for d, c in zip(displs, counts)]
+        """Every rank's ``buf`` (any lengths), in rank order; counted and timed only when ``phase`` is given."""
+        with self.meter.time("communicate") if phase is not None else contextlib.nullcontext():
+            data = _as_bytes_array(buf)
+            counts = np.zeros(self.size, dtype=np.int64)
+            self.comm.Allgather([np.array([data.size], dtype=np.int64), self._MPI.INT64_T],
+                                [counts, self._MPI.INT64_T])
+            if phase is not None:
+                for dest in range(self.size):
+                    if dest != self.rank:
+                        self._record(data, dest, phase, 0, framed=False)
+            displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            out = np.empty(int(counts.sum()), dtype=np.uint8)
+            self.comm.Allgatherv([data, self._MPI.BYTE], [out, (counts, displs), self._MPI.BYTE])
+            return [out[d:d + c].tobytes() for d, c in zip(displs, counts)]
 
     def bcast_bytes(self, buf, root=0):
         """``root``'s bytes on every rank (uncounted control traffic, e.g. initial parameters)."""
@@ -141,7 +243,10 @@ class MPITransport(Transport):
         return out.tobytes()
 
     def barrier(self):
-        self.comm.Barrier()
+        if self.poller is None:
+            self.comm.Barrier()
+        else:
+            self._wait(self.comm.Ibarrier())
 
 
 class LocalGroup:
@@ -212,19 +317,24 @@ class _Aborted(Exception):
 
 
 class LocalTransport(Transport):
-    """One rank of a :class:`LocalGroup`; same methods and byte counting as :class:`MPITransport`."""
+    """One rank of a :class:`LocalGroup`; same methods, byte counting and timing as :class:`MPITransport`."""
 
     def __init__(self, group, rank, meter=None):
         self.group = group
         self.rank = rank
         self.size = group.size
+        self.local_rank, self.local_size = rank, group.size
         self.meter = Meter(rank) if meter is None else meter
 
     def send(self, buf, dest, phase, fp32_bytes):
         self._record(buf, dest, phase, fp32_bytes)
+        with self.meter.time("communicate"):
+            self._put(buf, dest, phase)
+
+    def _put(self, buf, dest, phase):
         self.group.queue(self.rank, dest, phase_tag(phase)).put(bytes(memoryview(buf).cast("B")))
 
-    def recv(self, source, phase):
+    def _get(self, source, phase):
         q = self.group.queue(source, self.rank, phase_tag(phase))
         while True:
             try:
@@ -233,18 +343,25 @@ class LocalTransport(Transport):
                 if self.group.error is not None:
                     raise _Aborted() from None
 
+    def recv(self, source, phase):
+        with self.meter.time("communicate"):
+            return self._get(source, phase)
+
     def sendrecv(self, buf, dest, source, phase, fp32_bytes):
-        self.send(buf, dest, phase, fp32_bytes)
-        return self.recv(source, phase)
+        self._record(buf, dest, phase, fp32_bytes)
+        with self.meter.time("communicate"):
+            self._put(buf, dest, phase)
+            return self._get(source, phase)
 
     def allreduce_sum(self, tensor, phase="allreduce"):
         """Sum in rank order (MPI may associate differently: last-bit differences from a real job)."""
         n = self.size
         host = tensor.detach().to("cpu", torch.float32).contiguous().clone()
         if n > 1:
-            nominal = 2 * (n - 1) * host.numel() * 4 // n
+            nominal = allreduce_nbytes(host.numel(), n)
             self.meter.record(phase, self.rank, -1, 0, nominal, nominal)
-        total = self.group.exchange(self.rank, host)
+        with self.meter.time("communicate"):
+            total = self.group.exchange(self.rank, host)
         acc = total[0].clone()
         for t in total[1:]:
             acc += t
@@ -252,11 +369,13 @@ class LocalTransport(Transport):
 
     def allgather_bytes(self, buf, phase=None):
         data = bytes(memoryview(buf).cast("B"))
-        if phase is not None:
-            for dest in range(self.size):
-                if dest != self.rank:
-                    self._record(data, dest, phase, 0, framed=False)
-        return self.group.exchange(self.rank, data)
+        if phase is None:
+            return self.group.exchange(self.rank, data)
+        for dest in range(self.size):
+            if dest != self.rank:
+                self._record(data, dest, phase, 0, framed=False)
+        with self.meter.time("communicate"):
+            return self.group.exchange(self.rank, data)
 
     def bcast_bytes(self, buf, root=0):
         return self.group.exchange(self.rank, bytes(memoryview(buf).cast("B")) if self.rank == root else None)[root]
@@ -265,11 +384,11 @@ class LocalTransport(Transport):
         self.group.barrier()
 
 
-def world():
+def world(wait="backoff"):
     """An :class:`MPITransport` on ``COMM_WORLD``, with codec threads shared among the node's ranks."""
     from .machine import share_cpus
 
-    transport = MPITransport()
+    transport = MPITransport(wait=wait)
     share_cpus(transport.local_size)
     return transport
 

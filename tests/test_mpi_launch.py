@@ -39,6 +39,33 @@ def test_adaptive_levels_under_mpiexec(n):
     assert " failed" not in out and out.count(" passed") >= n
 
 
+@pytest.mark.parametrize("n", [2, 3, 4, 5])
+def test_overlap_under_mpiexec(n):
+    proc = launch(n, "-m", "mpi4py", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", "tests/mpi/mpi_overlap.py")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert " failed" not in out and out.count(" passed") >= n
+
+
+def test_sixteen_ranks_on_few_cores_overlap_every_topology():
+    proc = launch(16, "-m", "mpi4py", "tests/mpi/mpi_soak.py", "200", timeout=400)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert out.count("replicas identical") == 5, out[-3000:]
+
+
+def test_overlap_refuses_an_mpi_without_thread_support():
+    code = ("import mpi4py; mpi4py.rc.thread_level = 'single'\n"
+            "import torch\n"
+            "from mpiqsgd.codecs import make_codec\n"
+            "from mpiqsgd.exchange import GradientExchange\n"
+            "from mpiqsgd.transport import MPITransport\n"
+            "GradientExchange(torch.nn.Linear(3, 3).parameters(), MPITransport(), make_codec('qsgd'), overlap=True)\n")
+    proc = launch(1, "-c", code, timeout=60)
+    assert proc.returncode != 0
+    assert "needs MPI_THREAD_SERIALIZED" in proc.stderr and "MPI_THREAD_SINGLE" in proc.stderr
+
+
 @pytest.mark.parametrize("kind,message", [("error", "mpiqsgd: error: deliberate failure on rank 1"),
                                           ("crash", "RuntimeError: deliberate crash on rank 1")])
 def test_failure_on_one_rank_aborts_the_job(kind, message):
@@ -87,6 +114,8 @@ def final_states(run_dir, n):
          "--downlink", "codec", "--min-compress-numel", "100"]),
     (3, ["--codec", "sign", "--error-feedback", "--topology", "allgather"]),
     (2, ["--codec", "qsgd-elias", "--bits", "2", "--bucket", "128", "--topology", "scatter"]),
+    (3, ["--codec", "qsgd", "--bits", "4", "--topology", "scatter", "--bucket-mb", "0.01", "--overlap",
+         "--min-compress-numel", "100"]),
 ])
 def test_mpi_training_equals_simulation(tmp_path, n, flags):
     mpi = launch(n, "-m", "mpi4py", "-m", "mpiqsgd", *TRAIN, *flags, "--run-dir", str(tmp_path / "mpi"), timeout=300)

@@ -103,14 +103,14 @@ def test_resume_refuses_another_world_size(tmp_path):
 
 
 def test_sync_check_detects_drift(tmp_path, monkeypatch):
-    original = GradientExchange.synchronize
+    original = GradientExchange.finish
 
     def drifting(self, step):
         original(self, step)
         if self.transport.rank == 1 and step == 2:
             self.params[0].grad.add_(1e-3)
 
-    monkeypatch.setattr(GradientExchange, "synchronize", drifting)
+    monkeypatch.setattr(GradientExchange, "finish", drifting)
     with pytest.raises(MpiqsgdError, match=r"replicas drifted at step 4: parameters of ranks \[1\]"):
         run(tmp_path, simulate=2, check_sync_every=4)
 

@@ -8,6 +8,16 @@ with the values a receiver will decode (:meth:`Codec._quantize`), and how to rea
 back (:meth:`Codec._dequantize`). The base class does the framing, the checks on
 input and on received bytes, and guarantees that the values returned by
 :meth:`Codec.encode_decode` are bit-identical to :meth:`Codec.decode` of the bytes.
+
+The contract also declares what the exchange needs from stateful codecs, so that no
+caller probes for attributes:
+
+- state: :meth:`Codec.state_dict` / :meth:`Codec.load_state_dict` (empty for stateless
+  codecs; error-feedback residuals, fitted level tables);
+- adaptation: :attr:`Codec.adaptive`, :meth:`Codec.local_stats` and :meth:`Codec.fit`
+  (adaptive level sets refit their table from statistics merged across ranks);
+- :attr:`Codec.base`: the codec whose wire format the messages have (itself, or the codec
+  an :class:`~mpiqsgd.codecs.feedback.ErrorFeedback` compensates).
 """
 
 import numpy as np
@@ -19,13 +29,15 @@ from ..errors import ConfigError, DecodeError, NonFiniteError
 __all__ = ["Codec", "make_generator", "check_choice", "check_int"]
 
 
-def make_generator(seed, rank=0, step=0, device="cpu"):
-    """A ``torch.Generator`` seeded from (seed, rank, step), the only source of codec randomness.
+def make_generator(seed, rank=0, step=0, device="cpu", stream=0):
+    """A ``torch.Generator`` seeded from (seed, rank, step[, stream]), the only source of codec randomness.
 
-    Different ranks and steps get independent streams; the same triple always gives
-    the same stream, so runs are reproducible.
+    Different ranks, steps and streams (e.g. the gradient buckets of one step) get
+    independent streams; the same inputs always give the same stream, so runs are
+    reproducible. Stream 0 is the stream of (seed, rank, step) alone.
     """
-    state = np.random.SeedSequence([int(seed), int(rank), int(step)]).generate_state(1, np.uint64)[0]
+    entropy = [int(seed), int(rank), int(step)] + ([int(stream)] if stream else [])
+    state = np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0]
     gen = torch.Generator(device=device)
     gen.manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
     return gen
@@ -56,6 +68,34 @@ class Codec:
 
     name = "codec"
     stochastic = False
+    bucket = None  # coordinates per scale; None for codecs without buckets
+    adaptive = False  # refits itself from merged statistics (local_stats / fit)
+
+    @property
+    def base(self):
+        """The codec that defines this codec's wire format (itself unless it wraps another)."""
+        return self
+
+    def variance_bound(self):
+        """Upper bound on E||Q(v) - v||^2 / ||v||^2, or None when the codec states none."""
+        return None
+
+    def state_dict(self):
+        """State that a checkpoint must keep (msgpack/torch-serializable); empty when stateless."""
+        return {}
+
+    def load_state_dict(self, state, device="cpu"):
+        """Restore :meth:`state_dict`; ``device`` places tensors."""
+        if state:
+            raise ConfigError(f"{self.name} keeps no state; got {sorted(state)}")
+
+    def local_stats(self, flat):
+        """This rank's sufficient statistics of ``flat`` for a refit (adaptive codecs only)."""
+        raise ConfigError(f"{self.name} is not adaptive: it has no statistics to fit")
+
+    def fit(self, stats):
+        """Refit from statistics merged across ranks in rank order (adaptive codecs only)."""
+        raise ConfigError(f"{self.name} is not adaptive: it cannot fit")
 
     @property
     def params(self):

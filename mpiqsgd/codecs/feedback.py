@@ -1,6 +1,6 @@
-"""Error feedback as a wrapper around any codec.
+"""Error feedback: a codec that compensates another codec's error.
 
-Per buffer ``key`` the wrapper keeps a residual ``e`` (initially zero). Each call:
+Per buffer ``key`` the codec keeps a residual ``e`` (initially zero). Each encode:
 ``p = x + e``; send ``C(p)``; ``e = p - decode(C(p))``. The bytes are exactly the
 inner codec's (same header, same size): error feedback changes what is sent, not the
 wire format, and receivers decode with the inner codec. Residuals are per rank and per
@@ -17,20 +17,27 @@ import warnings
 
 import torch
 
+from .base import Codec
+
 __all__ = ["ErrorFeedback"]
 
 
-class ErrorFeedback:
-    """Wrap ``codec`` with per-key error-feedback residuals.
+class ErrorFeedback(Codec):
+    """``codec`` with per-key error-feedback residuals; a :class:`Codec` of ``codec``'s wire format.
+
+    Sizes, headers, decoding and adaptation are the inner codec's; encoding adds the
+    residual and updates it; the state is the residuals plus the inner codec's state.
 
     Args:
-        codec: any :class:`~mpiqsgd.codecs.base.Codec`.
+        codec: any :class:`~mpiqsgd.codecs.base.Codec` (not itself error feedback).
     """
 
     def __init__(self, codec):
+        if isinstance(codec, ErrorFeedback):
+            raise TypeError("error feedback is applied once: the codec already has it")
         self.inner = codec
         self.residuals = {}
-        bound = getattr(codec, "variance_bound", lambda: None)()
+        bound = codec.variance_bound()
         if bound is not None and bound >= 1:
             warnings.warn(
                 f"error feedback with {codec!r} can diverge: its variance factor is up to {bound:.2f} >= 1; "
@@ -39,15 +46,35 @@ class ErrorFeedback:
     name = property(lambda self: self.inner.name)
     params = property(lambda self: self.inner.params)
     stochastic = property(lambda self: self.inner.stochastic)
+    adaptive = property(lambda self: self.inner.adaptive)
+    base = property(lambda self: self.inner)
 
     def __repr__(self):
         return f"ErrorFeedback({self.inner!r})"
 
-    def __getattr__(self, attr):
-        # Sizes, headers and decoding are the inner codec's.
-        if attr == "inner":
-            raise AttributeError(attr)
-        return getattr(self.inner, attr)
+    def variance_bound(self):
+        return self.inner.variance_bound()
+
+    def payload_nbytes(self, numel):
+        return self.inner.payload_nbytes(numel)
+
+    def min_payload_nbytes(self, numel):
+        return self.inner.min_payload_nbytes(numel)
+
+    def header_bytes(self, numel):
+        return self.inner.header_bytes(numel)
+
+    def decode(self, message, device="cpu"):
+        return self.inner.decode(message, device)
+
+    def _decode_payload(self, numel, payload, device):
+        return self.inner._decode_payload(numel, payload, device)
+
+    def local_stats(self, flat):
+        return self.inner.local_stats(flat)
+
+    def fit(self, stats):
+        return self.inner.fit(stats)
 
     def encode_decode(self, x, rng=None, key="grad"):
         """Encode ``x`` plus the residual of ``key``; update the residual.
@@ -70,13 +97,14 @@ class ErrorFeedback:
         self.residuals.clear()
 
     def state_dict(self):
-        """Residuals by key, on the CPU, and the inner codec's state if it has one (for checkpoints)."""
+        """Residuals by key, on the CPU, and the inner codec's state if it has any (for checkpoints)."""
         state = {"residuals": {k: v.detach().cpu().clone() for k, v in self.residuals.items()}}
-        if hasattr(self.inner, "state_dict"):
-            state["inner"] = self.inner.state_dict()
+        inner = self.inner.state_dict()
+        if inner:
+            state["inner"] = inner
         return state
 
     def load_state_dict(self, state, device="cpu"):
         self.residuals = {k: v.to(device).clone() for k, v in state["residuals"].items()}
         if "inner" in state:
-            self.inner.load_state_dict(state["inner"])
+            self.inner.load_state_dict(state["inner"], device)

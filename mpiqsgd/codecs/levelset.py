@@ -282,6 +282,8 @@ class AdaptiveLevelSet(LevelSet):
         codec.fit(stats)  # same levels on every rank; older messages no longer decode
     """
 
+    adaptive = True
+
     def __init__(self, bits=None, bucket=8192, norm=None, method="alq", levels=None, clip_sigma=None,
                  max_buckets=64, weight_power=2.0):
         if method not in ADAPTIVE:

@@ -15,6 +15,7 @@ docstring gives the exact formula; ``Aggregator.sent_nbytes`` computes it (None 
 variable-length codec such as ``qsgd-elias``, whose messages the meter still counts).
 """
 
+from ..codecs import ErrorFeedback
 from ..errors import ConfigError
 from .allgather import Allgather
 from .allreduce import Allreduce
@@ -22,9 +23,21 @@ from .base import Aggregator, chunk_bounds, mean_of, sum_of
 from .ps import ParameterServer
 from .ring import Ring, Scatter
 
-__all__ = ["Aggregator", "TOPOLOGIES", "make_aggregator", "chunk_bounds", "mean_of", "sum_of"]
+__all__ = ["Aggregator", "TOPOLOGIES", "DOWNLINKS", "make_aggregator", "chunk_bounds", "mean_of", "sum_of"]
 
 TOPOLOGIES = {cls.name: cls for cls in (Allreduce, ParameterServer, Ring, Scatter, Allgather)}
+DOWNLINKS = ("fp32", "codec")
+
+
+def _downlink_codec(codec, downlink="fp32", server_error_feedback=False):
+    """The ps server's reply codec: None (fp32), the codec's base, or error feedback of it."""
+    if downlink not in DOWNLINKS:
+        raise ConfigError(f"ps: downlink must be one of {', '.join(DOWNLINKS)}; got {downlink!r}")
+    if server_error_feedback and downlink != "codec":
+        raise ConfigError("ps: server-side error feedback needs --downlink codec")
+    if downlink == "fp32":
+        return None
+    return ErrorFeedback(codec.base) if server_error_feedback else codec.base
 
 
 def make_aggregator(name, transport, codec, seed=0, **options):
@@ -43,4 +56,10 @@ def make_aggregator(name, transport, codec, seed=0, **options):
     options = {k: v for k, v in options.items() if v is not None}
     if options and name != "ps":
         raise ConfigError(f"topology {name!r} takes no options ({', '.join(sorted(options))} are for ps)")
+    if name == "ps":
+        unknown = sorted(set(options) - {"downlink", "server_error_feedback", "dedicated"})
+        if unknown:
+            raise ConfigError(f"topology 'ps' takes no option {', '.join(unknown)}")
+        down = _downlink_codec(codec, options.pop("downlink", "fp32"), options.pop("server_error_feedback", False))
+        return ParameterServer(transport, codec, seed=seed, down_codec=down, **options)
     return TOPOLOGIES[name](transport, codec, seed=seed, **options)

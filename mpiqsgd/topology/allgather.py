@@ -20,22 +20,17 @@ class Allgather(Aggregator):
 
     name = "allgather"
 
-    def aggregate(self, flat, step):
-        self._check(flat)
-        t, meter = self.transport, self.meter
-        meter.step = step
+    def _aggregate(self, flat, call):
+        t = self.transport
         n, r = t.size, t.rank
-        with meter.time("encode"):
-            own, own_decoded = self.codec.encode_decode(flat, self._rng(step), key="grad")
+        own, own_decoded = call.encode_decode(self.codec, flat, "grad")
         messages = {r: own}
-        with meter.time("communicate"):
-            for k in range(n - 1):
-                messages[(r - k - 1) % n] = t.sendrecv(
-                    messages[(r - k) % n], (r + 1) % n, (r - 1) % n, "allgather", 4 * flat.numel())
-        with meter.time("decode"):
-            decoded = [own_decoded if src == r else self.codec.decode(messages[src], flat.device)
-                       for src in range(n)]
-            return mean_of(decoded)
+        for k in range(n - 1):
+            messages[(r - k - 1) % n] = t.sendrecv(
+                messages[(r - k) % n], (r + 1) % n, (r - 1) % n, "allgather", 4 * flat.numel())
+        decoded = [own_decoded if src == r else call.decode(self.codec, messages[src], flat.device)
+                   for src in range(n)]
+        return mean_of(decoded)
 
     def _sent_nbytes(self, numel, rank):
         return (self.transport.size - 1) * self.codec.encoded_nbytes(numel)

@@ -2,11 +2,13 @@
 
 Message pattern: one ``MPI.Allreduce(SUM)`` of ``4 numel`` bytes, then divide by n.
 Bytes per rank (nominal, as recorded by the transport, since MPI chooses its own
-algorithm): ``floor(2 (n-1) / n * 4 numel)``; 0 for n = 1.
+algorithm): :func:`~mpiqsgd.transport.allreduce_nbytes`, ``floor(2 (n-1) / n * 4 numel)``;
+0 for n = 1.
 """
 
 from ..codecs.fp import FP32
 from ..errors import ConfigError
+from ..transport import allreduce_nbytes
 from .base import Aggregator
 
 __all__ = ["Allreduce"]
@@ -18,18 +20,13 @@ class Allreduce(Aggregator):
     name = "allreduce"
 
     def __init__(self, transport, codec=None, seed=0):
-        if codec is not None and (codec.name != "fp32" or hasattr(codec, "inner")):
+        if codec is not None and (codec.name != "fp32" or codec.base is not codec):
             raise ConfigError("topology 'allreduce' sends plain fp32; use --codec fp32 "
                               "(or ps, ring, allgather for other codecs)")
         super().__init__(transport, codec or FP32(), seed)
 
-    def aggregate(self, flat, step):
-        self._check(flat)
-        self.meter.step = step
-        with self.meter.time("communicate"):
-            total = self.transport.allreduce_sum(flat)
-        return total.div_(self.transport.size)
+    def _aggregate(self, flat, call):
+        return self.transport.allreduce_sum(flat).div_(self.transport.size)
 
     def _sent_nbytes(self, numel, rank):
-        n = self.transport.size
-        return 2 * (n - 1) * 4 * numel // n if n > 1 else 0
+        return allreduce_nbytes(numel, self.transport.size)

@@ -1,11 +1,17 @@
 """The aggregation contract shared by all topologies.
 
 An aggregator takes each rank's flat float32 gradient and returns the mean over
-ranks, bit-identical on every rank. Codec randomness comes from
-``make_generator(seed, rank, step)`` (one generator per call, shared by all encodes of
-that call), so a run is reproducible and a payload depends only on (gradient, seed,
-rank, step). Sums are taken in rank order by :func:`mean_of`
-so that topologies that see the same payloads return the same bits.
+ranks, bit-identical on every rank. It is a message pattern over a
+:class:`~mpiqsgd.transport.Transport`: the transport sends, receives, counts every
+message and times ``communicate``; the aggregator encodes and decodes through a
+:class:`Round`, which times ``encode`` and ``decode``.
+
+Codec randomness comes from ``make_generator(seed, rank, step, stream=stream)`` (one
+generator per call, shared by all encodes of that call), so a run is reproducible and a
+payload depends only on (gradient, seed, rank, step, stream). ``stream`` tells apart
+the calls of one step (gradient buckets); stream 0 is the whole-gradient call. Sums are
+taken in rank order by :func:`mean_of` so that topologies that see the same payloads
+return the same bits.
 """
 
 import torch
@@ -13,7 +19,7 @@ import torch
 from ..codecs import make_generator
 from ..errors import ConfigError
 
-__all__ = ["Aggregator", "mean_of", "sum_of", "chunk_bounds"]
+__all__ = ["Aggregator", "Round", "mean_of", "sum_of", "chunk_bounds"]
 
 
 def sum_of(tensors):
@@ -40,12 +46,55 @@ def chunk_bounds(numel, n):
     return bounds
 
 
+class Round:
+    """One :meth:`Aggregator.aggregate` call: its step, stream and generator; timed codec calls.
+
+    Error-feedback residuals are kept per key; a bucket's keys carry its stream, so the
+    buckets of one step keep separate residuals.
+    """
+
+    def __init__(self, aggregator, step, stream):
+        self.transport = aggregator.transport
+        self.step, self.stream = step, stream
+        # On the CPU whatever the tensors' device: the kernels only need its seeds, so
+        # CPU and GPU ranks produce the same bytes. One generator for all encodes of the
+        # call: separate generators with one seed would draw the same uniforms twice.
+        self.rng = make_generator(aggregator.seed, self.transport.rank, step, stream=stream)
+
+    def key(self, key):
+        return key if self.stream == 0 else (self.stream, key)
+
+    def encode(self, codec, x, key):
+        with self.transport.timed("encode"):
+            return codec.encode(x, self.rng, key=self.key(key))
+
+    def encode_decode(self, codec, x, key):
+        with self.transport.timed("encode"):
+            return codec.encode_decode(x, self.rng, key=self.key(key))
+
+    def decode(self, codec, message, device):
+        with self.transport.timed("decode"):
+            return codec.decode(message, device)
+
+
 class Aggregator:
-    """Base class: holds the transport, the codec and the seed.
+    """Base class of the topologies: ``aggregate`` returns the mean over ranks of ``flat``.
+
+    Contract:
+
+    - Input: this rank's 1-D float32 gradient, the same length on every rank; it is not
+      modified. Output: a new tensor holding the mean, bit-identical on every rank.
+    - Side effects: messages through the transport (each counted by its meter, with the
+      step stamped by :meth:`aggregate`); seconds added to the meter's ``encode``,
+      ``decode`` and ``communicate``; the codec's error-feedback residuals updated.
+    - Collective: every rank calls ``aggregate`` with the same ``step`` and ``stream`` in
+      the same order.
+    - Byte cost: :meth:`sent_nbytes` gives the exact bytes a rank sends per call; each
+      topology module's docstring gives its formula.
 
     Args:
-        transport: a :class:`~mpiqsgd.transport.Transport` (its meter counts the bytes).
-        codec: a codec or an error-feedback-wrapped codec.
+        transport: a :class:`~mpiqsgd.transport.Transport`.
+        codec: a :class:`~mpiqsgd.codecs.base.Codec` (error feedback included).
         seed: base seed of codec randomness.
     """
 
@@ -57,28 +106,28 @@ class Aggregator:
         self.seed = seed
 
     @property
-    def meter(self):
-        return self.transport.meter
-
-    def _rng(self, step):
-        """This rank's codec generator for ``step``: one per aggregate call, shared by all its encodes
-        (separate generators with one seed would draw the same uniforms twice: correlated
-        rounding). On the CPU whatever the tensors' device: the kernels only need its seeds,
-        so CPU and GPU ranks produce the same bytes."""
-        return make_generator(self.seed, self.transport.rank, step)
+    def codecs(self):
+        """Every codec whose state a checkpoint keeps, by role."""
+        return {"codec": self.codec}
 
     def _check(self, flat):
         if not isinstance(flat, torch.Tensor) or flat.dim() != 1 or flat.dtype != torch.float32:
             raise ConfigError(f"{self.name}: expected a 1-D float32 tensor, got "
                               f"{getattr(flat, 'dtype', type(flat).__name__)} {tuple(getattr(flat, 'shape', ()))}")
 
-    def aggregate(self, flat, step):
+    def aggregate(self, flat, step, stream=0):
         """Return the mean of ``flat`` over ranks (identical on all ranks).
 
         Args:
             flat: this rank's 1-D float32 gradient (same length on every rank).
             step: the training step; seeds the codec and stamps the meter's records.
+            stream: which call of the step this is (a gradient bucket's index).
         """
+        self._check(flat)
+        self.transport.begin_step(step)
+        return self._aggregate(flat, Round(self, step, stream))
+
+    def _aggregate(self, flat, call):
         raise NotImplementedError
 
     def sent_nbytes(self, numel, rank):
@@ -87,8 +136,7 @@ class Aggregator:
         None when a codec's message length depends on the data (``qsgd-elias``): the
         meter still counts every message as sent.
         """
-        codecs = (self.codec, getattr(self, "down_codec", self.codec))
-        if not all(codec.fixed_size for codec in codecs):
+        if not all(codec.fixed_size for codec in self.codecs.values()):
             return None
         return self._sent_nbytes(numel, rank)
 

@@ -20,14 +20,11 @@ or ``(n-1) * E(numel)`` (codec downlink). Server inbound is ``(|W| - [root train
 pushes, outbound ``n-1`` pulls; the meter reports them as links ``r->0`` and ``0->r``.
 """
 
-from ..codecs import ErrorFeedback
 from ..codecs.fp import FP32
 from ..errors import ConfigError
 from .base import Aggregator, mean_of
 
 __all__ = ["ParameterServer"]
-
-DOWNLINKS = ("fp32", "codec")
 
 
 class ParameterServer(Aggregator):
@@ -35,71 +32,53 @@ class ParameterServer(Aggregator):
 
     Args:
         transport, codec, seed: see :class:`~mpiqsgd.topology.base.Aggregator`.
-        downlink: ``"fp32"`` (default) or ``"codec"``: what the server sends back.
-        server_error_feedback: with ``downlink="codec"``, keep a server-side residual.
+        down_codec: the codec of the server's reply (default :class:`FP32`): ``codec``'s
+            base for an encoded downlink, error feedback of it for server-side EF
+            (:func:`~mpiqsgd.topology.make_aggregator` builds it from ``downlink``).
         dedicated: rank 0 only serves and does not contribute a gradient.
     """
 
     name = "ps"
     root = 0
 
-    def __init__(self, transport, codec, seed=0, downlink="fp32", server_error_feedback=False, dedicated=False):
+    def __init__(self, transport, codec, seed=0, down_codec=None, dedicated=False):
         super().__init__(transport, codec, seed)
-        if downlink not in DOWNLINKS:
-            raise ConfigError(f"ps: downlink must be one of {', '.join(DOWNLINKS)}; got {downlink!r}")
-        if server_error_feedback and downlink != "codec":
-            raise ConfigError("ps: server-side error feedback needs --downlink codec")
         if dedicated and transport.size < 2:
             raise ConfigError("ps: a dedicated server needs at least 2 ranks (one server, one worker)")
-        self.downlink = downlink
+        self.down_codec = FP32() if down_codec is None else down_codec
         self.dedicated = dedicated
-        base = getattr(codec, "inner", codec)
-        if downlink == "fp32":
-            self.down_codec = FP32()
-        else:
-            self.down_codec = ErrorFeedback(base) if server_error_feedback else base
+
+    @property
+    def codecs(self):
+        return {"codec": self.codec, "down_codec": self.down_codec}
+
+    def _check(self, flat):
+        if flat is None and self.dedicated and self.transport.rank == self.root:
+            return  # a dedicated server contributes nothing
+        super()._check(flat)
 
     @property
     def workers(self):
         return list(range(1 if self.dedicated else 0, self.transport.size))
 
-    def aggregate(self, flat, step):
-        t, meter = self.transport, self.meter
-        meter.step = step
+    def _aggregate(self, flat, call):
+        t = self.transport
         if t.rank != self.root:
-            self._check(flat)
-            with meter.time("encode"):
-                message = self.codec.encode(flat, self._rng(step), key="grad")
-            with meter.time("communicate"):
-                t.send(message, self.root, "push", 4 * flat.numel())
-                reply = t.recv(self.root, "pull")
-            with meter.time("decode"):
-                return self.down_codec.decode(reply, flat.device if flat is not None else "cpu")
-        return self._serve(flat, step)
-
-    def _serve(self, flat, step):
-        t, meter = self.transport, self.meter
-        rng = self._rng(step)
+            message = call.encode(self.codec, flat, "grad")
+            t.send(message, self.root, "push", 4 * flat.numel())
+            return call.decode(self.down_codec, t.recv(self.root, "pull"), flat.device)
         decoded = {}
         if not self.dedicated:
-            self._check(flat)
-            with meter.time("encode"):
-                _, decoded[self.root] = self.codec.encode_decode(flat, rng, key="grad")
-        device = flat.device if flat is not None else "cpu"
+            _, decoded[self.root] = call.encode_decode(self.codec, flat, "grad")
+        device = "cpu" if flat is None else flat.device
         for src in self.workers:
-            if src == self.root:
-                continue
-            with meter.time("communicate"):
-                message = t.recv(src, "push")
-            with meter.time("decode"):
-                decoded[src] = self.codec.decode(message, device)
+            if src != self.root:
+                decoded[src] = call.decode(self.codec, t.recv(src, "push"), device)
         mean = mean_of([decoded[src] for src in self.workers])
-        with meter.time("encode"):
-            reply, result = self.down_codec.encode_decode(mean, rng, key="pull")
-        with meter.time("communicate"):
-            for dest in range(t.size):
-                if dest != self.root:
-                    t.send(reply, dest, "pull", 4 * mean.numel())
+        reply, result = call.encode_decode(self.down_codec, mean, "pull")
+        for dest in range(t.size):
+            if dest != self.root:
+                t.send(reply, dest, "pull", 4 * mean.numel())
         return result
 
     def _sent_nbytes(self, numel, rank):

@@ -40,45 +40,35 @@ class Ring(Aggregator):
     name = "ring"
     owner_offset = 1  # rank r ends the reduce phase owning chunk (r + owner_offset) mod n
 
-    def aggregate(self, flat, step):
-        self._check(flat)
-        meter = self.meter
-        meter.step = step
+    def _aggregate(self, flat, call):
         n = self.transport.size
         bounds = chunk_bounds(flat.numel(), n)
-        rng = self._rng(step)
-        owned, total = self._reduce(flat, bounds, rng)
-        with meter.time("encode"):
-            message, decoded = self.codec.encode_decode(total / n, rng, key="owner")
-        return self._allgather(flat, bounds, owned, message, decoded)
+        owned, total = self._reduce(flat, bounds, call)
+        message, decoded = call.encode_decode(self.codec, total / n, "owner")
+        return self._allgather(flat, bounds, owned, message, decoded, call)
 
-    def _reduce(self, flat, bounds, rng):
+    def _reduce(self, flat, bounds, call):
         """Ring reduce-scatter; return (index of the chunk this rank owns, its fp32 sum)."""
-        t, meter = self.transport, self.meter
+        t = self.transport
         n, r = t.size, t.rank
         acc = _chunk(flat, bounds, r)
         for k in range(n - 1):
-            with meter.time("encode"):
-                message = self.codec.encode(acc, rng, key=("reduce_scatter", k))
-            with meter.time("communicate"):
-                received = t.sendrecv(message, (r + 1) % n, (r - 1) % n, "reduce_scatter", 4 * acc.numel())
-            with meter.time("decode"):
-                acc = self.codec.decode(received, flat.device).add_(_chunk(flat, bounds, (r - k - 1) % n))
+            message = call.encode(self.codec, acc, ("reduce_scatter", k))
+            received = t.sendrecv(message, (r + 1) % n, (r - 1) % n, "reduce_scatter", 4 * acc.numel())
+            acc = call.decode(self.codec, received, flat.device).add_(_chunk(flat, bounds, (r - k - 1) % n))
         return (r + 1) % n, acc
 
-    def _allgather(self, flat, bounds, owned, message, decoded):
+    def _allgather(self, flat, bounds, owned, message, decoded, call):
         """Pass the owners' encoded chunks around the ring; every rank decodes every chunk."""
-        t, meter = self.transport, self.meter
+        t = self.transport
         n, r = t.size, t.rank
         out = torch.empty_like(flat)
         out[bounds[owned][0]:bounds[owned][1]] = decoded
         for k in range(n - 1):
             sent, c = (owned - k) % n, (owned - k - 1) % n
-            with meter.time("communicate"):
-                message = t.sendrecv(message, (r + 1) % n, (r - 1) % n, "allgather",
-                                     4 * (bounds[sent][1] - bounds[sent][0]))
-            with meter.time("decode"):
-                out[bounds[c][0]:bounds[c][1]] = self.codec.decode(message, flat.device)
+            message = t.sendrecv(message, (r + 1) % n, (r - 1) % n, "allgather",
+                                 4 * (bounds[sent][1] - bounds[sent][0]))
+            out[bounds[c][0]:bounds[c][1]] = call.decode(self.codec, message, flat.device)
         return out
 
     def _reduce_nbytes(self, sizes, rank):
@@ -103,21 +93,17 @@ class Scatter(Ring):
     name = "scatter"
     owner_offset = 0
 
-    def _reduce(self, flat, bounds, rng):
-        t, meter = self.transport, self.meter
+    def _reduce(self, flat, bounds, call):
+        t = self.transport
         n, r = t.size, t.rank
-        with meter.time("encode"):
-            _, own = self.codec.encode_decode(_chunk(flat, bounds, r), rng, key=("scatter", r))
+        _, own = call.encode_decode(self.codec, _chunk(flat, bounds, r), ("scatter", r))
         parts = {r: own}
         for k in range(1, n):
             dest, source = (r + k) % n, (r - k) % n
             piece = _chunk(flat, bounds, dest)
-            with meter.time("encode"):
-                message = self.codec.encode(piece, rng, key=("scatter", dest))
-            with meter.time("communicate"):
-                received = t.sendrecv(message, dest, source, "scatter", 4 * piece.numel())
-            with meter.time("decode"):
-                parts[source] = self.codec.decode(received, flat.device)
+            message = call.encode(self.codec, piece, ("scatter", dest))
+            received = t.sendrecv(message, dest, source, "scatter", 4 * piece.numel())
+            parts[source] = call.decode(self.codec, received, flat.device)
         return r, sum_of([parts[src] for src in range(n)])
 
     def _reduce_nbytes(self, sizes, rank):

@@ -60,6 +60,12 @@ class TrainConfig:
     server_error_feedback: bool = knob(False, "ps: server-side error feedback", group="communication")
     dedicated_server: bool = knob(False, "ps: rank 0 serves only, does not train", group="communication")
     min_compress_numel: int = knob(1024, "tensors smaller than this go uncompressed (fp32)", group="communication")
+    bucket_mb: float = knob(0.0, "gradient bucket size in MB, filled in backward order (0: one bucket)",
+                            group="communication")
+    overlap: bool = knob(False, "exchange each bucket in a communication thread while backward runs",
+                         group="communication")
+    wait: str = knob("backoff", "how a rank waits for messages: backoff (yields its core) or spin",
+                     ["backoff", "spin"], "run")
     uncompressed_warmup_steps: int = knob(0, "first steps exchange fp32 only", group="communication")
     adapt_at: str = knob("0,100,2000", "adaptive codecs: steps at which levels are refit", group="communication")
     adapt_every: int = knob(10000, "adaptive codecs: then refit every N steps (0: never)", group="communication")
@@ -93,6 +99,8 @@ class TrainConfig:
                      "min_compress_numel", "uncompressed_warmup_steps", "simulate"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(self, name)}")
+        if not 0 <= self.bucket_mb < float("inf"):
+            raise ConfigError(f"--bucket-mb must be a finite number >= 0; got {self.bucket_mb}")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"--val-fraction must be in [0, 1); got {self.val_fraction}")
         if self.lr <= 0:

@@ -39,7 +39,7 @@ from . import data as D
 from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
 from .models import build_model
 
-__all__ = ["train", "run_worker", "load_data", "learning_rate", "count_correct"]
+__all__ = ["train", "Worker", "run_worker", "load_data", "learning_rate", "count_correct"]
 
 
 @dataclass
@@ -154,80 +154,126 @@ def _buffers_bytes(model):
     return buf.getvalue()
 
 
-def run_worker(cfg, transport, shared):
-    """Train on one rank; return rank 0's summary (None elsewhere)."""
-    rank, n = transport.rank, transport.size
-    device = _device(cfg, getattr(transport, "local_rank", rank))
-    dedicated = cfg.dedicated_server and cfg.topology == "ps"
-    workers = n - 1 if dedicated else n
-    worker = rank - 1 if dedicated else rank
-    if dedicated and n < 2:
-        raise MpiqsgdError("--dedicated-server needs at least 2 ranks")
-    computes = worker >= 0
-    lock = shared.lock
+class Worker:
+    """One rank's training: :meth:`build` (in ``__init__``), :meth:`step`, :meth:`evaluate`,
+    :meth:`checkpoint`, and :meth:`run` to loop them.
 
-    with lock:
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model, num_classes=shared.train.num_classes).to(device)
-    broadcast_parameters(model, transport)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                weight_decay=cfg.weight_decay)
-    codec = codec_from_flags(cfg.codec, cfg.bits, cfg.levels, cfg.bucket, cfg.rounding, cfg.clip_sigma,
-                             cfg.error_feedback)
-    options = {"downlink": cfg.downlink, "server_error_feedback": cfg.server_error_feedback or None,
-               "dedicated": cfg.dedicated_server or None} if cfg.topology == "ps" else {}
-    exchange = GradientExchange(model.parameters(), transport, codec, cfg.topology, seed=cfg.seed,
-                                min_compress_numel=cfg.min_compress_numel,
-                                warmup_steps=cfg.uncompressed_warmup_steps, adapt_at=cfg.adapt_steps(),
-                                adapt_every=cfg.adapt_every, **options)
-    rng = _RNG(cfg.seed, rank, device)
-    aug = torch.Generator(device=device).manual_seed(
-        int(np.random.SeedSequence([cfg.seed, rank, 11]).generate_state(1)[0]))
-    meter, sync = transport.meter, _sync_for(device)
+    What differs between an MPI rank and a simulated one lives in ``shared.lock`` (a
+    simulation computes one worker at a time) and in this worker's own global-RNG state
+    (:class:`_RNG`), both entered by :meth:`computing`; the step itself does not know
+    which it is.
+    """
 
-    images = torch.from_numpy(shared.train.images).to(device)
-    labels = torch.from_numpy(shared.train.labels).to(device)
-    steps_per_epoch = len(shared.train) // (workers * cfg.batch_size)
-    if steps_per_epoch < 1:
-        raise MpiqsgdError(f"{len(shared.train)} training images are too few for {workers} workers x batch "
-                           f"{cfg.batch_size}; lower --batch-size or raise --train-subset")
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
+    def __init__(self, cfg, transport, shared):
+        self.cfg, self.transport, self.shared = cfg, transport, shared
+        self.rank, self.n = transport.rank, transport.size
+        self.device = _device(cfg, transport.local_rank)
+        self.dedicated = cfg.dedicated_server and cfg.topology == "ps"
+        if self.dedicated and self.n < 2:
+            raise MpiqsgdError("--dedicated-server needs at least 2 ranks")
+        self.workers = self.n - 1 if self.dedicated else self.n
+        self.worker = self.rank - 1 if self.dedicated else self.rank
+        self.computes = self.worker >= 0
+        self.is_root = self.rank == 0
+        self.meter, self.sync = transport.meter, _sync_for(self.device)
+        self.build()
 
-    st = {"step": 0, "last_eval": -1, "loss_sum": 0.0, "loss_count": 0, "wall": 0.0,
-          "best_val": None, "target_step": None, "target_seconds": None, "history": []}
-    if cfg.resume:
-        saved = load_checkpoint(cfg.resume, rank, n)
+    def build(self):
+        cfg, device, shared = self.cfg, self.device, self.shared
+        with shared.lock:
+            torch.manual_seed(cfg.seed)
+            self.model = build_model(cfg.model, num_classes=shared.train.num_classes).to(device)
+        broadcast_parameters(self.model, self.transport)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+        codec = codec_from_flags(cfg.codec, cfg.bits, cfg.levels, cfg.bucket, cfg.rounding, cfg.clip_sigma,
+                                 cfg.error_feedback)
+        options = {"downlink": cfg.downlink, "server_error_feedback": cfg.server_error_feedback or None,
+                   "dedicated": cfg.dedicated_server or None} if cfg.topology == "ps" else {}
+        self.exchange = GradientExchange(
+            self.model.parameters(), self.transport, codec, cfg.topology, seed=cfg.seed,
+            min_compress_numel=cfg.min_compress_numel, warmup_steps=cfg.uncompressed_warmup_steps,
+            adapt_at=cfg.adapt_steps(), adapt_every=cfg.adapt_every, bucket_mb=cfg.bucket_mb,
+            overlap=cfg.overlap, **options)
+        self.rng = _RNG(cfg.seed, self.rank, device)
+        self.aug = torch.Generator(device=device).manual_seed(
+            int(np.random.SeedSequence([cfg.seed, self.rank, 11]).generate_state(1)[0]))
+        self.images = torch.from_numpy(shared.train.images).to(device)
+        self.labels = torch.from_numpy(shared.train.labels).to(device)
+        self.steps_per_epoch = len(shared.train) // (self.workers * cfg.batch_size)
+        if self.steps_per_epoch < 1:
+            raise MpiqsgdError(f"{len(shared.train)} training images are too few for {self.workers} workers x "
+                               f"batch {cfg.batch_size}; lower --batch-size or raise --train-subset")
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        if cfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.st = {"step": 0, "last_eval": -1, "loss_sum": 0.0, "loss_count": 0, "wall": 0.0,
+                   "best_val": None, "target_step": None, "target_seconds": None, "history": []}
+        if cfg.resume:
+            self.resume()
+
+    def resume(self):
+        cfg, rank = self.cfg, self.rank
+        saved = load_checkpoint(cfg.resume, rank, self.n)
         _check_resume_flags(saved.get("flags", {}), cfg)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        exchange.load_state_dict(saved["exchange"], device)
-        rng.load_state_dict(saved["rng"])
-        aug.set_state(saved["aug"])
-        meter.load_totals(saved["meter"])
-        st.update(saved["progress"])
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.exchange.load_state_dict(saved["exchange"], self.device)
+        self.rng.load_state_dict(saved["rng"])
+        self.aug.set_state(saved["aug"])
+        self.meter.load_totals(saved["meter"])
+        self.st.update(saved["progress"])
         if rank == 0:  # drop rows written after the checkpoint by the run that stopped
-            _truncate_log(shared.run_dir / "metrics.jsonl", st["step"], keep_equal=True)
-            _truncate_log(shared.run_dir / "diagnostics.jsonl", st["step"], keep_equal=False)
+            _truncate_log(self.shared.run_dir / "metrics.jsonl", self.st["step"], keep_equal=True)
+            _truncate_log(self.shared.run_dir / "diagnostics.jsonl", self.st["step"], keep_equal=False)
 
-    is_root = rank == 0
-    run_dir = shared.run_dir
-    bar = None
-    if is_root and cfg.progress:
-        from tqdm import tqdm
-        bar = tqdm(total=total_steps, initial=st["step"], unit="step", dynamic_ncols=True, leave=True)
+    @contextlib.contextmanager
+    def computing(self):
+        """Enter this worker's compute: the simulation's lock and this worker's RNG state."""
+        with self.shared.lock, self.rng.active():
+            yield
 
-    started = time.perf_counter() - st["wall"]
+    def step(self, order, b):
+        """One training step on batch ``b`` of the epoch's ``order``: forward, backward with the
+        exchange, the update."""
+        cfg, st, meter = self.cfg, self.st, self.meter
+        step = st["step"]
+        lr = learning_rate(cfg, step, self.steps_per_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=False)
+        self.exchange.begin(step)
+        if self.computes:
+            with meter.time("compute", self.sync), self.computing():
+                sel = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                x = D.augment(D.to_tensor(self.images.index_select(0, sel), device=self.device), self.aug)
+                loss = torch.nn.functional.cross_entropy(self.model(x), self.labels.index_select(0, sel))
+                loss.backward()
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise MpiqsgdError(
+                    f"training diverged at step {step} on rank {self.rank}: loss is {value}; lower --lr, or "
+                    "check --error-feedback (it needs a contractive codec: nearest rounding, sign, more bits)")
+            st["loss_sum"] += value
+            st["loss_count"] += 1
+        if self.rank == (1 if self.dedicated else 0) and cfg.diag_every and step % cfg.diag_every == 0:
+            with open(self.shared.run_dir / "diagnostics.jsonl", "a") as f:
+                f.write(json.dumps(self.exchange.diagnostics(step)) + "\n")
+        self.exchange.finish(step)
+        with meter.time("update", self.sync):
+            self.optimizer.step()
+        st["step"] += 1
 
-    def check_sync():
-        sums = transport.allgather_bytes(parameter_checksum(model.parameters()))
+    def check_sync(self):
+        sums = self.transport.allgather_bytes(parameter_checksum(self.model.parameters()))
         bad = [r for r, s in enumerate(sums) if s != sums[0]]
         if bad:
-            raise MpiqsgdError(f"replicas drifted at step {st['step']}: parameters of ranks {bad} differ from rank 0")
+            raise MpiqsgdError(f"replicas drifted at step {self.st['step']}: parameters of ranks {bad} "
+                               "differ from rank 0")
 
-    def record_eval():
-        """Collective: job byte totals and training loss from all ranks; rank 0 evaluates and logs."""
+    def evaluate(self):
+        """Collective: job byte totals and training loss from all ranks; rank 0 logs the accuracies."""
+        st, transport, meter, shared, n, rank = self.st, self.transport, self.meter, self.shared, self.n, self.rank
         st["last_eval"] = st["step"]
         job = meter.job_totals(transport)
         losses = transport.allgather_bytes(np.array([st["loss_sum"], st["loss_count"]], np.float64).tobytes())
@@ -236,101 +282,98 @@ def run_worker(cfg, transport, shared):
         with meter.time("eval"):
             # Every rank scores a 1/n share of the images with the first worker's batch-norm
             # statistics (each replica keeps its own), so no rank idles while one evaluates.
-            source = 1 if dedicated else 0
+            source = 1 if self.dedicated else 0
+            model = self.model
             stats = transport.bcast_bytes(_buffers_bytes(model) if rank == source else b"", root=source)
-            with lock:
+            with shared.lock:
                 own = [b.detach().clone() for b in model.buffers()]
                 for b, v in zip(model.buffers(), torch.load(io.BytesIO(stats), weights_only=True)):
                     b.copy_(v)
-                counts = np.array([count_correct(model, shared.val, device, rank, n),
-                                   count_correct(model, shared.test, device, rank, n)], np.int64)
+                counts = np.array([count_correct(model, shared.val, self.device, rank, n),
+                                   count_correct(model, shared.test, self.device, rank, n)], np.int64)
                 for b, v in zip(model.buffers(), own):
                     b.copy_(v)
             counts = sum(np.frombuffer(c, np.int64) for c in transport.allgather_bytes(counts.tobytes()))
-        if not is_root:
+        if not self.is_root:
             return job
         val, test = counts[0] / max(1, len(shared.val)), counts[1] / max(1, len(shared.test))
-        wall = time.perf_counter() - started
+        wall = time.perf_counter() - self.started
         train_loss = float(pairs[:, 0].sum() / max(1.0, pairs[:, 1].sum()))
-        row = {"epoch": st["step"] / steps_per_epoch, "step": st["step"], "train_loss": train_loss,
-               "val_acc": float(val), "test_acc": float(test), "wall_seconds": wall, "bytes_sent": job["sent"]["bytes"],
-               "lr": optimizer.param_groups[0]["lr"]}
+        row = {"epoch": st["step"] / self.steps_per_epoch, "step": st["step"], "train_loss": train_loss,
+               "val_acc": float(val), "test_acc": float(test), "wall_seconds": wall,
+               "bytes_sent": job["sent"]["bytes"], "lr": self.optimizer.param_groups[0]["lr"]}
         st["history"].append(row)
         if st["best_val"] is None or val > st["best_val"]:
             st["best_val"] = val
-        if cfg.target_acc is not None and st["target_step"] is None and val >= cfg.target_acc:
+        if self.cfg.target_acc is not None and st["target_step"] is None and val >= self.cfg.target_acc:
             st["target_step"], st["target_seconds"] = st["step"], wall
-        with open(run_dir / "metrics.jsonl", "a") as f:
+        with open(shared.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-        if bar is not None:
-            bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val:.3f}",
-                            kB_step=f"{job['sent']['bytes'] / max(1, st['step']) / n / 1e3:.1f}")
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val:.3f}",
+                                 kB_step=f"{job['sent']['bytes'] / max(1, st['step']) / n / 1e3:.1f}")
         return job
 
-    def checkpoint():
-        state = {"flags": cfg.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "exchange": exchange.state_dict(), "rng": rng.state_dict(), "aug": aug.get_state(),
-                 "meter": meter.totals(), "progress": dict(st, wall=time.perf_counter() - started)}
-        save_checkpoint(run_dir / "checkpoints", st["step"], state, transport)
+    def checkpoint(self):
+        state = {"flags": self.cfg.to_dict(), "model": self.model.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "exchange": self.exchange.state_dict(),
+                 "rng": self.rng.state_dict(), "aug": self.aug.get_state(), "meter": self.meter.totals(),
+                 "progress": dict(self.st, wall=time.perf_counter() - self.started)}
+        save_checkpoint(self.shared.run_dir / "checkpoints", self.st["step"], state, self.transport)
 
-    model.train()
-    while st["step"] < total_steps:
-        epoch, first = divmod(st["step"], steps_per_epoch)
-        order = torch.from_numpy(D.shard_indices(len(shared.train), max(worker, 0), workers, epoch, cfg.seed))
-        order = order.to(device)
-        for b in range(first, steps_per_epoch):
-            if st["step"] >= total_steps:
-                break
-            step = st["step"]
-            lr = learning_rate(cfg, step, steps_per_epoch)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=False)
-            if computes:
-                with meter.time("compute", sync), lock, rng.active():
-                    sel = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-                    x = D.augment(D.to_tensor(images.index_select(0, sel), device=device), aug)
-                    loss = torch.nn.functional.cross_entropy(model(x), labels.index_select(0, sel))
-                    loss.backward()
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    raise MpiqsgdError(
-                        f"training diverged at step {step} on rank {rank}: loss is {value}; lower --lr, or "
-                        "check --error-feedback (it needs a contractive codec: nearest rounding, sign, more bits)")
-                st["loss_sum"] += value
-                st["loss_count"] += 1
-            if rank == (1 if dedicated else 0) and cfg.diag_every and step % cfg.diag_every == 0:
-                with open(run_dir / "diagnostics.jsonl", "a") as f:
-                    f.write(json.dumps(exchange.diagnostics(step)) + "\n")
-            exchange.synchronize(step)
-            with meter.time("update", sync):
-                optimizer.step()
-            st["step"] += 1
-            if bar is not None:
-                bar.update(1)
-            if cfg.check_sync_every and st["step"] % cfg.check_sync_every == 0:
-                check_sync()
-            end_of_epoch = st["step"] % steps_per_epoch == 0
-            if end_of_epoch or (cfg.eval_every and st["step"] % cfg.eval_every == 0):
-                record_eval()
-            if cfg.checkpoint_every and st["step"] % cfg.checkpoint_every == 0:
-                checkpoint()
-    if cfg.checkpoint_every and st["step"] % cfg.checkpoint_every != 0:
-        checkpoint()
-    job = record_eval() if st["last_eval"] != st["step"] else meter.job_totals(transport)
-    devices = transport.allgather_bytes(str(device).encode())
-    if bar is not None:
-        bar.close()
-    if not is_root:
-        return None
-    return _finish(cfg, run_dir, job, st, n, workers, steps_per_epoch, [d.decode() for d in devices], model,
-                   exchange)
+    def run(self):
+        """Train to the end; return rank 0's summary (None elsewhere)."""
+        cfg, st = self.cfg, self.st
+        self.bar = None
+        if self.is_root and cfg.progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.total_steps, initial=st["step"], unit="step", dynamic_ncols=True, leave=True)
+        self.started = time.perf_counter() - st["wall"]
+        try:
+            self._loop()
+        finally:
+            self.exchange.close()
+        if cfg.checkpoint_every and st["step"] % cfg.checkpoint_every != 0:
+            self.checkpoint()
+        job = self.evaluate() if st["last_eval"] != st["step"] else self.meter.job_totals(self.transport)
+        devices = self.transport.allgather_bytes(str(self.device).encode())
+        if self.bar is not None:
+            self.bar.close()
+        if not self.is_root:
+            return None
+        return _finish(cfg, self.shared.run_dir, job, st, self.n, self.workers, self.steps_per_epoch,
+                       [d.decode() for d in devices], self.model, self.exchange)
+
+    def _loop(self):
+        cfg, st, spe = self.cfg, self.st, self.steps_per_epoch
+        self.model.train()
+        while st["step"] < self.total_steps:
+            epoch, first = divmod(st["step"], spe)
+            order = torch.from_numpy(D.shard_indices(len(self.shared.train), max(self.worker, 0), self.workers,
+                                                     epoch, cfg.seed)).to(self.device)
+            for b in range(first, spe):
+                if st["step"] >= self.total_steps:
+                    break
+                self.step(order, b)
+                if self.bar is not None:
+                    self.bar.update(1)
+                if cfg.check_sync_every and st["step"] % cfg.check_sync_every == 0:
+                    self.check_sync()
+                if st["step"] % spe == 0 or (cfg.eval_every and st["step"] % cfg.eval_every == 0):
+                    self.evaluate()
+                if cfg.checkpoint_every and st["step"] % cfg.checkpoint_every == 0:
+                    self.checkpoint()
+
+
+def run_worker(cfg, transport, shared):
+    """Train on one rank; return rank 0's summary (None elsewhere)."""
+    return Worker(cfg, transport, shared).run()
 
 
 # Flags a resumed run must share with the checkpoint (others, like --epochs, may change).
 RESUME_FLAGS = ("model", "dataset", "train_subset", "val_fraction", "synthetic_size", "batch_size", "seed",
                 "codec", "bits", "levels", "bucket", "rounding", "clip_sigma", "error_feedback", "topology",
-                "downlink", "server_error_feedback", "dedicated_server", "min_compress_numel")
+                "downlink", "server_error_feedback", "dedicated_server", "min_compress_numel", "bucket_mb")
 
 
 def _check_resume_flags(saved, cfg):
@@ -362,7 +405,7 @@ def _adaptation_cost(job, exchange, n, steps, wall):
     step_seconds = wall / max(1, steps)
     return {"updates": updates, "seconds_per_update": seconds, "bytes_per_update_per_rank": sent,
             "step_seconds": step_seconds, "update_vs_step_seconds": seconds / step_seconds,
-            "levels": [float(v) for v in getattr(exchange.adaptive, "levels", [])]}
+            "levels": [float(v) for v in exchange.adaptive.levels]}
 
 
 def _finish(cfg, run_dir, job, st, n, workers, steps_per_epoch, devices, model, exchange):
@@ -432,7 +475,7 @@ def train(cfg, transport=None):
     if transport is None:
         from ..transport import world
 
-        transport = world()
+        transport = world(cfg.wait)
     train_set, val, test = load_data(cfg)
     run_dir = None
     if transport.rank == 0:

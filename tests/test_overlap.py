@@ -1,0 +1,80 @@
+"""Gradient buckets and overlap with backward, in one process (a LocalGroup of threads)."""
+
+import pytest
+import torch
+
+from mpiqsgd.exchange import make_buckets
+from mpiqsgd.transport import LocalGroup
+from overlap_cases import BUCKET_MB, CASES, model, train_steps
+
+
+def run_group(n, case, overlap, bucket_mb=BUCKET_MB):
+    group = LocalGroup(n)
+    return group.run(lambda t: train_steps(t, case, overlap, bucket_mb=bucket_mb), group.transports())
+
+
+def test_buckets_follow_backward_order_and_size():
+    params = list(model().parameters())
+    buckets = make_buckets(params, BUCKET_MB, 50)
+    assert len(buckets) == 3
+    flat = [p for b in buckets for p in b.params]
+    assert [id(p) for p in flat] == [id(p) for p in reversed(params)]  # the order backward produces them
+    assert all(sum(4 * p.numel() for p in b.params) <= 4000 or len(b.params) == 1 for b in buckets)
+    assert all(p.numel() >= 50 for b in buckets for p in b.compressed)
+    assert all(p.numel() < 50 for b in buckets for p in b.uncompressed)
+    one = make_buckets(params, 0, 50)
+    assert len(one) == 1 and [id(p) for p in one[0].params] == [id(p) for p in params]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-{'-'.join(map(str, c[2].values()))}")
+@pytest.mark.parametrize("n", [2, 3])
+def test_overlap_equals_same_bucketing_without_overlap(n, case):
+    plain = run_group(n, case, overlap=False)
+    overlapped = run_group(n, case, overlap=True)
+    for rank in range(n):
+        params_a, sent_a, _ = plain[rank]
+        params_b, sent_b, early = overlapped[rank]
+        assert sent_a == sent_b > 0 or case[0] == "allreduce"
+        assert all(torch.equal(a, b) for a, b in zip(params_a, params_b)), f"rank {rank} differs"
+        assert all(torch.equal(a, b) for a, b in zip(params_b, overlapped[0][0])), "replicas differ"
+    # every bucket of every step left during backward, except at the adaptive refits (steps 0 and 2)
+    assert overlapped[0][2] == 3 * (2 if case[1] == "alq" else 4)
+
+
+def test_buckets_use_independent_randomness_and_residuals():
+    case = ("ring", "qsgd", {"bits": 2, "rounding": "nearest", "error_feedback": True}, {})
+    bucketed = run_group(2, case, overlap=False)
+    whole = run_group(2, case, overlap=False, bucket_mb=0)
+    assert not all(torch.equal(a, b) for a, b in zip(bucketed[0][0], whole[0][0]))
+    assert bucketed[0][1] > whole[0][1]  # more messages, more framing
+
+
+def test_finish_without_begin_is_an_error():
+    from mpiqsgd.codecs import make_codec
+    from mpiqsgd.errors import ConfigError
+    from mpiqsgd.exchange import GradientExchange
+
+    group = LocalGroup(1)
+    t = group.transports()[0]
+    ex = GradientExchange(model().parameters(), t, make_codec("qsgd"), "ring", bucket_mb=BUCKET_MB, overlap=True)
+    ex.begin(0)
+    with pytest.raises(ConfigError, match=r"finish\(1\) without begin\(1\)"):
+        ex.finish(1)
+    ex.close()
+
+
+def test_error_in_the_communication_thread_reaches_the_training_thread():
+    from mpiqsgd.codecs import make_codec
+    from mpiqsgd.errors import NonFiniteError
+    from mpiqsgd.exchange import GradientExchange
+
+    group = LocalGroup(1)
+    t = group.transports()[0]
+    net = model()
+    ex = GradientExchange(net.parameters(), t, make_codec("qsgd"), "ring", bucket_mb=BUCKET_MB, overlap=True,
+                          min_compress_numel=1)
+    ex.begin(0)
+    net(torch.full((4, 12), float("nan"))).sum().backward()
+    with pytest.raises(NonFiniteError):
+        ex.finish(0)
+    ex.close()
