@@ -1,8 +1,8 @@
 """Benchmarks: codec throughput and variance; exchange time and bytes over MPI.
 
-Every figure is a median over ``repeats`` timed runs after one warm-up, and comes with
+Every figure is a median over ``repeats`` timed runs after warm-up, and comes with
 a reference measured in the same run: a memcpy of the same buffer for codecs, an fp32
-``MPI.Allreduce`` for exchanges.
+``MPI.Allreduce`` for exchanges, the same training step without communication for steps.
 """
 
 import statistics
@@ -16,7 +16,7 @@ from .codecs.fp import FP32
 from .machine import machine_info
 from .topology import make_aggregator
 
-__all__ = ["bench_codec", "bench_exchange"]
+__all__ = ["bench_codec", "bench_exchange", "bench_step"]
 
 
 def _sync(device):
@@ -149,5 +149,96 @@ def bench_exchange(transport, codec, topology, numel, repeats=5, seed=0, device=
         "bytes_vs_allreduce": (runs["candidate"]["sent_bytes_this_rank"]
                                / max(1, runs["baseline"]["sent_bytes_this_rank"])),
         "relative_error_vs_exact_mean": float((approx - exact).norm() / exact.norm().clamp_min(1e-30)),
+        "machine": machine_info(device),
+    }
+
+
+def _step_inputs(model_name, batch_size, seed, rank, device):
+    """A fixed batch of CIFAR-sized random images and labels for this rank."""
+    g = torch.Generator().manual_seed(seed * 1000 + rank)
+    x = torch.randn(batch_size, 3, 32, 32, generator=g).to(device)
+    y = torch.randint(0, 10, (batch_size,), generator=g).to(device)
+    return x, y
+
+
+def bench_step(transport, model_name, codec, topology, batch_size=32, repeats=10, warmup=3, bucket_mb=0.0,
+               overlap=False, min_compress_numel=1024, seed=0, device="cpu", **options):
+    """Time a training step (forward, backward, exchange, SGD) against the same step without exchange.
+
+    Both are timed in the same run, alternating: each repeat runs one compute-only step
+    (forward, backward, SGD on a second replica, no communication) and one full step, each
+    started together on all ranks by a barrier and timed on the slowest rank.
+    ``overhead_seconds`` = full step - compute-only step (medians): what communication
+    costs a step after whatever overlap hides.
+
+    Returns:
+        JSON-ready dict (meaningful on every rank; print it on rank 0).
+    """
+    from .exchange import GradientExchange, broadcast_parameters
+    from .train.models import build_model
+
+    rank = transport.rank
+    torch.manual_seed(seed)
+    models = [build_model(model_name, num_classes=10).to(device) for _ in range(2)]
+    for m in models:
+        broadcast_parameters(m, transport)
+        m.train()
+    alone_opt, full_opt = (torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in models)
+    exchange = GradientExchange(models[1].parameters(), transport, codec, topology, seed=seed,
+                                min_compress_numel=min_compress_numel, bucket_mb=bucket_mb, overlap=overlap,
+                                adapt_at=(0,), **options)
+    x, y = _step_inputs(model_name, batch_size, seed, rank, device)
+    loss_fn = torch.nn.functional.cross_entropy
+
+    def alone():
+        alone_opt.zero_grad()
+        loss_fn(models[0](x), y).backward()
+        alone_opt.step()
+
+    def full(step):
+        full_opt.zero_grad()
+        exchange.begin(step)
+        loss_fn(models[1](x), y).backward()
+        exchange.finish(step)
+        full_opt.step()
+
+    alone_s, full_s = [], []
+    try:
+        for rep in range(warmup + repeats):
+            if rep == warmup:
+                transport.meter.reset()
+            transport.barrier()
+            t_alone, _ = _timed(alone, device)
+            transport.barrier()
+            t_full, _ = _timed(lambda: full(rep), device)
+            if rep >= warmup:
+                alone_s.append(t_alone)
+                full_s.append(t_full)
+    finally:
+        exchange.close()
+    alone_median, alone_series = _median_max(transport, alone_s)
+    full_median, full_series = _median_max(transport, full_s)
+    job = transport.meter.job_totals(transport)
+    n = transport.size
+    return {
+        "benchmark": "step",
+        "n_ranks": n,
+        "model": model_name,
+        "parameters": sum(p.numel() for p in models[1].parameters()),
+        "batch_size": batch_size,
+        "codec": repr(codec),
+        "topology": topology,
+        "bucket_mb": bucket_mb,
+        "n_buckets": len(exchange.buckets),
+        "overlap": overlap,
+        "repeats": repeats,
+        "compute_seconds": alone_median,
+        "step_seconds": full_median,
+        "compute_seconds_per_repeat": alone_series,
+        "step_seconds_per_repeat": full_series,
+        "overhead_seconds": full_median - alone_median,
+        "overhead_vs_compute": (full_median - alone_median) / alone_median,
+        "bytes_per_step_per_rank": job["sent"]["bytes"] / repeats / n,
+        "phase_seconds_per_step": {k: v / repeats / n for k, v in job["seconds"].items()},
         "machine": machine_info(device),
     }

@@ -4,6 +4,7 @@ Commands:
     train            data-parallel training (mpiexec -n N ... train, or train --simulate N)
     bench codec      encode/decode throughput, bytes and variance of one codec
     bench exchange   time and bytes of one topology against fp32 allreduce (run under mpiexec)
+    bench step       a training step with exchange against the step alone (run under mpiexec)
 
 An uncaught exception on any rank aborts the whole MPI job (MPI_Abort) after printing
 the error, instead of leaving the other ranks waiting.
@@ -11,6 +12,7 @@ the error, instead of leaving the other ranks waiting.
 
 import argparse
 import json
+import os
 import sys
 import traceback
 
@@ -88,6 +90,23 @@ def build_parser():
     be.add_argument("--device", default="cpu")
     be.add_argument("--json", action="store_true")
     be.set_defaults(func=run_bench_exchange)
+
+    bs = bench.add_parser("step", help="training step with exchange vs compute alone (run under mpiexec)")
+    add_codec_args(bs)
+    add_topology_args(bs)
+    bs.add_argument("--model", default="resnet20", help="model (default resnet20; alexnet, tiny, resnet32 ...)")
+    bs.add_argument("--batch-size", type=int, default=32, help="images per rank (default 32)")
+    bs.add_argument("--bucket-mb", type=float, default=0.0, help="gradient bucket size in MB (default 0: one)")
+    bs.add_argument("--overlap", action="store_true", help="exchange buckets while backward runs")
+    bs.add_argument("--min-compress-numel", type=int, default=1024)
+    bs.add_argument("--repeats", type=int, default=10)
+    bs.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    bs.add_argument("--threads", type=int, help="torch threads per rank (default: the node's cores / its ranks)")
+    bs.add_argument("--wait", default="backoff", choices=["backoff", "spin"], help="how ranks wait for messages")
+    bs.add_argument("--seed", type=int, default=0)
+    bs.add_argument("--device", default="cpu")
+    bs.add_argument("--json", action="store_true")
+    bs.set_defaults(func=run_bench_step)
     return parser
 
 
@@ -137,6 +156,33 @@ def run_bench_exchange(args):
               f"{x['sent_bytes_this_rank']:>12,} bytes sent by rank 0")
     print(f"  speedup vs allreduce {r['speedup_vs_allreduce']:.2f}x, bytes {r['bytes_vs_allreduce']:.3f}x, "
           f"relative error vs exact mean {r['relative_error_vs_exact_mean']:.4f}")
+
+
+def run_bench_step(args):
+    import torch
+
+    from .bench import bench_step
+    from .transport import world
+
+    _positive("repeats", args.repeats)
+    _positive("batch-size", args.batch_size)
+    transport = world(args.wait)
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // transport.local_size))
+    result = bench_step(transport, args.model, codec_from_args(args), args.topology, args.batch_size,
+                        args.repeats, args.warmup, args.bucket_mb, args.overlap, args.min_compress_numel, args.seed,
+                        args.device, **topology_options(args))
+    if transport.rank != 0:
+        return
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    r = result
+    phases = "  ".join(f"{k} {v * 1e3:.1f}" for k, v in sorted(r["phase_seconds_per_step"].items()))
+    print(f"{r['n_ranks']} ranks, {r['model']} batch {r['batch_size']}, {r['topology']} {r['codec']}, "
+          f"{r['n_buckets']} bucket(s){', overlap' if r['overlap'] else ''}; median of {r['repeats']}")
+    print(f"  step {r['step_seconds'] * 1e3:.1f} ms  compute alone {r['compute_seconds'] * 1e3:.1f} ms  "
+          f"overhead {r['overhead_seconds'] * 1e3:.1f} ms ({100 * r['overhead_vs_compute']:.1f}% of compute)")
+    print(f"  {r['bytes_per_step_per_rank']:,.0f} bytes/step/rank; ms per step by phase: {phases}")
 
 
 def run_train(args):

@@ -148,10 +148,13 @@ class MPITransport(Transport):
         self.size = self.comm.Get_size()
         self.meter = Meter(self.rank) if meter is None else meter
         self.poller = Poller() if wait == "backoff" else None
-        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
-        self.local_size = node.Get_size()  # ranks of this communicator on this node
-        self.local_rank = node.Get_rank()  # this rank's index among them (picks its GPU)
-        node.Free()
+        # Ranks on this node: by host name, not MPI_COMM_TYPE_SHARED, which counts one rank
+        # per "node" when MPI is told not to use shared memory (MPIR_CVAR_NOLOCAL, the
+        # shaped-link benchmarks) and would hand every rank all the node's cores.
+        hosts = self.allgather_bytes(MPI.Get_processor_name().encode())
+        here = [r for r, h in enumerate(hosts) if h == hosts[self.rank]]
+        self.local_size = len(here)  # ranks of this communicator on this node
+        self.local_rank = here.index(self.rank)  # this rank's index among them (picks its GPU)
 
     def require_threads(self):
         """Exchanges in a communication thread need ``MPI_THREAD_SERIALIZED`` (one thread calls MPI at a time)."""

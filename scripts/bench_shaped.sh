@@ -1,24 +1,17 @@
 #!/usr/bin/env bash
 # Exchange benchmark over a rate-limited link on one machine (needs root and iproute2).
 #
-# Creates a network namespace whose loopback is shaped to RATE with tc's token bucket,
-# forces MPICH onto TCP inside it (so ranks really talk over that loopback), and runs
-# `mpiqsgd bench exchange` for several codecs and topologies, each timed against fp32
-# MPI_Allreduce in the same run. All ranks share the one link.
+# Runs `mpiqsgd bench exchange` for several codecs and topologies inside the shaped
+# namespace of scripts/shaped_link.sh, each timed against fp32 MPI_Allreduce in the same run.
 #
 # Usage: sudo bash scripts/bench_shaped.sh [RANKS] [NUMEL] [RATE] [OUT_DIR]
 set -euo pipefail
 ranks=${1:-4}; numel=${2:-5000000}; rate=${3:-1gbit}; out=${4:-runs/bench-shaped}
-ns=mpiqsgd-shaped-$$
 mkdir -p "$out"
-ip netns add "$ns"
-trap 'ip netns del "$ns"' EXIT
-ip netns exec "$ns" ip link set lo up
-ip netns exec "$ns" tc qdisc add dev lo root tbf rate "$rate" burst 256kb latency 50ms
-export MPIR_CVAR_NOLOCAL=1 MPIR_CVAR_CH4_NETMOD=ofi FI_PROVIDER=tcp
+source "$(dirname "$0")/shaped_link.sh"
 bench() {
   name=$1; shift
-  ip netns exec "$ns" mpiexec -n "$ranks" python -m mpi4py -m mpiqsgd bench exchange \
+  in_ns mpiexec -n "$ranks" python -m mpi4py -m mpiqsgd bench exchange \
     --numel "$numel" --repeats 5 --json "$@" > "$out/$name.json"
   python - "$out/$name.json" "$name" <<'PY'
 import json, sys
