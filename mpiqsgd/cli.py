@@ -4,6 +4,7 @@ Commands:
     train            data-parallel training (mpiexec -n N ... train, or train --simulate N)
     bench codec      encode/decode throughput, bytes and variance of one codec
     bench exchange   time and bytes of one topology against fp32 allreduce (run under mpiexec)
+    report           tables and plots of communication cost from run directories
 
 An uncaught exception on any rank aborts the whole MPI job (MPI_Abort) after printing
 the error, instead of leaving the other ranks waiting.
@@ -88,6 +89,12 @@ def build_parser():
     be.add_argument("--device", default="cpu")
     be.add_argument("--json", action="store_true")
     be.set_defaults(func=run_bench_exchange)
+
+    from . import report
+
+    rp = sub.add_parser("report", help="tables and plots of communication cost from run directories")
+    report.add_report_args(rp)
+    rp.set_defaults(func=report.run_report)
     return parser
 
 
