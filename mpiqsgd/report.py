@@ -407,7 +407,8 @@ def _fmt(stat, kind, notes):
 
 STAT_COLUMNS = (("final val", "final_val_acc", "acc"), ("best val", "best_val_acc", "acc"),
                 ("test", "test_acc", "acc"), ("epochs to target", "epochs_to_target", "epochs"),
-                ("s to target", "seconds_to_target", "seconds"), ("bytes/step/rank", "bytes_per_step_per_rank", "bytes"),
+                ("s to target", "seconds_to_target", "seconds"),
+                ("bytes/step/rank", "bytes_per_step_per_rank", "bytes"),
                 ("total bytes", "total_bytes", "bytes"), ("vs fp32", "compression_vs_fp32", "ratio"))
 
 

@@ -69,11 +69,13 @@ def test_seeds_are_averaged_and_speedup_is_against_fp32(grid):
                         "rounding": "stochastic", "EF": "no", "topology": "ring"}
     assert len(q.runs) == 2
     s = q.stats
-    assert s["test_acc"].mean == pytest.approx(0.58) and s["test_acc"].std == pytest.approx(statistics.stdev([.57, .59]))
+    assert s["test_acc"].mean == pytest.approx(0.58)
+    assert s["test_acc"].std == pytest.approx(statistics.stdev([.57, .59]))
     assert s["final_val_acc"].mean == pytest.approx(0.585)
     assert s["best_val_acc"].mean == pytest.approx(0.585)
     assert s["epochs_to_target"].mean == pytest.approx(1.5)  # epoch 2 and epoch 1
-    assert s["seconds_to_target"].mean == pytest.approx(6.5) and s["seconds_to_target"].std == pytest.approx(2 ** .5 * 1.5)
+    assert s["seconds_to_target"].mean == pytest.approx(6.5)
+    assert s["seconds_to_target"].std == pytest.approx(2 ** .5 * 1.5)
     assert s["speedup"].mean == pytest.approx(20 / 6.5)  # fp32 reaches 0.5 at 20 s
     assert s["compression_vs_fp32"].mean == pytest.approx(8.0)
     assert s["bytes_per_step_per_rank"].mean == 1000 and s["total_bytes"].mean == 1000 * 30 * 2
