@@ -5,6 +5,7 @@ Commands:
     bench codec      encode/decode throughput, bytes and variance of one codec
     bench exchange   time and bytes of one topology against fp32 allreduce (run under mpiexec)
     report           tables and plots of communication cost from run directories
+    launch           build (and run) the mpiexec command for this machine's MPI
 
 An uncaught exception on any rank aborts the whole MPI job (MPI_Abort) after printing
 the error, instead of leaving the other ranks waiting.
@@ -95,6 +96,12 @@ def build_parser():
     rp = sub.add_parser("report", help="tables and plots of communication cost from run directories")
     report.add_report_args(rp)
     rp.set_defaults(func=report.run_report)
+
+    from . import launch
+
+    la = sub.add_parser("launch", help="build (and run) the mpiexec command for this machine's MPI")
+    launch.add_launch_args(la)
+    la.set_defaults(func=launch.run_launch)
     return parser
 
 
@@ -159,7 +166,7 @@ def main(argv=None):
     """Entry point of the ``mpiqsgd`` console script."""
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except MpiqsgdError as exc:
         abort_if_parallel(f"mpiqsgd: error: {exc}")
         print(f"mpiqsgd: error: {exc}", file=sys.stderr)
@@ -167,4 +174,4 @@ def main(argv=None):
     except Exception:
         abort_if_parallel(traceback.format_exc())
         raise
-    return 0
+    return code or 0
