@@ -6,6 +6,7 @@ Commands:
     bench exchange   time and bytes of one topology against fp32 allreduce (run under mpiexec)
     report           tables and plots of communication cost from run directories
     launch           build (and run) the mpiexec command for this machine's MPI
+    doctor           MPI, threads, GPUs and a 2-rank ping-pong, with a fix for each problem
 
 An uncaught exception on any rank aborts the whole MPI job (MPI_Abort) after printing
 the error, instead of leaving the other ranks waiting.
@@ -102,6 +103,12 @@ def build_parser():
     la = sub.add_parser("launch", help="build (and run) the mpiexec command for this machine's MPI")
     launch.add_launch_args(la)
     la.set_defaults(func=launch.run_launch)
+
+    from . import doctor
+
+    dr = sub.add_parser("doctor", help="MPI, threads, GPUs and a 2-rank ping-pong, with a fix for each problem")
+    doctor.add_doctor_args(dr)
+    dr.set_defaults(func=doctor.run_doctor)
     return parser
 
 
