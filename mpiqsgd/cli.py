@@ -7,6 +7,7 @@ Commands:
     report           tables and plots of communication cost from run directories
     launch           build (and run) the mpiexec command for this machine's MPI
     doctor           MPI, threads, GPUs and a 2-rank ping-pong, with a fix for each problem
+    sweep            run an experiment grid (resumable), then write its report
 
 An uncaught exception on any rank aborts the whole MPI job (MPI_Abort) after printing
 the error, instead of leaving the other ranks waiting.
@@ -109,6 +110,12 @@ def build_parser():
     dr = sub.add_parser("doctor", help="MPI, threads, GPUs and a 2-rank ping-pong, with a fix for each problem")
     doctor.add_doctor_args(dr)
     dr.set_defaults(func=doctor.run_doctor)
+
+    from . import sweep
+
+    sw = sub.add_parser("sweep", help="run an experiment grid (resumable), then write its report")
+    sweep.add_sweep_args(sw)
+    sw.set_defaults(func=sweep.run_sweep)
     return parser
 
 
