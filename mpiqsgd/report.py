@@ -24,6 +24,7 @@ import csv
 import io
 import json
 import statistics
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,8 +156,10 @@ def _codec_params(flags):
 
     name = flags.get("codec", "?")
     try:
-        codec = codec_from_flags(name, flags.get("bits"), flags.get("levels"), flags.get("bucket"),
-                                 flags.get("rounding"), flags.get("clip_sigma"))
+        with warnings.catch_warnings():  # the run already gave its codec's warnings
+            warnings.simplefilter("ignore")
+            codec = codec_from_flags(name, flags.get("bits"), flags.get("levels"), flags.get("bucket"),
+                                     flags.get("rounding"), flags.get("clip_sigma"))
     except (MpiqsgdError, TypeError):  # a run written by another version: show its flags as they are
         return (flags.get("bits") or "-", flags.get("bucket") or "-", flags.get("rounding") or "-")
     bits = getattr(codec, "bits", None)
