@@ -85,11 +85,13 @@ def points(grid):
 
     known = _config_fields()
     axes = expand(grid.get("axes", {}))
-    variants = [v for spec in grid.get("variants", [{}]) for v in expand(spec)]
-    varying = [k for k, v in grid.get("axes", {}).items() if isinstance(v, list) and len(v) > 1]
-    varying += [k for spec in grid.get("variants", []) for k in spec if k not in varying]
+    # A run is named by the axes that vary and its own variant's keys: adding or removing a
+    # variant leaves the other runs' names (and so their finished directories) as they were.
+    variants = [(list(spec), v) for spec in grid.get("variants", [{}]) for v in expand(spec)]
+    axes_varying = [k for k, v in grid.get("axes", {}).items() if isinstance(v, list) and len(v) > 1]
     runs, dropped, names = [], [], set()
-    for a, v, seed in itertools.product(axes, variants, grid.get("seeds", [0])):
+    for a, (own, v), seed in itertools.product(axes, variants, grid.get("seeds", [0])):
+        varying = axes_varying + [k for k in own if k not in axes_varying]
         flags = {**grid.get("common", {}), **a, **v, "seed": seed}
         if grid.get("target_acc") is not None:
             flags["target_acc"] = grid["target_acc"]
@@ -155,8 +157,8 @@ def sweep(grid, python=None, dry_run=False, timeout=None, log=print):
     """Run the grid's missing runs, then write the report.
 
     Returns:
-        ``(done, failed, dropped)``: names run or found finished, names that failed, and
-        the grid points the training flags rejected.
+        ``(done, failed, dropped)``: names run or found finished, ``[(name, why)]`` of
+        the runs that failed, and the grid points the training flags rejected.
     """
     from . import launch, report
 
@@ -200,11 +202,12 @@ def sweep(grid, python=None, dry_run=False, timeout=None, log=print):
             done.append(name)
         else:
             lines = (out / f"{name}.log").read_text().strip().splitlines()
-            log(f"{head}: FAILED ({code}) after {seconds:.1f} s: {lines[-1] if lines else 'no output'} "
-                f"(log: {out / (name + '.log')})")
-            failed.append(name)
+            why = f"FAILED ({code}) after {seconds:.1f} s: {lines[-1] if lines else 'no output'}"
+            log(f"{head}: {why} (log: {out / (name + '.log')})")
+            failed.append((name, why))
     if not dry_run and done:
         found, skipped = report.find_runs([out / n for n in done])
+        skipped += [(out / n, f"{out / n}: {why}") for n, why in failed]
         rep = report.build_report(found, grid.get("target_acc"), skipped)
         written, message = report.write_report(rep, out / "report")
         log("\n\n".join(rep.sections("text")))
