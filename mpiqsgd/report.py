@@ -381,7 +381,9 @@ def build_group(runs, target=None):
     for run in runs:
         cfg = configuration(run)
         by_key.setdefault((tuple(cfg.values()), _extra_flags(run)), Row(cfg, [])).runs.append(run)
-    rows = list(by_key.values())
+    # Per model and rank count, the fp32 rows first; otherwise in the order the runs came.
+    rows = sorted(by_key.values(), key=lambda r: (r.config["model"], int(r.config["ranks"].split()[0]),
+                                                  r.config["ranks"], r.config["codec"] != "fp32"))
     # Flags outside the shown columns that vary between rows go into a notes column.
     extras = [dict(_extra_flags(r.runs[0])) for r in rows]
     varying = sorted(k for k in set().union(*extras) if len({e.get(k) for e in extras}) > 1)
@@ -600,6 +602,14 @@ def _label(row_or_run):
     return f"{label} {cfg['topology']} ×{cfg['ranks']}"
 
 
+def _legend(fig, ax):
+    """A legend beside the panels (matplotlib 3.7+), else inside ``ax``."""
+    try:
+        fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=7)
+    except (ValueError, TypeError):
+        ax.legend(fontsize=7)
+
+
 def plot_group(group, out_dir, prefix=""):
     """Write ``accuracy.png``, ``phases.png`` and (with diagnostics) ``variance.png`` for one group.
 
@@ -613,32 +623,36 @@ def plot_group(group, out_dir, prefix=""):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     out_dir = Path(out_dir)
     written = []
-    colors = {id(r): plt.cm.tab10(i % 10) for i, r in enumerate(group.rows)}
+    # 20 colours, then the same colours dashed: every configuration keeps a distinct line.
+    styles = {id(r): dict(color=plt.cm.tab20(i % 20), ls=("-", "--", ":", "-.")[i // 20 % 4])
+              for i, r in enumerate(group.rows)}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
     for row in group.rows:
         for k, run in enumerate(row.runs):
             label = _label(row) if k == 0 else None
             acc = [m["val_acc"] for m in run.metrics]
-            style = dict(marker="o", markersize=3, color=colors[id(row)], label=label, alpha=0.9)
+            style = dict(marker="o", markersize=3, label=label, alpha=0.9, **styles[id(row)])
             axes[0].plot([m["epoch"] for m in run.metrics], acc, **style)
             if all(m.get("wall_seconds") is not None for m in run.metrics):
                 axes[1].plot([m["wall_seconds"] for m in run.metrics], acc, **style)
             if all(m.get("bytes_sent") for m in run.metrics):
-                axes[2].plot([m["bytes_sent"] / 1e9 for m in run.metrics], acc, **style)
+                axes[2].plot([m["bytes_sent"] / 1e6 for m in run.metrics], acc, **style)
     axes[0].set(xlabel="epoch", ylabel="validation accuracy")
     axes[1].set(xlabel="wall-clock seconds", ylabel="validation accuracy")
     sent = [m.get("bytes_sent") or 0 for run in group.runs for m in run.metrics]
     wide = min(sent) > 0 and max(sent) / min(sent) > 20
-    axes[2].set(xlabel="GB sent by all ranks", ylabel="validation accuracy", xscale="log" if wide else "linear")
+    axes[2].set(xlabel="MB sent by all ranks", ylabel="validation accuracy", xscale="log" if wide else "linear")
+    axes[2].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     if group.target is not None:
         for ax in axes:
             ax.axhline(group.target, color="grey", lw=0.8, ls="--")
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    _legend(fig, axes[0])
     fig.suptitle(group.description, fontsize=9)
     written.append(out_dir / f"{prefix}accuracy.png")
     fig.savefig(written[-1], dpi=110)
@@ -658,17 +672,17 @@ def plot_group(group, out_dir, prefix=""):
     plt.close(fig)
 
     if any(run.quant_variance() for run in group.runs):
-        fig, ax = plt.subplots(figsize=(6, 4.2), constrained_layout=True)
+        fig, ax = plt.subplots(figsize=(8, 4.2), constrained_layout=True)
         for row in group.rows:
             for k, run in enumerate(row.runs):
                 qv = run.quant_variance()
                 if qv and any(v > 0 for _, v in qv):
-                    ax.plot([s for s, _ in qv], [v for _, v in qv], color=colors[id(row)],
-                            label=_label(row) if k == 0 else None)
+                    ax.plot([s for s, _ in qv], [v for _, v in qv], label=_label(row) if k == 0 else None,
+                            **styles[id(row)])
         ax.set(xlabel="step", ylabel="||Q(v) - v||² / ||v||²  (rank 0)", yscale="log",
                title="quantization variance over training")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _legend(fig, ax)
         written.append(out_dir / f"{prefix}variance.png")
         fig.savefig(written[-1], dpi=110)
         plt.close(fig)
