@@ -93,29 +93,21 @@ def build_parser():
     be.add_argument("--json", action="store_true")
     be.set_defaults(func=run_bench_exchange)
 
-    from . import report
+    # Commands whose module brings its flags and its handler (stdlib imports only until run).
+    from . import doctor, launch, report, sweep
 
-    rp = sub.add_parser("report", help="tables and plots of communication cost from run directories")
-    report.add_report_args(rp)
-    rp.set_defaults(func=report.run_report)
-
-    from . import launch
-
-    la = sub.add_parser("launch", help="build (and run) the mpiexec command for this machine's MPI")
-    launch.add_launch_args(la)
-    la.set_defaults(func=launch.run_launch)
-
-    from . import doctor
-
-    dr = sub.add_parser("doctor", help="MPI, threads, GPUs and a 2-rank ping-pong, with a fix for each problem")
-    doctor.add_doctor_args(dr)
-    dr.set_defaults(func=doctor.run_doctor)
-
-    from . import sweep
-
-    sw = sub.add_parser("sweep", help="run an experiment grid (resumable), then write its report")
-    sweep.add_sweep_args(sw)
-    sw.set_defaults(func=sweep.run_sweep)
+    for name, add_args, run, text in (
+            ("report", report.add_report_args, report.run_report,
+             "tables and plots of communication cost from run directories"),
+            ("launch", launch.add_launch_args, launch.run_launch,
+             "build (and run) the mpiexec command for this machine's MPI"),
+            ("doctor", doctor.add_doctor_args, doctor.run_doctor,
+             "MPI, threads, GPUs and a 2-rank ping-pong, with a fix for each problem"),
+            ("sweep", sweep.add_sweep_args, sweep.run_sweep,
+             "run an experiment grid (resumable), then write its report")):
+        command = sub.add_parser(name, help=text)
+        add_args(command)
+        command.set_defaults(func=run)
     return parser
 
 
