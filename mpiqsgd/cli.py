@@ -5,6 +5,10 @@ Commands:
     bench codec      encode/decode throughput, bytes and variance of one codec
     bench exchange   time and bytes of one topology against fp32 allreduce (run under mpiexec)
     bench step       a training step with exchange against the step alone (run under mpiexec)
+    report           tables and plots of communication cost from run directories
+    launch           build (and run) the mpiexec command for this machine's MPI
+    doctor           MPI, threads, GPUs and a 2-rank ping-pong, with a fix for each problem
+    sweep            run an experiment grid (resumable), then write its report
 
 An uncaught exception on any rank aborts the whole MPI job (MPI_Abort) after printing
 the error, instead of leaving the other ranks waiting.
@@ -107,6 +111,22 @@ def build_parser():
     bs.add_argument("--device", default="cpu")
     bs.add_argument("--json", action="store_true")
     bs.set_defaults(func=run_bench_step)
+
+    # Commands whose module brings its flags and its handler (stdlib imports only until run).
+    from . import doctor, launch, report, sweep
+
+    for name, add_args, run, text in (
+            ("report", report.add_report_args, report.run_report,
+             "tables and plots of communication cost from run directories"),
+            ("launch", launch.add_launch_args, launch.run_launch,
+             "build (and run) the mpiexec command for this machine's MPI"),
+            ("doctor", doctor.add_doctor_args, doctor.run_doctor,
+             "MPI, threads, GPUs and a 2-rank ping-pong, with a fix for each problem"),
+            ("sweep", sweep.add_sweep_args, sweep.run_sweep,
+             "run an experiment grid (resumable), then write its report")):
+        command = sub.add_parser(name, help=text)
+        add_args(command)
+        command.set_defaults(func=run)
     return parser
 
 
@@ -198,7 +218,7 @@ def main(argv=None):
     """Entry point of the ``mpiqsgd`` console script."""
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        code = args.func(args)
     except MpiqsgdError as exc:
         abort_if_parallel(f"mpiqsgd: error: {exc}")
         print(f"mpiqsgd: error: {exc}", file=sys.stderr)
@@ -206,4 +226,4 @@ def main(argv=None):
     except Exception:
         abort_if_parallel(traceback.format_exc())
         raise
-    return 0
+    return code or 0

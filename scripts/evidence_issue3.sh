@@ -12,4 +12,4 @@ run qsgd4-nearest   --codec qsgd --bits 4 --rounding nearest
 run qsgd4-nearest-ef --codec qsgd --bits 4 --rounding nearest --error-feedback
 run qsgd2           --codec qsgd --bits 2 --bucket 128
 run qsgd2-nearest-ef --codec qsgd --bits 2 --bucket 128 --rounding nearest --error-feedback
-python scripts/table.py "$out"/*/
+python -m mpiqsgd report "$out" --out "$out/report"

@@ -16,4 +16,4 @@ run nuqsgd   --codec nuqsgd
 run nuqsgd-zero --codec nuqsgd-zero
 run qsgd-inf --codec qsgd-inf
 run terngrad --codec terngrad --bits 2
-python scripts/table.py "$out"/*/
+python -m mpiqsgd report "$out" --out "$out/report"
