@@ -14,6 +14,7 @@ Payload bytes: ``4 * ceil(numel / bucket) + ceil(numel / 8)``.
 
 import torch
 
+from .. import wire
 from . import bits as bitpack
 from . import kernels
 from .base import Codec, check_int
@@ -32,7 +33,7 @@ class Sign(Codec):
     name = "sign"
 
     def __init__(self, bucket=512):
-        self.bucket = check_int(self.name, "bucket", bucket, 1, 2**30)
+        self.bucket = check_int(self.name, "bucket", bucket, 1, wire.MAX_BUCKET)
         self.force_torch = False  # tests: run the torch implementation on the CPU too
 
     @property
@@ -53,4 +54,6 @@ class Sign(Codec):
     def _dequantize(self, payload, numel):
         n_buckets = -(-numel // self.bucket)
         scales = finite_scales(payload, n_buckets, self.name)
-        return kernels.sign_decode(payload[4 * n_buckets:], scales, self.bucket, numel, self.force_torch)
+        # min(): the same buckets; nothing is sized by a bucket larger than the message
+        return kernels.sign_decode(payload[4 * n_buckets:], scales, min(self.bucket, numel), numel,
+                                   self.force_torch)
