@@ -35,12 +35,12 @@ import numpy as np
 import torch
 
 from .. import wire
-from ..errors import ConfigError, DecodeError
+from ..errors import ConfigError, DecodeError, NonFiniteError
 from . import bits as bitpack
 from . import elias, kernels
 from .base import Codec, check_choice, check_int
 
-__all__ = ["QSGD", "bits_for_levels", "bucket_norms", "finite_scales", "max_norm"]
+__all__ = ["QSGD", "bits_for_levels", "bucket_norms", "checked_norms", "finite_scales", "max_norm"]
 
 ROUNDINGS = ("stochastic", "nearest")
 NORMS = ("l2", "max")
@@ -70,11 +70,37 @@ def bucket_norms(x, bucket, norm="l2"):
 FLT_MAX = float(np.finfo(np.float32).max)
 
 
+def checked_norms(x, bucket, norm, codec, limit=FLT_MAX):
+    """:func:`bucket_norms` of a finite ``x`` without float32 overflow, each at most ``limit``.
+
+    A float32 sum of squares overflows long before the norm does (values of 2e19 suffice);
+    only then are the norms recomputed in float64, so normal inputs give the same bytes.
+
+    Raises:
+        NonFiniteError: a bucket's norm exceeds ``limit`` (what a receiver decodes to finite
+            values), naming the bucket, its norm and what to change.
+    """
+    norms = bucket_norms(x, bucket, norm)
+    if not norms.numel() or float(norms.max()) <= limit:  # one reduction: the common case costs ~1 us
+        return norms
+    exact = bucket_norms(x.double(), bucket, norm)
+    over = exact > limit
+    if bool(over.any()):
+        b = int(over.nonzero()[0, 0])
+        raise NonFiniteError(
+            f"{codec}: bucket {b} has a {norm} norm of {float(exact[b]):.3g}, beyond what a float32 scale "
+            f"carries ({limit:.4g}); the largest value to encode is {float(x.abs().max()):.3g}. Values this "
+            "large mean training diverged: lower the learning rate; with error feedback, its residual is "
+            "growing without bound: use a contractive codec (nearest rounding, more bits, or sign)")
+    return exact.to(torch.float32)  # <= limit, a float32 value, so the cast stays <= limit
+
+
 def finite_scales(payload, n_buckets, codec, limit=FLT_MAX):
     """Read ``n_buckets`` float32 scales from the start of a payload; each must lie in [0, limit]
     (which refuses NaN and Inf in the same pass)."""
     scales = payload[: 4 * n_buckets].view(torch.float32)
-    if not bool(((scales >= 0) & (scales <= limit)).all()):
+    # min and max propagate NaN, which fails both comparisons
+    if n_buckets and not (float(scales.min()) >= 0 and float(scales.max()) <= limit):
         bad = scales[~((scales >= 0) & (scales <= limit))][0]
         what = "negative or non-finite" if not bool(torch.isfinite(bad)) or bad < 0 else "too large"
         raise DecodeError(f"{codec}: payload holds a {what} bucket scale {float(bad):.4g} "
@@ -165,7 +191,7 @@ class QSGD(Codec):
         return 4 * n_buckets + (n_buckets + 7) // 8  # one bit per all-zero bucket
 
     def _quantize(self, x, rng, want_decoded):
-        norms = bucket_norms(x, self.bucket, self.norm)
+        norms = checked_norms(x, self.bucket, self.norm, self.name, max_norm(self.levels))
         scale = self.levels / norms
         # A zero bucket, or one so small that levels / norm overflows, is sent as zeros.
         scale = torch.where(torch.isfinite(scale), scale, torch.zeros_like(scale))

@@ -18,7 +18,7 @@ from .. import wire
 from . import bits as bitpack
 from . import kernels
 from .base import Codec, check_int
-from .qsgd import bucket_norms, finite_scales
+from .qsgd import checked_norms, finite_scales
 
 __all__ = ["Sign"]
 
@@ -44,7 +44,7 @@ class Sign(Codec):
         return 4 * (-(-numel // self.bucket)) + bitpack.packed_nbytes(numel, 1)
 
     def _quantize(self, x, rng, want_decoded):
-        scales = bucket_norms(x, self.bucket, "mean_abs")
+        scales = checked_norms(x, self.bucket, "mean_abs", self.name)  # a mean of |x| never overflows
         packed = bitpack.pack((x < 0).to(torch.uint8), 1)
         decoded = None
         if want_decoded:
