@@ -36,7 +36,7 @@ from ..errors import MpiqsgdError
 from ..exchange import GradientExchange, broadcast_parameters, parameter_checksum
 from ..machine import default_device, machine_info
 from . import data as D
-from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint, truncate_log
 from .models import build_model
 
 __all__ = ["train", "run_worker", "load_data", "learning_rate", "count_correct"]
@@ -208,8 +208,8 @@ def run_worker(cfg, transport, shared):
         meter.load_totals(saved["meter"])
         st.update(saved["progress"])
         if rank == 0:  # drop rows written after the checkpoint by the run that stopped
-            _truncate_log(shared.run_dir / "metrics.jsonl", st["step"], keep_equal=True)
-            _truncate_log(shared.run_dir / "diagnostics.jsonl", st["step"], keep_equal=False)
+            truncate_log(shared.run_dir / "metrics.jsonl", st["step"], keep_equal=True)
+            truncate_log(shared.run_dir / "diagnostics.jsonl", st["step"], keep_equal=False)
 
     is_root = rank == 0
     run_dir = shared.run_dir
@@ -339,15 +339,6 @@ def _check_resume_flags(saved, cfg):
             flag = "--" + name.replace("_", "-")
             raise MpiqsgdError(f"cannot resume: the checkpoint was written with {flag} {saved[name]!r}, "
                                f"this run has {flag} {getattr(cfg, name)!r}")
-
-
-def _truncate_log(path, step, keep_equal):
-    """Keep the JSON lines of ``path`` whose step is below ``step`` (or equal, with ``keep_equal``)."""
-    if not path.exists():
-        return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [r for r in rows if json.loads(r)["step"] < step or (keep_equal and json.loads(r)["step"] == step)]
-    atomic_write_bytes(path, "".join(r + "\n" for r in kept).encode())
 
 
 def _adaptation_cost(job, exchange, n, steps, wall):
