@@ -16,4 +16,5 @@ class DecodeError(MpiqsgdError, ValueError):
 
 
 class NonFiniteError(MpiqsgdError, ValueError):
-    """A gradient holding NaN or Inf was handed to a codec."""
+    """A gradient holding NaN or Inf was handed to a codec, a bucket norm would leave the
+    float32 range, or an error-feedback residual diverged (the message names which)."""

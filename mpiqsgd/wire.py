@@ -15,20 +15,43 @@ length depends only on the codec parameters and ``numel`` (msgpack integers are
 variable width, so it is computed by packing, never guessed). The CRC makes any
 corruption of a message a :class:`~mpiqsgd.errors.DecodeError` instead of silently
 wrong values. Everything that is not the payload counts as header bytes in the meter.
+
+A valid CRC proves only that the bytes arrived as sent, not that the sender was sane, so
+:func:`unframe` also bounds what a header may claim before anything is allocated:
+
+- the header is a map of exactly ``codec`` (str), ``numel`` (int, not bool) and ``params``
+  (a map of str to msgpack scalars: nil, bool, int, float, str, bin; no nesting), at most
+  ``MAX_HEADER_BYTES`` long;
+- ``0 <= numel <= MAX_NUMEL`` (2^31 coordinates, 8 GiB of decoded float32): a sender
+  refuses to frame more (:func:`pack_header`), a receiver refuses to decode more;
+- codecs take ``bucket <= MAX_BUCKET`` (2^30) and their decoders allocate by ``numel``,
+  never by ``bucket`` (a bucket of 2^30 over numel 1 is one bucket of 1); the Elias code
+  caps its bucket lower (:data:`mpiqsgd.codecs.qsgd.ELIAS_MAX_BUCKET`).
+
+Dense codecs' payload length is a pure function of ``numel``, so a short message cannot
+claim a large output. A variable-length (Elias) message can legitimately describe many
+zeros in a few bytes (one bit per all-zero bucket); its decoder writes only the non-zero
+coordinates into lazily zeroed memory, and a receiver that knows the length it expects
+passes it (``unframe(message, numel=n)``) so that a message of any other length is refused
+before decoding.
 """
 
+import reprlib
 import struct
 import zlib
 
 import msgpack
 
-from .errors import DecodeError
+from .errors import ConfigError, DecodeError
 
 __all__ = [
     "MAGIC",
     "VERSION",
     "PREFIX_BYTES",
     "MAX_HEADER_BYTES",
+    "MAX_NUMEL",
+    "MAX_BUCKET",
+    "describe",
     "pack_header",
     "frame",
     "unframe",
@@ -40,11 +63,31 @@ VERSION = 1
 _PREFIX = struct.Struct("<4sBII")
 PREFIX_BYTES = _PREFIX.size
 MAX_HEADER_BYTES = 4096
+MAX_NUMEL = 1 << 31  # coordinates one message may claim
+MAX_BUCKET = 1 << 30  # coordinates per bucket a codec accepts
+_KEYS = frozenset(("codec", "numel", "params"))
+_SCALARS = (type(None), bool, int, float, str, bytes)
+
+_repr = reprlib.Repr()
+_repr.maxlevel, _repr.maxstring, _repr.maxother, _repr.maxlong = 3, 60, 60, 40
+
+
+def describe(obj):
+    """A short repr of untrusted header content (bounded in depth and length)."""
+    return _repr.repr(obj)
 
 
 def pack_header(codec, numel, params):
-    """Return the msgpack bytes of a header (deterministic for equal inputs)."""
-    return msgpack.packb({"codec": codec, "numel": int(numel), "params": params}, use_bin_type=True)
+    """Return the msgpack bytes of a header (deterministic for equal inputs).
+
+    Raises:
+        ConfigError: ``numel`` above :data:`MAX_NUMEL` (no receiver would decode it).
+    """
+    numel = int(numel)
+    if numel > MAX_NUMEL:
+        raise ConfigError(f"{codec}: a message holds at most {MAX_NUMEL} values (wire.MAX_NUMEL); got {numel}. "
+                          "Split the tensor")
+    return msgpack.packb({"codec": codec, "numel": numel, "params": params}, use_bin_type=True)
 
 
 def frame(header_bytes, payload):
@@ -70,11 +113,13 @@ def header_nbytes(message):
     return min(len(message), PREFIX_BYTES + hlen)
 
 
-def unframe(message):
+def unframe(message, numel=None):
     """Split and check a message.
 
     Args:
         message: a bytes-like object.
+        numel: the number of values the receiver expects, if it knows; a header claiming
+            another number is refused before anything is decoded.
 
     Returns:
         (header dict, payload memoryview).
@@ -106,14 +151,28 @@ def unframe(message):
             max_array_len=1024, max_map_len=64,
         )
     except Exception as exc:  # msgpack raises several unrelated types
-        raise DecodeError(f"unreadable message header: {exc}") from exc
-    if (
-        not isinstance(header, dict)
-        or not isinstance(header.get("codec"), str)
-        or not isinstance(header.get("numel"), int)
-        or not isinstance(header.get("params"), dict)
-    ):
-        raise DecodeError(f"malformed message header: {header!r:.200}")
-    if header["numel"] < 0:
-        raise DecodeError(f"negative numel {header['numel']} in message header")
+        raise DecodeError(f"unreadable message header ({type(exc).__name__}: {exc})") from exc
+    _check_header(header)
+    if numel is not None and header["numel"] != numel:
+        raise DecodeError(f"message holds {header['numel']} values, the receiver expects {numel}")
     return header, body[hlen:]
+
+
+def _check_header(header):
+    """Refuse any header :func:`pack_header` cannot produce (without recursing into it)."""
+    if type(header) is not dict or header.keys() != _KEYS:
+        raise DecodeError(f"malformed message header: {describe(header)}; expected a map of "
+                          "codec, numel and params")
+    params = header["params"]
+    if type(header["codec"]) is not str or type(header["numel"]) is not int or type(params) is not dict:
+        raise DecodeError(f"malformed message header: {describe(header)}; expected codec a str, "
+                          "numel an int and params a map")
+    for key, value in params.items():
+        if type(key) is not str or type(value) not in _SCALARS:
+            raise DecodeError(f"message header has invalid {header['codec']:.40} parameters: "
+                              f"{describe(key)} = {describe(value)} is not a named scalar")
+    numel = header["numel"]
+    if numel < 0:
+        raise DecodeError(f"negative numel {numel} in message header")
+    if numel > MAX_NUMEL:
+        raise DecodeError(f"message header claims numel={numel}, above the cap of {MAX_NUMEL} (wire.MAX_NUMEL)")

@@ -1,16 +1,23 @@
-"""Bad bytes: every truncated, corrupted or foreign message gives a DecodeError."""
+"""Bad bytes: every truncated, corrupted, foreign or hostile message gives a DecodeError.
 
+Hostile messages carry a valid CRC (:func:`reframe`): the checksum proves nothing about the
+sender, so headers and payloads are checked on their own (:mod:`mpiqsgd.wire`).
+"""
+
+import os
 import random
 import struct
 
 import msgpack
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 from mpiqsgd import wire
-from mpiqsgd.codecs import decode, make_codec, make_generator
-from mpiqsgd.errors import DecodeError, MpiqsgdError
+from mpiqsgd.codecs import CODECS as CODEC_NAMES, codec_for, decode, make_codec, make_generator
+from mpiqsgd.codecs import kernels, levelset, qsgd
+from mpiqsgd.errors import ConfigError, DecodeError, MpiqsgdError
 
 CODECS = [make_codec("fp32"), make_codec("fp16"), make_codec("qsgd", bits=3, bucket=16),
           make_codec("qsgd", levels=5, bucket=8), make_codec("qsgd-inf"), make_codec("sign", bucket=10),
@@ -96,7 +103,7 @@ def test_appended_bytes():
                                               "rounding": "stochastic"}}, b"", "invalid qsgd parameters"),
     ({"codec": "qsgd", "numel": 10, "params": {"bits": 4}}, b"", "invalid qsgd parameters"),
     ({"codec": "qsgd", "numel": 10, "params": {"bogus": 1}}, b"", "invalid qsgd parameters"),
-    ({"codec": "fp32", "numel": 2**62, "params": {}}, b"\0" * 8, "needs"),
+    ({"codec": "fp32", "numel": 2**62, "params": {}}, b"\0" * 8, "cap"),
     ({"codec": "fp32", "numel": 3, "params": {}}, b"\0" * 8, "payload of 8 bytes"),
     ({"codec": "fp32", "numel": -1, "params": {}}, b"", "negative numel"),
     ({"codec": "fp32", "numel": "3", "params": {}}, b"", "malformed"),
@@ -138,3 +145,296 @@ def test_valid_messages_still_decode():
         decode(message)
         decode(bytearray(message))
         decode(memoryview(message))
+
+
+# -- hostile messages with a valid CRC, for every codec ---------------------------------------
+
+FLT_MAX = float(np.finfo(np.float32).max)
+
+
+def hostile_codecs():
+    """Every codec name, at a small bucket, at its widest and narrowest settings."""
+    out = []
+    for name in CODEC_NAMES:
+        if name in ("fp32", "fp16"):
+            out.append(make_codec(name))
+        elif name == "sign":
+            out.append(make_codec(name, bucket=8))
+        elif name in ("qsgd", "qsgd-inf", "qsgd-elias"):
+            out += [make_codec(name, bits=8, bucket=8), make_codec(name, bits=2, bucket=16)]
+        elif name == "terngrad":
+            out.append(make_codec(name, bucket=8))
+        else:
+            out += [make_codec(name, bits=8, bucket=8), make_codec(name, bits=2, bucket=16)]
+    return out
+
+
+HOSTILE_CODECS = hostile_codecs()
+HOSTILE_INTS = [0, 1, 2, 7, 8, 9, 15, 16, 17, 255, 256, 2**16, 2**16 + 1, 2**30, 2**30 + 1, 2**31, 2**31 + 1,
+                2**34, 2**62, 2**64 - 1, -1, -2**63]
+HOSTILE_VALUES = HOSTILE_INTS + [True, False, None, 0.5, float("nan"), float("inf"), -0.0, "", "l2", "max",
+                                 "elias", "dense", "nearest", "stochastic", "nuq", "alq", "x" * 200, b"",
+                                 b"\0" * 13, b"\0" * 4096, [1], {"a": 1}, [[[[[]]]]]]
+HOSTILE_FLOATS = [FLT_MAX, -FLT_MAX, float("inf"), float("-inf"), float("nan"), -1.0, -0.0, 1e-45, 1e38, 3e38]
+
+
+def _nested(depth):
+    """Raw msgpack of a list nested ``depth`` deep (deeper than Packer allows)."""
+    return b"\x91" * depth + b"\xc0"
+
+
+def _table_bytes(rng, k):
+    kind = rng.randrange(6)
+    vals = sorted(rng.uniform(-1, 1) for _ in range(max(k - 2, 0)))
+    t = np.array([-1.0] + vals + [1.0], dtype="<f4")
+    if kind == 0:
+        return t.tobytes()[: rng.randrange(1, len(t.tobytes()))]  # length not a multiple of 4 (often)
+    if kind == 1:
+        t[rng.randrange(len(t))] = rng.choice([float("nan"), float("inf"), 2.0, -3.0])
+    elif kind == 2:
+        t = t[::-1].copy()
+    elif kind == 3:
+        t = np.concatenate([t, t])  # too many levels, repeated
+    elif kind == 4:
+        t = np.full(k, 0.5, dtype="<f4")
+    return t.tobytes()
+
+
+def _mutate_payload(rng, payload, codec, numel):
+    p = bytearray(payload)
+    kind = rng.randrange(7)
+    bucket = getattr(codec, "bucket", None)
+    n_scales = -(-numel // bucket) if bucket else 0
+    if kind == 0 and n_scales:  # hostile scales, maximal codes
+        for b in range(n_scales):
+            if rng.random() < 0.7:
+                struct.pack_into("<f", p, 4 * b, rng.choice(HOSTILE_FLOATS))
+        for i in range(4 * n_scales, len(p)):
+            p[i] = 0xFF if rng.random() < 0.5 else 0x7F
+    elif kind == 1:  # random content of the right length
+        p = bytearray(rng.randrange(256) for _ in range(len(p)))
+    elif kind == 2 and p:  # hostile float32/float16 values anywhere
+        for _ in range(rng.randint(1, 4)):
+            i = rng.randrange(max(1, len(p) - 3))
+            if len(p) >= i + 4:
+                struct.pack_into("<f", p, i, rng.choice(HOSTILE_FLOATS))
+            else:
+                p[i] = 0xFF
+    elif kind == 3:  # off by a few bytes
+        if rng.random() < 0.5 and p:
+            del p[-rng.randint(1, min(8, len(p))):]
+        else:
+            p += bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
+    elif kind == 4:  # all ones / all zeros
+        p = bytearray([rng.choice([0, 0xFF])]) * len(p)
+    elif kind == 5 and n_scales:  # valid scales, every code maximal
+        for i in range(4 * n_scales, len(p)):
+            p[i] = 0xFF
+    # kind 6: the payload as sent
+    return bytes(p)
+
+
+def hostile_message(rng):
+    """One seeded hostile message with a valid CRC: (codec it was derived from, message, claimed numel)."""
+    codec = rng.choice(HOSTILE_CODECS)
+    numel = rng.choice([0, 1, 5, 8, 9, 17, 40])
+    scale = 1.0 if codec.name == "fp16" else rng.choice([1e-30, 1.0, 1e30])
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(rng.randrange(2**31))) * scale
+    header, payload = wire.unframe(codec.encode(x, make_generator(rng.randrange(100))))
+    header = {"codec": header["codec"], "numel": header["numel"], "params": dict(header["params"])}
+    raw_header = None
+    for _ in range(rng.randint(1, 3)):
+        kind = rng.randrange(10)
+        if raw_header is not None:  # the header is final: only the payload may change
+            kind = 9
+        params = header["params"] if isinstance(header["params"], dict) else {}
+        if kind == 0:
+            header["numel"] = rng.choice(HOSTILE_INTS + [True, False, 1.0, "3", None])
+        elif kind == 1 and params:
+            params[rng.choice(sorted(params))] = rng.choice(HOSTILE_VALUES)
+        elif kind == 2 and params:
+            del params[rng.choice(sorted(params))]
+        elif kind == 3:
+            params[rng.choice(["bogus", "encoding", "levels", "clip_sigma", "max_buckets", "bucket"])] = \
+                rng.choice(HOSTILE_VALUES)
+        elif kind == 4:
+            header["codec"] = rng.choice(sorted(wire_names()) + ["", "qsgd ", "QSGD", "fp64", 7, None])
+        elif kind == 5:
+            header[rng.choice(["extra", "numel2", 3])] = rng.choice(HOSTILE_VALUES)
+        elif kind == 6 and "levels" in params:
+            k = 2 ** params.get("bits", 3) if isinstance(params.get("bits"), int) and 1 <= params["bits"] <= 8 else 8
+            params["levels"] = _table_bytes(rng, k)
+        elif kind == 7 and "bucket" in params:
+            params["bucket"] = rng.choice([2**30, 2**16 + 1, 2**16, 1, 2**31, 0])
+        elif kind == 8:  # deep nesting in place of a field or of the whole header
+            depth = rng.choice([10, 100, 511, 1023])
+            where = rng.choice(["numel", "params", "codec", "whole"])
+            if where == "whole":
+                raw_header = _nested(depth)
+            else:
+                header[where] = "@@NEST@@"
+                raw_header = msgpack.packb(header, use_bin_type=True).replace(
+                    msgpack.packb("@@NEST@@"), _nested(depth))
+        else:
+            payload = _mutate_payload(rng, payload, codec, numel)
+    if raw_header is None:
+        raw_header = msgpack.packb(header, use_bin_type=True)
+    return codec, wire.frame(raw_header, payload), header.get("numel")
+
+
+def wire_names():
+    from mpiqsgd.codecs import WIRE_CODECS
+
+    return WIRE_CODECS
+
+
+def check_hostile(decoder, message, claimed):
+    """Decoding gives DecodeError, or exactly ``claimed`` finite float32 values."""
+    try:
+        out = decoder(message)
+    except DecodeError:
+        return "refused"
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
+    assert out.numel() == claimed, (out.numel(), claimed)
+    assert bool(torch.isfinite(out).all()), "decoded a non-finite value"
+    return "decoded"
+
+
+def test_hostile_messages_with_valid_crc():
+    """Seeded: every codec, hostile headers and payloads; both decode paths (any header, own codec)."""
+    rng = random.Random(20240611)
+    outcomes = {"refused": 0, "decoded": 0}
+    for trial in range(3000):
+        codec, message, claimed = hostile_message(rng)
+        try:
+            for decoder in (decode, codec.decode):
+                outcomes[check_hostile(decoder, message, claimed)] += 1
+        except Exception as exc:  # name the trial so it can be replayed
+            raise AssertionError(f"trial {trial} ({codec!r}): {type(exc).__name__}: {exc}"[:600]) from exc
+    # The generator must keep producing both kinds, or it tests nothing.
+    assert outcomes["refused"] > 2000 and outcomes["decoded"] > 100, outcomes
+
+
+def _qsgd_header(codec, numel, **override):
+    return {"codec": codec.name, "numel": numel, "params": {**codec.params, **override}}
+
+
+@pytest.mark.parametrize("name", ["qsgd", "qsgd-inf", "qsgd-elias"])
+def test_flt_max_norm_with_maximal_codes_is_refused(name):
+    codec = make_codec(name, bits=8, bucket=4)
+    if name == "qsgd-elias":  # one non-zero: count 2, gap 1, sign 0, level 127, padded
+        stream = _elias_one_level(127)
+    else:
+        stream = bytes([0x7F])
+    message = reframe(_qsgd_header(codec, 1), struct.pack("<f", FLT_MAX) + stream)
+    for decoder in (decode, codec.decode):
+        with pytest.raises(DecodeError, match="too large bucket scale"):
+            decoder(message)
+    # The largest norm whose top level stays finite still decodes, to finite values.
+    fine = reframe(_qsgd_header(codec, 1), struct.pack("<f", qsgd.max_norm(codec.levels)) + stream)
+    assert bool(torch.isfinite(decode(fine)).all()) and float(decode(fine).abs()) > 3e38
+
+
+def _elias_one_level(level):
+    from mpiqsgd.codecs import elias
+
+    out = np.zeros(8, dtype=np.uint8)
+    pos = elias._put_omega(out, 0, 2)
+    pos = elias._put_omega(out, pos, 1)
+    pos += 1  # sign 0
+    pos = elias._put_omega(out, pos, level)
+    return out[: (pos + 7) // 8].tobytes()
+
+
+def test_deeply_nested_header_is_a_decode_error():
+    for depth in (1023, 511, 50):
+        with pytest.raises(DecodeError, match="malformed|StackError"):
+            decode(wire.frame(_nested(depth), b""))
+        header = msgpack.packb({"codec": "qsgd", "numel": 1, "params": {"bucket": "@"}}, use_bin_type=True)
+        with pytest.raises(DecodeError, match="not a named scalar|StackError"):
+            decode(wire.frame(header.replace(msgpack.packb("@"), _nested(depth)), b""))
+
+
+@pytest.mark.parametrize("n_bytes", [1, 13, 30, 1023])
+def test_level_table_of_odd_length_is_a_decode_error(n_bytes):
+    codec = make_codec("nuqsgd", bits=3, bucket=8)
+    header = {"codec": "levelset", "numel": 1, "params": {**codec.params, "levels": b"\x01" * n_bytes}}
+    message = reframe(header, b"\0" * codec.payload_nbytes(1))
+    for decoder in (decode, codec.decode):  # the codec's own path describes the other table
+        with pytest.raises(DecodeError):
+            decoder(message)
+
+
+@pytest.mark.parametrize("numel", [True, False])
+def test_boolean_numel_is_a_decode_error(numel):
+    with pytest.raises(DecodeError, match="malformed"):
+        decode(reframe({"codec": "fp32", "numel": numel, "params": {}}, b"\0" * 4 * int(numel)))
+
+
+def test_numel_above_the_cap_is_refused_before_allocating():
+    codec = make_codec("qsgd-elias", bits=2, bucket=2**16)
+    n_buckets = -(-2**34 // 2**16)
+    message = reframe(_qsgd_header(codec, 2**34), b"\0" * (4 * n_buckets + n_buckets // 8))
+    with pytest.raises(DecodeError, match="cap"):
+        decode(message)
+    with pytest.raises(ConfigError, match="MAX_NUMEL"):
+        wire.pack_header("fp32", wire.MAX_NUMEL + 1, {})
+    assert wire.unframe(wire.frame(wire.pack_header("fp32", wire.MAX_NUMEL, {}), b""))[0]["numel"] == wire.MAX_NUMEL
+
+
+def test_expected_numel():
+    message = make_codec("qsgd", bucket=8).encode(torch.ones(10), make_generator(0))
+    assert decode(message, numel=10).numel() == 10
+    with pytest.raises(DecodeError, match="expects 9"):
+        decode(message, numel=9)
+    with pytest.raises(DecodeError, match="expects 11"):
+        wire.unframe(message, numel=11)
+
+
+def _resident_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
+def test_short_elias_message_does_not_commit_its_claimed_length():
+    """4 KB of all-zero buckets claiming 2^26 values: valid, but only touched pages cost memory."""
+    codec = make_codec("qsgd-elias", bits=2, bucket=2**16)
+    numel = 2**26
+    n_buckets = numel // 2**16
+    message = reframe(_qsgd_header(codec, numel), b"\0" * (4 * n_buckets) + b"\0" * (n_buckets // 8))
+    assert len(message) < 4400
+    before = _resident_bytes()
+    out = decode(message)
+    grown = _resident_bytes() - before
+    assert out.numel() == numel
+    assert grown < 32 << 20, f"decoding a {len(message)}-byte message made {grown >> 20} MiB resident"
+    assert float(out[:: 2**16].abs().sum()) == 0.0  # reading a few values touches a few pages
+    del out
+
+
+@pytest.mark.parametrize("name", ["qsgd", "qsgd-inf", "sign", "nuqsgd", "terngrad", "qsgd-elias"])
+@pytest.mark.parametrize("force_torch", [False, True])
+def test_kernels_never_see_a_bucket_above_numel(monkeypatch, name, force_torch):
+    """A header's bucket of 2^30 over numel 1 must not size anything (the torch kernels repeat per bucket)."""
+    seen = []
+
+    def spy(original, bucket_at, numel_at):
+        def wrapper(*args, **kwargs):
+            seen.append((args[bucket_at], args[numel_at]))
+            assert args[bucket_at] <= max(1, args[numel_at]), f"kernel got bucket {args[bucket_at]}"
+            return original(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(kernels, "level_decode", spy(kernels.level_decode, 2, 5))
+    monkeypatch.setattr(kernels, "sign_decode", spy(kernels.sign_decode, 2, 3))
+    monkeypatch.setattr(levelset, "levelset_decode", spy(levelset.levelset_decode, 3, 5))
+    bucket = 2**16 if name == "qsgd-elias" else 2**30
+    codec = make_codec(name, bucket=bucket)  # encoded by numba: its torch encoder pads to a whole bucket
+    message = codec.encode(torch.tensor([0.5, -2.0, 1.0]), make_generator(0))
+    header, payload = wire.unframe(message)
+    receiver = codec_for(header)
+    receiver.force_torch = force_torch
+    out = receiver._decode_payload(header["numel"], payload, "cpu")
+    assert out.numel() == 3 and bool(torch.isfinite(out).all())
+    assert name == "qsgd-elias" or seen, "the spy saw no kernel call"

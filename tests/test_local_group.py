@@ -86,3 +86,15 @@ def test_ps_with_encoded_downlink_stays_unbiased():
     # per-coordinate variance of two 1-level roundings is at most 2 * (norm^2 / 4)
     stderr = (2 * float(g.norm()) ** 2 / 4 / steps) ** 0.5
     assert float((mean - g.double()).abs().max()) < 4.5 * stderr
+
+
+@pytest.mark.parametrize("topology,options", [("ps", {}), ("ps", {"downlink": "codec"}), ("ring", {}),
+                                              ("scatter", {}), ("allgather", {})])
+def test_a_message_of_the_wrong_length_is_refused_not_averaged(topology, options):
+    from mpiqsgd.errors import DecodeError
+
+    group = LocalGroup(2)
+    transports = group.transports()
+    aggs = [make_aggregator(topology, t, make_codec("qsgd", bits=4), **options) for t in transports]
+    with pytest.raises(DecodeError, match="numel|values"):
+        group.run(lambda t: aggs[t.rank].aggregate(torch.ones(1000 if t.rank == 0 else 1), 0), transports)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from mpiqsgd.train.checkpoint import read_state
 
 MPIEXEC = shutil.which("mpiexec")
 pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec on PATH (pip install mpich)")
@@ -104,8 +105,7 @@ TRAIN = ["train", "--dataset", "synthetic", "--synthetic-size", "1200", "--model
 
 def final_states(run_dir, n):
     latest = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
-    return [torch.load(run_dir / "checkpoints" / latest["dir"] / f"rank{r}.pt", weights_only=False)
-            for r in range(n)]
+    return [read_state(run_dir / "checkpoints" / latest["dir"] / f"rank{r}.pt") for r in range(n)]
 
 
 @pytest.mark.parametrize("n,flags", [

@@ -10,6 +10,7 @@ from mpiqsgd.codecs import make_codec
 from mpiqsgd.errors import ConfigError, MpiqsgdError
 from mpiqsgd.exchange import DistributedOptimizer, GradientExchange
 from mpiqsgd.train import driver
+from mpiqsgd.train.checkpoint import read_state
 from mpiqsgd.train.config import TrainConfig
 from mpiqsgd.transport import LocalGroup
 
@@ -31,7 +32,7 @@ def run(tmp_path, name="run", **kw):
 
 def final_model(run_dir, rank=0):
     latest = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
-    return torch.load(run_dir / "checkpoints" / latest["dir"] / f"rank{rank}.pt", weights_only=False)["model"]
+    return read_state(run_dir / "checkpoints" / latest["dir"] / f"rank{rank}.pt")["model"]
 
 
 def same_state(a, b):

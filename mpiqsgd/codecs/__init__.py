@@ -115,25 +115,38 @@ def codec_from_flags(codec, bits=None, levels=None, bucket=None, rounding=None, 
 
 
 def codec_for(header):
-    """The codec a message header names, with its parameters validated."""
+    """The codec a message header (as :func:`mpiqsgd.wire.unframe` returns it) names, with its
+    parameters validated.
+
+    Raises:
+        DecodeError: an unknown codec, or parameters no encoder writes.
+    """
     cls = WIRE_CODECS.get(header["codec"])
     if cls is None:
-        raise DecodeError(f"message names unknown codec {header['codec']!r:.40}")
+        raise DecodeError(f"message names unknown codec {wire.describe(header['codec'])}")
     try:
         codec = cls(**header["params"])
-    except (ConfigError, TypeError) as exc:
+    except (ConfigError, TypeError, ValueError, OverflowError) as exc:
         raise DecodeError(f"message header has invalid {header['codec']} parameters: {exc}") from None
     if codec.params != header["params"]:
         raise DecodeError(f"message header has invalid {header['codec']} parameters: "
-                          f"{header['params']!r:.200}, expected the form {codec.params!r}")
+                          f"{wire.describe(header['params'])}, expected the form {wire.describe(codec.params)}")
     return codec
 
 
-def decode(message, device="cpu"):
+def decode(message, device="cpu", numel=None):
     """Decode any mpiqsgd message by its header.
 
+    Args:
+        message: a bytes-like object.
+        device: where the decoded tensor goes.
+        numel: the number of values the receiver expects; another count is refused.
+
+    Returns:
+        a finite float32 tensor of the header's ``numel`` values.
+
     Raises:
-        DecodeError: truncated, corrupted or foreign bytes.
+        DecodeError: truncated, corrupted, foreign or hostile bytes (see :mod:`mpiqsgd.wire`).
     """
-    header, payload = wire.unframe(message)
+    header, payload = wire.unframe(message, numel)
     return codec_for(header)._decode_payload(header["numel"], payload, device)

@@ -192,13 +192,17 @@ class Codec:
         """Encode ``x`` into a self-describing message (see :meth:`encode_decode`)."""
         return self._encode(x, rng, False)[0]
 
-    def decode(self, message, device="cpu"):
+    def decode(self, message, device="cpu", numel=None):
         """Decode a message produced by a codec with the same parameters.
 
+        Args:
+            numel: the number of values the receiver expects (any, when None).
+
         Raises:
-            DecodeError: the bytes are invalid or were encoded with other parameters.
+            DecodeError: the bytes are invalid, were encoded with other parameters, or hold
+                another number of values than ``numel``.
         """
-        header, payload = wire.unframe(message)
+        header, payload = wire.unframe(message, numel)
         if header["codec"] != self.name or header["params"] != self.params:
             raise DecodeError(
                 f"message was encoded with {header['codec']} {header['params']}, "

@@ -197,16 +197,19 @@ def _get_omega(data, pos, limit, max_value):
 
 
 @_jit
-def decode_stream(data, unit, bucket, levels, n, out):
-    """Decode a stream into ``out`` (float32, ``n`` values, zeroed here).
+def decode_stream(data, unit, bucket, levels, n, out, zero=True):
+    """Decode a stream into ``out`` (float32, ``n`` values, zeroed here unless ``zero`` is false,
+    when the caller passes zeros: then only non-zero coordinates are written).
 
     ``unit[b]`` is the value of one level step in bucket ``b`` (``norm / s``). Returns an
-    error code of :data:`ERRORS`, 0 on success.
+    error code of :data:`ERRORS`, 0 on success. Time is linear in the stream's length and
+    the number of buckets, not in ``n`` (when ``zero`` is false).
     """
     limit = data.size * 8
     pos = 0
-    for i in range(n):
-        out[i] = 0.0
+    if zero:
+        for i in range(n):
+            out[i] = 0.0
     b = 0
     for start in range(0, n, bucket):
         length = min(bucket, n - start)

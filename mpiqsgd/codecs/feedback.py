@@ -10,7 +10,9 @@ server's downlink); a residual whose shape no longer matches is reset to zero.
 Error feedback needs a contractive compressor, ``E||C(p) - p||^2 < ||p||^2``. Scaled
 sign and nearest rounding are; stochastic QSGD is only when its variance factor
 ``min(d/s^2, sqrt(d)/s)`` is below 1 (e.g. 8 bits, or small buckets): otherwise the
-residual grows without bound, and :class:`ErrorFeedback` warns at construction.
+residual grows without bound: :class:`ErrorFeedback` warns at construction, and
+:func:`~mpiqsgd.codecs.residual.check_residual` stops the job, naming the fix, once the
+residual has clearly diverged (long before it could overflow into the wire).
 """
 
 import warnings
@@ -18,6 +20,7 @@ import warnings
 import torch
 
 from .base import Codec
+from .residual import check_residual
 
 __all__ = ["ErrorFeedback"]
 
@@ -64,8 +67,8 @@ class ErrorFeedback(Codec):
     def header_bytes(self, numel):
         return self.inner.header_bytes(numel)
 
-    def decode(self, message, device="cpu"):
-        return self.inner.decode(message, device)
+    def decode(self, message, device="cpu", numel=None):
+        return self.inner.decode(message, device, numel)
 
     def _decode_payload(self, numel, payload, device):
         return self.inner._decode_payload(numel, payload, device)
@@ -87,6 +90,7 @@ class ErrorFeedback(Codec):
         p = flat if e is None or e.shape != flat.shape else flat + e.to(flat.device)
         message, decoded = self.inner.encode_decode(p, rng)
         self.residuals[key] = p - decoded
+        check_residual(self.inner, self.residuals[key], flat, key)
         return message, decoded
 
     def encode(self, x, rng=None, key="grad"):

@@ -149,7 +149,7 @@ class LevelSet(Codec):
         self.method = check_choice(self.name, "method", method, tuple(METHODS))
         default_bits, fixed_norm, _ = METHODS[method]
         self.bits = check_int(method, "bits", default_bits if bits is None else bits, 1, 8)
-        self.bucket = check_int(method, "bucket", bucket, 1, 2**30)
+        self.bucket = check_int(method, "bucket", bucket, 1, wire.MAX_BUCKET)
         if norm is None:
             norm = fixed_norm or "l2"
         self.norm = check_choice(method, "norm", norm, NORMS)
@@ -222,20 +222,21 @@ class LevelSet(Codec):
     def _dequantize(self, payload, numel):
         n_buckets = -(-numel // self.bucket)
         norms = finite_scales(payload, n_buckets, self.method)
+        # min(): the same buckets; nothing is sized by a bucket larger than the message
         values, bad = levelset_decode(payload[4 * n_buckets:], norms, self._levels_on(payload.device),
-                                      self.bucket, self.bits, numel, self.force_torch)
+                                      min(self.bucket, numel), self.bits, numel, self.force_torch)
         if bad:
             raise DecodeError(f"{self.method}: {bad} level code(s) >= K={self.table.size} in payload")
         return values
 
-    def decode(self, message, device="cpu"):
+    def decode(self, message, device="cpu", numel=None):
         """Decode a message encoded with the same parameters and the same level table.
 
         Raises:
             DecodeError: invalid bytes, other parameters, or another level table (e.g.
                 a message encoded before the last :meth:`AdaptiveLevelSet.fit`).
         """
-        header, payload = wire.unframe(message)
+        header, payload = wire.unframe(message, numel)
         params = header["params"]
         if header["codec"] == self.name and params != self.params:
             same_rest = {k: v for k, v in params.items() if k != "levels"} == \
@@ -247,11 +248,11 @@ class LevelSet(Codec):
                     f"{_describe(theirs)}, but this codec holds table #{table_id(self.levels_bytes)} "
                     f"{_describe(self.levels_bytes)}; the levels changed (fit or load) between "
                     "encoding and decoding")
-        return super().decode(message, device)
+        return super().decode(message, device, numel)
 
 
 def _describe(levels_bytes):
-    t = np.frombuffer(levels_bytes[: 4 * 256], dtype="<f4")
+    t = np.frombuffer(levels_bytes[: 4 * min(256, len(levels_bytes) // 4)], dtype="<f4")
     shown = ", ".join(f"{v:.4g}" for v in t[:8])
     return f"[{shown}{', ...' if t.size > 8 else ''}]"
 

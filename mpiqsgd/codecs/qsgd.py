@@ -28,17 +28,19 @@ ceil(n_buckets / 8)`` bytes). The quantization, its random draws and the decoded
 values are those of the dense code (a level-0 coordinate decodes to +0.0 in both).
 """
 
+import functools
 import math
 
 import numpy as np
 import torch
 
-from ..errors import ConfigError, DecodeError
+from .. import wire
+from ..errors import ConfigError, DecodeError, NonFiniteError
 from . import bits as bitpack
 from . import elias, kernels
 from .base import Codec, check_choice, check_int
 
-__all__ = ["QSGD", "bits_for_levels", "bucket_norms", "finite_scales"]
+__all__ = ["QSGD", "bits_for_levels", "bucket_norms", "checked_norms", "finite_scales", "max_norm"]
 
 ROUNDINGS = ("stochastic", "nearest")
 NORMS = ("l2", "max")
@@ -65,12 +67,57 @@ def bucket_norms(x, bucket, norm="l2"):
     return torch.cat([reduce(v) for v in parts])
 
 
-def finite_scales(payload, n_buckets, codec):
-    """Read ``n_buckets`` float32 scales from the start of a payload and check them."""
+FLT_MAX = float(np.finfo(np.float32).max)
+
+
+def checked_norms(x, bucket, norm, codec, limit=FLT_MAX):
+    """:func:`bucket_norms` of a finite ``x`` without float32 overflow, each at most ``limit``.
+
+    A float32 sum of squares overflows long before the norm does (values of 2e19 suffice);
+    only then are the norms recomputed in float64, so normal inputs give the same bytes.
+
+    Raises:
+        NonFiniteError: a bucket's norm exceeds ``limit`` (what a receiver decodes to finite
+            values), naming the bucket, its norm and what to change.
+    """
+    norms = bucket_norms(x, bucket, norm)
+    if not norms.numel() or float(norms.max()) <= limit:  # one reduction: the common case costs ~1 us
+        return norms
+    exact = bucket_norms(x.double(), bucket, norm)
+    over = exact > limit
+    if bool(over.any()):
+        b = int(over.nonzero()[0, 0])
+        raise NonFiniteError(
+            f"{codec}: bucket {b} has a {norm} norm of {float(exact[b]):.3g}, beyond what a float32 scale "
+            f"carries ({limit:.4g}); the largest value to encode is {float(x.abs().max()):.3g}. Values this "
+            "large mean training diverged: lower the learning rate; with error feedback, its residual is "
+            "growing without bound: use a contractive codec (nearest rounding, more bits, or sign)")
+    return exact.to(torch.float32)  # <= limit, a float32 value, so the cast stays <= limit
+
+
+def finite_scales(payload, n_buckets, codec, limit=FLT_MAX):
+    """Read ``n_buckets`` float32 scales from the start of a payload; each must lie in [0, limit]
+    (which refuses NaN and Inf in the same pass)."""
     scales = payload[: 4 * n_buckets].view(torch.float32)
-    if not bool((torch.isfinite(scales) & (scales >= 0)).all()):
-        raise DecodeError(f"{codec}: payload holds a negative or non-finite bucket scale")
+    # min and max propagate NaN, which fails both comparisons
+    if n_buckets and not (float(scales.min()) >= 0 and float(scales.max()) <= limit):
+        bad = scales[~((scales >= 0) & (scales <= limit))][0]
+        what = "negative or non-finite" if not bool(torch.isfinite(bad)) or bad < 0 else "too large"
+        raise DecodeError(f"{codec}: payload holds a {what} bucket scale {float(bad):.4g} "
+                          f"(valid: 0 to {limit:.6g}, so that every decoded value is finite)")
     return scales
+
+
+@functools.lru_cache(maxsize=None)
+def max_norm(levels):
+    """The largest float32 norm ``N`` whose top value ``s * (N / s)`` (float32 ops, as the
+    kernels compute it) is finite; smaller norms and levels give smaller values (rounding is
+    monotone), so a payload's norms at most this decode to finite values only."""
+    norm, s = np.float32(FLT_MAX), np.float32(levels)
+    with np.errstate(over="ignore"):
+        while not np.isfinite(np.float32(norm / s) * s):
+            norm = np.nextafter(norm, np.float32(0))
+    return float(norm)
 
 
 class QSGD(Codec):
@@ -106,7 +153,7 @@ class QSGD(Codec):
             levels = 2 ** (bits - 1) - 1
         self.bits = bits
         self.levels = levels
-        self.bucket = check_int(self.name, "bucket", bucket, 1, 2**30)
+        self.bucket = check_int(self.name, "bucket", bucket, 1, wire.MAX_BUCKET)
         self.norm = check_choice(self.name, "norm", norm, NORMS)
         self.rounding = check_choice(self.name, "rounding", rounding, ROUNDINGS)
         self.stochastic = rounding == "stochastic"
@@ -144,7 +191,7 @@ class QSGD(Codec):
         return 4 * n_buckets + (n_buckets + 7) // 8  # one bit per all-zero bucket
 
     def _quantize(self, x, rng, want_decoded):
-        norms = bucket_norms(x, self.bucket, self.norm)
+        norms = checked_norms(x, self.bucket, self.norm, self.name, max_norm(self.levels))
         scale = self.levels / norms
         # A zero bucket, or one so small that levels / norm overflows, is sent as zeros.
         scale = torch.where(torch.isfinite(scale), scale, torch.zeros_like(scale))
@@ -166,18 +213,22 @@ class QSGD(Codec):
 
     def _dequantize(self, payload, numel):
         n_buckets = -(-numel // self.bucket)
-        norms = finite_scales(payload, n_buckets, self.name)
+        # A norm near FLT_MAX would round its top value s * (norm / s) to inf.
+        unit = finite_scales(payload, n_buckets, self.name, max_norm(self.levels)) / self.levels
+        bucket = min(self.bucket, numel)  # the same buckets; kernels never size anything by a hostile bucket
         if self.encoding == "elias":
-            return self._elias_decode(payload[4 * n_buckets:], norms / self.levels, numel)
-        values, bad = kernels.level_decode(payload[4 * n_buckets:], norms / self.levels, self.bucket,
+            return self._elias_decode(payload[4 * n_buckets:], unit, numel, bucket)
+        values, bad = kernels.level_decode(payload[4 * n_buckets:], unit, bucket,
                                            self.bits, self.levels, numel, self.force_torch)
         if bad:
             raise DecodeError(f"{self.name}: {bad} level index(es) above s={self.levels} in payload")
         return values
 
-    def _elias_decode(self, stream, unit, numel):
-        out = np.empty(numel, dtype=np.float32)
-        err = elias.decode_stream(stream.cpu().numpy(), unit.cpu().numpy(), self.bucket, self.levels, numel, out)
+    def _elias_decode(self, stream, unit, numel, bucket):
+        # Lazily zeroed: only the pages of non-zero coordinates are touched, so a short stream
+        # claiming many zeros costs memory only when its values are read.
+        out = np.zeros(numel, dtype=np.float32)
+        err = elias.decode_stream(stream.cpu().numpy(), unit.cpu().numpy(), bucket, self.levels, numel, out, False)
         if err:
             raise DecodeError(f"{self.name}: invalid elias stream: {elias.ERRORS[err]}")
         return torch.from_numpy(out).to(unit.device)

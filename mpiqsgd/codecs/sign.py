@@ -14,10 +14,11 @@ Payload bytes: ``4 * ceil(numel / bucket) + ceil(numel / 8)``.
 
 import torch
 
+from .. import wire
 from . import bits as bitpack
 from . import kernels
 from .base import Codec, check_int
-from .qsgd import bucket_norms, finite_scales
+from .qsgd import checked_norms, finite_scales
 
 __all__ = ["Sign"]
 
@@ -32,7 +33,7 @@ class Sign(Codec):
     name = "sign"
 
     def __init__(self, bucket=512):
-        self.bucket = check_int(self.name, "bucket", bucket, 1, 2**30)
+        self.bucket = check_int(self.name, "bucket", bucket, 1, wire.MAX_BUCKET)
         self.force_torch = False  # tests: run the torch implementation on the CPU too
 
     @property
@@ -43,7 +44,7 @@ class Sign(Codec):
         return 4 * (-(-numel // self.bucket)) + bitpack.packed_nbytes(numel, 1)
 
     def _quantize(self, x, rng, want_decoded):
-        scales = bucket_norms(x, self.bucket, "mean_abs")
+        scales = checked_norms(x, self.bucket, "mean_abs", self.name)  # a mean of |x| never overflows
         packed = bitpack.pack((x < 0).to(torch.uint8), 1)
         decoded = None
         if want_decoded:
@@ -53,4 +54,6 @@ class Sign(Codec):
     def _dequantize(self, payload, numel):
         n_buckets = -(-numel // self.bucket)
         scales = finite_scales(payload, n_buckets, self.name)
-        return kernels.sign_decode(payload[4 * n_buckets:], scales, self.bucket, numel, self.force_torch)
+        # min(): the same buckets; nothing is sized by a bucket larger than the message
+        return kernels.sign_decode(payload[4 * n_buckets:], scales, min(self.bucket, numel), numel,
+                                   self.force_torch)

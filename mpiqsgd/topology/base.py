@@ -72,9 +72,10 @@ class Round:
         with self.transport.timed("encode"):
             return codec.encode_decode(x, self.rng, key=self.key(key))
 
-    def decode(self, codec, message, device):
+    def decode(self, codec, message, device, numel):
+        """Decode ``message``, refusing one of another length than the ``numel`` values expected."""
         with self.transport.timed("decode"):
-            return codec.decode(message, device)
+            return codec.decode(message, device, numel)
 
 
 class Aggregator:

@@ -66,14 +66,17 @@ class ParameterServer(Aggregator):
         if t.rank != self.root:
             message = call.encode(self.codec, flat, "grad")
             t.send(message, self.root, "push", 4 * flat.numel())
-            return call.decode(self.down_codec, t.recv(self.root, "pull"), flat.device)
+            return call.decode(self.down_codec, t.recv(self.root, "pull"), flat.device, flat.numel())
         decoded = {}
         if not self.dedicated:
             _, decoded[self.root] = call.encode_decode(self.codec, flat, "grad")
-        device = "cpu" if flat is None else flat.device
+        # A dedicated server has no gradient to size the pushes by: it takes the first one's
+        # length and holds every other worker to it.
+        device, numel = ("cpu", None) if flat is None else (flat.device, flat.numel())
         for src in self.workers:
             if src != self.root:
-                decoded[src] = call.decode(self.codec, t.recv(src, "push"), device)
+                decoded[src] = call.decode(self.codec, t.recv(src, "push"), device, numel)
+                numel = decoded[src].numel()
         mean = mean_of([decoded[src] for src in self.workers])
         reply, result = call.encode_decode(self.down_codec, mean, "pull")
         for dest in range(t.size):

@@ -55,7 +55,8 @@ class Ring(Aggregator):
         for k in range(n - 1):
             message = call.encode(self.codec, acc, ("reduce_scatter", k))
             received = t.sendrecv(message, (r + 1) % n, (r - 1) % n, "reduce_scatter", 4 * acc.numel())
-            acc = call.decode(self.codec, received, flat.device).add_(_chunk(flat, bounds, (r - k - 1) % n))
+            own = _chunk(flat, bounds, (r - k - 1) % n)
+            acc = call.decode(self.codec, received, flat.device, own.numel()).add_(own)
         return (r + 1) % n, acc
 
     def _allgather(self, flat, bounds, owned, message, decoded, call):
@@ -68,7 +69,8 @@ class Ring(Aggregator):
             sent, c = (owned - k) % n, (owned - k - 1) % n
             message = t.sendrecv(message, (r + 1) % n, (r - 1) % n, "allgather",
                                  4 * (bounds[sent][1] - bounds[sent][0]))
-            out[bounds[c][0]:bounds[c][1]] = call.decode(self.codec, message, flat.device)
+            out[bounds[c][0]:bounds[c][1]] = call.decode(self.codec, message, flat.device,
+                                                         bounds[c][1] - bounds[c][0])
         return out
 
     def _reduce_nbytes(self, sizes, rank):
@@ -103,7 +105,7 @@ class Scatter(Ring):
             piece = _chunk(flat, bounds, dest)
             message = call.encode(self.codec, piece, ("scatter", dest))
             received = t.sendrecv(message, dest, source, "scatter", 4 * piece.numel())
-            parts[source] = call.decode(self.codec, received, flat.device)
+            parts[source] = call.decode(self.codec, received, flat.device, own.numel())
         return r, sum_of([parts[src] for src in range(n)])
 
     def _reduce_nbytes(self, sizes, rank):

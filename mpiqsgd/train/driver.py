@@ -36,7 +36,7 @@ from ..errors import MpiqsgdError
 from ..exchange import GradientExchange, broadcast_parameters, parameter_checksum
 from ..machine import default_device, machine_info
 from . import data as D
-from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint, truncate_log
 from .models import build_model
 
 __all__ = ["train", "Worker", "run_worker", "load_data", "learning_rate", "count_correct"]
@@ -224,8 +224,8 @@ class Worker:
         self.meter.load_totals(saved["meter"])
         self.st.update(saved["progress"])
         if rank == 0:  # drop rows written after the checkpoint by the run that stopped
-            _truncate_log(self.shared.run_dir / "metrics.jsonl", self.st["step"], keep_equal=True)
-            _truncate_log(self.shared.run_dir / "diagnostics.jsonl", self.st["step"], keep_equal=False)
+            truncate_log(self.shared.run_dir / "metrics.jsonl", self.st["step"], keep_equal=True)
+            truncate_log(self.shared.run_dir / "diagnostics.jsonl", self.st["step"], keep_equal=False)
 
     @contextlib.contextmanager
     def computing(self):
@@ -382,15 +382,6 @@ def _check_resume_flags(saved, cfg):
             flag = "--" + name.replace("_", "-")
             raise MpiqsgdError(f"cannot resume: the checkpoint was written with {flag} {saved[name]!r}, "
                                f"this run has {flag} {getattr(cfg, name)!r}")
-
-
-def _truncate_log(path, step, keep_equal):
-    """Keep the JSON lines of ``path`` whose step is below ``step`` (or equal, with ``keep_equal``)."""
-    if not path.exists():
-        return
-    rows = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [r for r in rows if json.loads(r)["step"] < step or (keep_equal and json.loads(r)["step"] == step)]
-    atomic_write_bytes(path, "".join(r + "\n" for r in kept).encode())
 
 
 def _adaptation_cost(job, exchange, n, steps, wall):
