@@ -66,6 +66,8 @@ class TrainConfig:
                          group="communication")
     wait: str = knob("backoff", "how a rank waits for messages: backoff (yields its core) or spin",
                      ["backoff", "spin"], "run")
+    comm_timeout: float = knob(120.0, "seconds a rank waits for a peer before it names it and ends the job "
+                                      "(step 0: 10x; 0: wait forever; needs --wait backoff)", group="run")
     uncompressed_warmup_steps: int = knob(0, "first steps exchange fp32 only", group="communication")
     adapt_at: str = knob("0,100,2000", "adaptive codecs: steps at which levels are refit", group="communication")
     adapt_every: int = knob(10000, "adaptive codecs: then refit every N steps (0: never)", group="communication")
@@ -99,6 +101,8 @@ class TrainConfig:
                      "min_compress_numel", "uncompressed_warmup_steps", "simulate"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(self, name)}")
+        if not 0 <= self.comm_timeout < float("inf"):
+            raise ConfigError(f"--comm-timeout must be a finite number of seconds >= 0; got {self.comm_timeout}")
         if not 0 <= self.bucket_mb < float("inf"):
             raise ConfigError(f"--bucket-mb must be a finite number >= 0; got {self.bucket_mb}")
         if not 0 <= self.val_fraction < 1:

@@ -466,7 +466,7 @@ def train(cfg, transport=None):
     if transport is None:
         from ..transport import world
 
-        transport = world(cfg.wait)
+        transport = world(cfg.wait, cfg.comm_timeout if cfg.comm_timeout and cfg.wait == "backoff" else None)
     train_set, val, test = load_data(cfg)
     run_dir = None
     if transport.rank == 0:
