@@ -118,7 +118,10 @@ class Transport:
         meter: the :class:`~mpiqsgd.meter.Meter` every sent message is recorded in.
 
     Message calls: ``send(buf, dest, phase, fp32_bytes)``, ``recv(source, phase)`` (a
-    uint8 array), ``sendrecv(buf, dest, source, phase, fp32_bytes)``, ``allreduce_sum(tensor)``;
+    uint8 array), ``sendrecv(buf, dest, source, phase, fp32_bytes)``, non-blocking
+    ``isend(...)`` (a handle for ``wait_sends``; ``buf`` must stay unchanged until then),
+    ``recv_each(sources, phase)`` (one message from each source, in arrival order),
+    ``allreduce_sum(tensor)``;
     control calls: ``allgather_bytes(buf, phase=None)``, ``bcast_bytes(buf, root)``, ``barrier()``.
     """
 
@@ -237,6 +240,36 @@ class MPITransport(Transport):
                 return self._recv(source, phase)
             finally:
                 self._wait(request, f"rank {dest} to take a '{phase}' message")
+
+    def isend(self, buf, dest, phase, fp32_bytes):
+        """Start sending a framed message to ``dest``; finish with :meth:`wait_sends`."""
+        self._record(buf, dest, phase, fp32_bytes)
+        request = self.comm.Isend([_as_bytes_array(buf), self._MPI.BYTE], dest=dest, tag=phase_tag(phase))
+        return request, buf, dest, phase
+
+    def wait_sends(self, handles):
+        """Wait until every message started by :meth:`isend` has left."""
+        with self.meter.time("communicate"):
+            for request, _, dest, phase in handles:
+                self._wait(request, f"rank {dest} to take a '{phase}' message")
+
+    def recv_each(self, sources, phase):
+        """Yield ``(source, message)`` for one message of ``phase`` from each of ``sources``, as they arrive."""
+        tag = phase_tag(phase)
+        pending = list(sources)
+        while pending:
+            with self.meter.time("communicate"):
+                if self.poller is None or len(pending) == 1:
+                    source = pending[0]
+                else:
+                    (source,) = self.poller.until(  # a 1-tuple: rank 0 is falsy
+                        lambda: next(((s,) for s in pending if self.comm.Iprobe(source=s, tag=tag)),
+                                     None),
+                        self._timeout(),
+                        lambda: f"'{phase}' messages from ranks {pending} (rank {self.rank}, step {self.meter.step})")
+                message = self._recv(source, phase)
+            pending.remove(source)
+            yield source, message
 
     def allreduce_sum(self, tensor, phase="allreduce"):
         """Sum a float32 tensor over all ranks with ``MPI.Allreduce`` (staged through the CPU)."""
@@ -394,6 +427,17 @@ class LocalTransport(Transport):
         with self.meter.time("communicate"):
             self._put(buf, dest, phase)
             return self._get(source, phase)
+
+    def isend(self, buf, dest, phase, fp32_bytes):
+        self.send(buf, dest, phase, fp32_bytes)
+        return None
+
+    def wait_sends(self, handles):
+        pass
+
+    def recv_each(self, sources, phase):
+        for source in sources:  # in the given order: queues cannot be probed together
+            yield source, self.recv(source, phase)
 
     def allreduce_sum(self, tensor, phase="allreduce"):
         """Sum in rank order (MPI may associate differently: last-bit differences from a real job)."""
