@@ -5,12 +5,15 @@ command line, ``config.json`` and this file cannot disagree.
 """
 
 from dataclasses import MISSING, asdict, dataclass, field, fields
+import math
+import re
 import typing
 from typing import Optional
 
-from ..codecs import CODECS
+from ..codecs import CODECS, codec_from_flags
 from ..errors import ConfigError
 from ..topology import TOPOLOGIES
+from .models import MODELS
 
 __all__ = ["TrainConfig", "add_config_args", "config_from_args"]
 
@@ -87,7 +90,15 @@ class TrainConfig:
     progress: bool = knob(True, "progress bar on rank 0 (--no-progress to disable)", group="run")
 
     def validate(self):
-        """Raise :class:`ConfigError` for values that cannot work."""
+        """Raise :class:`ConfigError` for values that cannot work (touches no file)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if _arg_type(f.type) is float and value is not None and not math.isfinite(value):
+                raise ConfigError(f"{_flag(f.name)} must be a finite number; got {value}")
+        if not _DEVICE.fullmatch(str(self.device)):
+            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:<index>; got {self.device!r}")
+        if self.model not in MODELS:
+            raise ConfigError(f"--model {self.model!r} is unknown; choose one of: {', '.join(sorted(MODELS))}")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}")
@@ -117,8 +128,13 @@ class TrainConfig:
         if ps_only and self.topology != "ps":
             names = ", ".join("--" + f.replace("_", "-") for f in ps_only)
             raise ConfigError(f"{names} only apply to --topology ps (this run uses --topology {self.topology})")
-        self.decay_epochs()
+        if self.warmup_epochs < 0 or self.lr_decay_factor <= 0:
+            raise ConfigError("--warmup-epochs must be >= 0 and --lr-decay-factor above 0")
+        if any(not math.isfinite(e) for e in self.decay_epochs()):
+            raise ConfigError(f"--lr-decay-epochs must be finite numbers; got {self.lr_decay_epochs!r}")
         self.adapt_steps()
+        codec_from_flags(self.codec, self.bits, self.levels, self.bucket, self.rounding, self.clip_sigma,
+                         self.error_feedback)
         return self
 
     def adapt_steps(self):
@@ -139,6 +155,13 @@ class TrainConfig:
 
     def to_dict(self):
         return asdict(self)
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def _flag(name):
+    return "--" + name.replace("_", "-")
 
 
 def _arg_type(tp):
