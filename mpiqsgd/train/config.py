@@ -5,17 +5,25 @@ command line, ``config.json`` and this file cannot disagree.
 """
 
 from dataclasses import MISSING, asdict, dataclass, field, fields
+import json
 import math
 import re
 import typing
 from typing import Optional
 
+from .. import __version__
 from ..codecs import CODECS, codec_from_flags
 from ..errors import ConfigError
 from ..topology import TOPOLOGIES
 from .models import MODELS
 
-__all__ = ["TrainConfig", "add_config_args", "config_from_args"]
+__all__ = ["TrainConfig", "add_config_args", "config_from_args", "RUN_LOCAL", "agreement_digest",
+           "check_agreement"]
+
+# Flags each rank may set for itself: they change neither the message pattern nor the math.
+# Every other flag (and any new one) must be the same on every rank of a job.
+RUN_LOCAL = ("progress", "threads", "device", "wait", "run_dir", "data_dir", "download", "target_acc",
+             "diag_every", "resume")
 
 
 def knob(default, help, choices=None, group="training"):
@@ -194,3 +202,58 @@ def config_from_args(args):
     """A validated :class:`TrainConfig` from parsed arguments."""
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     return TrainConfig(**values).validate()
+
+
+def agreement_digest(cfg, world_size):
+    """What every rank of a job must agree on, as canonical JSON bytes: the version, the world
+    size, whether it resumes, and every flag but the :data:`RUN_LOCAL` ones."""
+    flags = {k: v for k, v in cfg.to_dict().items() if k not in RUN_LOCAL}
+    flags.update(resume=cfg.resume is not None, world_size=world_size)  # its path may differ by node
+    return json.dumps({"mpiqsgd": __version__, **flags}, sort_keys=True).encode()
+
+
+def _ranks(ranks):
+    """``"rank 3"``, ``"ranks 0-2"`` or ``"ranks 0, 2, 5"``."""
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    if ranks == list(range(ranks[0], ranks[-1] + 1)):
+        return f"ranks {ranks[0]}-{ranks[-1]}"
+    return "ranks " + ", ".join(map(str, ranks))
+
+
+def check_agreement(digests, shown=6):
+    """Raise :class:`ConfigError` unless every rank's :func:`agreement_digest` is the same.
+
+    Args:
+        digests: each rank's digest bytes, in rank order (as ``allgather_bytes`` returns them).
+        shown: name at most this many differing flags.
+
+    Raises:
+        ConfigError: naming each differing flag with the ranks that hold each value, or the
+            ranks whose digest is not readable (another mpiqsgd version).
+    """
+    if all(d == digests[0] for d in digests):
+        return
+    parsed = {}
+    for rank, digest in enumerate(digests):
+        try:
+            value = json.loads(bytes(digest))
+        except (ValueError, UnicodeDecodeError):
+            value = None
+        if not isinstance(value, dict):
+            raise ConfigError(f"rank {rank} sent an unreadable flag digest; start every rank with the same "
+                              "mpiqsgd and the same flags")
+        parsed[rank] = value
+    keys = sorted(set().union(*parsed.values()))
+    lines = []
+    for key in keys:
+        by_value = {}
+        for rank, flags in parsed.items():
+            by_value.setdefault(json.dumps(flags.get(key), sort_keys=True), []).append(rank)
+        if len(by_value) > 1:
+            name = f"{key} version" if key == "mpiqsgd" else key if key == "world_size" else _flag(key)
+            held = ", ".join(f"{_ranks(r)} {json.loads(v)!r}" for v, r in by_value.items())
+            lines.append(f"{name} ({held})")
+    more = f"; and {len(lines) - shown} more" if len(lines) > shown else ""
+    raise ConfigError(f"the ranks were started with different flags: {'; '.join(lines[:shown])}{more}; start "
+                      "every rank with the same flags")

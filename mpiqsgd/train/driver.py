@@ -39,6 +39,7 @@ from ..exchange import GradientExchange, broadcast_parameters, parameter_checksu
 from ..machine import default_device, machine_info
 from . import data as D
 from .checkpoint import atomic_write_bytes, find_checkpoint, load_checkpoint, save_checkpoint, truncate_log
+from .config import agreement_digest, check_agreement
 from .models import build_model
 
 __all__ = ["train", "Worker", "run_worker", "load_data", "learning_rate", "count_correct"]
@@ -502,6 +503,17 @@ def _check_before_disk(cfg, n_images, world_size, local_rank):
                            f"batch {cfg.batch_size}; lower --batch-size or raise --train-subset")
 
 
+def _check_flags_agree(cfg, transport):
+    """Refuse, on every rank, a job whose ranks were started with different flags.
+
+    Ranks that disagree on the topology, the epochs or the batch size would wait for
+    messages that never come; on the rate or the seed they would train diverging
+    replicas. One uncounted ``allgather_bytes`` of :func:`~.config.agreement_digest`,
+    before any other message and before the disk is touched.
+    """
+    check_agreement(transport.allgather_bytes(agreement_digest(cfg, transport.size)))
+
+
 def _os_error(exc):
     """A one-line :class:`MpiqsgdError` for a file the run could not read or write."""
     where = f" {exc.filename}" if exc.filename else ""
@@ -537,6 +549,7 @@ def _train(cfg, transport):
         from ..transport import world
 
         transport = world(cfg.wait)
+    _check_flags_agree(cfg, transport)
     train_set, val, test = load_data(cfg)
     _check_before_disk(cfg, len(train_set), transport.size, transport.local_rank)
     run_dir = None
