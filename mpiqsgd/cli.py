@@ -92,6 +92,7 @@ def build_parser():
     be.add_argument("--repeats", type=int, default=5)
     be.add_argument("--seed", type=int, default=0)
     be.add_argument("--device", default="cpu")
+    be.add_argument("--wait", default="backoff", choices=["backoff", "spin"], help="how ranks wait for messages")
     be.add_argument("--json", action="store_true")
     be.set_defaults(func=run_bench_exchange)
 
@@ -160,7 +161,7 @@ def run_bench_exchange(args):
 
     _positive("numel", args.numel)
     _positive("repeats", args.repeats)
-    transport = world()
+    transport = world(args.wait)
     result = bench_exchange(transport, codec_from_args(args), args.topology, args.numel, args.repeats,
                             args.seed, args.device, **topology_options(args))
     if transport.rank != 0:

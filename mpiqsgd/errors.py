@@ -1,6 +1,6 @@
 """Exceptions raised by mpiqsgd."""
 
-__all__ = ["MpiqsgdError", "ConfigError", "DecodeError", "NonFiniteError"]
+__all__ = ["MpiqsgdError", "ConfigError", "DecodeError", "NonFiniteError", "CommTimeout"]
 
 
 class MpiqsgdError(Exception):
@@ -18,3 +18,7 @@ class DecodeError(MpiqsgdError, ValueError):
 class NonFiniteError(MpiqsgdError, ValueError):
     """A gradient holding NaN or Inf was handed to a codec, a bucket norm would leave the
     float32 range, or an error-feedback residual diverged (the message names which)."""
+
+
+class CommTimeout(MpiqsgdError):
+    """A rank waited longer than ``--comm-timeout`` for a peer: the peer is stopped, hung or gone."""

@@ -51,6 +51,7 @@ import threading
 
 import torch
 
+from .codecs.base import all_finite
 from .codecs.fp import FP32
 from .errors import ConfigError, NonFiniteError
 from .topology import make_aggregator
@@ -165,7 +166,7 @@ class GradientExchange:
 
         t = self.transport
         t.begin_step(step)
-        if not bool(torch.isfinite(flat).all()):
+        if not all_finite(flat):
             raise NonFiniteError(f"gradient holds NaN/Inf at step {step}; not refitting levels to it")
         # "adapt" times this rank's own work; waiting for the others is "communicate".
         with t.timed("adapt"):

@@ -29,6 +29,14 @@ posts non-blocking calls and polls them itself (:class:`Poller`): a short spin, 
 sleeps that double from ``POLL_FIRST_SLEEP`` to ``POLL_MAX_SLEEP`` seconds, so a waiting
 rank yields its core. ``wait="spin"`` keeps MPI's blocking calls (lowest latency when
 every rank has a core of its own).
+
+Deadlines: with ``comm_timeout`` set, every wait of an :class:`MPITransport` (messages,
+the allreduce, allgathers, broadcasts, barriers) ends after that many seconds with
+:class:`~mpiqsgd.errors.CommTimeout`, naming the peer (for messages) and the phase, so a
+stopped or hung rank ends the job instead of hanging it. Step 0 (kernel compilation,
+start-up) gets ``FIRST_STEP_FACTOR`` times longer. Evaluation and checkpoint writes end in
+collectives, so the timeout must exceed the slowest rank's evaluation or checkpoint write.
+Deadlines need the polling waits (``wait="backoff"``).
 """
 
 import contextlib
@@ -44,13 +52,14 @@ import torch
 from . import wire
 from .meter import Meter
 
-from .errors import ConfigError
+from .errors import CommTimeout, ConfigError
 
 ABORT_GRACE_SECONDS = 1.0  # see abort_if_parallel
 POLL_SPIN_SECONDS = 20e-6  # poll without sleeping this long: short waits keep their latency
 POLL_FIRST_SLEEP = 10e-6  # then sleep, doubling each time ...
 POLL_MAX_SLEEP = 500e-6  # ... up to this: a waiting rank costs about 1/1000 of a core
 WAITS = ("backoff", "spin")
+FIRST_STEP_FACTOR = 10  # step 0 compiles kernels on every rank: allow it more time
 
 __all__ = ["Transport", "MPITransport", "LocalGroup", "LocalTransport", "Poller", "world", "abort_if_parallel",
            "allreduce_nbytes", "WAITS"]
@@ -67,8 +76,12 @@ class Poller:
     def __init__(self, spin_seconds=POLL_SPIN_SECONDS, first_sleep=POLL_FIRST_SLEEP, max_sleep=POLL_MAX_SLEEP):
         self.spin_seconds, self.first_sleep, self.max_sleep = spin_seconds, first_sleep, max_sleep
 
-    def until(self, done):
-        """Return the first true value of ``done()``."""
+    def until(self, done, timeout=None, what=None):
+        """Return the first true value of ``done()``.
+
+        Raises:
+            CommTimeout: ``timeout`` seconds passed first; the message says ``what()`` was awaited.
+        """
         result = done()
         if result:
             return result
@@ -78,7 +91,11 @@ class Poller:
             result = done()
             if result:
                 return result
-            if time.perf_counter() - start > self.spin_seconds:
+            waited = time.perf_counter() - start
+            if timeout is not None and waited > timeout:
+                raise CommTimeout(f"waited {waited:.0f} s for {what() if what else 'a peer'}: that rank is "
+                                  "stopped, hung or gone (raise --comm-timeout if it is only slow)")
+            if waited > self.spin_seconds:
                 time.sleep(sleep)
                 sleep = min(2 * sleep, self.max_sleep)
 
@@ -135,9 +152,10 @@ class MPITransport(Transport):
         meter: where to count messages (default: a new :class:`Meter`).
         wait: ``"backoff"`` (default: poll non-blocking calls, sleeping between polls) or
             ``"spin"`` (MPI's blocking calls).
+        comm_timeout: seconds a wait may last before :class:`CommTimeout` (None: forever).
     """
 
-    def __init__(self, comm=None, meter=None, wait="backoff"):
+    def __init__(self, comm=None, meter=None, wait="backoff", comm_timeout=None):
         from mpi4py import MPI
 
         if wait not in WAITS:
@@ -148,6 +166,10 @@ class MPITransport(Transport):
         self.size = self.comm.Get_size()
         self.meter = Meter(self.rank) if meter is None else meter
         self.poller = Poller() if wait == "backoff" else None
+        if comm_timeout is not None and (wait != "backoff" or not comm_timeout > 0):
+            raise ConfigError(f"transport: comm_timeout must be positive and needs wait='backoff'; got "
+                              f"{comm_timeout} with wait={wait!r}")
+        self.comm_timeout = comm_timeout
         # Ranks on this node: by host name, not MPI_COMM_TYPE_SHARED, which counts one rank
         # per "node" when MPI is told not to use shared memory (MPIR_CVAR_NOLOCAL, the
         # shaped-link benchmarks) and would hand every rank all the node's cores.
@@ -168,32 +190,42 @@ class MPITransport(Transport):
                 "Exchange without overlap, or use an MPI built with thread support "
                 "(mpi4py requests MPI_THREAD_MULTIPLE unless mpi4py.rc.thread_level says otherwise)")
 
-    def _wait(self, request):
+    def _timeout(self):
+        if self.comm_timeout is None:
+            return None
+        return self.comm_timeout * (FIRST_STEP_FACTOR if self.meter.step == 0 else 1)
+
+    def _wait(self, request, what):
         if self.poller is None:
             request.Wait()
         else:
-            self.poller.until(request.Test)
+            self.poller.until(request.Test, self._timeout(), lambda: f"{what} (rank {self.rank}, "
+                              f"step {self.meter.step})")
 
     def send(self, buf, dest, phase, fp32_bytes):
         """Send a framed message to ``dest``; returns when the buffer may be reused."""
         self._record(buf, dest, phase, fp32_bytes)
         with self.meter.time("communicate"):
-            self._wait(self.comm.Isend([_as_bytes_array(buf), self._MPI.BYTE], dest=dest, tag=phase_tag(phase)))
+            self._wait(self.comm.Isend([_as_bytes_array(buf), self._MPI.BYTE], dest=dest, tag=phase_tag(phase)),
+                       f"rank {dest} to take a '{phase}' message")
 
-    def _recv(self, source, tag):
+    def _recv(self, source, phase):
         status = self._MPI.Status()
+        tag = phase_tag(phase)
+        what = f"a '{phase}' message from rank {source}"
         if self.poller is None:
             self.comm.Probe(source=source, tag=tag, status=status)
         else:
-            self.poller.until(lambda: self.comm.Iprobe(source=source, tag=tag, status=status))
+            self.poller.until(lambda: self.comm.Iprobe(source=source, tag=tag, status=status), self._timeout(),
+                              lambda: f"{what} (rank {self.rank}, step {self.meter.step})")
         out = np.empty(status.Get_count(self._MPI.BYTE), dtype=np.uint8)
-        self._wait(self.comm.Irecv([out, self._MPI.BYTE], source=source, tag=tag))
+        self._wait(self.comm.Irecv([out, self._MPI.BYTE], source=source, tag=tag), what)
         return out
 
     def recv(self, source, phase):
         """Receive one message of ``phase`` from ``source``; return it as a uint8 array."""
         with self.meter.time("communicate"):
-            return self._recv(source, phase_tag(phase))
+            return self._recv(source, phase)
 
     def sendrecv(self, buf, dest, source, phase, fp32_bytes):
         """Send to ``dest`` while receiving from ``source`` (any lengths); no deadlock in rings."""
@@ -202,9 +234,9 @@ class MPITransport(Transport):
         with self.meter.time("communicate"):
             request = self.comm.Isend([_as_bytes_array(buf), self._MPI.BYTE], dest=dest, tag=tag)
             try:
-                return self._recv(source, tag)
+                return self._recv(source, phase)
             finally:
-                self._wait(request)
+                self._wait(request, f"rank {dest} to take a '{phase}' message")
 
     def allreduce_sum(self, tensor, phase="allreduce"):
         """Sum a float32 tensor over all ranks with ``MPI.Allreduce`` (staged through the CPU)."""
@@ -217,7 +249,8 @@ class MPITransport(Transport):
                 if self.poller is None:
                     self.comm.Allreduce(self._MPI.IN_PLACE, [host, self._MPI.FLOAT], op=self._MPI.SUM)
                 else:
-                    self._wait(self.comm.Iallreduce(self._MPI.IN_PLACE, [host, self._MPI.FLOAT], op=self._MPI.SUM))
+                    self._wait(self.comm.Iallreduce(self._MPI.IN_PLACE, [host, self._MPI.FLOAT], op=self._MPI.SUM),
+                               f"the other ranks in the '{phase}' allreduce")
         return torch.from_numpy(host).to(tensor.device)
 
     def allgather_bytes(self, buf, phase=None):
@@ -225,31 +258,37 @@ class MPITransport(Transport):
         with self.meter.time("communicate") if phase is not None else contextlib.nullcontext():
             data = _as_bytes_array(buf)
             counts = np.zeros(self.size, dtype=np.int64)
-            self.comm.Allgather([np.array([data.size], dtype=np.int64), self._MPI.INT64_T],
-                                [counts, self._MPI.INT64_T])
+            what = f"the other ranks in an allgather ({phase or 'control'})"
+            self._collective(self.comm.Iallgather, self.comm.Allgather, what,
+                             [np.array([data.size], dtype=np.int64), self._MPI.INT64_T], [counts, self._MPI.INT64_T])
             if phase is not None:
                 for dest in range(self.size):
                     if dest != self.rank:
                         self._record(data, dest, phase, 0, framed=False)
             displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
             out = np.empty(int(counts.sum()), dtype=np.uint8)
-            self.comm.Allgatherv([data, self._MPI.BYTE], [out, (counts, displs), self._MPI.BYTE])
+            self._collective(self.comm.Iallgatherv, self.comm.Allgatherv, what,
+                             [data, self._MPI.BYTE], [out, (counts, displs), self._MPI.BYTE])
             return [out[d:d + c].tobytes() for d, c in zip(displs, counts)]
 
     def bcast_bytes(self, buf, root=0):
         """``root``'s bytes on every rank (uncounted control traffic, e.g. initial parameters)."""
         data = _as_bytes_array(buf) if self.rank == root else np.empty(0, np.uint8)
         count = np.array([data.size], dtype=np.int64)
-        self.comm.Bcast([count, self._MPI.INT64_T], root=root)
+        what = f"rank {root}'s broadcast"
+        self._collective(self.comm.Ibcast, self.comm.Bcast, what, [count, self._MPI.INT64_T], root=root)
         out = data.copy() if self.rank == root else np.empty(int(count[0]), dtype=np.uint8)
-        self.comm.Bcast([out, self._MPI.BYTE], root=root)
+        self._collective(self.comm.Ibcast, self.comm.Bcast, what, [out, self._MPI.BYTE], root=root)
         return out.tobytes()
 
     def barrier(self):
+        self._collective(self.comm.Ibarrier, self.comm.Barrier, "the other ranks at a barrier")
+
+    def _collective(self, nonblocking, blocking, what, *args, **kwargs):
         if self.poller is None:
-            self.comm.Barrier()
+            blocking(*args, **kwargs)
         else:
-            self._wait(self.comm.Ibarrier())
+            self._wait(nonblocking(*args, **kwargs), what)
 
 
 class LocalGroup:
@@ -387,11 +426,11 @@ class LocalTransport(Transport):
         self.group.barrier()
 
 
-def world(wait="backoff"):
+def world(wait="backoff", comm_timeout=None):
     """An :class:`MPITransport` on ``COMM_WORLD``, with codec threads shared among the node's ranks."""
     from .machine import share_cpus
 
-    transport = MPITransport(wait=wait)
+    transport = MPITransport(wait=wait, comm_timeout=comm_timeout)
     share_cpus(transport.local_size)
     return transport
 

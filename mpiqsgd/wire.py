@@ -4,17 +4,21 @@ Wire format of one encoded tensor (all integers little-endian)::
 
     offset  bytes  field
     0       4      magic b"MQSG"
-    4       1      format version (1)
+    4       1      format version (2)
     5       4      header length H (uint32)
-    9       4      CRC-32 of header and payload (uint32)
+    9       4      checksum: CRC-32(header) XOR low 32 bits of XXH3-64(payload) (uint32)
     13      H      msgpack map: {"codec": str, "numel": int, "params": {...}}
     13+H    P      payload: raw packed bytes, layout defined by the codec
 
 The prefix is ``PREFIX_BYTES`` = 13 bytes; the header is a few dozen bytes and its
 length depends only on the codec parameters and ``numel`` (msgpack integers are
-variable width, so it is computed by packing, never guessed). The CRC makes any
+variable width, so it is computed by packing, never guessed). The checksum makes any
 corruption of a message a :class:`~mpiqsgd.errors.DecodeError` instead of silently
-wrong values. Everything that is not the payload counts as header bytes in the meter.
+wrong values: the header keeps CRC-32's guarantee (every burst of up to 32 flipped bits is
+caught when the payload is intact), the payload is hashed with XXH3 (the ``xxhash``
+package: about 6x faster than zlib's CRC-32 and 3x faster than a memcpy of the payload;
+a random corruption passes with probability 2^-32). Everything that is not the payload
+counts as header bytes in the meter.
 
 A valid CRC proves only that the bytes arrived as sent, not that the sender was sane, so
 :func:`unframe` also bounds what a header may claim before anything is allocated:
@@ -41,6 +45,7 @@ import struct
 import zlib
 
 import msgpack
+import xxhash
 
 from .errors import ConfigError, DecodeError
 
@@ -53,13 +58,14 @@ __all__ = [
     "MAX_BUCKET",
     "describe",
     "pack_header",
+    "checksum",
     "frame",
     "unframe",
     "header_nbytes",
 ]
 
 MAGIC = b"MQSG"
-VERSION = 1
+VERSION = 2
 _PREFIX = struct.Struct("<4sBII")
 PREFIX_BYTES = _PREFIX.size
 MAX_HEADER_BYTES = 4096
@@ -90,6 +96,11 @@ def pack_header(codec, numel, params):
     return msgpack.packb({"codec": codec, "numel": numel, "params": params}, use_bin_type=True)
 
 
+def checksum(header_bytes, payload):
+    """The prefix's checksum of a header and a payload (bytes-like objects)."""
+    return zlib.crc32(header_bytes) ^ (xxhash.xxh3_64_intdigest(payload) & 0xFFFF_FFFF)
+
+
 def frame(header_bytes, payload):
     """Join prefix, header and payload into one message.
 
@@ -101,7 +112,7 @@ def frame(header_bytes, payload):
         bytes: the message.
     """
     payload = memoryview(payload).cast("B")
-    crc = zlib.crc32(payload, zlib.crc32(header_bytes))
+    crc = checksum(header_bytes, payload)
     return b"".join((_PREFIX.pack(MAGIC, VERSION, len(header_bytes), crc), header_bytes, payload))
 
 
@@ -143,7 +154,7 @@ def unframe(message, numel=None):
             f"header length {hlen} does not fit a message of {len(view)} bytes (truncated?)"
         )
     body = view[PREFIX_BYTES:]
-    if zlib.crc32(body) != crc:
+    if checksum(body[:hlen], body[hlen:]) != crc:
         raise DecodeError(f"checksum mismatch in a message of {len(view)} bytes (corrupted or truncated)")
     try:
         header = msgpack.unpackb(

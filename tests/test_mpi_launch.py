@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -49,7 +50,9 @@ def test_overlap_under_mpiexec(n):
 
 
 def test_sixteen_ranks_on_few_cores_overlap_every_topology():
-    proc = launch(16, "-m", "mpi4py", "tests/mpi/mpi_soak.py", "200", timeout=400)
+    # 50 steps keep the suite short; `mpiexec -n 16 python -m mpi4py tests/mpi/mpi_soak.py 200`
+    # is the full soak (about 7 minutes on the 2-core machine under load).
+    proc = launch(16, "-m", "mpi4py", "tests/mpi/mpi_soak.py", "50", timeout=400)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     assert out.count("replicas identical") == 5, out[-3000:]
@@ -75,6 +78,16 @@ def test_failure_on_one_rank_aborts_the_job(kind, message):
     assert proc.returncode != 0, out
     assert message in out, f"exit code {proc.returncode}, output: {out!r}"
     assert "aborting all ranks" in out
+
+
+def test_a_stopped_rank_is_named_and_ends_the_job():
+    start = time.perf_counter()
+    proc = launch(3, "tests/mpi/stall_job.py", "2", timeout=90)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert "message from rank 1" in out and "'reduce_scatter'" in out and "--comm-timeout" in out, out[-3000:]
+    assert "aborting all ranks" in out
+    assert time.perf_counter() - start < 60
 
 
 def test_console_script_error_ends_the_job():

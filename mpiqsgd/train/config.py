@@ -22,8 +22,8 @@ __all__ = ["TrainConfig", "add_config_args", "config_from_args", "RUN_LOCAL", "a
 
 # Flags each rank may set for itself: they change neither the message pattern nor the math.
 # Every other flag (and any new one) must be the same on every rank of a job.
-RUN_LOCAL = ("progress", "threads", "device", "wait", "run_dir", "data_dir", "download", "target_acc",
-             "diag_every", "resume")
+RUN_LOCAL = ("progress", "threads", "device", "wait", "comm_timeout", "run_dir", "data_dir", "download",
+             "target_acc", "diag_every", "resume")
 
 
 def knob(default, help, choices=None, group="training"):
@@ -77,6 +77,8 @@ class TrainConfig:
                          group="communication")
     wait: str = knob("backoff", "how a rank waits for messages: backoff (yields its core) or spin",
                      ["backoff", "spin"], "run")
+    comm_timeout: float = knob(120.0, "seconds a rank waits for a peer before it names it and ends the job "
+                                      "(step 0: 10x; 0: wait forever; needs --wait backoff)", group="run")
     uncompressed_warmup_steps: int = knob(0, "first steps exchange fp32 only", group="communication")
     adapt_at: str = knob("0,100,2000", "adaptive codecs: steps at which levels are refit", group="communication")
     adapt_every: int = knob(10000, "adaptive codecs: then refit every N steps (0: never)", group="communication")
@@ -118,6 +120,8 @@ class TrainConfig:
                      "min_compress_numel", "uncompressed_warmup_steps", "simulate"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(self, name)}")
+        if not 0 <= self.comm_timeout < float("inf"):
+            raise ConfigError(f"--comm-timeout must be a finite number of seconds >= 0; got {self.comm_timeout}")
         if not 0 <= self.bucket_mb < float("inf"):
             raise ConfigError(f"--bucket-mb must be a finite number >= 0; got {self.bucket_mb}")
         if not 0 <= self.val_fraction < 1:

@@ -548,7 +548,7 @@ def _train(cfg, transport):
     if transport is None:
         from ..transport import world
 
-        transport = world(cfg.wait)
+        transport = world(cfg.wait, cfg.comm_timeout if cfg.comm_timeout and cfg.wait == "backoff" else None)
     _check_flags_agree(cfg, transport)
     train_set, val, test = load_data(cfg)
     _check_before_disk(cfg, len(train_set), transport.size, transport.local_rank)
