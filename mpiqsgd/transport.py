@@ -40,6 +40,7 @@ Deadlines need the polling waits (``wait="backoff"``).
 """
 
 import contextlib
+import os
 import queue
 import sys
 import threading
@@ -493,4 +494,6 @@ def abort_if_parallel(message):
     # mpiexec forwards a rank's stderr through a pipe that it may stop reading the
     # moment the abort arrives; give the message time to get out first.
     time.sleep(ABORT_GRACE_SECONDS)
+    sys.stdout.flush()
     mpi.COMM_WORLD.Abort(1)
+    os._exit(1)  # MPICH's Abort may return before mpiexec ends this process: never go on (or print twice)
