@@ -94,8 +94,9 @@ class Poller:
                 return result
             waited = time.perf_counter() - start
             if timeout is not None and waited > timeout:
-                raise CommTimeout(f"waited {waited:.0f} s for {what() if what else 'a peer'}: that rank is "
-                                  "stopped, hung or gone (raise --comm-timeout if it is only slow)")
+                raise CommTimeout(f"waited {waited:.0f} s for {what() if what else 'a peer'}: that rank, or a "
+                                  "rank it waits for in turn, is stopped, hung or gone (the earliest such message "
+                                  "names the first; raise --comm-timeout if it is only slow)")
             if waited > self.spin_seconds:
                 time.sleep(sleep)
                 sleep = min(2 * sleep, self.max_sleep)
