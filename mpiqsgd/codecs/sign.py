@@ -17,7 +17,8 @@ import torch
 from . import bits as bitpack
 from . import kernels
 from .base import Codec, check_int
-from .qsgd import bucket_norms, finite_scales
+from .buckets import bucket_norms
+from .qsgd import finite_scales
 
 __all__ = ["Sign"]
 
