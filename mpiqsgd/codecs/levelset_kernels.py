@@ -63,13 +63,14 @@ if HAVE_NUMBA:
         return min(max(r, np.float32(-1.0)), np.float32(1.0))
 
     @numba.njit(inline="always")
-    def _interval_by_compares(r, first_low, first_high, lows, highs, width):
+    def _interval_by_compares(r, first_low, first_high, lows, highs):
         """The interval ``L_j <= r < L_{j+1}`` as (j, L_j, L_{j+1}) by comparing ``r`` with each of
-        ``L_1..L_{K-2}`` (``lows``; ``highs`` holds ``L_2..L_{K-1}``; both padded with 2.0 to
-        ``width``): straight-line code where ``width`` is a constant when compiling."""
+        ``L_1..L_{K-2}`` (the tuple ``lows``; ``highs`` holds ``L_2..L_{K-1}``; both padded with
+        2.0): straight-line code, the tuples' length being known when compiling. Tuples, not
+        arrays: selects between loaded table entries would be compiled into slow gathers."""
         j = np.int32(0)
         low, high = first_low, first_high
-        for t in range(width):
+        for t in range(len(lows)):
             above = lows[t] <= r
             j += np.int32(above)
             low = lows[t] if above else low
@@ -98,41 +99,75 @@ if HAVE_NUMBA:
         return np.uint8(j + np.int32(up)), high if up else low
 
     @numba.njit(inline="always")
-    def _encode_segment(xs, cs, ds, scale, first_low, first_high, lows, highs, width, seed, i, want_decoded):
-        if want_decoded:
-            for k in range(xs.size):
-                r = _normalized(xs[k], scale)
-                j, low, high = _interval_by_compares(r, first_low, first_high, lows, highs, width)
-                cs[k], value = _round(r, j, low, high, seed, i + k)
-                ds[k] = scale * value
-        else:
-            for k in range(xs.size):
-                r = _normalized(xs[k], scale)
-                j, low, high = _interval_by_compares(r, first_low, first_high, lows, highs, width)
-                cs[k] = _round(r, j, low, high, seed, i + k)[0]
-
-    @_kernel
-    def _encode_small_chunk(c, x, norms, first_low, first_high, lows, highs, bucket, bits, seed, out,
-                            decoded, want_decoded):
+    def _encode_small(c, x, norms, first_low, first_high, lows, highs, bucket, bits, seed, out, decoded,
+                      want_decoded):
         start, stop = chunk_range(c, x.size)
         codes = np.empty(CHUNK, dtype=np.uint8)
         i = start
         while i < stop:
             b, end = bucket_segment(i, stop, bucket)
             xs, cs, scale = x[i:end], codes[i - start:end - start], norms[b]
-            ds = decoded[i:end] if want_decoded else decoded
-            # One copy of the loop per table width, each unrolled over its levels.
-            if bits <= 1:
-                _encode_segment(xs, cs, ds, scale, first_low, first_high, lows, highs, 1, seed, i, want_decoded)
-            elif bits == 2:
-                _encode_segment(xs, cs, ds, scale, first_low, first_high, lows, highs, 2, seed, i, want_decoded)
-            elif bits == 3:
-                _encode_segment(xs, cs, ds, scale, first_low, first_high, lows, highs, 6, seed, i, want_decoded)
+            if want_decoded:
+                ds = decoded[i:end]
+                for k in range(xs.size):
+                    r = _normalized(xs[k], scale)
+                    j, low, high = _interval_by_compares(r, first_low, first_high, lows, highs)
+                    cs[k], value = _round(r, j, low, high, seed, i + k)
+                    ds[k] = scale * value
             else:
-                _encode_segment(xs, cs, ds, scale, first_low, first_high, lows, highs, 14, seed, i, want_decoded)
+                for k in range(xs.size):
+                    r = _normalized(xs[k], scale)
+                    j, low, high = _interval_by_compares(r, first_low, first_high, lows, highs)
+                    cs[k] = _round(r, j, low, high, seed, i + k)[0]
             i = end
         pack_chunk(codes, start, stop, bits, out)
         return 0
+
+    @numba.njit(inline="always")
+    def _t1(a):
+        return (a[0],)
+
+    @numba.njit(inline="always")
+    def _t2(a):
+        return (a[0], a[1])
+
+    @numba.njit(inline="always")
+    def _t4(a):
+        return (a[0], a[1], a[2], a[3])
+
+    @numba.njit(inline="always")
+    def _t6(a):
+        return (a[0], a[1], a[2], a[3], a[4], a[5])
+
+    @numba.njit(inline="always")
+    def _t8(a):
+        return (a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7])
+
+    @numba.njit(inline="always")
+    def _t14(a):
+        return (a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], a[13])
+
+    @numba.njit(inline="always")
+    def _t16(a):
+        return (a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], a[13],
+                a[14], a[15])
+
+    @_kernel
+    def _encode_small_chunk(c, x, norms, first_low, first_high, lows, highs, bucket, bits, seed, out,
+                            decoded, want_decoded):
+        # The tables reach the kernel as arrays (the parallel driver takes no nested tuples) and
+        # become tuples here, one copy of the loop per table width.
+        if bits <= 1:
+            return _encode_small(c, x, norms, first_low, first_high, _t1(lows), _t1(highs), bucket, bits, seed,
+                                 out, decoded, want_decoded)
+        if bits == 2:
+            return _encode_small(c, x, norms, first_low, first_high, _t2(lows), _t2(highs), bucket, bits, seed,
+                                 out, decoded, want_decoded)
+        if bits == 3:
+            return _encode_small(c, x, norms, first_low, first_high, _t6(lows), _t6(highs), bucket, bits, seed,
+                                 out, decoded, want_decoded)
+        return _encode_small(c, x, norms, first_low, first_high, _t14(lows), _t14(highs), bucket, bits, seed,
+                             out, decoded, want_decoded)
 
     @_kernel
     def _encode_search_chunk(c, x, norms, levels, first, count, bucket, bits, seed, out, decoded, want_decoded):
@@ -153,19 +188,7 @@ if HAVE_NUMBA:
         return 0
 
     @numba.njit(inline="always")
-    def _decode_segment(cs, os, scale, values, n_values, n_levels):
-        bad = 0
-        for k in range(cs.size):
-            code = cs[k]
-            bad += np.int64(code >= n_levels)
-            value = values[0]
-            for t in range(1, n_values):  # a select per level, no gather
-                value = values[t] if code == t else value
-            os[k] = scale * value
-        return bad
-
-    @_kernel
-    def _decode_small_chunk(c, packed, norms, values, n_levels, bucket, bits, out):
+    def _decode_small(c, packed, norms, values, n_levels, bucket, bits, out):
         start, stop = chunk_range(c, out.size)
         codes = np.empty(CHUNK, dtype=np.uint8)
         unpack_chunk(packed, start, stop, bits, codes)
@@ -174,16 +197,25 @@ if HAVE_NUMBA:
         while i < stop:
             b, end = bucket_segment(i, stop, bucket)
             cs, os, scale = codes[i - start:end - start], out[i:end], norms[b]
-            if bits <= 1:
-                bad += _decode_segment(cs, os, scale, values, 2, n_levels)
-            elif bits == 2:
-                bad += _decode_segment(cs, os, scale, values, 4, n_levels)
-            elif bits == 3:
-                bad += _decode_segment(cs, os, scale, values, 8, n_levels)
-            else:
-                bad += _decode_segment(cs, os, scale, values, 16, n_levels)
+            for k in range(cs.size):
+                code = cs[k]
+                bad += np.int64(code >= n_levels)
+                value = values[0]
+                for t in range(1, len(values)):  # a select per level, no gather
+                    value = values[t] if code == t else value
+                os[k] = scale * value
             i = end
         return bad
+
+    @_kernel
+    def _decode_small_chunk(c, packed, norms, values, n_levels, bucket, bits, out):
+        if bits <= 1:
+            return _decode_small(c, packed, norms, _t2(values), n_levels, bucket, bits, out)
+        if bits == 2:
+            return _decode_small(c, packed, norms, _t4(values), n_levels, bucket, bits, out)
+        if bits == 3:
+            return _decode_small(c, packed, norms, _t8(values), n_levels, bucket, bits, out)
+        return _decode_small(c, packed, norms, _t16(values), n_levels, bucket, bits, out)
 
     @_kernel
     def _decode_search_chunk(c, packed, norms, levels, bucket, bits, out):
