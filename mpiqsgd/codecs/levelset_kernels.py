@@ -189,6 +189,7 @@ if HAVE_NUMBA:
 
     @numba.njit(inline="always")
     def _decode_small(c, packed, norms, values, n_levels, bucket, bits, out):
+        n_levels = np.int32(n_levels)
         start, stop = chunk_range(c, out.size)
         codes = np.empty(CHUNK, dtype=np.uint8)
         unpack_chunk(packed, start, stop, bits, codes)
@@ -197,13 +198,15 @@ if HAVE_NUMBA:
         while i < stop:
             b, end = bucket_segment(i, stop, bucket)
             cs, os, scale = codes[i - start:end - start], out[i:end], norms[b]
+            segment_bad = np.int32(0)  # 32-bit lanes throughout: twice the vector width of int64
             for k in range(cs.size):
-                code = cs[k]
-                bad += np.int64(code >= n_levels)
+                code = np.int32(cs[k])
+                segment_bad += np.int32(code >= n_levels)
                 value = values[0]
                 for t in range(1, len(values)):  # a select per level, no gather
-                    value = values[t] if code == t else value
+                    value = values[t] if code == np.int32(t) else value
                 os[k] = scale * value
+            bad += segment_bad
             i = end
         return bad
 
