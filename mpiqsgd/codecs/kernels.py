@@ -266,6 +266,27 @@ if HAVE_NUMBA:
             words[g] = _expand(_load_group(packed, g * width, width), width)
 
     @numba.njit(inline="always")
+    def _with_constant_width(op, bits, a, count, b):
+        """``op(a, count, bits, b)`` compiled once per width with ``bits`` a constant: a runtime
+        width in the byte loads and stores costs an order of magnitude."""
+        if bits == 1:
+            op(a, count, 1, b)
+        elif bits == 2:
+            op(a, count, 2, b)
+        elif bits == 3:
+            op(a, count, 3, b)
+        elif bits == 4:
+            op(a, count, 4, b)
+        elif bits == 5:
+            op(a, count, 5, b)
+        elif bits == 6:
+            op(a, count, 6, b)
+        elif bits == 7:
+            op(a, count, 7, b)
+        else:
+            op(a, count, 8, b)
+
+    @numba.njit(inline="always")
     def pack_chunk(codes, start, stop, bits, out):
         """Pack the codes of coordinates [start, stop) (``codes[k]`` is coordinate ``start + k``;
         ``start`` a multiple of 8) into ``out`` (with the 8 spare bytes of :func:`padded`)."""
@@ -275,24 +296,7 @@ if HAVE_NUMBA:
             codes[k] = 0
         words = codes.view(np.uint64)
         o = out[(start // 8) * bits:]
-        # One loop per width with the width a constant: a runtime width in the byte stores
-        # costs an order of magnitude.
-        if bits == 1:
-            _pack_groups(words, groups, 1, o)
-        elif bits == 2:
-            _pack_groups(words, groups, 2, o)
-        elif bits == 3:
-            _pack_groups(words, groups, 3, o)
-        elif bits == 4:
-            _pack_groups(words, groups, 4, o)
-        elif bits == 5:
-            _pack_groups(words, groups, 5, o)
-        elif bits == 6:
-            _pack_groups(words, groups, 6, o)
-        elif bits == 7:
-            _pack_groups(words, groups, 7, o)
-        else:
-            _pack_groups(words, groups, 8, o)
+        _with_constant_width(_pack_groups, bits, words, groups, o)
 
     @numba.njit(inline="always")
     def unpack_chunk(packed, start, stop, bits, codes):
@@ -302,22 +306,7 @@ if HAVE_NUMBA:
         g0 = start // 8
         whole = min(groups, max(0, packed.size // bits - g0))  # groups with all their bytes present
         p = packed[g0 * bits:]
-        if bits == 1:
-            _unpack_groups(p, whole, 1, words)
-        elif bits == 2:
-            _unpack_groups(p, whole, 2, words)
-        elif bits == 3:
-            _unpack_groups(p, whole, 3, words)
-        elif bits == 4:
-            _unpack_groups(p, whole, 4, words)
-        elif bits == 5:
-            _unpack_groups(p, whole, 5, words)
-        elif bits == 6:
-            _unpack_groups(p, whole, 6, words)
-        elif bits == 7:
-            _unpack_groups(p, whole, 7, words)
-        else:
-            _unpack_groups(p, whole, 8, words)
+        _with_constant_width(_unpack_groups, bits, p, whole, words)
         for g in range(whole, groups):
             words[g] = _expand(_load_word(packed, g0 + g, bits), bits)
 
