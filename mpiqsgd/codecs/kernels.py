@@ -2,7 +2,7 @@
 
 This module is also the shared home of every codec kernel's machinery: the
 counter-based uniforms, the packing of code groups, the chunked serial/parallel
-drivers and the choice between numba and torch (:func:`use_numba`).
+driver and the choice between numba and torch (:func:`use_numba`).
 
 Both implementations produce the same bytes for the same input and seed. Their
 randomness is counter based: coordinate ``i`` of a message uses
@@ -23,6 +23,7 @@ division per coordinate), then the packing of 8-code groups by shifts and masks.
 """
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -84,16 +85,36 @@ def parallel_ok(n):
     return n >= PARALLEL_MIN_NUMEL and threading.current_thread() is threading.main_thread()
 
 
-def run_chunks(body, n, args):
-    """Run a numba chunk kernel ``body(c, *args) -> int`` over the chunks of ``n`` coordinates.
+def run_chunks(kernel, n, args):
+    """Run a numba kernel ``kernel(c0, c1, *args) -> int`` (chunks ``c0..c1-1``) over the
+    chunks of ``n`` coordinates, split into one contiguous range per numba thread.
 
+    The kernels release the GIL, so a pool of Python threads runs them in parallel; unlike a
+    ``prange`` driver taking the kernel as an argument, every kernel stays in numba's cache.
     Threads pay off only on large buffers; small ones (and oversubscribed ranks) run serially.
 
     Returns:
-        the sum of ``body``'s results (e.g. a count of invalid codes).
+        the sum of the kernel's results (e.g. a count of invalid codes).
     """
-    driver = _chunks_parallel if parallel_ok(n) else _chunks_serial
-    return int(driver(body, -(-n // CHUNK), args))
+    n_chunks = -(-n // CHUNK)
+    n_threads = min(numba.get_num_threads(), n_chunks) if parallel_ok(n) else 1
+    if n_threads <= 1:
+        return int(kernel(0, n_chunks, *args))
+    edges = [n_chunks * t // n_threads for t in range(n_threads + 1)]
+    pool = _pool()
+    tasks = [pool.submit(kernel, edges[t], edges[t + 1], *args) for t in range(1, n_threads)]
+    total = int(kernel(edges[0], edges[1], *args))  # the calling thread takes the first range
+    return total + sum(int(task.result()) for task in tasks)
+
+
+_POOL = []
+
+
+def _pool():
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(max_workers=max(1, numba.config.NUMBA_NUM_THREADS - 1),
+                                        thread_name_prefix="mpiqsgd-kernel"))
+    return _POOL[0]
 
 
 def padded(nbytes):
@@ -160,20 +181,6 @@ if HAVE_NUMBA:
     _kernel = numba.njit(cache=True, nogil=True, error_model="numpy")
     _G, _A, _B = np.uint64(_GOLDEN), np.uint64(_M1), np.uint64(_M2)
     _BYTE = np.uint64(255)
-
-    @numba.njit(parallel=True, cache=True, nogil=True)
-    def _chunks_parallel(body, n_chunks, args):
-        total = 0
-        for c in numba.prange(n_chunks):
-            total += body(c, *args)
-        return total
-
-    @numba.njit(cache=True, nogil=True)
-    def _chunks_serial(body, n_chunks, args):
-        total = 0
-        for c in range(n_chunks):
-            total += body(c, *args)
-        return total
 
     @numba.njit(inline="always")
     def chunk_range(c, n):
@@ -327,8 +334,8 @@ if HAVE_NUMBA:
         val = np.float32(code & level_mask) * u
         return -val if code >> sign_shift else val
 
-    @_kernel
-    def _level_encode_chunk(c, x, scale, unit, bucket, bits, levels, seed, stochastic, out, decoded,
+    @numba.njit(inline="always")
+    def _level_encode_chunk_one(c, x, scale, unit, bucket, bits, levels, seed, stochastic, out, decoded,
                             want_decoded):
         start, stop = chunk_range(c, x.size)
         codes = np.empty(CHUNK, dtype=np.uint8)
@@ -351,7 +358,16 @@ if HAVE_NUMBA:
         return 0
 
     @_kernel
-    def _level_decode_chunk(c, packed, unit, bucket, bits, levels, out):
+    def _level_encode_chunks(c0, c1, x, scale, unit, bucket, bits, levels, seed, stochastic, out, decoded,
+                            want_decoded):
+        total = 0
+        for c in range(c0, c1):
+            total += _level_encode_chunk_one(c, x, scale, unit, bucket, bits,
+                                             levels, seed, stochastic, out, decoded, want_decoded)
+        return total
+
+    @numba.njit(inline="always")
+    def _level_decode_chunk_one(c, packed, unit, bucket, bits, levels, out):
         start, stop = chunk_range(c, out.size)
         codes = np.empty(CHUNK, dtype=np.uint8)
         unpack_chunk(packed, start, stop, bits, codes)
@@ -371,7 +387,14 @@ if HAVE_NUMBA:
         return bad
 
     @_kernel
-    def _sign_chunk(c, packed, scales, bucket, out):
+    def _level_decode_chunks(c0, c1, packed, unit, bucket, bits, levels, out):
+        total = 0
+        for c in range(c0, c1):
+            total += _level_decode_chunk_one(c, packed, unit, bucket, bits, levels, out)
+        return total
+
+    @numba.njit(inline="always")
+    def _sign_chunk_one(c, packed, scales, bucket, out):
         start, stop = chunk_range(c, out.size)
         codes = np.empty(CHUNK, dtype=np.uint8)
         unpack_chunk(packed, start, stop, 1, codes)
@@ -385,6 +408,12 @@ if HAVE_NUMBA:
             i = end
         return 0
 
+    @_kernel
+    def _sign_chunks(c0, c1, packed, scales, bucket, out):
+        total = 0
+        for c in range(c0, c1):
+            total += _sign_chunk_one(c, packed, scales, bucket, out)
+        return total
 
 def level_encode(x, scale, unit, bucket, bits, levels, seed, stochastic, want_decoded, force_torch=False):
     """Quantize ``x`` to sign + level codes and pack them.
@@ -409,7 +438,7 @@ def level_encode(x, scale, unit, bucket, bits, levels, seed, stochastic, want_de
     nbytes = (n * bits + 7) // 8
     out = padded(nbytes)
     decoded = np.empty(n if want_decoded else 0, dtype=np.float32)
-    run_chunks(_level_encode_chunk, n, (x.numpy(), scale.numpy(), unit.numpy(), bucket, bits, levels,
+    run_chunks(_level_encode_chunks, n, (x.numpy(), scale.numpy(), unit.numpy(), bucket, bits, levels,
                                         np.uint64(seed), bool(stochastic), out, decoded, bool(want_decoded)))
     return torch.from_numpy(out[:nbytes]), (torch.from_numpy(decoded) if want_decoded else None)
 
@@ -419,7 +448,7 @@ def level_decode(packed, unit, bucket, bits, levels, n, force_torch=False):
     if not use_numba(packed.device, force_torch):
         return _decode_torch(packed, unit, bucket, bits, levels, n)
     out = np.empty(n, dtype=np.float32)
-    bad = run_chunks(_level_decode_chunk, n, (packed.numpy(), unit.numpy(), bucket, bits, levels, out))
+    bad = run_chunks(_level_decode_chunks, n, (packed.numpy(), unit.numpy(), bucket, bits, levels, out))
     return torch.from_numpy(out), bad
 
 
@@ -431,5 +460,5 @@ def sign_decode(packed, scales, bucket, n, force_torch=False):
         values = scales.repeat_interleave(bucket)[:n]
         return torch.where(unpack(packed, n, 1).bool(), -values, values)
     out = np.empty(n, dtype=np.float32)
-    run_chunks(_sign_chunk, n, (packed.numpy(), scales.numpy(), bucket, out))
+    run_chunks(_sign_chunks, n, (packed.numpy(), scales.numpy(), bucket, out))
     return torch.from_numpy(out)

@@ -152,8 +152,8 @@ if HAVE_NUMBA:
         return (a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], a[13],
                 a[14], a[15])
 
-    @_kernel
-    def _encode_small_chunk(c, x, norms, first_low, first_high, lows, highs, bucket, bits, seed, out,
+    @numba.njit(inline="always")
+    def _encode_small_chunk_one(c, x, norms, first_low, first_high, lows, highs, bucket, bits, seed, out,
                             decoded, want_decoded):
         # The tables reach the kernel as arrays (the parallel driver takes no nested tuples) and
         # become tuples here, one copy of the loop per table width.
@@ -170,7 +170,16 @@ if HAVE_NUMBA:
                              out, decoded, want_decoded)
 
     @_kernel
-    def _encode_search_chunk(c, x, norms, levels, first, count, bucket, bits, seed, out, decoded, want_decoded):
+    def _encode_small_chunks(c0, c1, x, norms, first_low, first_high, lows, highs, bucket, bits, seed, out,
+                            decoded, want_decoded):
+        total = 0
+        for c in range(c0, c1):
+            total += _encode_small_chunk_one(c, x, norms, first_low, first_high, lows,
+                                             highs, bucket, bits, seed, out, decoded, want_decoded)
+        return total
+
+    @numba.njit(inline="always")
+    def _encode_search_chunk_one(c, x, norms, levels, first, count, bucket, bits, seed, out, decoded, want_decoded):
         start, stop = chunk_range(c, x.size)
         codes = np.empty(CHUNK, dtype=np.uint8)
         i = start
@@ -186,6 +195,14 @@ if HAVE_NUMBA:
             i = end
         pack_chunk(codes, start, stop, bits, out)
         return 0
+
+    @_kernel
+    def _encode_search_chunks(c0, c1, x, norms, levels, first, count, bucket, bits, seed, out, decoded, want_decoded):
+        total = 0
+        for c in range(c0, c1):
+            total += _encode_search_chunk_one(c, x, norms, levels, first, count,
+                                              bucket, bits, seed, out, decoded, want_decoded)
+        return total
 
     @numba.njit(inline="always")
     def _decode_small(c, packed, norms, values, n_levels, bucket, bits, out):
@@ -210,8 +227,8 @@ if HAVE_NUMBA:
             i = end
         return bad
 
-    @_kernel
-    def _decode_small_chunk(c, packed, norms, values, n_levels, bucket, bits, out):
+    @numba.njit(inline="always")
+    def _decode_small_chunk_one(c, packed, norms, values, n_levels, bucket, bits, out):
         if bits <= 1:
             return _decode_small(c, packed, norms, _t2(values), n_levels, bucket, bits, out)
         if bits == 2:
@@ -221,7 +238,14 @@ if HAVE_NUMBA:
         return _decode_small(c, packed, norms, _t16(values), n_levels, bucket, bits, out)
 
     @_kernel
-    def _decode_search_chunk(c, packed, norms, levels, bucket, bits, out):
+    def _decode_small_chunks(c0, c1, packed, norms, values, n_levels, bucket, bits, out):
+        total = 0
+        for c in range(c0, c1):
+            total += _decode_small_chunk_one(c, packed, norms, values, n_levels, bucket, bits, out)
+        return total
+
+    @numba.njit(inline="always")
+    def _decode_search_chunk_one(c, packed, norms, levels, bucket, bits, out):
         start, stop = chunk_range(c, out.size)
         codes = np.empty(CHUNK, dtype=np.uint8)
         unpack_chunk(packed, start, stop, bits, codes)
@@ -240,6 +264,12 @@ if HAVE_NUMBA:
             i = end
         return bad
 
+    @_kernel
+    def _decode_search_chunks(c0, c1, packed, norms, levels, bucket, bits, out):
+        total = 0
+        for c in range(c0, c1):
+            total += _decode_search_chunk_one(c, packed, norms, levels, bucket, bits, out)
+        return total
 
 CELLS = 1 << 14  # grid cells over [-1, 1] for the CPU kernel's search (2 x 32 KiB of int16)
 _MARGIN = 1e-6  # covers the float32 rounding of the cell index (below 2.4e-7 in r)
@@ -301,10 +331,10 @@ def levelset_encode(x, norms, levels, bucket, bits, seed, want_decoded, force_to
     tail = (bucket, bits, np.uint64(seed), out, decoded, bool(want_decoded))
     if bits <= UNROLL_BITS:
         first_low, first_high, lows, highs, _ = _compare_tables(levels.numpy(), bits)
-        run_chunks(_encode_small_chunk, n, (x.numpy(), norms.numpy(), first_low, first_high, lows, highs) + tail)
+        run_chunks(_encode_small_chunks, n, (x.numpy(), norms.numpy(), first_low, first_high, lows, highs) + tail)
     else:
         first, count = search_table(levels.numpy()) if table is None else table
-        run_chunks(_encode_search_chunk, n, (x.numpy(), norms.numpy(), levels.numpy(), first, count) + tail)
+        run_chunks(_encode_search_chunks, n, (x.numpy(), norms.numpy(), levels.numpy(), first, count) + tail)
     return torch.from_numpy(out[:nbytes]), (torch.from_numpy(decoded) if want_decoded else None)
 
 
@@ -315,8 +345,8 @@ def levelset_decode(packed, norms, levels, bucket, bits, n, force_torch=False):
     out = np.empty(n, dtype=np.float32)
     if bits <= UNROLL_BITS:
         values = _compare_tables(levels.numpy(), bits)[4]
-        bad = run_chunks(_decode_small_chunk, n, (packed.numpy(), norms.numpy(), values, levels.numel(), bucket,
+        bad = run_chunks(_decode_small_chunks, n, (packed.numpy(), norms.numpy(), values, levels.numel(), bucket,
                                                   bits, out))
     else:
-        bad = run_chunks(_decode_search_chunk, n, (packed.numpy(), norms.numpy(), levels.numpy(), bucket, bits, out))
+        bad = run_chunks(_decode_search_chunks, n, (packed.numpy(), norms.numpy(), levels.numpy(), bucket, bits, out))
     return torch.from_numpy(out), bad
