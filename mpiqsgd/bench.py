@@ -1,11 +1,20 @@
 """Benchmarks: codec throughput and variance; exchange time and bytes over MPI.
 
 Every figure is a median over ``repeats`` timed runs after warm-up, and comes with
-a reference measured in the same run: a memcpy of the same buffer for codecs, an fp32
-``MPI.Allreduce`` for exchanges, the same training step without communication for steps.
+a reference measured in the same run: a memcpy of the same buffer for codecs (``np.copyto``
+on the CPU, a device-to-device copy on a GPU), an fp32 ``MPI.Allreduce`` for exchanges,
+the same training step without communication for steps.
+
+Peak extra memory of a codec call is measured from the kernel's own accounting of the
+process's resident set, which sees numba's, torch's and numpy's allocations alike (unlike
+``tracemalloc``): on Linux the peak-RSS mark is reset through ``/proc/self/clear_refs``
+before the call and read back (``VmHWM``) after it; elsewhere a thread samples the RSS every
+millisecond. The extra is the peak minus the resident set before the call, so it includes the
+call's output (reported beside it) and misses memory the allocator reuses without new pages.
 """
 
 import statistics
+import threading
 import time
 
 import numpy as np
@@ -16,7 +25,7 @@ from .codecs.fp import FP32
 from .machine import machine_info
 from .topology import make_aggregator
 
-__all__ = ["bench_codec", "bench_exchange", "bench_step"]
+__all__ = ["bench_codec", "bench_exchange", "bench_step", "peak_extra_bytes"]
 
 
 def _sync(device):
@@ -32,18 +41,149 @@ def _timed(fn, device):
     return time.perf_counter() - start, result
 
 
-def bench_codec(codec, numel, repeats=5, seed=0, device="cpu"):
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(field)
+
+
+def _rss_bytes():
+    try:
+        return 1024 * _status_kib("VmRSS")
+    except OSError:  # not Linux: psutil if present, else nothing to measure
+        try:
+            import psutil
+        except ImportError:
+            return None
+        return psutil.Process().memory_info().rss
+
+
+def peak_extra_bytes(fn):
+    """Run ``fn()`` and return (its result, peak resident bytes above those before the call).
+
+    The second value is None where the resident set cannot be read.
+    """
+    before = _rss_bytes()
+    if before is None:
+        return fn(), None
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
+        result = fn()
+        return result, max(0, 1024 * _status_kib("VmHWM") - before)
+    except OSError:
+        pass
+    peak, done = [before], threading.Event()
+
+    def sample():
+        while not done.wait(0.001):
+            peak[0] = max(peak[0], _rss_bytes())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        result = fn()
+    finally:
+        done.set()
+        sampler.join()
+    return result, max(0, max(peak[0], _rss_bytes()) - before)
+
+
+def _copy_fn(x, device):
+    """The memcpy reference: ``np.copyto`` of the buffer on the CPU, ``copy_`` on a GPU."""
+    scratch = torch.empty_like(x)
+    if torch.device(device).type == "cpu":
+        src, dst = x.numpy(), scratch.numpy()
+        return lambda: np.copyto(dst, src)
+    return lambda: scratch.copy_(x)
+
+
+def _time_codec(codec, x, repeats, seed, device, copy):
+    """Medians of encode, decode and memcpy seconds (after one warm-up), the last message and the
+    mean normalized variance."""
+    enc_s, dec_s, copy_s, variances = [], [], [], []
+    message = None
+    for rep in range(repeats + 1):
+        rng = make_generator(seed, 0, rep, device)
+        t_enc, message = _timed(lambda: codec.encode(x, rng), device)
+        t_dec, y = _timed(lambda: codec.decode(message, device), device)
+        t_copy, _ = _timed(copy, device)
+        if rep == 0:
+            continue  # warm-up
+        enc_s.append(t_enc)
+        dec_s.append(t_dec)
+        copy_s.append(t_copy)
+        variances.append(float((y - x).double().pow(2).sum() / x.double().pow(2).sum()))
+    enc, dec, cpy = (statistics.median(v) for v in (enc_s, dec_s, copy_s))
+    return enc, dec, cpy, message, float(np.mean(variances))
+
+
+def _thread_counts(threads):
+    """Distinct numba thread counts to scale over: 1, 2 and all by default."""
+    import numba
+
+    most = numba.config.NUMBA_NUM_THREADS
+    wanted = (1, 2, most) if threads is None else threads
+    return sorted({min(max(1, int(t)), most) for t in wanted})
+
+
+def _scaling(codec, x, repeats, seed, device, copy, threads):
+    """Encode/decode/memcpy speed at each numba (and torch) thread count, memcpy in the same run."""
+    import numba
+
+    fp32_bytes = 4 * x.numel()
+    old_numba, old_torch = numba.get_num_threads(), torch.get_num_threads()
+    rows = []
+    try:
+        for n_threads in _thread_counts(threads):
+            numba.set_num_threads(n_threads)
+            torch.set_num_threads(n_threads)
+            enc, dec, cpy, _, _ = _time_codec(codec, x, repeats, seed, device, copy)
+            rows.append({"threads": n_threads, "encode_seconds": enc, "decode_seconds": dec, "memcpy_seconds": cpy,
+                         "encode_GBps": fp32_bytes / enc / 1e9, "decode_GBps": fp32_bytes / dec / 1e9,
+                         "memcpy_GBps": fp32_bytes / cpy / 1e9, "encode_vs_memcpy": cpy / enc,
+                         "decode_vs_memcpy": cpy / dec})
+    finally:
+        numba.set_num_threads(old_numba)
+        torch.set_num_threads(old_torch)
+    return rows
+
+
+def _memory(codec, x, message, device):
+    """Peak extra resident bytes of one encode and one decode, beside their outputs' bytes."""
+    rng = make_generator(0, 0, 0, device)
+    encoded, enc_extra = peak_extra_bytes(lambda: codec.encode(x, rng))
+    decoded, dec_extra = peak_extra_bytes(lambda: codec.decode(message, device))
+    fp32_bytes = 4 * x.numel()
+    return {"method": "peak RSS above the RSS before the call (VmHWM reset by /proc/self/clear_refs, "
+                      "or 1 ms RSS sampling); includes the output",
+            "encode_peak_extra_bytes": enc_extra, "encode_output_bytes": len(encoded),
+            "decode_peak_extra_bytes": dec_extra, "decode_output_bytes": decoded.numel() * decoded.element_size(),
+            "encode_extra_vs_fp32": None if enc_extra is None else enc_extra / fp32_bytes,
+            "decode_extra_vs_fp32": None if dec_extra is None else dec_extra / fp32_bytes}
+
+
+def bench_codec(codec, numel, repeats=5, seed=0, device="cpu", threads=None):
     """Time encode and decode of a Gaussian vector of ``numel`` coordinates.
+
+    Args:
+        codec, numel, repeats, seed, device: what to time, on how many coordinates, how often.
+        threads: numba thread counts for the CPU scaling table (default 1, 2 and all).
 
     Returns:
         JSON-ready dict: medians in seconds, GB/s of fp32 input (1e9 bytes), bytes per
         coordinate, the measured normalized variance ||Q(v) - v||^2 / ||v||^2 (mean over
         repeats), and a memcpy of the same buffer as the reference. An adaptive codec first
         fits its levels to the vector; ``adaptive`` gives the seconds of its statistics and
-        fit on a second call (``first_call_seconds`` includes compiling kernels).
+        fit on a second call (``first_call_seconds`` includes compiling kernels). On the CPU,
+        ``scaling`` repeats the timings at each thread count (memcpy in the same run) and
+        ``memory`` gives the peak extra memory of one encode and one decode (see the module
+        docstring for the method).
     """
     x = torch.randn(numel, generator=torch.Generator().manual_seed(seed)).to(device)
-    scratch = torch.empty_like(x)
+    copy = _copy_fn(x, device)
     adaptive = {}
     inner = codec.base
     if codec.adaptive:  # adaptive: fit the levels to this vector first, and time it
@@ -54,20 +194,8 @@ def bench_codec(codec, numel, repeats=5, seed=0, device="cpu"):
         adaptive = {"stats_seconds": t_stats, "fit_seconds": t_fit, "first_call_seconds": t_first + t_first_fit,
                     "levels": [float(v) for v in inner.levels]}
     fp32_bytes = 4 * numel
-    enc_s, dec_s, copy_s, variances = [], [], [], []
-    message = None
-    for rep in range(repeats + 1):
-        rng = make_generator(seed, 0, rep, device)
-        t_enc, message = _timed(lambda: codec.encode(x, rng), device)
-        t_dec, y = _timed(lambda: codec.decode(message, device), device)
-        t_copy, _ = _timed(lambda: scratch.copy_(x), device)
-        if rep == 0:
-            continue  # warm-up
-        enc_s.append(t_enc)
-        dec_s.append(t_dec)
-        copy_s.append(t_copy)
-        variances.append(float((y - x).double().pow(2).sum() / x.double().pow(2).sum()))
-    enc, dec, copy = (statistics.median(v) for v in (enc_s, dec_s, copy_s))
+    enc, dec, copy_s, message, variance = _time_codec(codec, x, repeats, seed, device, copy)
+    cpu = torch.device(device).type == "cpu"
     return {
         "benchmark": "codec",
         "codec": repr(codec),
@@ -80,15 +208,18 @@ def bench_codec(codec, numel, repeats=5, seed=0, device="cpu"):
         "compression_vs_fp32": FP32().encoded_nbytes(numel) / len(message),
         "encode_seconds": enc,
         "decode_seconds": dec,
-        "memcpy_seconds": copy,
+        "memcpy_seconds": copy_s,
         "encode_GBps": fp32_bytes / enc / 1e9,
         "decode_GBps": fp32_bytes / dec / 1e9,
-        "memcpy_GBps": fp32_bytes / copy / 1e9,
-        "encode_vs_memcpy": copy / enc,
-        "decode_vs_memcpy": copy / dec,
-        "variance_ratio": float(np.mean(variances)),
+        "memcpy_GBps": fp32_bytes / copy_s / 1e9,
+        "encode_vs_memcpy": copy_s / enc,
+        "decode_vs_memcpy": copy_s / dec,
+        "memcpy": "np.copyto" if cpu else "device copy_",
+        "variance_ratio": variance,
         "variance_bound": codec.variance_bound(),
         "adaptive": adaptive or None,
+        "scaling": _scaling(codec, x, repeats, seed, device, copy, threads) if cpu else None,
+        "memory": _memory(codec, x, message, device) if cpu else None,
         "machine": machine_info(device),
     }
 

@@ -82,6 +82,8 @@ def build_parser():
     bc.add_argument("--repeats", type=int, default=5, help="timed repeats after one warm-up (default 5)")
     bc.add_argument("--seed", type=int, default=0)
     bc.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
+    bc.add_argument("--threads", default=None,
+                    help="comma-separated numba thread counts for the CPU scaling table (default 1,2,all)")
     bc.add_argument("--json", action="store_true", help="print one JSON object")
     bc.set_defaults(func=run_bench_codec)
 
@@ -141,7 +143,15 @@ def run_bench_codec(args):
 
     _positive("numel", args.numel)
     _positive("repeats", args.repeats)
-    result = bench_codec(codec_from_args(args), args.numel, args.repeats, args.seed, args.device)
+    threads = None
+    if args.threads:
+        try:
+            threads = [int(t) for t in args.threads.split(",")]
+        except ValueError:
+            raise MpiqsgdError(f"--threads must be comma-separated integers; got {args.threads!r}") from None
+        for t in threads:
+            _positive("threads", t)
+    result = bench_codec(codec_from_args(args), args.numel, args.repeats, args.seed, args.device, threads)
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -153,6 +163,14 @@ def run_bench_codec(args):
     print(f"  {r['bytes_per_coordinate']:.4f} bytes/coordinate ({r['compression_vs_fp32']:.2f}x smaller than fp32)")
     bound = f"  (QSGD bound {r['variance_bound']:.3f})" if r["variance_bound"] is not None else ""
     print(f"  ||Q(v)-v||^2/||v||^2 = {r['variance_ratio']:.4f}{bound}")
+    for row in r["scaling"] or []:
+        print(f"  {row['threads']:3d} threads: encode {row['encode_GBps']:.3f} GB/s ({row['encode_vs_memcpy']:.2f}x)"
+              f"   decode {row['decode_GBps']:.3f} GB/s ({row['decode_vs_memcpy']:.2f}x)"
+              f"   memcpy {row['memcpy_GBps']:.3f} GB/s")
+    mem = r["memory"]
+    if mem and mem["encode_peak_extra_bytes"] is not None:
+        print(f"  peak extra memory: encode {mem['encode_extra_vs_fp32']:.2f}x, "
+              f"decode {mem['decode_extra_vs_fp32']:.2f}x the fp32 input (outputs included)")
 
 
 def run_bench_exchange(args):

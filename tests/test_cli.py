@@ -27,6 +27,22 @@ def test_bench_codec_json(capsys):
     assert r["machine"]["cpu_count"] >= 1
 
 
+def test_bench_codec_reports_thread_scaling_and_memory(capsys):
+    code, out, _ = run(capsys, "bench", "codec", "--numel", "300000", "--repeats", "1", "--codec", "nuqsgd",
+                       "--threads", "1,2", "--json")
+    assert code == 0
+    r = json.loads(out)
+    import numba
+    assert [row["threads"] for row in r["scaling"]] == sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)})
+    for row in r["scaling"]:
+        assert row["encode_GBps"] > 0 and row["memcpy_GBps"] > 0 and row["decode_vs_memcpy"] > 0
+    mem = r["memory"]
+    assert mem["decode_output_bytes"] == 4 * 300000
+    assert mem["encode_output_bytes"] == r["encoded_bytes"]
+    if mem["decode_peak_extra_bytes"] is not None:
+        assert mem["decode_peak_extra_bytes"] >= 0 and mem["encode_peak_extra_bytes"] >= 0
+
+
 def test_bench_codec_text_and_error_feedback(capsys):
     code, out, _ = run(capsys, "bench", "codec", "--numel", "5000", "--repeats", "1", "--codec", "sign",
                        "--error-feedback")

@@ -62,6 +62,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from .buckets import bucket_rows
 from .kernels import HAVE_NUMBA
 
 if HAVE_NUMBA:
@@ -702,13 +703,7 @@ def _bucket_moments(flat, bucket, norm, chunk_buckets):
     for first in range(0, n_buckets, chunk_buckets):
         last = min(n_buckets, first + chunk_buckets)
         part = x[first * bucket:min(n, last * bucket)].to(device="cpu", dtype=torch.float64)
-        full = part.numel() // bucket
-        pieces = [part[:full * bucket].view(full, bucket)]
-        if full * bucket < part.numel():
-            pieces.append(part[full * bucket:].view(1, -1))
-        for v in pieces:
-            if v.shape[0] == 0:
-                continue
+        for v in bucket_rows(part, bucket):
             scale = v.norm(dim=1) if norm == "l2" else v.abs().amax(dim=1)
             keep = scale > 0
             v, scale = v[keep], scale[keep]

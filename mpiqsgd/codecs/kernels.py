@@ -1,5 +1,9 @@
 """Fused quantize-and-pack kernels: numba on the CPU, torch ops on other devices.
 
+This module is also the shared home of every codec kernel's machinery: the
+counter-based uniforms, the packing of code groups, the chunked serial/parallel
+driver and the choice between numba and torch (:func:`use_numba`).
+
 Both implementations produce the same bytes for the same input and seed. Their
 randomness is counter based: coordinate ``i`` of a message uses
 
@@ -11,9 +15,15 @@ state, so the CPU kernel runs in parallel and still reproduces exactly.
 
 Level codes are packed as in :mod:`mpiqsgd.codecs.bits`: groups of 8 codes form one
 little-endian word of ``bits`` bytes.
+
+The CPU kernels split a message into chunks of :data:`CHUNK` coordinates (a thread's
+unit of work). A chunk is processed in two vectorizable passes over a small code
+buffer that stays in L1: codes of each bucket segment (one scale per segment, so no
+division per coordinate), then the packing of 8-code groups by shifts and masks.
 """
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -23,13 +33,17 @@ try:
 except ImportError:  # pragma: no cover - numba is a declared dependency
     numba = None
 
-__all__ = ["draw_seed", "uniform", "level_encode", "level_decode", "sign_decode", "HAVE_NUMBA"]
+__all__ = ["draw_seed", "uniform", "level_encode", "level_decode", "sign_decode", "use_numba", "parallel_ok",
+           "run_chunks", "CHUNK", "HAVE_NUMBA"]
 
 HAVE_NUMBA = numba is not None
 
 _GOLDEN = 0x9E3779B97F4A7C15
 _M1 = 0xBF58476D1CE4E5B9
 _M2 = 0x94D049BB133111EB
+
+CHUNK = 1 << 14  # coordinates per task of the CPU kernels (a multiple of 8: whole code groups)
+PARALLEL_MIN_NUMEL = 1 << 18
 
 
 def draw_seed(rng):
@@ -55,6 +69,60 @@ def uniform(seed, n, device="cpu"):
     return _lsr(z, 40).to(torch.float32) * (1.0 / 16777216.0)
 
 
+def use_numba(device, force_torch=False):
+    """Run the numba kernels (CPU tensors, numba present, not forced onto the torch ops)?"""
+    return HAVE_NUMBA and not force_torch and torch.device(device).type == "cpu"
+
+
+def parallel_ok(n):
+    """Use the threaded kernel for ``n`` coordinates?
+
+    Only for large buffers, and only from the main thread: simulated ranks are threads
+    that may encode at the same time, and numba's thread pool must not be entered by
+    several of them at once. Under MPI, :func:`mpiqsgd.machine.share_cpus` sizes the pool
+    so that ranks on one node do not oversubscribe its cores.
+    """
+    return n >= PARALLEL_MIN_NUMEL and threading.current_thread() is threading.main_thread()
+
+
+def run_chunks(kernel, n, args):
+    """Run a numba kernel ``kernel(c0, c1, *args) -> int`` (chunks ``c0..c1-1``) over the
+    chunks of ``n`` coordinates, split into one contiguous range per numba thread.
+
+    The kernels release the GIL, so a pool of Python threads runs them in parallel; unlike a
+    ``prange`` driver taking the kernel as an argument, every kernel stays in numba's cache.
+    Threads pay off only on large buffers; small ones (and oversubscribed ranks) run serially.
+
+    Returns:
+        the sum of the kernel's results (e.g. a count of invalid codes).
+    """
+    n_chunks = -(-n // CHUNK)
+    n_threads = min(numba.get_num_threads(), n_chunks) if parallel_ok(n) else 1
+    if n_threads <= 1:
+        return int(kernel(0, n_chunks, *args))
+    edges = [n_chunks * t // n_threads for t in range(n_threads + 1)]
+    pool = _pool()
+    tasks = [pool.submit(kernel, edges[t], edges[t + 1], *args) for t in range(1, n_threads)]
+    total = int(kernel(edges[0], edges[1], *args))  # the calling thread takes the first range
+    return total + sum(int(task.result()) for task in tasks)
+
+
+_POOL = []
+
+
+def _pool():
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(max_workers=max(1, numba.config.NUMBA_NUM_THREADS - 1),
+                                        thread_name_prefix="mpiqsgd-kernel"))
+    return _POOL[0]
+
+
+def padded(nbytes):
+    """An uninitialized uint8 buffer of ``nbytes`` plus 8 spare bytes: the CPU kernels store
+    whole groups, so the last group may spill past the packed length (callers cut it off)."""
+    return np.empty(nbytes + 8, dtype=np.uint8)
+
+
 # -- torch implementation (any device) ----------------------------------------------------
 
 def _encode_torch(x, scale, bucket, bits, levels, seed, stochastic):
@@ -62,9 +130,9 @@ def _encode_torch(x, scale, bucket, bits, levels, seed, stochastic):
 
     n = x.numel()
     n_buckets = scale.numel()
-    padded = torch.zeros(n_buckets * bucket, dtype=torch.float32, device=x.device)
-    padded[:n] = x
-    r = (padded.view(n_buckets, bucket).abs() * scale[:, None]).clamp_(max=float(levels)).view(-1)[:n]
+    padded_x = torch.zeros(n_buckets * bucket, dtype=torch.float32, device=x.device)
+    padded_x[:n] = x
+    r = (padded_x.view(n_buckets, bucket).abs() * scale[:, None]).clamp_(max=float(levels)).view(-1)[:n]
     if stochastic:
         lower = r.floor()
         level = lower + (uniform(seed, n, x.device) < (r - lower)).to(torch.float32)
@@ -90,7 +158,7 @@ def _decode_torch(packed, unit, bucket, bits, levels, n):
     return _values_torch(level, (codes >> (bits - 1)).bool(), unit, bucket), bad
 
 
-# -- numba implementation (CPU) -----------------------------------------------------------
+# -- shared numba machinery (CPU) -----------------------------------------------------------
 
 _inline = numba.njit(inline="always") if HAVE_NUMBA else (lambda f: f)
 
@@ -108,7 +176,23 @@ def _load_word(packed, g, bits):
 
 
 if HAVE_NUMBA:
+    # Kernels never divide by zero on valid input; the numpy error model keeps checks out of
+    # the loops so that they vectorize. No fastmath: bytes must equal the torch ops'.
+    _kernel = numba.njit(cache=True, nogil=True, error_model="numpy")
     _G, _A, _B = np.uint64(_GOLDEN), np.uint64(_M1), np.uint64(_M2)
+    _BYTE = np.uint64(255)
+
+    @numba.njit(inline="always")
+    def chunk_range(c, n):
+        """Coordinates [start, stop) of chunk ``c``."""
+        start = c * CHUNK
+        return start, min(n, start + CHUNK)
+
+    @numba.njit(inline="always")
+    def bucket_segment(i, stop, bucket):
+        """The bucket of coordinate ``i`` and the end of its run of coordinates below ``stop``."""
+        b = i // bucket
+        return b, min(stop, (b + 1) * bucket)
 
     @numba.njit(inline="always")
     def _u(seed, i):
@@ -116,123 +200,220 @@ if HAVE_NUMBA:
         z = (z ^ (z >> np.uint64(30))) * _A
         z = (z ^ (z >> np.uint64(27))) * _B
         z = z ^ (z >> np.uint64(31))
-        return np.float32(z >> np.uint64(40)) * np.float32(1.0 / 16777216.0)
+        # z >> 40 < 2**24: the signed conversion is exact and vectorizes everywhere.
+        return np.float32(np.int64(z >> np.uint64(40))) * np.float32(1.0 / 16777216.0)
 
     @numba.njit(inline="always")
-    def _store_word(out, g, bits, word):
-        """Write group ``g``'s packed word: its first ``bits`` bytes, cut at the end of ``out``."""
-        base = g * bits
-        for j in range(bits):
-            if base + j < out.size:
-                out[base + j] = np.uint8((word >> np.uint64(8 * j)) & np.uint64(255))
+    def _compress(x, bits):
+        """8 codes of ``bits`` bits, one per byte of ``x`` (byte k = code k), to their packed word."""
+        b = np.uint64(bits)
+        x = (x & np.uint64(0x00FF00FF00FF00FF)) | ((x & np.uint64(0xFF00FF00FF00FF00)) >> (np.uint64(8) - b))
+        x = (x & np.uint64(0x0000FFFF0000FFFF)) | ((x & np.uint64(0xFFFF0000FFFF0000)) >> (np.uint64(16) - b - b))
+        return (x & np.uint64(0xFFFFFFFF)) | ((x >> np.uint64(32)) << (np.uint64(4) * b))
 
     @numba.njit(inline="always")
-    def _encode_group(g, x, scale, unit, bucket, bits, top, seed, stochastic, out, decoded, want_decoded):
-        n = x.size
-        word = np.uint64(0)
-        for k in range(8):
-            i = g * 8 + k
-            if i >= n:
-                break
-            v = x[i]
-            b = i // bucket
-            r = abs(v) * scale[b]
-            if r > top:
-                r = top
-            if stochastic:
-                lower = np.floor(r)
-                level = np.int64(lower) + (1 if _u(seed, i) < r - lower else 0)
-            else:
-                level = np.int64(np.rint(r))
-            neg = v < 0
-            word |= np.uint64(level | (np.int64(neg) << (bits - 1))) << np.uint64(k * bits)
+    def _expand(w, bits):
+        """Inverse of :func:`_compress`."""
+        b = np.uint64(bits)
+        one = np.uint64(1)
+        lo1 = ((one << b) - one) * np.uint64(0x0001000100010001)
+        lo2 = ((one << (b + b)) - one) * np.uint64(0x0000000100000001)
+        x = (w & ((one << (np.uint64(4) * b)) - one)) | ((w >> (np.uint64(4) * b)) << np.uint64(32))
+        x = (x & lo2) | ((x & (lo2 << (b + b))) << (np.uint64(16) - b - b))
+        return (x & lo1) | ((x & (lo1 << b)) << (np.uint64(8) - b))
+
+    @numba.njit(inline="always")
+    def _store_group(out, base, w, bits):
+        """Write the ``bits`` bytes of a packed word at ``out[base:]``, one unrolled case per width
+        so that the compiler merges the byte stores."""
+        out[base] = np.uint8(w & _BYTE)
+        if bits >= 2:
+            out[base + 1] = np.uint8((w >> np.uint64(8)) & _BYTE)
+        if bits >= 3:
+            out[base + 2] = np.uint8((w >> np.uint64(16)) & _BYTE)
+        if bits >= 4:
+            out[base + 3] = np.uint8((w >> np.uint64(24)) & _BYTE)
+        if bits >= 5:
+            out[base + 4] = np.uint8((w >> np.uint64(32)) & _BYTE)
+        if bits >= 6:
+            out[base + 5] = np.uint8((w >> np.uint64(40)) & _BYTE)
+        if bits >= 7:
+            out[base + 6] = np.uint8((w >> np.uint64(48)) & _BYTE)
+        if bits >= 8:
+            out[base + 7] = np.uint8(w >> np.uint64(56))
+
+    @numba.njit(inline="always")
+    def _load_group(packed, base, bits):
+        """The packed word of ``bits`` bytes at ``packed[base:]`` (all of them present)."""
+        w = np.uint64(packed[base])
+        if bits >= 2:
+            w |= np.uint64(packed[base + 1]) << np.uint64(8)
+        if bits >= 3:
+            w |= np.uint64(packed[base + 2]) << np.uint64(16)
+        if bits >= 4:
+            w |= np.uint64(packed[base + 3]) << np.uint64(24)
+        if bits >= 5:
+            w |= np.uint64(packed[base + 4]) << np.uint64(32)
+        if bits >= 6:
+            w |= np.uint64(packed[base + 5]) << np.uint64(40)
+        if bits >= 7:
+            w |= np.uint64(packed[base + 6]) << np.uint64(48)
+        if bits >= 8:
+            w |= np.uint64(packed[base + 7]) << np.uint64(56)
+        return w
+
+    @numba.njit(inline="always")
+    def _pack_groups(words, count, width, out):
+        for g in range(count):
+            _store_group(out, g * width, _compress(words[g], width), width)
+
+    @numba.njit(inline="always")
+    def _unpack_groups(packed, count, width, words):
+        for g in range(count):
+            words[g] = _expand(_load_group(packed, g * width, width), width)
+
+    @numba.njit(inline="always")
+    def _with_constant_width(op, bits, a, count, b):
+        """``op(a, count, bits, b)`` compiled once per width with ``bits`` a constant: a runtime
+        width in the byte loads and stores costs an order of magnitude."""
+        if bits == 1:
+            op(a, count, 1, b)
+        elif bits == 2:
+            op(a, count, 2, b)
+        elif bits == 3:
+            op(a, count, 3, b)
+        elif bits == 4:
+            op(a, count, 4, b)
+        elif bits == 5:
+            op(a, count, 5, b)
+        elif bits == 6:
+            op(a, count, 6, b)
+        elif bits == 7:
+            op(a, count, 7, b)
+        else:
+            op(a, count, 8, b)
+
+    @numba.njit(inline="always")
+    def pack_chunk(codes, start, stop, bits, out):
+        """Pack the codes of coordinates [start, stop) (``codes[k]`` is coordinate ``start + k``;
+        ``start`` a multiple of 8) into ``out`` (with the 8 spare bytes of :func:`padded`)."""
+        m = stop - start
+        groups = (m + 7) // 8
+        for k in range(m, groups * 8):
+            codes[k] = 0
+        words = codes.view(np.uint64)
+        o = out[(start // 8) * bits:]
+        _with_constant_width(_pack_groups, bits, words, groups, o)
+
+    @numba.njit(inline="always")
+    def unpack_chunk(packed, start, stop, bits, codes):
+        """Inverse of :func:`pack_chunk`; ``packed`` may end inside the last group."""
+        groups = (stop - start + 7) // 8
+        words = codes.view(np.uint64)
+        g0 = start // 8
+        whole = min(groups, max(0, packed.size // bits - g0))  # groups with all their bytes present
+        p = packed[g0 * bits:]
+        _with_constant_width(_unpack_groups, bits, p, whole, words)
+        for g in range(whole, groups):
+            words[g] = _expand(_load_word(packed, g0 + g, bits), bits)
+
+    # -- QSGD: sign and level ---------------------------------------------------------------
+
+    @numba.njit(inline="always")
+    def _level(v, s, top, seed, i, stochastic, sign_shift):
+        r = min(abs(v) * s, top)
+        if stochastic:
+            lower = np.floor(r)
+            level = np.int32(lower) + np.int32(_u(seed, i) < r - lower)
+        else:
+            level = np.int32(np.rint(r))
+        return np.uint8(level | (np.int32(v < 0) << sign_shift))
+
+    @numba.njit(inline="always")
+    def _level_value(code, u, level_mask, sign_shift):
+        val = np.float32(code & level_mask) * u
+        return -val if code >> sign_shift else val
+
+    @numba.njit(inline="always")
+    def _level_encode_chunk_one(c, x, scale, unit, bucket, bits, levels, seed, stochastic, out, decoded,
+                            want_decoded):
+        start, stop = chunk_range(c, x.size)
+        codes = np.empty(CHUNK, dtype=np.uint8)
+        top = np.float32(levels)
+        sign_shift = bits - 1
+        level_mask = np.uint8((1 << sign_shift) - 1)
+        i = start
+        while i < stop:
+            b, end = bucket_segment(i, stop, bucket)
+            s, u = scale[b], unit[b]
+            xs, cs = x[i:end], codes[i - start:end - start]
+            for k in range(xs.size):
+                cs[k] = _level(xs[k], s, top, seed, i + k, stochastic, sign_shift)
             if want_decoded:
-                val = np.float32(level) * unit[b]
-                decoded[i] = -val if neg else val
-        _store_word(out, g, bits, word)
+                ds = decoded[i:end]
+                for k in range(xs.size):
+                    ds[k] = _level_value(cs[k], u, level_mask, sign_shift)
+            i = end
+        pack_chunk(codes, start, stop, bits, out)
+        return 0
+
+    @_kernel
+    def _level_encode_chunks(c0, c1, x, scale, unit, bucket, bits, levels, seed, stochastic, out, decoded,
+                            want_decoded):
+        total = 0
+        for c in range(c0, c1):
+            total += _level_encode_chunk_one(c, x, scale, unit, bucket, bits,
+                                             levels, seed, stochastic, out, decoded, want_decoded)
+        return total
 
     @numba.njit(inline="always")
-    def _decode_group(g, packed, unit, bucket, bits, levels, n, out):
-        word = _load_word(packed, g, bits)
+    def _level_decode_chunk_one(c, packed, unit, bucket, bits, levels, out):
+        start, stop = chunk_range(c, out.size)
+        codes = np.empty(CHUNK, dtype=np.uint8)
+        unpack_chunk(packed, start, stop, bits, codes)
+        sign_shift = bits - 1
+        level_mask = np.uint8((1 << sign_shift) - 1)
         bad = 0
-        for k in range(8):
-            i = g * 8 + k
-            if i >= n:
-                break
-            code = np.int64((word >> np.uint64(k * bits)) & np.uint64((1 << bits) - 1))
-            level = code & np.int64((1 << (bits - 1)) - 1)
-            if level > levels:
-                bad += 1
-            val = np.float32(level) * unit[i // bucket]
-            out[i] = -val if (code >> (bits - 1)) & 1 else val
+        i = start
+        while i < stop:
+            b, end = bucket_segment(i, stop, bucket)
+            u = unit[b]
+            cs, os = codes[i - start:end - start], out[i:end]
+            for k in range(cs.size):
+                code = cs[k]
+                bad += np.int64((code & level_mask) > levels)
+                os[k] = _level_value(code, u, level_mask, sign_shift)
+            i = end
         return bad
 
-    # Threads pay off only on large buffers; small ones (and oversubscribed ranks) run serially.
-    @numba.njit(parallel=True, cache=True, nogil=True)
-    def _encode_parallel(x, scale, unit, bucket, bits, levels, seed, stochastic, out, decoded, want_decoded):
-        top = np.float32(levels)
-        for g in numba.prange((x.size + 7) // 8):
-            _encode_group(g, x, scale, unit, bucket, bits, top, seed, stochastic, out, decoded, want_decoded)
-
-    @numba.njit(cache=True, nogil=True)
-    def _encode_serial(x, scale, unit, bucket, bits, levels, seed, stochastic, out, decoded, want_decoded):
-        top = np.float32(levels)
-        for g in range((x.size + 7) // 8):
-            _encode_group(g, x, scale, unit, bucket, bits, top, seed, stochastic, out, decoded, want_decoded)
-
-    @numba.njit(parallel=True, cache=True, nogil=True)
-    def _decode_parallel(packed, unit, bucket, bits, levels, n, out):
-        bad = 0
-        for g in numba.prange((n + 7) // 8):
-            bad += _decode_group(g, packed, unit, bucket, bits, levels, n, out)
-        return bad
-
-    @numba.njit(cache=True, nogil=True)
-    def _decode_serial(packed, unit, bucket, bits, levels, n, out):
-        bad = 0
-        for g in range((n + 7) // 8):
-            bad += _decode_group(g, packed, unit, bucket, bits, levels, n, out)
-        return bad
-
+    @_kernel
+    def _level_decode_chunks(c0, c1, packed, unit, bucket, bits, levels, out):
+        total = 0
+        for c in range(c0, c1):
+            total += _level_decode_chunk_one(c, packed, unit, bucket, bits, levels, out)
+        return total
 
     @numba.njit(inline="always")
-    def _sign_group(g, packed, scales, bucket, n, out):
-        byte = packed[g]
-        for k in range(8):
-            i = g * 8 + k
-            if i >= n:
-                break
-            s = scales[i // bucket]
-            out[i] = -s if (byte >> k) & 1 else s
+    def _sign_chunk_one(c, packed, scales, bucket, out):
+        start, stop = chunk_range(c, out.size)
+        codes = np.empty(CHUNK, dtype=np.uint8)
+        unpack_chunk(packed, start, stop, 1, codes)
+        i = start
+        while i < stop:
+            b, end = bucket_segment(i, stop, bucket)
+            s = scales[b]
+            cs, os = codes[i - start:end - start], out[i:end]
+            for k in range(cs.size):
+                os[k] = -s if cs[k] else s
+            i = end
+        return 0
 
-    @numba.njit(parallel=True, cache=True, nogil=True)
-    def _sign_parallel(packed, scales, bucket, n, out):
-        for g in numba.prange((n + 7) // 8):
-            _sign_group(g, packed, scales, bucket, n, out)
-
-    @numba.njit(cache=True, nogil=True)
-    def _sign_serial(packed, scales, bucket, n, out):
-        for g in range((n + 7) // 8):
-            _sign_group(g, packed, scales, bucket, n, out)
-
-
-PARALLEL_MIN_NUMEL = 1 << 18
-
-
-def parallel_ok(n):
-    """Use the threaded kernel for ``n`` coordinates?
-
-    Only for large buffers, and only from the main thread: simulated ranks are threads
-    that may encode at the same time, and numba's thread pool must not be entered by
-    several of them at once. Under MPI, :func:`mpiqsgd.machine.share_cpus` sizes the pool
-    so that ranks on one node do not oversubscribe its cores.
-    """
-    return n >= PARALLEL_MIN_NUMEL and threading.current_thread() is threading.main_thread()
-
-
-def _use_numba(device, force_torch):
-    return HAVE_NUMBA and not force_torch and torch.device(device).type == "cpu"
-
+    @_kernel
+    def _sign_chunks(c0, c1, packed, scales, bucket, out):
+        total = 0
+        for c in range(c0, c1):
+            total += _sign_chunk_one(c, packed, scales, bucket, out)
+        return total
 
 def level_encode(x, scale, unit, bucket, bits, levels, seed, stochastic, want_decoded, force_torch=False):
     """Quantize ``x`` to sign + level codes and pack them.
@@ -250,36 +431,34 @@ def level_encode(x, scale, unit, bucket, bits, levels, seed, stochastic, want_de
     Returns:
         (packed uint8 tensor, decoded float32 tensor or None), on ``x``'s device.
     """
-    if not _use_numba(x.device, force_torch):
+    if not use_numba(x.device, force_torch):
         packed, level, negative = _encode_torch(x, scale, bucket, bits, levels, seed, stochastic)
         return packed, (_values_torch(level, negative, unit, bucket) if want_decoded else None)
     n = x.numel()
-    out = np.empty((n * bits + 7) // 8, dtype=np.uint8)
+    nbytes = (n * bits + 7) // 8
+    out = padded(nbytes)
     decoded = np.empty(n if want_decoded else 0, dtype=np.float32)
-    kernel = _encode_parallel if parallel_ok(n) else _encode_serial
-    kernel(x.numpy(), scale.numpy(), unit.numpy(), bucket, bits, levels, np.uint64(seed),
-                  stochastic, out, decoded, want_decoded)
-    return torch.from_numpy(out), (torch.from_numpy(decoded) if want_decoded else None)
+    run_chunks(_level_encode_chunks, n, (x.numpy(), scale.numpy(), unit.numpy(), bucket, bits, levels,
+                                        np.uint64(seed), bool(stochastic), out, decoded, bool(want_decoded)))
+    return torch.from_numpy(out[:nbytes]), (torch.from_numpy(decoded) if want_decoded else None)
 
 
 def level_decode(packed, unit, bucket, bits, levels, n, force_torch=False):
     """Unpack codes and return (float32 values, number of codes with a level above ``levels``)."""
-    if not _use_numba(packed.device, force_torch):
+    if not use_numba(packed.device, force_torch):
         return _decode_torch(packed, unit, bucket, bits, levels, n)
     out = np.empty(n, dtype=np.float32)
-    kernel = _decode_parallel if parallel_ok(n) else _decode_serial
-    bad = kernel(packed.numpy(), unit.numpy(), bucket, bits, levels, n, out)
-    return torch.from_numpy(out), int(bad)
+    bad = run_chunks(_level_decode_chunks, n, (packed.numpy(), unit.numpy(), bucket, bits, levels, out))
+    return torch.from_numpy(out), bad
 
 
 def sign_decode(packed, scales, bucket, n, force_torch=False):
     """Values of ``n`` packed sign bits (1 = negative) times their bucket's scale."""
-    if not _use_numba(packed.device, force_torch):
+    if not use_numba(packed.device, force_torch):
         from .bits import unpack
 
         values = scales.repeat_interleave(bucket)[:n]
         return torch.where(unpack(packed, n, 1).bool(), -values, values)
     out = np.empty(n, dtype=np.float32)
-    kernel = _sign_parallel if parallel_ok(n) else _sign_serial
-    kernel(packed.numpy(), scales.numpy(), bucket, n, out)
+    run_chunks(_sign_chunks, n, (packed.numpy(), scales.numpy(), bucket, out))
     return torch.from_numpy(out)

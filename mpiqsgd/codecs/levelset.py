@@ -61,7 +61,8 @@ from . import bits as bitpack
 from . import kernels
 from .base import Codec, check_choice, check_int
 from .levelset_kernels import levelset_decode, levelset_encode, search_table
-from .qsgd import bucket_norms, finite_scales
+from .buckets import bucket_rows, safe_norms
+from .qsgd import finite_scales
 
 __all__ = ["LevelSet", "AdaptiveLevelSet", "METHODS", "ADAPTIVE", "named_levels", "table_id",
            "expected_variance", "normalized_variance"]
@@ -198,15 +199,8 @@ class LevelSet(Codec):
         return self._levels_t if torch.device(device).type == "cpu" else self._levels_t.to(device)
 
     def _clip(self, x):
-        n = x.numel()
-        full = n // self.bucket
-        parts = [x[: full * self.bucket].view(full, self.bucket)]
-        if full * self.bucket < n:
-            parts.append(x[full * self.bucket:].view(1, -1))
         out = []
-        for v in parts:
-            if v.numel() == 0:
-                continue
+        for v in bucket_rows(x, self.bucket):
             bound = self.clip_sigma * v.std(dim=1, correction=0, keepdim=True)
             out.append(torch.maximum(torch.minimum(v, bound), -bound).reshape(-1))
         return torch.cat(out)
@@ -255,16 +249,6 @@ def _describe(levels_bytes):
     t = np.frombuffer(levels_bytes[: 4 * min(256, len(levels_bytes) // 4)], dtype="<f4")
     shown = ", ".join(f"{v:.4g}" for v in t[:8])
     return f"[{shown}{', ...' if t.size > 8 else ''}]"
-
-
-def safe_norms(x, bucket, norm):
-    """Float32 bucket norms as :func:`~mpiqsgd.codecs.qsgd.bucket_norms`, recomputed with
-    scaling where the L2 norm overflows float32 (finite gradients give finite norms)."""
-    norms = bucket_norms(x, bucket, norm)
-    if norm == "l2" and not bool(torch.isfinite(norms).all()):
-        big = bucket_norms(x.double(), bucket, norm)
-        norms = big.clamp(max=torch.finfo(torch.float32).max).to(torch.float32)
-    return norms
 
 
 class AdaptiveLevelSet(LevelSet):

@@ -2,8 +2,10 @@
 
 Coordinate ``i`` of bucket ``b`` is normalized in float32, ``r = x_i / norm_b`` (``r = 0``
 in a zero bucket), clamped to [-1, 1], and placed in the interval ``L_j <= r < L_{j+1}``
-(``j <= K - 2``): the torch code by ``searchsorted``, the CPU kernel by a binary search
-narrowed by a uniform grid of cells over [-1, 1] (the same ``j``). With the counter-based
+(``j <= K - 2``): the torch code by ``searchsorted``; the CPU kernel, up to
+``2**UNROLL_BITS`` levels, by comparing ``r`` with every level in straight-line code that
+vectorizes, and above that by a binary search narrowed by a uniform grid of cells over
+[-1, 1] (the same ``j`` either way). With the counter-based
 uniform ``u_i`` of :mod:`mpiqsgd.codecs.kernels` the code is ``j + 1`` when
 ``u_i < (r - L_j) / (L_{j+1} - L_j)``, else ``j`` (all float32). The receiver's value is
 ``norm_b * L[code]``. Codes are packed as in :mod:`mpiqsgd.codecs.bits`. Both
@@ -13,14 +15,16 @@ implementations give the same bytes and values.
 import numpy as np
 import torch
 
-from .kernels import HAVE_NUMBA, parallel_ok, uniform
+from .kernels import HAVE_NUMBA, padded, run_chunks, uniform, use_numba
 
 if HAVE_NUMBA:
     import numba
 
-    from .kernels import _load_word, _store_word, _u
+    from .kernels import CHUNK, _kernel, _u, bucket_segment, chunk_range, pack_chunk, unpack_chunk
 
 __all__ = ["levelset_encode", "levelset_decode", "search_table", "CELLS"]
+
+UNROLL_BITS = 4  # up to 2**4 levels the CPU kernels compare with each level in turn (vectorized)
 
 
 # -- torch implementation (any device) ----------------------------------------------------
@@ -54,85 +58,218 @@ def _decode_torch(packed, norms, levels, bucket, bits, n):
 
 if HAVE_NUMBA:
     @numba.njit(inline="always")
-    def _encode_group(g, x, norms, levels, first, count, bucket, bits, seed, out, decoded, want_decoded):
-        n = x.size
-        one = np.float32(1.0)
-        half_cells = np.float32(first.size // 2)
-        last_cell = first.size - 1
-        word = np.uint64(0)
-        for k in range(8):
-            i = g * 8 + k
-            if i >= n:
-                break
-            scale = norms[i // bucket]
-            r = np.float32(0.0)
-            if scale > 0:
-                r = x[i] / scale
-            if r > one:
-                r = one
-            elif r < -one:
-                r = -one
-            # The last of levels[0..K-2] that is <= r: the cell of r in a uniform grid over
-            # [-1, 1] bounds it to levels[first..first+count-1] (usually one or two), then a
-            # branchless binary search over those few.
-            c = np.int64((r + one) * half_cells)
-            if c > last_cell:
-                c = last_cell
-            lo = np.int64(first[c])
-            m = np.int64(count[c])
-            while m > 1:
-                half = m >> 1
-                lo = lo + half if levels[lo + half] <= r else lo
-                m -= half
-            low = levels[lo]
-            p = (r - low) / (levels[lo + 1] - low)
-            code = lo + (1 if _u(seed, i) < p else 0)
-            word |= np.uint64(code) << np.uint64(k * bits)
-            if want_decoded:
-                decoded[i] = scale * levels[code]
-        _store_word(out, g, bits, word)
+    def _normalized(v, scale):
+        r = v / scale if scale > 0 else np.float32(0.0)
+        return min(max(r, np.float32(-1.0)), np.float32(1.0))
 
     @numba.njit(inline="always")
-    def _decode_group(g, packed, norms, levels, bucket, bits, n, out):
-        word = _load_word(packed, g, bits)
-        K = levels.size
+    def _interval_by_compares(r, first_low, first_high, lows, highs):
+        """The interval ``L_j <= r < L_{j+1}`` as (j, L_j, L_{j+1}) by comparing ``r`` with each of
+        ``L_1..L_{K-2}`` (the tuple ``lows``; ``highs`` holds ``L_2..L_{K-1}``; both padded with
+        2.0): straight-line code, the tuples' length being known when compiling. Tuples, not
+        arrays: selects between loaded table entries would be compiled into slow gathers."""
+        j = np.int32(0)
+        low, high = first_low, first_high
+        for t in range(len(lows)):
+            above = lows[t] <= r
+            j += np.int32(above)
+            low = lows[t] if above else low
+            high = highs[t] if above else high
+        return j, low, high
+
+    @numba.njit(inline="always")
+    def _interval_by_search(r, levels, first, count):
+        """The same interval by a binary search narrowed by a uniform grid of cells over [-1, 1]
+        (:func:`search_table`): the cell bounds it to levels[first..first+count-1] (usually one
+        or two), then a branchless binary search over those few."""
+        half_cells = np.float32(first.size // 2)
+        c = min(np.int64((r + np.float32(1.0)) * half_cells), first.size - 1)
+        lo = np.int64(first[c])
+        m = np.int64(count[c])
+        while m > 1:
+            half = m >> 1
+            lo = lo + half if levels[lo + half] <= r else lo
+            m -= half
+        return lo, levels[lo], levels[lo + 1]
+
+    @numba.njit(inline="always")
+    def _round(r, j, low, high, seed, i):
+        """Code and value (in units of the norm) of the stochastic rounding of ``r``."""
+        up = _u(seed, i) < (r - low) / (high - low)
+        return np.uint8(j + np.int32(up)), high if up else low
+
+    @numba.njit(inline="always")
+    def _encode_small(c, x, norms, first_low, first_high, lows, highs, bucket, bits, seed, out, decoded,
+                      want_decoded):
+        start, stop = chunk_range(c, x.size)
+        codes = np.empty(CHUNK, dtype=np.uint8)
+        i = start
+        while i < stop:
+            b, end = bucket_segment(i, stop, bucket)
+            xs, cs, scale = x[i:end], codes[i - start:end - start], norms[b]
+            if want_decoded:
+                ds = decoded[i:end]
+                for k in range(xs.size):
+                    r = _normalized(xs[k], scale)
+                    j, low, high = _interval_by_compares(r, first_low, first_high, lows, highs)
+                    cs[k], value = _round(r, j, low, high, seed, i + k)
+                    ds[k] = scale * value
+            else:
+                for k in range(xs.size):
+                    r = _normalized(xs[k], scale)
+                    j, low, high = _interval_by_compares(r, first_low, first_high, lows, highs)
+                    cs[k] = _round(r, j, low, high, seed, i + k)[0]
+            i = end
+        pack_chunk(codes, start, stop, bits, out)
+        return 0
+
+    @numba.njit(inline="always")
+    def _t1(a):
+        return (a[0],)
+
+    @numba.njit(inline="always")
+    def _t2(a):
+        return (a[0], a[1])
+
+    @numba.njit(inline="always")
+    def _t4(a):
+        return (a[0], a[1], a[2], a[3])
+
+    @numba.njit(inline="always")
+    def _t6(a):
+        return (a[0], a[1], a[2], a[3], a[4], a[5])
+
+    @numba.njit(inline="always")
+    def _t8(a):
+        return (a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7])
+
+    @numba.njit(inline="always")
+    def _t14(a):
+        return (a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], a[13])
+
+    @numba.njit(inline="always")
+    def _t16(a):
+        return (a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], a[13],
+                a[14], a[15])
+
+    @numba.njit(inline="always")
+    def _encode_small_chunk_one(c, x, norms, first_low, first_high, lows, highs, bucket, bits, seed, out,
+                            decoded, want_decoded):
+        # The tables reach the kernel as arrays (the parallel driver takes no nested tuples) and
+        # become tuples here, one copy of the loop per table width.
+        if bits <= 1:
+            return _encode_small(c, x, norms, first_low, first_high, _t1(lows), _t1(highs), bucket, bits, seed,
+                                 out, decoded, want_decoded)
+        if bits == 2:
+            return _encode_small(c, x, norms, first_low, first_high, _t2(lows), _t2(highs), bucket, bits, seed,
+                                 out, decoded, want_decoded)
+        if bits == 3:
+            return _encode_small(c, x, norms, first_low, first_high, _t6(lows), _t6(highs), bucket, bits, seed,
+                                 out, decoded, want_decoded)
+        return _encode_small(c, x, norms, first_low, first_high, _t14(lows), _t14(highs), bucket, bits, seed,
+                             out, decoded, want_decoded)
+
+    @_kernel
+    def _encode_small_chunks(c0, c1, x, norms, first_low, first_high, lows, highs, bucket, bits, seed, out,
+                            decoded, want_decoded):
+        total = 0
+        for c in range(c0, c1):
+            total += _encode_small_chunk_one(c, x, norms, first_low, first_high, lows,
+                                             highs, bucket, bits, seed, out, decoded, want_decoded)
+        return total
+
+    @numba.njit(inline="always")
+    def _encode_search_chunk_one(c, x, norms, levels, first, count, bucket, bits, seed, out, decoded, want_decoded):
+        start, stop = chunk_range(c, x.size)
+        codes = np.empty(CHUNK, dtype=np.uint8)
+        i = start
+        while i < stop:
+            b, end = bucket_segment(i, stop, bucket)
+            scale = norms[b]
+            for k in range(i, end):
+                r = _normalized(x[k], scale)
+                j, low, high = _interval_by_search(r, levels, first, count)
+                codes[k - start], value = _round(r, j, low, high, seed, k)
+                if want_decoded:
+                    decoded[k] = scale * value
+            i = end
+        pack_chunk(codes, start, stop, bits, out)
+        return 0
+
+    @_kernel
+    def _encode_search_chunks(c0, c1, x, norms, levels, first, count, bucket, bits, seed, out, decoded, want_decoded):
+        total = 0
+        for c in range(c0, c1):
+            total += _encode_search_chunk_one(c, x, norms, levels, first, count,
+                                              bucket, bits, seed, out, decoded, want_decoded)
+        return total
+
+    @numba.njit(inline="always")
+    def _decode_small(c, packed, norms, values, n_levels, bucket, bits, out):
+        n_levels = np.int32(n_levels)
+        start, stop = chunk_range(c, out.size)
+        codes = np.empty(CHUNK, dtype=np.uint8)
+        unpack_chunk(packed, start, stop, bits, codes)
         bad = 0
-        for k in range(8):
-            i = g * 8 + k
-            if i >= n:
-                break
-            code = np.int64((word >> np.uint64(k * bits)) & np.uint64((1 << bits) - 1))
-            if code >= K:
-                bad += 1
-                code = K - 1
-            out[i] = norms[i // bucket] * levels[code]
+        i = start
+        while i < stop:
+            b, end = bucket_segment(i, stop, bucket)
+            cs, os, scale = codes[i - start:end - start], out[i:end], norms[b]
+            segment_bad = np.int32(0)  # 32-bit lanes throughout: twice the vector width of int64
+            for k in range(cs.size):
+                code = np.int32(cs[k])
+                segment_bad += np.int32(code >= n_levels)
+                value = values[0]
+                for t in range(1, len(values)):  # a select per level, no gather
+                    value = values[t] if code == np.int32(t) else value
+                os[k] = scale * value
+            bad += segment_bad
+            i = end
         return bad
 
-    # Threads pay off only on large buffers; small ones (and oversubscribed ranks) run serially.
-    @numba.njit(parallel=True, cache=True, nogil=True)
-    def _encode_parallel(x, norms, levels, first, count, bucket, bits, seed, out, decoded, want_decoded):
-        for g in numba.prange((x.size + 7) // 8):
-            _encode_group(g, x, norms, levels, first, count, bucket, bits, seed, out, decoded, want_decoded)
+    @numba.njit(inline="always")
+    def _decode_small_chunk_one(c, packed, norms, values, n_levels, bucket, bits, out):
+        if bits <= 1:
+            return _decode_small(c, packed, norms, _t2(values), n_levels, bucket, bits, out)
+        if bits == 2:
+            return _decode_small(c, packed, norms, _t4(values), n_levels, bucket, bits, out)
+        if bits == 3:
+            return _decode_small(c, packed, norms, _t8(values), n_levels, bucket, bits, out)
+        return _decode_small(c, packed, norms, _t16(values), n_levels, bucket, bits, out)
 
-    @numba.njit(cache=True, nogil=True)
-    def _encode_serial(x, norms, levels, first, count, bucket, bits, seed, out, decoded, want_decoded):
-        for g in range((x.size + 7) // 8):
-            _encode_group(g, x, norms, levels, first, count, bucket, bits, seed, out, decoded, want_decoded)
+    @_kernel
+    def _decode_small_chunks(c0, c1, packed, norms, values, n_levels, bucket, bits, out):
+        total = 0
+        for c in range(c0, c1):
+            total += _decode_small_chunk_one(c, packed, norms, values, n_levels, bucket, bits, out)
+        return total
 
-    @numba.njit(parallel=True, cache=True, nogil=True)
-    def _decode_parallel(packed, norms, levels, bucket, bits, n, out):
+    @numba.njit(inline="always")
+    def _decode_search_chunk_one(c, packed, norms, levels, bucket, bits, out):
+        start, stop = chunk_range(c, out.size)
+        codes = np.empty(CHUNK, dtype=np.uint8)
+        unpack_chunk(packed, start, stop, bits, codes)
+        top = levels.size - 1
         bad = 0
-        for g in numba.prange((n + 7) // 8):
-            bad += _decode_group(g, packed, norms, levels, bucket, bits, n, out)
+        i = start
+        while i < stop:
+            b, end = bucket_segment(i, stop, bucket)
+            scale = norms[b]
+            for k in range(i, end):
+                code = np.int64(codes[k - start])
+                if code > top:
+                    bad += 1
+                    code = top
+                out[k] = scale * levels[code]
+            i = end
         return bad
 
-    @numba.njit(cache=True, nogil=True)
-    def _decode_serial(packed, norms, levels, bucket, bits, n, out):
-        bad = 0
-        for g in range((n + 7) // 8):
-            bad += _decode_group(g, packed, norms, levels, bucket, bits, n, out)
-        return bad
-
+    @_kernel
+    def _decode_search_chunks(c0, c1, packed, norms, levels, bucket, bits, out):
+        total = 0
+        for c in range(c0, c1):
+            total += _decode_search_chunk_one(c, packed, norms, levels, bucket, bits, out)
+        return total
 
 CELLS = 1 << 14  # grid cells over [-1, 1] for the CPU kernel's search (2 x 32 KiB of int16)
 _MARGIN = 1e-6  # covers the float32 rounding of the cell index (below 2.4e-7 in r)
@@ -154,8 +291,18 @@ def search_table(levels):
     return first.astype(np.int16), (last - first + 1).astype(np.int16)
 
 
-def _use_numba(device, force_torch):
-    return HAVE_NUMBA and not force_torch and torch.device(device).type == "cpu"
+def _compare_tables(levels, bits):
+    """The arrays of :func:`_interval_by_compares` and of the decode kernel's selects, padded
+    to ``2**bits`` levels."""
+    L = np.asarray(levels, dtype=np.float32)
+    size = 2**bits
+    lows = np.full(max(size - 2, 2), 2.0, dtype=np.float32)  # 2.0 is above every r: never counted
+    highs = lows.copy()
+    lows[: L.size - 2] = L[1:-1]
+    highs[: L.size - 2] = L[2:]
+    values = np.full(size, L[-1], dtype=np.float32)
+    values[: L.size] = L
+    return L[0], L[1], lows, highs, values
 
 
 def levelset_encode(x, norms, levels, bucket, bits, seed, want_decoded, force_torch=False, table=None):
@@ -169,28 +316,37 @@ def levelset_encode(x, norms, levels, bucket, bits, seed, want_decoded, force_to
         seed: counter-based RNG seed.
         want_decoded: also return the values a receiver decodes.
         force_torch: use the torch implementation on the CPU too (tests).
-        table: :func:`search_table` of ``levels`` (computed when not given).
+        table: :func:`search_table` of ``levels`` (computed when not given; used above
+            :data:`UNROLL_BITS` bits).
 
     Returns:
         (packed uint8 tensor, decoded float32 tensor or None), on ``x``'s device.
     """
-    if not _use_numba(x.device, force_torch):
+    if not use_numba(x.device, force_torch):
         return _encode_torch(x, norms, levels, bucket, bits, seed, want_decoded)
     n = x.numel()
-    out = np.empty((n * bits + 7) // 8, dtype=np.uint8)
+    nbytes = (n * bits + 7) // 8
+    out = padded(nbytes)
     decoded = np.empty(n if want_decoded else 0, dtype=np.float32)
-    kernel = _encode_parallel if parallel_ok(n) else _encode_serial
-    first, count = search_table(levels.numpy()) if table is None else table
-    kernel(x.numpy(), norms.numpy(), levels.numpy(), first, count, bucket, bits, np.uint64(seed), out, decoded,
-           want_decoded)
-    return torch.from_numpy(out), (torch.from_numpy(decoded) if want_decoded else None)
+    tail = (bucket, bits, np.uint64(seed), out, decoded, bool(want_decoded))
+    if bits <= UNROLL_BITS:
+        first_low, first_high, lows, highs, _ = _compare_tables(levels.numpy(), bits)
+        run_chunks(_encode_small_chunks, n, (x.numpy(), norms.numpy(), first_low, first_high, lows, highs) + tail)
+    else:
+        first, count = search_table(levels.numpy()) if table is None else table
+        run_chunks(_encode_search_chunks, n, (x.numpy(), norms.numpy(), levels.numpy(), first, count) + tail)
+    return torch.from_numpy(out[:nbytes]), (torch.from_numpy(decoded) if want_decoded else None)
 
 
 def levelset_decode(packed, norms, levels, bucket, bits, n, force_torch=False):
     """Unpack codes; return (float32 values, number of codes >= K)."""
-    if not _use_numba(packed.device, force_torch):
+    if not use_numba(packed.device, force_torch):
         return _decode_torch(packed, norms, levels, bucket, bits, n)
     out = np.empty(n, dtype=np.float32)
-    kernel = _decode_parallel if parallel_ok(n) else _decode_serial
-    bad = kernel(packed.numpy(), norms.numpy(), levels.numpy(), bucket, bits, n, out)
-    return torch.from_numpy(out), int(bad)
+    if bits <= UNROLL_BITS:
+        values = _compare_tables(levels.numpy(), bits)[4]
+        bad = run_chunks(_decode_small_chunks, n, (packed.numpy(), norms.numpy(), values, levels.numel(), bucket,
+                                                  bits, out))
+    else:
+        bad = run_chunks(_decode_search_chunks, n, (packed.numpy(), norms.numpy(), levels.numpy(), bucket, bits, out))
+    return torch.from_numpy(out), bad

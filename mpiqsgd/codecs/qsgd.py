@@ -38,6 +38,7 @@ from .. import wire
 from ..errors import ConfigError, DecodeError, NonFiniteError
 from . import bits as bitpack
 from . import elias, kernels
+from .buckets import bucket_norms
 from .base import Codec, check_choice, check_int
 
 __all__ = ["QSGD", "bits_for_levels", "bucket_norms", "checked_norms", "finite_scales", "max_norm"]
@@ -51,20 +52,6 @@ ELIAS_MAX_BUCKET = 1 << 16  # bounds what a short sparse message can make a rece
 def bits_for_levels(levels):
     """Bits per coordinate on the wire for ``levels`` magnitude levels: sign + index."""
     return 1 + math.ceil(math.log2(levels + 1))
-
-
-def bucket_norms(x, bucket, norm="l2"):
-    """Float32 norm of each bucket; the last bucket may be short.
-
-    ``norm``: ``"l2"``, ``"max"`` (max |x_i|) or ``"mean_abs"`` (||x||_1 / bucket length).
-    """
-    full = x.numel() // bucket
-    parts = [x[: full * bucket].view(full, bucket)]
-    if full * bucket < x.numel():
-        parts.append(x[full * bucket:].view(1, -1))
-    reduce = {"l2": lambda v: v.norm(dim=1), "max": lambda v: v.abs().amax(dim=1),
-              "mean_abs": lambda v: v.abs().mean(dim=1)}[norm]
-    return torch.cat([reduce(v) for v in parts])
 
 
 FLT_MAX = float(np.finfo(np.float32).max)
