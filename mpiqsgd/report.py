@@ -40,7 +40,7 @@ GROUP_FLAGS = ("dataset", "train_subset", "synthetic_size", "val_fraction", "epo
                "weight_decay")
 # Flags that change neither the result being compared nor the configuration (output, seeds, plumbing).
 IGNORED_FLAGS = ("seed", "run_dir", "progress", "resume", "data_dir", "download", "threads", "device", "diag_every",
-                 "eval_every", "checkpoint_every", "check_sync_every", "target_acc", "simulate")
+                 "eval_every", "checkpoint_every", "check_sync_every", "target_acc", "simulate", "trace_steps")
 # Flags shown in the configuration columns (directly or folded into the topology / bits labels).
 SHOWN_FLAGS = ("model", "codec", "bits", "levels", "bucket", "rounding", "error_feedback", "topology", "downlink",
                "server_error_feedback", "dedicated_server", "overlap")

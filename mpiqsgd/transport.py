@@ -132,9 +132,13 @@ class Transport:
         """Stamp ``step`` on everything recorded from now on."""
         self.meter.step = step
 
-    def timed(self, phase):
-        """Context manager adding the seconds of its block to ``phase`` in the meter."""
-        return self.meter.time(phase)
+    def timed(self, phase, **args):
+        """Context manager adding the seconds of its block to ``phase`` in the meter (``args``: for the trace)."""
+        return self.meter.time(phase, **args)
+
+    def traced(self, name, **args):
+        """Context manager making its block one span of the trace (see :meth:`Meter.span`); counts nothing."""
+        return self.meter.span(name, "exchange", **args)
 
     def require_threads(self):
         """Raise :class:`ConfigError` unless a second thread may make this transport's calls."""
@@ -143,6 +147,7 @@ class Transport:
         nbytes = len(memoryview(buf).cast("B"))
         header = wire.header_nbytes(buf) if framed else 0
         self.meter.record(phase, self.rank, dest, header, nbytes - header, fp32_bytes)
+        return nbytes
 
 class MPITransport(Transport):
     """Transport over an mpi4py communicator.
@@ -204,8 +209,8 @@ class MPITransport(Transport):
 
     def send(self, buf, dest, phase, fp32_bytes):
         """Send a framed message to ``dest``; returns when the buffer may be reused."""
-        self._record(buf, dest, phase, fp32_bytes)
-        with self.meter.time("communicate"):
+        nbytes = self._record(buf, dest, phase, fp32_bytes)
+        with self.meter.time("communicate", name="send", message=phase, peer=dest, bytes=nbytes):
             self._wait(self.comm.Isend([_as_bytes_array(buf), self._MPI.BYTE], dest=dest, tag=phase_tag(phase)),
                        f"rank {dest} to take a '{phase}' message")
 
@@ -224,17 +229,22 @@ class MPITransport(Transport):
 
     def recv(self, source, phase):
         """Receive one message of ``phase`` from ``source``; return it as a uint8 array."""
-        with self.meter.time("communicate"):
-            return self._recv(source, phase)
+        with self.meter.time("communicate", name="recv", message=phase, peer=source) as span:
+            out = self._recv(source, phase)
+            span["bytes"] = out.size
+            return out
 
     def sendrecv(self, buf, dest, source, phase, fp32_bytes):
         """Send to ``dest`` while receiving from ``source`` (any lengths); no deadlock in rings."""
-        self._record(buf, dest, phase, fp32_bytes)
+        nbytes = self._record(buf, dest, phase, fp32_bytes)
         tag = phase_tag(phase)
-        with self.meter.time("communicate"):
+        with self.meter.time("communicate", name="sendrecv", message=phase, peer=dest, bytes=nbytes,
+                             source=source) as span:
             request = self.comm.Isend([_as_bytes_array(buf), self._MPI.BYTE], dest=dest, tag=tag)
             try:
-                return self._recv(source, phase)
+                out = self._recv(source, phase)
+                span["received_bytes"] = out.size
+                return out
             finally:
                 self._wait(request, f"rank {dest} to take a '{phase}' message")
 
@@ -245,7 +255,7 @@ class MPITransport(Transport):
         if n > 1:
             nominal = allreduce_nbytes(host.size, n)
             self.meter.record(phase, self.rank, -1, 0, nominal, nominal)
-            with self.meter.time("communicate"):
+            with self.meter.time("communicate", name="allreduce", message=phase, bytes=nominal):
                 if self.poller is None:
                     self.comm.Allreduce(self._MPI.IN_PLACE, [host, self._MPI.FLOAT], op=self._MPI.SUM)
                 else:
@@ -255,8 +265,9 @@ class MPITransport(Transport):
 
     def allgather_bytes(self, buf, phase=None):
         """Every rank's ``buf`` (any lengths), in rank order; counted and timed only when ``phase`` is given."""
-        with self.meter.time("communicate") if phase is not None else contextlib.nullcontext():
-            data = _as_bytes_array(buf)
+        data = _as_bytes_array(buf)
+        with (self.meter.time("communicate", name="allgather", message=phase, bytes=data.size)
+              if phase is not None else contextlib.nullcontext()):
             counts = np.zeros(self.size, dtype=np.int64)
             what = f"the other ranks in an allgather ({phase or 'control'})"
             self._collective(self.comm.Iallgather, self.comm.Allgather, what,
@@ -369,8 +380,8 @@ class LocalTransport(Transport):
         self.meter = Meter(rank) if meter is None else meter
 
     def send(self, buf, dest, phase, fp32_bytes):
-        self._record(buf, dest, phase, fp32_bytes)
-        with self.meter.time("communicate"):
+        nbytes = self._record(buf, dest, phase, fp32_bytes)
+        with self.meter.time("communicate", name="send", message=phase, peer=dest, bytes=nbytes):
             self._put(buf, dest, phase)
 
     def _put(self, buf, dest, phase):
@@ -386,14 +397,19 @@ class LocalTransport(Transport):
                     raise _Aborted() from None
 
     def recv(self, source, phase):
-        with self.meter.time("communicate"):
-            return self._get(source, phase)
+        with self.meter.time("communicate", name="recv", message=phase, peer=source) as span:
+            out = self._get(source, phase)
+            span["bytes"] = out.size
+            return out
 
     def sendrecv(self, buf, dest, source, phase, fp32_bytes):
-        self._record(buf, dest, phase, fp32_bytes)
-        with self.meter.time("communicate"):
+        nbytes = self._record(buf, dest, phase, fp32_bytes)
+        with self.meter.time("communicate", name="sendrecv", message=phase, peer=dest, bytes=nbytes,
+                             source=source) as span:
             self._put(buf, dest, phase)
-            return self._get(source, phase)
+            out = self._get(source, phase)
+            span["received_bytes"] = out.size
+            return out
 
     def allreduce_sum(self, tensor, phase="allreduce"):
         """Sum in rank order (MPI may associate differently: last-bit differences from a real job)."""
@@ -402,7 +418,7 @@ class LocalTransport(Transport):
         if n > 1:
             nominal = allreduce_nbytes(host.numel(), n)
             self.meter.record(phase, self.rank, -1, 0, nominal, nominal)
-        with self.meter.time("communicate"):
+        with self.meter.time("communicate", name="allreduce", message=phase, bytes=nominal if n > 1 else 0):
             total = self.group.exchange(self.rank, host)
         acc = total[0].clone()
         for t in total[1:]:
@@ -416,7 +432,7 @@ class LocalTransport(Transport):
         for dest in range(self.size):
             if dest != self.rank:
                 self._record(data, dest, phase, 0, framed=False)
-        with self.meter.time("communicate"):
+        with self.meter.time("communicate", name="allgather", message=phase, bytes=len(data)):
             return self.group.exchange(self.rank, data)
 
     def bcast_bytes(self, buf, root=0):

@@ -11,6 +11,7 @@ from typing import Optional
 from ..codecs import CODECS
 from ..errors import ConfigError
 from ..topology import TOPOLOGIES
+from ..trace import parse_steps
 
 __all__ = ["TrainConfig", "add_config_args", "config_from_args"]
 
@@ -86,6 +87,9 @@ class TrainConfig:
     check_sync_every: int = knob(0, "verify parameters are bit-identical on all ranks every N steps", group="run")
     checkpoint_every: int = knob(0, "checkpoint every N steps (and at the end); 0: never", group="run")
     resume: Optional[str] = knob(None, "resume from a run directory or checkpoint directory", group="run")
+    trace_steps: str = knob("", "record a timeline (trace.json) of these steps: N, A-B, */N (every N-th), "
+                                "comma-separated, or all; evaluations and checkpoints too; empty: off",
+                            group="run")
     progress: bool = knob(True, "progress bar on rank 0 (--no-progress to disable)", group="run")
 
     def validate(self):
@@ -123,6 +127,7 @@ class TrainConfig:
             raise ConfigError(f"{names} only apply to --topology ps (this run uses --topology {self.topology})")
         self.decay_epochs()
         self.adapt_steps()
+        parse_steps(self.trace_steps)
         return self
 
     def adapt_steps(self):
