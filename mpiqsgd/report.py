@@ -14,7 +14,9 @@ writes:
 3. with ``--link RATE,...`` (and ``--link-model FILE`` from ``mpiqsgd bench exchange
    --sweep``): each run's communication seconds per step projected onto those links by
    the alpha-beta model of :mod:`mpiqsgd.linkmodel`, beside the measured ones;
-4. with ``--out``: ``report.md``, ``report.csv`` (configurations), ``runs.csv``,
+4. for runs with a ``trace.json`` (``--trace-steps``): what the timeline holds and what
+   recording it cost (from the file's ``otherData``);
+5. with ``--out``: ``report.md``, ``report.csv`` (configurations), ``runs.csv``,
    ``projection.csv`` (with ``--link``) and, where matplotlib is installed,
    ``accuracy.png``, ``phases.png``, ``variance.png``.
 
@@ -36,7 +38,7 @@ from typing import Optional
 from .errors import MpiqsgdError
 
 __all__ = ["Run", "RunError", "load_run", "find_runs", "group_runs", "build_report", "Report", "write_report",
-           "add_report_args", "run_report", "PLOT_HINT"]
+           "add_report_args", "run_report", "PLOT_HINT", "Projection", "trace_lines"]
 
 # Flags that change the data or the schedule: runs differing in one are not compared.
 GROUP_FLAGS = ("dataset", "train_subset", "synthetic_size", "val_fraction", "epochs", "max_steps", "batch_size",
@@ -511,6 +513,7 @@ class Report:
     differences: list
     tables: list  # per group: (config Table, run Table, Footnotes)
     projection: Optional["Projection"] = None  # --link
+    runs: list = field(default_factory=list)
 
     def sections(self, fmt):
         """The report as text blocks; ``fmt`` is ``"markdown"`` or ``"text"``."""
@@ -534,6 +537,10 @@ class Report:
         out.append(LEGEND)
         if self.projection is not None:
             out += self.projection.sections(md)
+        timelines = trace_lines(self.runs)
+        if timelines:
+            out.append(("## " if md else "") + "Timelines")
+            out.append("\n".join(("- " if md else "") + line for line in timelines))
         if self.skipped:
             out.append("Skipped:\n" + "\n".join(f"- {why}" for _, why in self.skipped))
         return out
@@ -589,7 +596,30 @@ def build_report(runs, target=None, skipped=(), links=None, shared=False, link_s
         notes = Footnotes()
         tables.append((config_table(g, notes), run_table(g, notes), notes))
     projection = Projection.of(runs, links, shared, link_source) if links else None
-    return Report(groups, list(skipped), _group_differences([g.runs for g in groups]), tables, projection)
+    return Report(groups, list(skipped), _group_differences([g.runs for g in groups]), tables, projection, list(runs))
+
+
+def trace_lines(runs):
+    """One line per run with a ``trace.json`` (``--trace-steps``): what it holds and what recording it cost."""
+    out = []
+    for run in runs:
+        path = run.path / "trace.json"
+        if not path.exists():
+            continue
+        try:
+            other = json.loads(path.read_text()).get("otherData", {})
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            out.append(f"{run.name}: unreadable trace.json ({exc})")
+            continue
+        worst = max(other.get("recording_seconds_by_rank", {}).values(), default=0.0)
+        wall = run.summary.get("wall_seconds")
+        share = f", {100 * worst / wall:.3f}% of the run's {wall:.1f} s" if wall else ""
+        per_event = other.get("recording_microseconds_per_event")
+        out.append(f"{run.name}: {path} (Chrome trace: Perfetto, chrome://tracing), steps "
+                   f"{run.flags.get('trace_steps')!r}, {other.get('events', '?')} events; recording cost "
+                   + (f"{per_event:.2f} us per event, {worst * 1e3:.2f} ms on the busiest rank{share}"
+                      if per_event is not None else "not stated"))
+    return out
 
 
 PROJECTION_NOTE = ("PROJECTION, not a measurement: each rank's counted messages (comm.json) serialized on "

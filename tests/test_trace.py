@@ -6,6 +6,7 @@ import pytest
 
 from mpiqsgd.errors import ConfigError
 from mpiqsgd.meter import Meter
+from mpiqsgd.report import load_run, trace_lines
 from mpiqsgd.trace import Tracer, chrome_events, parse_steps, write_trace
 from mpiqsgd.train import driver
 from mpiqsgd.train.config import TrainConfig
@@ -93,3 +94,5 @@ def test_training_run_writes_one_trace_for_all_ranks(tmp_path):
                                    "checkpoint")} <= cats
     assert {e["args"]["step"] for e in spans if e["cat"] == "compute"} == {1}
     assert trace["otherData"]["events"] == len(spans) and trace["otherData"]["recording_microseconds_per_event"] > 0
+    (line,) = trace_lines([load_run(tmp_path / "run")])
+    assert f"{len(spans)} events" in line and "us per event" in line and "% of the run's" in line
