@@ -21,6 +21,9 @@ The transport alone owns the meter: :meth:`Transport.begin_step` stamps the step
 every record, every counted call (point-to-point messages, the allreduce baseline,
 allgathers given a phase) adds its seconds to ``communicate``, and
 :meth:`Transport.timed` is how callers time their own phases (``encode``, ``decode``).
+When the meter traces (:mod:`mpiqsgd.trace`), each ``communicate`` block is a span named
+``send`` / ``recv`` / ``sendrecv`` / ``allreduce`` / ``allgather`` whose arguments are the
+message phase, the peer and the bytes; :meth:`Transport.traced` spans a caller's block.
 
 Waiting: MPI libraries poll at full speed inside a blocking call, so a rank waiting
 for a message takes a core from the ranks that compute (oversubscribed ranks on a
