@@ -653,8 +653,9 @@ class Projection:
             cfg = configuration(run)
             phases = run.summary.get("seconds_per_phase", {})
             steps = max(1, run.steps)
-            measured = [f"{phases[k] / steps:.4g}" if k in phases else notes.mark(f"no {k} seconds in summary.json")
-                        for k in ("communicate", "wait")]
+            measured = [f"{phases[k] / steps:.4g}" if k in phases else
+                        "-" if k == "wait" and not run.flags.get("overlap") else  # no overlap, no wait phase
+                        notes.mark(f"no {k} seconds in summary.json") for k in ("communicate", "wait")]
             if p is None:
                 cells = [notes.mark("no comm.json with per-rank counts")] * (2 + len(self.links))
             else:

@@ -4,8 +4,9 @@
 # Inside the shaped namespace of scripts/shaped_link.sh (one loopback shared by all ranks,
 # rate-limited by tc tbf): a link sweep (alpha, beta), then short training runs with their
 # timeline traced, then the report projecting each run onto the link (--link-shared: the
-# ranks share the one loopback). The measured figure is each run's communicate seconds
-# per step from trace.json (steps 2 on: step 0 compiles kernels), mean over ranks.
+# ranks share the one loopback). The measured figures are each run's communicate seconds
+# per step from trace.json (steps 2 on: step 0 compiles kernels), mean over ranks, as
+# measured and less the time each rank waited for the last rank's backward to end.
 #
 # Usage: sudo bash scripts/check_projection_shaped.sh [MODEL] [RATE] [RANKS] [STEPS] [OUT_DIR]
 #   e.g. resnet20 100mbit 4 12
@@ -23,13 +24,24 @@ train() {
   python - "$out/$name/trace.json" "$name" <<'PY'
 import json, sys
 from collections import defaultdict
-spans = [e for e in json.load(open(sys.argv[1]))["traceEvents"] if e["ph"] == "X" and e["cat"] == "communicate"]
-per_rank = defaultdict(float)
+spans = [e for e in json.load(open(sys.argv[1]))["traceEvents"] if e["ph"] == "X"]
+last_end = defaultdict(float)  # step -> when the last rank's compute ended (one host: one clock)
 for e in spans:
-    per_rank[e["pid"]] += e["dur"] / 1e6
-steps = len({e["args"]["step"] for e in spans})
-print(f"{sys.argv[2]:<14} measured communicate {sum(per_rank.values()) / len(per_rank) / steps:.4f} s/step "
-      f"(trace, mean over {len(per_rank)} ranks, {steps} steps)")
+    if e["cat"] == "compute":
+        last_end[e["args"]["step"]] = max(last_end[e["args"]["step"]], (e["ts"] + e["dur"]) / 1e6)
+comm, early = defaultdict(float), 0.0
+for e in spans:
+    if e["cat"] == "communicate" and e["args"]["step"] in last_end:
+        start, end = e["ts"] / 1e6, (e["ts"] + e["dur"]) / 1e6
+        comm[e["pid"]] += end - start
+        # no message completes before the last rank's backward ends: time in communicate
+        # before that is waiting for a slower rank, which the projection leaves out
+        early += max(0.0, min(end, last_end[e["args"]["step"]]) - start)
+steps, ranks = len(last_end), len(comm)
+total = sum(comm.values())
+print(f"{sys.argv[2]:<14} measured communicate {total / ranks / steps:.4f} s/step, "
+      f"{(total - early) / ranks / steps:.4f} after the last rank's compute "
+      f"(trace, mean over {ranks} ranks, {steps} steps)")
 PY
 }
 train fp32-allreduce --codec fp32 --topology allreduce
