@@ -209,6 +209,9 @@ def run_bench_link(args):
         print(f"  {pp['bytes']:>12,} B  {pp['seconds'] * 1e6:12.1f} us  {pp['MBps']:9.1f} MB/s   "
               f"{sr['seconds'] * 1e6:12.1f} us  {sr['MBps']:9.1f} MB/s")
     f = result["fit"]["pingpong"]
+    if "error" in f:
+        print(f"  no fit: {f['error']} (try larger sizes: --max-mb)")
+        return
     print(f"  fit t = alpha + bytes / beta: alpha {f['alpha_seconds'] * 1e6:.1f} us, beta "
           f"{f['beta_bytes_per_second'] / 1e6:.1f} MB/s ({f['beta_bytes_per_second'] * 8 / 1e9:.3g} Gbit/s), "
           f"worst point off by {100 * f['max_relative_error']:.0f}%" + (f"; wrote {args.out}" if args.out else ""))

@@ -862,8 +862,10 @@ def _links(args):
     if args.link_model:
         try:
             model = json.loads(Path(args.link_model).read_text())["fit"]["pingpong"]
+            model["alpha_seconds"], model["beta_bytes_per_second"]
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise MpiqsgdError(f"--link-model {args.link_model}: not a `bench exchange --sweep` JSON ({exc})") from None
+            raise MpiqsgdError(f"--link-model {args.link_model}: not a `bench exchange --sweep` JSON with a fit "
+                               f"({exc})") from None
         source = f"{args.link_model} (ping-pong fit)"
     text = args.link or ("model" if model else None)
     if text is None:
