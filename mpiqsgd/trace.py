@@ -18,9 +18,10 @@ so ranks on one host line up exactly and ranks on several hosts as well as their
 agree. :func:`write_trace` gathers every rank's events to rank 0 (uncounted control
 traffic) at the end of a run and writes one file.
 
-Cost: recording an event is a tuple append under the meter's lock (about a
-microsecond); the tracer times its own bookkeeping and ``otherData`` in the file says
-how much it was (``recording_seconds``).
+Cost: recording an event is a tuple append under a lock (about a microsecond); the
+tracer times its own bookkeeping and ``otherData`` in the file says how much it was
+(``recording_seconds_by_rank``, ``recording_microseconds_per_event``). Without a tracer
+the meter tests one attribute per timed block.
 """
 
 import json
