@@ -93,6 +93,7 @@ def build_parser():
     be.add_argument("--repeats", type=int, default=5)
     be.add_argument("--seed", type=int, default=0)
     be.add_argument("--device", default="cpu")
+    be.add_argument("--wait", default="backoff", choices=["backoff", "spin"], help="how ranks wait for messages")
     be.add_argument("--json", action="store_true")
     be.add_argument("--sweep", action="store_true",
                     help="instead: ping-pong and sendrecv of 1 KB .. --max-mb between ranks 0 and 1, with the "
@@ -169,7 +170,7 @@ def run_bench_exchange(args):
         return run_bench_link(args)
     _positive("numel", args.numel)
     _positive("repeats", args.repeats)
-    transport = world()
+    transport = world(args.wait)
     result = bench_exchange(transport, codec_from_args(args), args.topology, args.numel, args.repeats,
                             args.seed, args.device, **topology_options(args))
     if transport.rank != 0:

@@ -43,6 +43,7 @@ Deadlines need the polling waits (``wait="backoff"``).
 """
 
 import contextlib
+import os
 import queue
 import sys
 import threading
@@ -96,8 +97,9 @@ class Poller:
                 return result
             waited = time.perf_counter() - start
             if timeout is not None and waited > timeout:
-                raise CommTimeout(f"waited {waited:.0f} s for {what() if what else 'a peer'}: that rank is "
-                                  "stopped, hung or gone (raise --comm-timeout if it is only slow)")
+                raise CommTimeout(f"waited {waited:.0f} s for {what() if what else 'a peer'}: that rank, or a "
+                                  "rank it waits for in turn, is stopped, hung or gone (the earliest such message "
+                                  "names the first; raise --comm-timeout if it is only slow)")
             if waited > self.spin_seconds:
                 time.sleep(sleep)
                 sleep = min(2 * sleep, self.max_sleep)
@@ -121,7 +123,10 @@ class Transport:
         meter: the :class:`~mpiqsgd.meter.Meter` every sent message is recorded in.
 
     Message calls: ``send(buf, dest, phase, fp32_bytes)``, ``recv(source, phase)`` (a
-    uint8 array), ``sendrecv(buf, dest, source, phase, fp32_bytes)``, ``allreduce_sum(tensor)``;
+    uint8 array), ``sendrecv(buf, dest, source, phase, fp32_bytes)``, non-blocking
+    ``isend(...)`` (a handle for ``wait_sends``; ``buf`` must stay unchanged until then),
+    ``recv_each(sources, phase)`` (one message from each source, in arrival order),
+    ``allreduce_sum(tensor)``;
     control calls: ``allgather_bytes(buf, phase=None)``, ``bcast_bytes(buf, root)``, ``barrier()``.
     """
 
@@ -250,6 +255,38 @@ class MPITransport(Transport):
                 return out
             finally:
                 self._wait(request, f"rank {dest} to take a '{phase}' message")
+
+    def isend(self, buf, dest, phase, fp32_bytes):
+        """Start sending a framed message to ``dest``; finish with :meth:`wait_sends`."""
+        nbytes = self._record(buf, dest, phase, fp32_bytes)
+        request = self.comm.Isend([_as_bytes_array(buf), self._MPI.BYTE], dest=dest, tag=phase_tag(phase))
+        return request, buf, dest, phase, nbytes
+
+    def wait_sends(self, handles):
+        """Wait until every message started by :meth:`isend` has left."""
+        with self.meter.time("communicate", name="wait_sends", messages=len(handles),
+                             bytes=sum(h[4] for h in handles), peers=[h[2] for h in handles]):
+            for request, _, dest, phase, _ in handles:
+                self._wait(request, f"rank {dest} to take a '{phase}' message")
+
+    def recv_each(self, sources, phase):
+        """Yield ``(source, message)`` for one message of ``phase`` from each of ``sources``, as they arrive."""
+        tag = phase_tag(phase)
+        pending = list(sources)
+        while pending:
+            with self.meter.time("communicate", name="recv", message=phase) as span:
+                if self.poller is None or len(pending) == 1:
+                    source = pending[0]
+                else:
+                    (source,) = self.poller.until(  # a 1-tuple: rank 0 is falsy
+                        lambda: next(((s,) for s in pending if self.comm.Iprobe(source=s, tag=tag)),
+                                     None),
+                        self._timeout(),
+                        lambda: f"'{phase}' messages from ranks {pending} (rank {self.rank}, step {self.meter.step})")
+                message = self._recv(source, phase)
+                span.update(peer=source, bytes=message.size)
+            pending.remove(source)
+            yield source, message
 
     def allreduce_sum(self, tensor, phase="allreduce"):
         """Sum a float32 tensor over all ranks with ``MPI.Allreduce`` (staged through the CPU)."""
@@ -414,6 +451,17 @@ class LocalTransport(Transport):
             span["received_bytes"] = out.size
             return out
 
+    def isend(self, buf, dest, phase, fp32_bytes):
+        self.send(buf, dest, phase, fp32_bytes)
+        return None
+
+    def wait_sends(self, handles):
+        pass
+
+    def recv_each(self, sources, phase):
+        for source in sources:  # in the given order: queues cannot be probed together
+            yield source, self.recv(source, phase)
+
     def allreduce_sum(self, tensor, phase="allreduce"):
         """Sum in rank order (MPI may associate differently: last-bit differences from a real job)."""
         n = self.size
@@ -468,4 +516,6 @@ def abort_if_parallel(message):
     # mpiexec forwards a rank's stderr through a pipe that it may stop reading the
     # moment the abort arrives; give the message time to get out first.
     time.sleep(ABORT_GRACE_SECONDS)
+    sys.stdout.flush()
     mpi.COMM_WORLD.Abort(1)
+    os._exit(1)  # MPICH's Abort may return before mpiexec ends this process: never go on (or print twice)

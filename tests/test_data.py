@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import os
 import pickle
 import tarfile
@@ -565,3 +566,45 @@ def test_shared_cifar10_archive_first_images():
     assert 20 < train.images.mean() < 235 and train.images.std() > 10
     source = D.find_dataset("cifar10", SHARED_ARCHIVE.parent)
     assert source.kind == "image-folder" and source.path.name == "cifar10-jpeg.tar.gz"
+
+
+# ------------------------------------------------------------------ hostile batch files
+
+
+class _Runs:
+    """Pickles as a call of ``fn(*args)``: what a crafted batch file would do."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+@pytest.mark.parametrize("payload,named", [
+    (lambda marker: _Runs(os.system, f"touch {marker}"), f"{os.system.__module__}.system"),
+    (lambda marker: {b"data": _Runs(eval, f"open({str(marker)!r}, 'w')")}, "(__builtin__|builtins).eval"),
+    (lambda marker: [_Runs(getattr, _Runs(__import__, "os"), "system")], "(__builtin__|builtins).getattr"),
+    (lambda marker: _Runs(pickle.loads, b"x"), "_?pickle.loads"),
+    (lambda marker: _Runs(np.load, str(marker)), "numpy.load"),
+])
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_a_batch_file_that_would_run_code_is_refused_without_running(tmp_path, payload, named, protocol):
+    make_batches(tmp_path / "cifar-10-batches-py")
+    marker = tmp_path / "ran"
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(pickle.dumps(payload(marker), protocol))
+    with pytest.raises(MpiqsgdError, match=f"refusing data_batch_3 in .*its pickle calls {named}, which"):
+        D.load_cifar10_batches(tmp_path)
+    assert not marker.exists()
+
+
+def test_batch_files_of_python_2_and_numpy_1_still_load(tmp_path):
+    expected = make_batches(tmp_path / "cifar-10-batches-py")
+    for name in ("data_batch_1", "test_batch"):  # as the real files name the numpy 1 module
+        path = tmp_path / "cifar-10-batches-py" / name
+        path.write_bytes(path.read_bytes().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n"))
+    check_batches(*D.load_cifar10_batches(tmp_path), expected)
+    bad = pickle.dumps(_Runs(codecs.encode, "x" * 100, "zlib_codec"), protocol=2)  # allowed for latin-1 only
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(bad)
+    with pytest.raises(MpiqsgdError, match="cannot read test_batch .*'zlib_codec' is not allowed"):
+        D.load_cifar10_batches(tmp_path)

@@ -17,14 +17,20 @@ Bytes sent by rank r: ``sum_k E(c_(r-k)) + sum_k E(c_(r+1-k))`` over k = 0..n-2,
 ``E`` the codec's encoded size of a chunk: about ``2 (n-1)/n * E(numel)`` plus one
 frame per message. With n = 1 nothing is sent, but the chunk is still encoded once.
 
-``scatter`` replaces step 1 by a direct scatter-reduce (the pattern of CGX, DeepSpeed
-and GRACE): in rounds k = 1..n-1 rank r encodes its own chunk (r+k) mod n for that
-chunk's owner and receives its chunk r from rank (r-k) mod n (paired sends, no
-deadlock); it encodes its own chunk r too and uses the decoded version, so every
-contribution is quantized exactly once; the owner of chunk r sums the n decoded
-contributions in rank order in fp32, then steps 2 and 3 as above with rank r owning
-chunk r. Same bytes as ``ring`` (``sum_(k=1..n-1) E(c_(r+k)) + sum_k E(c_(r-k))``),
-n-1 messages per phase, and two quantizations per element instead of up to n.
+``scatter`` is the direct pattern of CGX, DeepSpeed and GRACE, without hops:
+
+1. scatter-reduce: rank r encodes its own chunk r (and uses the decoded version) and, for
+   k = 1..n-1, chunk (r+k) mod n, starting each message to that chunk's owner as soon as
+   it is encoded (non-blocking sends: encoding the next piece overlaps the transfer of
+   the last); it decodes the n-1 contributions to chunk r as they arrive and sums the n
+   decoded contributions in rank order in fp32. Every contribution is quantized once.
+2. The owner divides by n, encodes the mean once and uses the decoded version itself.
+3. allgather: the owner sends that message to every other rank directly; every rank
+   decodes each chunk as it arrives.
+
+Bytes sent by rank r: ``sum_(k=1..n-1) E(c_(r+k)) + (n-1) E(c_r)``, about
+``2 (n-1)/n * E(numel)`` like ``ring``; 2 (n-1) messages per rank, none of which waits
+for another rank's forwarding, and two quantizations per element instead of up to n.
 """
 
 import torch
@@ -90,24 +96,37 @@ def _chunk(flat, bounds, c):
 
 
 class Scatter(Ring):
-    """Scatter-reduce to chunk owners (one quantization per contribution), then the ring allgather."""
+    """Direct scatter-reduce to chunk owners (one quantization per contribution), then a direct allgather."""
 
     name = "scatter"
     owner_offset = 0
 
-    def _reduce(self, flat, bounds, call):
+    def _aggregate(self, flat, call):
         t = self.transport
         n, r = t.size, t.rank
+        bounds = chunk_bounds(flat.numel(), n)
+        others = [(r + k) % n for k in range(1, n)]
         _, own = call.encode_decode(self.codec, _chunk(flat, bounds, r), ("scatter", r))
-        parts = {r: own}
-        for k in range(1, n):
-            dest, source = (r + k) % n, (r - k) % n
+        sends = []
+        for dest in others:  # each piece leaves as soon as it is encoded, while the next is encoded
             piece = _chunk(flat, bounds, dest)
-            message = call.encode(self.codec, piece, ("scatter", dest))
-            received = t.sendrecv(message, dest, source, "scatter", 4 * piece.numel())
-            parts[source] = call.decode(self.codec, received, flat.device, own.numel())
-        return r, sum_of([parts[src] for src in range(n)])
+            sends.append(t.isend(call.encode(self.codec, piece, ("scatter", dest)), dest, "scatter", 4 * piece.numel()))
+        parts = {r: own}
+        for source, message in t.recv_each([(r - k) % n for k in range(1, n)], "scatter"):
+            parts[source] = call.decode(self.codec, message, flat.device, own.numel())  # as they arrive
+        t.wait_sends(sends)
+        message, decoded = call.encode_decode(self.codec, sum_of([parts[src] for src in range(n)]) / n, "owner")
+        sends = [t.isend(message, dest, "allgather", 4 * own.numel()) for dest in others]
+        out = torch.empty_like(flat)
+        out[bounds[r][0]:bounds[r][1]] = decoded
+        for source, message in t.recv_each([(r - k) % n for k in range(1, n)], "allgather"):
+            start, end = bounds[source]
+            out[start:end] = call.decode(self.codec, message, flat.device, end - start)
+        t.wait_sends(sends)
+        return out
 
-    def _reduce_nbytes(self, sizes, rank):
+    def _sent_nbytes(self, numel, rank):
         n = self.transport.size
-        return sum(self.codec.encoded_nbytes(sizes[(rank + k) % n]) for k in range(1, n))
+        sizes = [end - start for start, end in chunk_bounds(numel, n)]
+        scatter = sum(self.codec.encoded_nbytes(sizes[(rank + k) % n]) for k in range(1, n))
+        return scatter + (n - 1) * self.codec.encoded_nbytes(sizes[rank])

@@ -5,15 +5,26 @@ command line, ``config.json`` and this file cannot disagree.
 """
 
 from dataclasses import MISSING, asdict, dataclass, field, fields
+import json
+import math
+import re
 import typing
 from typing import Optional
 
-from ..codecs import CODECS
+from .. import __version__
+from ..codecs import CODECS, codec_from_flags
 from ..errors import ConfigError
 from ..topology import TOPOLOGIES
 from ..trace import parse_steps
+from .models import MODELS
 
-__all__ = ["TrainConfig", "add_config_args", "config_from_args"]
+__all__ = ["TrainConfig", "add_config_args", "config_from_args", "RUN_LOCAL", "agreement_digest",
+           "check_agreement"]
+
+# Flags each rank may set for itself: they change neither the message pattern nor the math.
+# Every other flag (and any new one) must be the same on every rank of a job.
+RUN_LOCAL = ("progress", "threads", "device", "wait", "comm_timeout", "run_dir", "data_dir", "download",
+             "target_acc", "diag_every", "resume")
 
 
 def knob(default, help, choices=None, group="training"):
@@ -93,7 +104,15 @@ class TrainConfig:
     progress: bool = knob(True, "progress bar on rank 0 (--no-progress to disable)", group="run")
 
     def validate(self):
-        """Raise :class:`ConfigError` for values that cannot work."""
+        """Raise :class:`ConfigError` for values that cannot work (touches no file)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if _arg_type(f.type) is float and value is not None and not math.isfinite(value):
+                raise ConfigError(f"{_flag(f.name)} must be a finite number; got {value}")
+        if not _DEVICE.fullmatch(str(self.device)):
+            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:<index>; got {self.device!r}")
+        if self.model not in MODELS:
+            raise ConfigError(f"--model {self.model!r} is unknown; choose one of: {', '.join(sorted(MODELS))}")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(self, name)}")
@@ -125,9 +144,14 @@ class TrainConfig:
         if ps_only and self.topology != "ps":
             names = ", ".join("--" + f.replace("_", "-") for f in ps_only)
             raise ConfigError(f"{names} only apply to --topology ps (this run uses --topology {self.topology})")
-        self.decay_epochs()
+        if self.warmup_epochs < 0 or self.lr_decay_factor <= 0:
+            raise ConfigError("--warmup-epochs must be >= 0 and --lr-decay-factor above 0")
+        if any(not math.isfinite(e) for e in self.decay_epochs()):
+            raise ConfigError(f"--lr-decay-epochs must be finite numbers; got {self.lr_decay_epochs!r}")
         self.adapt_steps()
         parse_steps(self.trace_steps)
+        codec_from_flags(self.codec, self.bits, self.levels, self.bucket, self.rounding, self.clip_sigma,
+                         self.error_feedback)
         return self
 
     def adapt_steps(self):
@@ -148,6 +172,13 @@ class TrainConfig:
 
     def to_dict(self):
         return asdict(self)
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def _flag(name):
+    return "--" + name.replace("_", "-")
 
 
 def _arg_type(tp):
@@ -180,3 +211,58 @@ def config_from_args(args):
     """A validated :class:`TrainConfig` from parsed arguments."""
     values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
     return TrainConfig(**values).validate()
+
+
+def agreement_digest(cfg, world_size):
+    """What every rank of a job must agree on, as canonical JSON bytes: the version, the world
+    size, whether it resumes, and every flag but the :data:`RUN_LOCAL` ones."""
+    flags = {k: v for k, v in cfg.to_dict().items() if k not in RUN_LOCAL}
+    flags.update(resume=cfg.resume is not None, world_size=world_size)  # its path may differ by node
+    return json.dumps({"mpiqsgd": __version__, **flags}, sort_keys=True).encode()
+
+
+def _ranks(ranks):
+    """``"rank 3"``, ``"ranks 0-2"`` or ``"ranks 0, 2, 5"``."""
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    if ranks == list(range(ranks[0], ranks[-1] + 1)):
+        return f"ranks {ranks[0]}-{ranks[-1]}"
+    return "ranks " + ", ".join(map(str, ranks))
+
+
+def check_agreement(digests, shown=6):
+    """Raise :class:`ConfigError` unless every rank's :func:`agreement_digest` is the same.
+
+    Args:
+        digests: each rank's digest bytes, in rank order (as ``allgather_bytes`` returns them).
+        shown: name at most this many differing flags.
+
+    Raises:
+        ConfigError: naming each differing flag with the ranks that hold each value, or the
+            ranks whose digest is not readable (another mpiqsgd version).
+    """
+    if all(d == digests[0] for d in digests):
+        return
+    parsed = {}
+    for rank, digest in enumerate(digests):
+        try:
+            value = json.loads(bytes(digest))
+        except (ValueError, UnicodeDecodeError):
+            value = None
+        if not isinstance(value, dict):
+            raise ConfigError(f"rank {rank} sent an unreadable flag digest; start every rank with the same "
+                              "mpiqsgd and the same flags")
+        parsed[rank] = value
+    keys = sorted(set().union(*parsed.values()))
+    lines = []
+    for key in keys:
+        by_value = {}
+        for rank, flags in parsed.items():
+            by_value.setdefault(json.dumps(flags.get(key), sort_keys=True), []).append(rank)
+        if len(by_value) > 1:
+            name = f"{key} version" if key == "mpiqsgd" else key if key == "world_size" else _flag(key)
+            held = ", ".join(f"{_ranks(r)} {json.loads(v)!r}" for v, r in by_value.items())
+            lines.append(f"{name} ({held})")
+    more = f"; and {len(lines) - shown} more" if len(lines) > shown else ""
+    raise ConfigError(f"the ranks were started with different flags: {'; '.join(lines[:shown])}{more}; start "
+                      "every rank with the same flags")

@@ -7,7 +7,8 @@ tensors with batched tensor operations only (:func:`iterate_batches`, :func:`aug
 Sources understood for CIFAR-10:
 
 * torchvision's ``cifar-10-batches-py`` pickle folder, or the ``cifar-10-python.tar.gz``
-  archive it comes in (:func:`load_cifar10_batches`);
+  archive it comes in (:func:`load_cifar10_batches`), read by an unpickler that resolves
+  numpy array reconstruction and nothing else, so a crafted batch file cannot run code;
 * an image folder, as a directory or a ``.tar``/``.tar.gz``/``.tgz`` archive, laid out as
   ``train/<class>/<image>`` and ``test/<class>/<image>`` (:func:`load_image_folder`);
   decoded images are cached as ``.npz`` under the cache directory (``~/.cache/mpiqsgd``,
@@ -453,9 +454,46 @@ def _batches_location(root: Path) -> Optional[Path]:
     return None
 
 
+def _latin1(text: str, encoding: str = "latin1") -> bytes:
+    """``_codecs.encode`` as Python 3 pickles ``bytes`` at protocol 2, and for nothing else."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode of {type(text).__name__} to {encoding!r} is not allowed")
+    return text.encode("latin1")
+
+
+# The only globals a CIFAR-10 batch file may name: numpy array reconstruction (under the
+# numpy 1 and numpy 2 module names) and the latin-1 encoding of bytes. Dicts, lists,
+# strings, bytes and numbers need no global at all.
+_BATCH_GLOBALS = {
+    **{(module, "_reconstruct"): np.ndarray.__reduce__(np.zeros(0))[0]
+       for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1,
+}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, strings, numbers and numpy arrays, and refuses every other global,
+    so that a crafted batch file cannot run code."""
+
+    def find_class(self, module: str, name: str):
+        found = _BATCH_GLOBALS.get((module, name))
+        if found is None:
+            raise _RefusedGlobal(f"{module}.{name}")
+        return found
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle names a global that a CIFAR-10 batch never holds."""
+
+
 def _unpickle(data: bytes, name: str, source: Path) -> dict:
     try:
-        obj = pickle.loads(data, encoding="bytes")
+        obj = _BatchUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except _RefusedGlobal as exc:
+        raise MpiqsgdError(f"refusing {name} in {source}: its pickle calls {exc}, which a CIFAR-10 batch never "
+                           "holds (only dicts, lists, strings, numbers and numpy arrays are loaded)") from None
     except Exception as exc:
         raise MpiqsgdError(f"cannot read {name} in {source}: {exc}") from exc
     if not isinstance(obj, dict):

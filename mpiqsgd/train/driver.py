@@ -13,7 +13,9 @@ steps), every rank scoring 1/n of the images with the first worker's batch-norm
 statistics; report the test accuracy of the run's end, and choose among runs by
 validation accuracy. Rank 0 writes the files. The run directory holds ``config.json``,
 ``metrics.jsonl``, ``diagnostics.jsonl``, ``comm.json``, ``summary.json`` and
-``checkpoints/``.
+``checkpoints/``. Every flag, the device and the checkpoint to resume are checked before
+anything is written, and a new run refuses a directory holding another run's files
+(``--resume`` it, or choose a new ``--run-dir``): no run deletes or overwrites another's.
 """
 
 import contextlib
@@ -37,7 +39,8 @@ from ..exchange import GradientExchange, broadcast_parameters, parameter_checksu
 from ..machine import default_device, machine_info
 from ..trace import Tracer, parse_steps, write_trace
 from . import data as D
-from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint, truncate_log
+from .checkpoint import atomic_write_bytes, find_checkpoint, load_checkpoint, save_checkpoint, truncate_log
+from .config import agreement_digest, check_agreement
 from .models import build_model
 
 __all__ = ["train", "Worker", "run_worker", "load_data", "learning_rate", "count_correct"]
@@ -435,20 +438,91 @@ def _finish(cfg, run_dir, job, st, n, workers, steps_per_epoch, devices, model, 
     return summary
 
 
+# What makes a directory a run's: a new run refuses a directory holding any of these.
+RUN_FILES = ("config.json", "metrics.jsonl", "diagnostics.jsonl", "comm.json", "summary.json", "checkpoints")
+
+
+def _source_run_dir(resume):
+    """The run directory of ``--resume`` (a run, checkpoints or step directory)."""
+    path = Path(resume)
+    if path.name == "checkpoints":
+        return path.parent
+    if path.name.startswith("step-") and path.parent.name == "checkpoints":
+        return path.parent.parent
+    return path
+
+
+def _check_run_dir(cfg, run_dir, world_size):
+    """Refuse, before anything is written, a run directory or ``--resume`` that cannot be used.
+
+    A new run never shares a directory with another run's files; ``--resume`` needs a
+    checkpoint of this world size and of the same flags, and writes into its own run
+    directory or into a new one.
+    """
+    if cfg.resume:
+        if not Path(cfg.resume).exists():
+            raise MpiqsgdError(f"--resume {cfg.resume}: no such directory")
+        _, info = find_checkpoint(cfg.resume)
+        saved = info.get("world_size")
+        if saved is not None and saved != world_size:
+            raise MpiqsgdError(f"cannot resume: the checkpoint at {cfg.resume} was written by {saved} ranks; "
+                               f"this job has {world_size}")
+        _check_resume_flags(info.get("flags") or {}, cfg)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise MpiqsgdError(f"--run-dir {run_dir} is a file, not a directory")
+    if cfg.resume and run_dir.resolve() == _source_run_dir(cfg.resume).resolve():
+        return
+    held = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if held:
+        hint = (f"pass --resume {run_dir} to continue it, or choose a new --run-dir" if "checkpoints" in held
+                else "choose a new --run-dir (it has no checkpoint to --resume from)")
+        raise MpiqsgdError(f"--run-dir {run_dir} already holds a run ({', '.join(held)}); {hint}")
+
+
 def _prepare_run_dir(cfg, world_size, simulate):
+    """Check, then create the run directory and write its ``config.json``; return its path."""
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
     if cfg.resume and not cfg.run_dir:
-        run_dir = Path(cfg.resume)
-        if run_dir.name.startswith("step-") or run_dir.name == "checkpoints":
-            run_dir = run_dir.parent if run_dir.name == "checkpoints" else run_dir.parent.parent
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("metrics.jsonl", "diagnostics.jsonl"):
-        if not cfg.resume and (run_dir / name).exists():
-            (run_dir / name).unlink()
+        run_dir = _source_run_dir(cfg.resume)
+    _check_run_dir(cfg, run_dir, world_size)
     config = {"flags": cfg.to_dict(), "mpiqsgd": __version__, "world_size": world_size,
               "simulated": bool(simulate), "machine": machine_info()}
-    atomic_write_bytes(run_dir / "config.json", json.dumps(config, indent=1).encode())
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(run_dir / "config.json", json.dumps(config, indent=1).encode())
+    except OSError as exc:
+        raise MpiqsgdError(f"cannot write the run directory {run_dir}: {exc.strerror or exc}; choose a "
+                           "writable --run-dir") from None
     return run_dir
+
+
+def _check_before_disk(cfg, n_images, world_size, local_rank):
+    """Refuse what the flags, the data and the world size cannot run, before the disk is touched."""
+    _device(cfg, local_rank)
+    dedicated = cfg.dedicated_server and cfg.topology == "ps"
+    if dedicated and world_size < 2:
+        raise MpiqsgdError("--dedicated-server needs at least 2 ranks")
+    workers = world_size - 1 if dedicated else world_size
+    if n_images // (workers * cfg.batch_size) < 1:
+        raise MpiqsgdError(f"{n_images} training images are too few for {workers} workers x "
+                           f"batch {cfg.batch_size}; lower --batch-size or raise --train-subset")
+
+
+def _check_flags_agree(cfg, transport):
+    """Refuse, on every rank, a job whose ranks were started with different flags.
+
+    Ranks that disagree on the topology, the epochs or the batch size would wait for
+    messages that never come; on the rate or the seed they would train diverging
+    replicas. One uncounted ``allgather_bytes`` of :func:`~.config.agreement_digest`,
+    before any other message and before the disk is touched.
+    """
+    check_agreement(transport.allgather_bytes(agreement_digest(cfg, transport.size)))
+
+
+def _os_error(exc):
+    """A one-line :class:`MpiqsgdError` for a file the run could not read or write."""
+    where = f" {exc.filename}" if exc.filename else ""
+    return MpiqsgdError(f"I/O error on{where}: {exc.strerror or exc}")
 
 
 def train(cfg, transport=None):
@@ -458,12 +532,20 @@ def train(cfg, transport=None):
         the summary dict on rank 0 (and in a simulation), None on other ranks.
     """
     cfg.validate()
+    try:
+        return _train(cfg, transport)
+    except OSError as exc:  # a full or read-only disk mid-run: one line, not a traceback
+        raise _os_error(exc) from None
+
+
+def _train(cfg, transport):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.simulate:
         from ..transport import LocalGroup
 
         train_set, val, test = load_data(cfg)
+        _check_before_disk(cfg, len(train_set), cfg.simulate, 0)
         run_dir = _prepare_run_dir(cfg, cfg.simulate, True)
         shared = Shared(train_set, val, test, threading.Lock(), run_dir)
         group = LocalGroup(cfg.simulate)
@@ -472,7 +554,9 @@ def train(cfg, transport=None):
         from ..transport import world
 
         transport = world(cfg.wait, cfg.comm_timeout if cfg.comm_timeout and cfg.wait == "backoff" else None)
+    _check_flags_agree(cfg, transport)
     train_set, val, test = load_data(cfg)
+    _check_before_disk(cfg, len(train_set), transport.size, transport.local_rank)
     run_dir = None
     if transport.rank == 0:
         run_dir = _prepare_run_dir(cfg, transport.size, False)

@@ -27,7 +27,7 @@ def main():
     for case in SOAK:
         t.meter.reset()
         start = time.perf_counter()
-        params, _, _ = train_steps(t, case, overlap=True, steps=steps)
+        params, _, _ = train_steps(t, case, overlap=True, steps=steps, bucket_mb=0.006)  # 2 buckets
         blobs = t.allgather_bytes(b"".join(p.numpy().tobytes() for p in params))
         same = all(b == blobs[0] for b in blobs)
         if t.rank == 0:
