@@ -1,4 +1,4 @@
-"""Benchmarks: codec throughput and variance; exchange time and bytes over MPI.
+"""Benchmarks: codec throughput and variance; exchange time and bytes over MPI; the link.
 
 Every figure is a median over ``repeats`` timed runs after warm-up, and comes with
 a reference measured in the same run: a memcpy of the same buffer for codecs (``np.copyto``
@@ -25,7 +25,7 @@ from .codecs.fp import FP32
 from .machine import machine_info
 from .topology import make_aggregator
 
-__all__ = ["bench_codec", "bench_exchange", "bench_step", "peak_extra_bytes"]
+__all__ = ["bench_codec", "bench_exchange", "bench_step", "bench_link", "peak_extra_bytes"]
 
 
 def _sync(device):
@@ -372,4 +372,67 @@ def bench_step(transport, model_name, codec, topology, batch_size=32, repeats=10
         "bytes_per_step_per_rank": job["sent"]["bytes"] / repeats / n,
         "phase_seconds_per_step": {k: v / repeats / n for k, v in job["seconds"].items()},
         "machine": machine_info(device),
+    }
+
+
+def _link_repeats(nbytes):
+    return 30 if nbytes <= 100_000 else 10 if nbytes <= 3_000_000 else 3
+
+
+def bench_link(transport, sizes, seed=0):
+    """Ping-pong and sendrecv of raw byte messages between ranks 0 and 1, through the transport.
+
+    Per size, after one warm-up: ``pingpong``, rank 0 sends and rank 1 sends it back
+    (one-way = half the round trip); ``sendrecv``, both send to each other at once (the
+    ring's pattern; full duplex shows as the same time as one way). Times are medians of
+    rank 0's repeats, each started by a barrier. Other ranks only join the barriers. The
+    ping-pong fit (:func:`mpiqsgd.linkmodel.fit`) is what ``mpiqsgd report --link-model`` reads.
+
+    Returns:
+        JSON-ready dict (meaningful on rank 0).
+    """
+    from .errors import ConfigError
+    from .linkmodel import fit
+
+    if transport.size < 2:
+        raise ConfigError("bench exchange --sweep needs at least 2 ranks (mpiexec -n 2)")
+    rank = transport.rank
+    rng = np.random.default_rng(seed)
+    results = {"pingpong": [], "sendrecv": []}
+    for nbytes in sizes:
+        buf = rng.integers(0, 256, nbytes, dtype=np.uint8)
+        times = {"pingpong": [], "sendrecv": []}
+        for rep in range(_link_repeats(nbytes) + 1):
+            transport.barrier()
+            start = time.perf_counter()
+            if rank == 0:
+                transport.send(buf, 1, "link", 0)
+                transport.recv(1, "link")
+            elif rank == 1:
+                transport.send(transport.recv(0, "link"), 0, "link", 0)
+            times["pingpong"].append((time.perf_counter() - start) / 2)
+            transport.barrier()
+            start = time.perf_counter()
+            if rank < 2:
+                transport.sendrecv(buf, 1 - rank, 1 - rank, "link", 0)
+            times["sendrecv"].append(time.perf_counter() - start)
+        for kind, series in times.items():
+            results[kind].append({"bytes": nbytes, "seconds": statistics.median(series[1:]),
+                                  "MBps": nbytes / statistics.median(series[1:]) / 1e6})
+    transport.meter.reset()
+    fits = {}
+    for kind, rows in results.items():
+        try:
+            fits[kind] = fit([r["bytes"] for r in rows], [r["seconds"] for r in rows])
+        except ConfigError as exc:  # e.g. shared memory, where small sizes are all noise
+            fits[kind] = {"error": str(exc)}
+    return {
+        "benchmark": "link",
+        "n_ranks": transport.size,
+        "sizes": list(sizes),
+        "pingpong": results["pingpong"],
+        "sendrecv": results["sendrecv"],
+        "fit": fits,
+        "model": "t = alpha + bytes / beta per message (fit of the ping-pong one-way times)",
+        "machine": machine_info(),
     }

@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import traceback
+from pathlib import Path
 
 from . import __version__
 from .codecs import CODECS, codec_from_flags
@@ -96,6 +97,12 @@ def build_parser():
     be.add_argument("--device", default="cpu")
     be.add_argument("--wait", default="backoff", choices=["backoff", "spin"], help="how ranks wait for messages")
     be.add_argument("--json", action="store_true")
+    be.add_argument("--sweep", action="store_true",
+                    help="instead: ping-pong and sendrecv of 1 KB .. --max-mb between ranks 0 and 1, with the "
+                         "latency-bandwidth fit that `mpiqsgd report --link-model` reads")
+    be.add_argument("--min-kb", type=float, default=1.0, help="--sweep: smallest message in kB (default 1)")
+    be.add_argument("--max-mb", type=float, default=100.0, help="--sweep: largest message in MB (default 100)")
+    be.add_argument("--out", metavar="FILE", help="--sweep: also write the JSON here (rank 0)")
     be.set_defaults(func=run_bench_exchange)
 
     bs = bench.add_parser("step", help="training step with exchange vs compute alone (run under mpiexec)")
@@ -177,6 +184,8 @@ def run_bench_exchange(args):
     from .bench import bench_exchange
     from .transport import world
 
+    if args.sweep:
+        return run_bench_link(args)
     _positive("numel", args.numel)
     _positive("repeats", args.repeats)
     transport = world(args.wait)
@@ -195,6 +204,36 @@ def run_bench_exchange(args):
               f"{x['sent_bytes_this_rank']:>12,} bytes sent by rank 0")
     print(f"  speedup vs allreduce {r['speedup_vs_allreduce']:.2f}x, bytes {r['bytes_vs_allreduce']:.3f}x, "
           f"relative error vs exact mean {r['relative_error_vs_exact_mean']:.4f}")
+
+
+def run_bench_link(args):
+    from .bench import bench_link
+    from .linkmodel import sweep_sizes
+    from .transport import world
+
+    if not 0 < args.min_kb * 1e3 <= args.max_mb * 1e6:
+        raise MpiqsgdError(f"--min-kb {args.min_kb} and --max-mb {args.max_mb}: need 0 < min <= max")
+    transport = world()
+    result = bench_link(transport, sweep_sizes(int(args.min_kb * 1e3), int(args.max_mb * 1e6)), args.seed)
+    if transport.rank != 0:
+        return
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    if args.json:
+        print(text)
+        return
+    print(f"ranks 0 <-> 1 of {result['n_ranks']}: median seconds per message (ping-pong one way / sendrecv)")
+    for pp, sr in zip(result["pingpong"], result["sendrecv"]):
+        print(f"  {pp['bytes']:>12,} B  {pp['seconds'] * 1e6:12.1f} us  {pp['MBps']:9.1f} MB/s   "
+              f"{sr['seconds'] * 1e6:12.1f} us  {sr['MBps']:9.1f} MB/s")
+    f = result["fit"]["pingpong"]
+    if "error" in f:
+        print(f"  no fit: {f['error']} (try larger sizes: --max-mb)")
+        return
+    print(f"  fit t = alpha + bytes / beta: alpha {f['alpha_seconds'] * 1e6:.1f} us, beta "
+          f"{f['beta_bytes_per_second'] / 1e6:.1f} MB/s ({f['beta_bytes_per_second'] * 8 / 1e9:.3g} Gbit/s), "
+          f"worst point off by {100 * f['max_relative_error']:.0f}%" + (f"; wrote {args.out}" if args.out else ""))
 
 
 def run_bench_step(args):

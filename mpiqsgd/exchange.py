@@ -207,7 +207,8 @@ class GradientExchange:
                 self.fp32.aggregate(flat_u, step, bucket.index) if flat_u is not None else None)
 
     def begin(self, step):
-        """Arm the exchange for ``step`` before its backward (overlap only; a no-op otherwise)."""
+        """Stamp ``step`` on the meter and arm the exchange before its backward (overlap only)."""
+        self.transport.begin_step(step)  # the step's compute is counted (and traced) as this step's
         if self.overlap is not None:
             self.overlap.begin(step, arm=not self.adapts_at(step))
 

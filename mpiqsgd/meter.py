@@ -6,6 +6,13 @@ fp32 bytes the message stands for (4 x the coordinates it carries). Totals are k
 per phase and per link ``"source->dest"``; a collective whose traffic MPI hides is
 recorded with ``dest = -1`` and its nominal cost. :func:`merge` sums the totals of
 all ranks (the byte counts of a job); ``Meter.totals`` is one rank's, JSON-ready.
+``sizes`` is a histogram of message sizes per phase (power-of-two bins: the link
+projection of ``mpiqsgd report --link`` needs how many messages of which size).
+
+Spans: with a :class:`~mpiqsgd.trace.Tracer` attached (``meter.tracer``), every
+:meth:`Meter.time` block and :meth:`Meter.span` of a sampled step also becomes one
+event of the run's timeline (``trace.json``); without one the cost is one attribute
+test per block.
 """
 
 import threading
@@ -16,7 +23,7 @@ from dataclasses import dataclass
 
 import msgpack
 
-__all__ = ["Message", "Meter", "merge", "COUNT_FIELDS"]
+__all__ = ["Message", "Meter", "merge", "size_bin", "COUNT_FIELDS"]
 
 COUNT_FIELDS = ("messages", "bytes", "header_bytes", "payload_bytes", "fp32_bytes")
 
@@ -42,6 +49,22 @@ def _zero():
     return dict.fromkeys(COUNT_FIELDS, 0)
 
 
+def size_bin(nbytes):
+    """The histogram bin of a message of ``nbytes``: ``k`` holds sizes in [2^(k-1), 2^k) (0 holds 0)."""
+    return int(nbytes).bit_length()
+
+
+def _add_sizes(into, sizes):
+    for k, (count, nbytes) in sizes.items():
+        cell = into.setdefault(int(k), [0, 0])
+        cell[0] += count
+        cell[1] += nbytes
+
+
+def _sizes_json(by_phase):
+    return {phase: {str(k): list(v) for k, v in sorted(bins.items())} for phase, bins in sorted(by_phase.items())}
+
+
 def _add(into, counts):
     for field in COUNT_FIELDS:
         into[field] += counts[field]
@@ -60,6 +83,7 @@ class Meter:
         self.rank = rank
         self.keep_messages = keep_messages
         self.step = 0
+        self.tracer = None  # a mpiqsgd.trace.Tracer records spans of sampled steps
         self._lock = threading.Lock()  # a communication thread records beside the training thread
         self.reset()
 
@@ -69,6 +93,7 @@ class Meter:
         self.by_phase = defaultdict(_zero)
         self.by_link = defaultdict(_zero)
         self.seconds = defaultdict(float)
+        self.sizes = defaultdict(dict)  # phase -> {size_bin: [messages, bytes]}
 
     def load_totals(self, totals):
         """Restore counters from :meth:`totals` (resuming a run); message lists are not restored."""
@@ -78,6 +103,8 @@ class Meter:
         for k, v in totals["by_link"].items():
             _add(self.by_link[k], v)
         self.seconds.update(totals["seconds"])
+        for k, v in totals.get("sizes", {}).items():
+            _add_sizes(self.sizes[k], v)
 
     def record(self, phase, source, dest, header_bytes, payload_bytes, fp32_bytes):
         """Count one message sent by this rank."""
@@ -87,28 +114,49 @@ class Meter:
         with self._lock:
             _add(self.by_phase[phase], counts)
             _add(self.by_link[f"{source}->{dest}"], counts)
+            cell = self.sizes[phase].setdefault(size_bin(msg.bytes), [0, 0])
+            cell[0] += 1
+            cell[1] += msg.bytes
             if self.keep_messages:
                 self.messages.append(msg)
 
     @contextmanager
-    def time(self, phase, sync=None):
+    def time(self, phase, sync=None, name=None, **args):
         """Add the seconds spent in the block to ``phase``.
 
         Args:
             sync: optional callable run before reading the clock (e.g.
                 ``torch.cuda.synchronize``) so asynchronous device work is counted.
+            name, args: the span's name (default ``phase``) and arguments in the trace.
+
+        Yields:
+            ``args``, to which the block may add what it learns (a received message's bytes).
         """
         if sync:
             sync()
         start = time.perf_counter()
         try:
-            yield
+            yield args
         finally:
             if sync:
                 sync()
-            elapsed = time.perf_counter() - start
+            end = time.perf_counter()
             with self._lock:
-                self.seconds[phase] += elapsed
+                self.seconds[phase] += end - start
+            if self.tracer is not None:
+                self.tracer.add(self.step, phase, name or phase, start, end, args)
+
+    @contextmanager
+    def span(self, name, category="span", **args):
+        """A traced block that adds to no counter (a bucket's exchange, a checkpoint)."""
+        if self.tracer is None:
+            yield args
+            return
+        start = time.perf_counter()
+        try:
+            yield args
+        finally:
+            self.tracer.add(self.step, category, name, start, time.perf_counter(), args)
 
     def sent(self):
         """Totals over everything this rank sent."""
@@ -130,6 +178,7 @@ class Meter:
             "by_phase": {k: dict(v) for k, v in sorted(self.by_phase.items())},
             "by_link": {k: dict(v) for k, v in sorted(self.by_link.items())},
             "seconds": dict(sorted(self.seconds.items())),
+            "sizes": _sizes_json(self.sizes),
         }
 
 
@@ -137,8 +186,9 @@ def merge(per_rank):
     """Sum the :meth:`Meter.totals` of all ranks into job totals.
 
     Returns:
-        dict with ``sent`` (all ranks), ``by_phase``, ``by_link``, ``seconds`` (summed
-        over ranks), ``per_rank`` (the inputs, by rank), and ``received_by_rank`` /
+        dict with ``sent`` (all ranks), ``by_phase``, ``by_link``, ``seconds`` and
+        ``sizes`` (``{phase: {bin: [messages, bytes]}}``, see :func:`size_bin`) summed
+        over ranks, ``per_rank`` (the inputs, by rank), and ``received_by_rank`` /
         ``sent_by_rank`` (bytes per rank; for a parameter server, rank 0's inbound and
         outbound traffic).
     """
@@ -146,6 +196,7 @@ def merge(per_rank):
     by_phase = defaultdict(_zero)
     by_link = defaultdict(_zero)
     seconds = defaultdict(float)
+    sizes = defaultdict(dict)
     received = defaultdict(int)
     for t in per_rank:
         _add(sent, t["sent"])
@@ -158,12 +209,15 @@ def merge(per_rank):
                 received[dest] += v["bytes"]
         for k, v in t["seconds"].items():
             seconds[k] += v
+        for k, v in t.get("sizes", {}).items():
+            _add_sizes(sizes[k], v)
     return {
         "n_ranks": len(per_rank),
         "sent": sent,
         "by_phase": {k: dict(v) for k, v in sorted(by_phase.items())},
         "by_link": {k: dict(v) for k, v in sorted(by_link.items())},
         "seconds": dict(sorted(seconds.items())),
+        "sizes": _sizes_json(sizes),
         "sent_by_rank": {t["rank"]: t["sent"]["bytes"] for t in per_rank},
         "received_by_rank": dict(sorted(received.items())),
         "per_rank": sorted(per_rank, key=lambda t: t["rank"]),

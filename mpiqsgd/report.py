@@ -11,8 +11,14 @@ writes:
    against the fp32 row of the same model and ranks;
 2. the run table: one row per run, validation accuracy after each epoch, test accuracy,
    bytes, quantization variance (first / median / last sample) and wall seconds;
-3. with ``--out``: ``report.md``, ``report.csv`` (configurations), ``runs.csv`` and,
-   where matplotlib is installed, ``accuracy.png``, ``phases.png``, ``variance.png``.
+3. with ``--link RATE,...`` (and ``--link-model FILE`` from ``mpiqsgd bench exchange
+   --sweep``): each run's communication seconds per step projected onto those links by
+   the alpha-beta model of :mod:`mpiqsgd.linkmodel`, beside the measured ones;
+4. for runs with a ``trace.json`` (``--trace-steps``): what the timeline holds and what
+   recording it cost (from the file's ``otherData``);
+5. with ``--out``: ``report.md``, ``report.csv`` (configurations), ``runs.csv``,
+   ``projection.csv`` (with ``--link``) and, where matplotlib is installed,
+   ``accuracy.png``, ``phases.png``, ``variance.png``.
 
 Runs whose data or schedule differ (dataset, subset, epochs, batch size, learning-rate
 schedule...) are never compared: each such comparison group gets its own tables, and
@@ -32,7 +38,7 @@ from typing import Optional
 from .errors import MpiqsgdError
 
 __all__ = ["Run", "RunError", "load_run", "find_runs", "group_runs", "build_report", "Report", "write_report",
-           "add_report_args", "run_report", "PLOT_HINT"]
+           "add_report_args", "run_report", "PLOT_HINT", "Projection", "trace_lines"]
 
 # Flags that change the data or the schedule: runs differing in one are not compared.
 GROUP_FLAGS = ("dataset", "train_subset", "synthetic_size", "val_fraction", "epochs", "max_steps", "batch_size",
@@ -40,7 +46,7 @@ GROUP_FLAGS = ("dataset", "train_subset", "synthetic_size", "val_fraction", "epo
                "weight_decay")
 # Flags that change neither the result being compared nor the configuration (output, seeds, plumbing).
 IGNORED_FLAGS = ("seed", "run_dir", "progress", "resume", "data_dir", "download", "threads", "device", "diag_every",
-                 "eval_every", "checkpoint_every", "check_sync_every", "target_acc", "simulate")
+                 "eval_every", "checkpoint_every", "check_sync_every", "target_acc", "simulate", "trace_steps")
 # Flags shown in the configuration columns (directly or folded into the topology / bits labels).
 SHOWN_FLAGS = ("model", "codec", "bits", "levels", "bucket", "rounding", "error_feedback", "topology", "downlink",
                "server_error_feedback", "dedicated_server", "overlap")
@@ -506,6 +512,8 @@ class Report:
     skipped: list
     differences: list
     tables: list  # per group: (config Table, run Table, Footnotes)
+    projection: Optional["Projection"] = None  # --link
+    runs: list = field(default_factory=list)
 
     def sections(self, fmt):
         """The report as text blocks; ``fmt`` is ``"markdown"`` or ``"text"``."""
@@ -527,6 +535,12 @@ class Report:
             if foot:
                 out.append("\n".join(foot) if not md else "\n".join(f"- {f}" for f in foot))
         out.append(LEGEND)
+        if self.projection is not None:
+            out += self.projection.sections(md)
+        timelines = trace_lines(self.runs)
+        if timelines:
+            out.append(("## " if md else "") + "Timelines")
+            out.append("\n".join(("- " if md else "") + line for line in timelines))
         if self.skipped:
             out.append("Skipped:\n" + "\n".join(f"- {why}" for _, why in self.skipped))
         return out
@@ -565,8 +579,14 @@ class Report:
         return out
 
 
-def build_report(runs, target=None, skipped=()):
-    """Group ``runs`` and build their tables (see the module docstring)."""
+def build_report(runs, target=None, skipped=(), links=None, shared=False, link_source=None):
+    """Group ``runs`` and build their tables (see the module docstring).
+
+    Args:
+        links: :class:`~mpiqsgd.linkmodel.Link` s to project communication onto (None: no projection).
+        shared: the projection puts all ranks on one link.
+        link_source: where the links' alpha and beta come from (said in the output).
+    """
     if not runs:
         raise MpiqsgdError("no finished run directory among the paths given" +
                            "".join(f"\n  {why}" for _, why in skipped))
@@ -575,7 +595,106 @@ def build_report(runs, target=None, skipped=()):
     for g in groups:
         notes = Footnotes()
         tables.append((config_table(g, notes), run_table(g, notes), notes))
-    return Report(groups, list(skipped), _group_differences([g.runs for g in groups]), tables)
+    projection = Projection.of(runs, links, shared, link_source) if links else None
+    return Report(groups, list(skipped), _group_differences([g.runs for g in groups]), tables, projection, list(runs))
+
+
+def trace_lines(runs):
+    """One line per run with a ``trace.json`` (``--trace-steps``): what it holds and what recording it cost."""
+    out = []
+    for run in runs:
+        path = run.path / "trace.json"
+        if not path.exists():
+            continue
+        try:
+            other = json.loads(path.read_text()).get("otherData", {})
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            out.append(f"{run.name}: unreadable trace.json ({exc})")
+            continue
+        worst = max(other.get("recording_seconds_by_rank", {}).values(), default=0.0)
+        wall = run.summary.get("wall_seconds")
+        share = f", {100 * worst / wall:.3f}% of the run's {wall:.1f} s" if wall else ""
+        per_event = other.get("recording_microseconds_per_event")
+        out.append(f"{run.name}: {path} (Chrome trace: Perfetto, chrome://tracing), steps "
+                   f"{run.flags.get('trace_steps')!r}, {other.get('events', '?')} events; recording cost "
+                   + (f"{per_event:.2f} us per event, {worst * 1e3:.2f} ms on the busiest rank{share}"
+                      if per_event is not None else "not stated"))
+    return out
+
+
+PROJECTION_NOTE = ("PROJECTION, not a measurement: each rank's counted messages (comm.json) serialized on "
+                   "{where}, t = alpha + bytes / beta per message (an allreduce as 2 (n-1) messages); "
+                   "per step, {which}. It ignores overlap with compute, congestion and waiting for slower "
+                   "ranks. Measured: the run's own communicate (and wait) seconds per step, mean over ranks.")
+
+
+@dataclass
+class Projection:
+    """Projected communication seconds per step of each run on each link (``--link``)."""
+
+    links: list
+    shared: bool
+    source: Optional[str]
+    rows: list  # (run, projection dict of linkmodel.project, or None when the run has no comm.json)
+
+    @classmethod
+    def of(cls, runs, links, shared, source):
+        from .linkmodel import project
+
+        return cls(links, shared, source,
+                   [(r, project(r.comm, r.steps, links, shared) if r.comm and r.comm.get("per_rank") else None)
+                    for r in runs])
+
+    def table(self, notes):
+        headers = ["run", "codec", "topology", "ranks", "msgs/step", "bytes/step", "measured comm s/step",
+                   "measured wait s/step"] + [f"projected s/step {link.label}" for link in self.links]
+        rows = []
+        for run, p in self.rows:
+            cfg = configuration(run)
+            phases = run.summary.get("seconds_per_phase", {})
+            steps = max(1, run.steps)
+            measured = [f"{phases[k] / steps:.4g}" if k in phases else
+                        "-" if k == "wait" and not run.flags.get("overlap") else  # no overlap, no wait phase
+                        notes.mark(f"no {k} seconds in summary.json") for k in ("communicate", "wait")]
+            if p is None:
+                cells = [notes.mark("no comm.json with per-rank counts")] * (2 + len(self.links))
+            else:
+                cells = [f"{p['messages_per_step']:.4g}", f"{p['bytes_per_step']:,.0f}"]
+                cells += [f"{p['seconds_per_step'][link.label]:.4g}" for link in self.links]
+            rows.append([run.name, cfg["codec"] + (f" {cfg['bits']}b" if cfg["bits"] != "-" else ""),
+                         cfg["topology"], cfg["ranks"]] + cells[:2] + measured + cells[2:])
+        return Table(headers, rows, [False] * 3 + [True] * (len(headers) - 3))
+
+    def note(self):
+        where = "one link shared by all ranks" if self.shared else "its own link (one per rank)"
+        which = "all ranks' messages" if self.shared else "the slowest rank (msgs/step, bytes/step are its own)"
+        links = "; ".join(f"{link.label}: alpha {link.alpha * 1e6:.1f} us, beta {link.beta / 1e6:.3g} MB/s "
+                          f"({link.beta * 8 / 1e6:.4g} Mbit/s)" for link in self.links)
+        source = f" alpha/beta from {self.source}." if self.source else \
+            " No --link-model: latency 0 unless given as RATE@LATENCY."
+        return PROJECTION_NOTE.format(where=where, which=which) + f" Links: {links}." + source
+
+    def sections(self, md):
+        notes = Footnotes()
+        table = self.table(notes)
+        out = [("## " if md else "") + "Projected communication time per step (projection, alpha-beta model)",
+               table.markdown() if md else table.text(), self.note()]
+        if notes.notes:
+            out.append("\n".join(notes.lines()) if not md else "\n".join(f"- {f}" for f in notes.lines()))
+        return out
+
+    def csv_rows(self):
+        out = []
+        for run, p in self.rows:
+            phases = run.summary.get("seconds_per_phase", {})
+            d = {"run": str(run.path), **configuration(run), "shared_link": self.shared,
+                 "measured_communicate_seconds_per_step": phases.get("communicate", 0) / max(1, run.steps),
+                 "measured_wait_seconds_per_step": phases.get("wait", 0) / max(1, run.steps)}
+            if p is not None:
+                d.update(rank=p["rank"], messages_per_step=p["messages_per_step"], bytes_per_step=p["bytes_per_step"])
+                d.update({f"projected_seconds_per_step_{k}": v for k, v in p["seconds_per_step"].items()})
+            out.append(d)
+        return out
 
 
 def _csv(rows):
@@ -698,8 +817,11 @@ def write_report(report, out_dir, plots=True):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, text in (("report.md", "\n\n".join(report.sections("markdown")) + "\n"),
-                       ("report.csv", _csv(report.csv_rows())), ("runs.csv", _csv(report.run_csv_rows()))):
+    files = [("report.md", "\n\n".join(report.sections("markdown")) + "\n"),
+             ("report.csv", _csv(report.csv_rows())), ("runs.csv", _csv(report.run_csv_rows()))]
+    if report.projection is not None:
+        files.append(("projection.csv", _csv(report.projection.csv_rows())))
+    for name, text in files:
         (out_dir / name).write_text(text)
         written.append(out_dir / name)
     message = None
@@ -722,12 +844,40 @@ def add_report_args(p):
     p.add_argument("--target-acc", type=float,
                    help="validation accuracy for the time-to-accuracy columns (default: the runs' own --target-acc)")
     p.add_argument("--no-plots", dest="plots", action="store_false", help="with --out: tables only")
+    p.add_argument("--link", metavar="RATE,...",
+                   help="project communication seconds per step onto these links: rates like 100mbit, 1gbit, "
+                        "117MB/s, optionally @LATENCY (1gbit@50us), or 'model' (--link-model's own link)")
+    p.add_argument("--link-model", metavar="FILE",
+                   help="alpha (latency) and beta from `mpiqsgd bench exchange --sweep --out FILE`; a --link rate "
+                        "replaces beta")
+    p.add_argument("--link-shared", action="store_true",
+                   help="project all ranks onto one shared link (a hub; the shaped loopback) instead of one each")
+
+
+def _links(args):
+    """``(links, source)`` of ``--link`` / ``--link-model`` (``(None, None)`` without ``--link``)."""
+    from .linkmodel import parse_link
+
+    model = source = None
+    if args.link_model:
+        try:
+            model = json.loads(Path(args.link_model).read_text())["fit"]["pingpong"]
+            model["alpha_seconds"], model["beta_bytes_per_second"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise MpiqsgdError(f"--link-model {args.link_model}: not a `bench exchange --sweep` JSON with a fit "
+                               f"({exc})") from None
+        source = f"{args.link_model} (ping-pong fit)"
+    text = args.link or ("model" if model else None)
+    if text is None:
+        return None, None
+    return [parse_link(t, model) for t in text.split(",") if t.strip()], source
 
 
 def run_report(args):
     """``mpiqsgd report``: print the tables; with ``--out`` also write files."""
     runs, skipped = find_runs(args.runs)
-    report = build_report(runs, args.target_acc, skipped)
+    links, source = _links(args)
+    report = build_report(runs, args.target_acc, skipped, links, args.link_shared, source)
     print("\n\n".join(report.sections("text")))
     if args.out:
         written, message = write_report(report, args.out, args.plots)

@@ -21,6 +21,9 @@ The transport alone owns the meter: :meth:`Transport.begin_step` stamps the step
 every record, every counted call (point-to-point messages, the allreduce baseline,
 allgathers given a phase) adds its seconds to ``communicate``, and
 :meth:`Transport.timed` is how callers time their own phases (``encode``, ``decode``).
+When the meter traces (:mod:`mpiqsgd.trace`), each ``communicate`` block is a span named
+``send`` / ``recv`` / ``sendrecv`` / ``allreduce`` / ``allgather`` whose arguments are the
+message phase, the peer and the bytes; :meth:`Transport.traced` spans a caller's block.
 
 Waiting: MPI libraries poll at full speed inside a blocking call, so a rank waiting
 for a message takes a core from the ranks that compute (oversubscribed ranks on a
@@ -137,9 +140,13 @@ class Transport:
         """Stamp ``step`` on everything recorded from now on."""
         self.meter.step = step
 
-    def timed(self, phase):
-        """Context manager adding the seconds of its block to ``phase`` in the meter."""
-        return self.meter.time(phase)
+    def timed(self, phase, **args):
+        """Context manager adding the seconds of its block to ``phase`` in the meter (``args``: for the trace)."""
+        return self.meter.time(phase, **args)
+
+    def traced(self, name, **args):
+        """Context manager making its block one span of the trace (see :meth:`Meter.span`); counts nothing."""
+        return self.meter.span(name, "exchange", **args)
 
     def require_threads(self):
         """Raise :class:`ConfigError` unless a second thread may make this transport's calls."""
@@ -148,6 +155,7 @@ class Transport:
         nbytes = len(memoryview(buf).cast("B"))
         header = wire.header_nbytes(buf) if framed else 0
         self.meter.record(phase, self.rank, dest, header, nbytes - header, fp32_bytes)
+        return nbytes
 
 class MPITransport(Transport):
     """Transport over an mpi4py communicator.
@@ -209,8 +217,8 @@ class MPITransport(Transport):
 
     def send(self, buf, dest, phase, fp32_bytes):
         """Send a framed message to ``dest``; returns when the buffer may be reused."""
-        self._record(buf, dest, phase, fp32_bytes)
-        with self.meter.time("communicate"):
+        nbytes = self._record(buf, dest, phase, fp32_bytes)
+        with self.meter.time("communicate", name="send", message=phase, peer=dest, bytes=nbytes):
             self._wait(self.comm.Isend([_as_bytes_array(buf), self._MPI.BYTE], dest=dest, tag=phase_tag(phase)),
                        f"rank {dest} to take a '{phase}' message")
 
@@ -229,30 +237,36 @@ class MPITransport(Transport):
 
     def recv(self, source, phase):
         """Receive one message of ``phase`` from ``source``; return it as a uint8 array."""
-        with self.meter.time("communicate"):
-            return self._recv(source, phase)
+        with self.meter.time("communicate", name="recv", message=phase, peer=source) as span:
+            out = self._recv(source, phase)
+            span["bytes"] = out.size
+            return out
 
     def sendrecv(self, buf, dest, source, phase, fp32_bytes):
         """Send to ``dest`` while receiving from ``source`` (any lengths); no deadlock in rings."""
-        self._record(buf, dest, phase, fp32_bytes)
+        nbytes = self._record(buf, dest, phase, fp32_bytes)
         tag = phase_tag(phase)
-        with self.meter.time("communicate"):
+        with self.meter.time("communicate", name="sendrecv", message=phase, peer=dest, bytes=nbytes,
+                             source=source) as span:
             request = self.comm.Isend([_as_bytes_array(buf), self._MPI.BYTE], dest=dest, tag=tag)
             try:
-                return self._recv(source, phase)
+                out = self._recv(source, phase)
+                span["received_bytes"] = out.size
+                return out
             finally:
                 self._wait(request, f"rank {dest} to take a '{phase}' message")
 
     def isend(self, buf, dest, phase, fp32_bytes):
         """Start sending a framed message to ``dest``; finish with :meth:`wait_sends`."""
-        self._record(buf, dest, phase, fp32_bytes)
+        nbytes = self._record(buf, dest, phase, fp32_bytes)
         request = self.comm.Isend([_as_bytes_array(buf), self._MPI.BYTE], dest=dest, tag=phase_tag(phase))
-        return request, buf, dest, phase
+        return request, buf, dest, phase, nbytes
 
     def wait_sends(self, handles):
         """Wait until every message started by :meth:`isend` has left."""
-        with self.meter.time("communicate"):
-            for request, _, dest, phase in handles:
+        with self.meter.time("communicate", name="wait_sends", messages=len(handles),
+                             bytes=sum(h[4] for h in handles), peers=[h[2] for h in handles]):
+            for request, _, dest, phase, _ in handles:
                 self._wait(request, f"rank {dest} to take a '{phase}' message")
 
     def recv_each(self, sources, phase):
@@ -260,7 +274,7 @@ class MPITransport(Transport):
         tag = phase_tag(phase)
         pending = list(sources)
         while pending:
-            with self.meter.time("communicate"):
+            with self.meter.time("communicate", name="recv", message=phase) as span:
                 if self.poller is None or len(pending) == 1:
                     source = pending[0]
                 else:
@@ -270,6 +284,7 @@ class MPITransport(Transport):
                         self._timeout(),
                         lambda: f"'{phase}' messages from ranks {pending} (rank {self.rank}, step {self.meter.step})")
                 message = self._recv(source, phase)
+                span.update(peer=source, bytes=message.size)
             pending.remove(source)
             yield source, message
 
@@ -280,7 +295,7 @@ class MPITransport(Transport):
         if n > 1:
             nominal = allreduce_nbytes(host.size, n)
             self.meter.record(phase, self.rank, -1, 0, nominal, nominal)
-            with self.meter.time("communicate"):
+            with self.meter.time("communicate", name="allreduce", message=phase, bytes=nominal):
                 if self.poller is None:
                     self.comm.Allreduce(self._MPI.IN_PLACE, [host, self._MPI.FLOAT], op=self._MPI.SUM)
                 else:
@@ -290,8 +305,9 @@ class MPITransport(Transport):
 
     def allgather_bytes(self, buf, phase=None):
         """Every rank's ``buf`` (any lengths), in rank order; counted and timed only when ``phase`` is given."""
-        with self.meter.time("communicate") if phase is not None else contextlib.nullcontext():
-            data = _as_bytes_array(buf)
+        data = _as_bytes_array(buf)
+        with (self.meter.time("communicate", name="allgather", message=phase, bytes=data.size)
+              if phase is not None else contextlib.nullcontext()):
             counts = np.zeros(self.size, dtype=np.int64)
             what = f"the other ranks in an allgather ({phase or 'control'})"
             self._collective(self.comm.Iallgather, self.comm.Allgather, what,
@@ -404,8 +420,8 @@ class LocalTransport(Transport):
         self.meter = Meter(rank) if meter is None else meter
 
     def send(self, buf, dest, phase, fp32_bytes):
-        self._record(buf, dest, phase, fp32_bytes)
-        with self.meter.time("communicate"):
+        nbytes = self._record(buf, dest, phase, fp32_bytes)
+        with self.meter.time("communicate", name="send", message=phase, peer=dest, bytes=nbytes):
             self._put(buf, dest, phase)
 
     def _put(self, buf, dest, phase):
@@ -421,14 +437,19 @@ class LocalTransport(Transport):
                     raise _Aborted() from None
 
     def recv(self, source, phase):
-        with self.meter.time("communicate"):
-            return self._get(source, phase)
+        with self.meter.time("communicate", name="recv", message=phase, peer=source) as span:
+            out = self._get(source, phase)
+            span["bytes"] = out.size
+            return out
 
     def sendrecv(self, buf, dest, source, phase, fp32_bytes):
-        self._record(buf, dest, phase, fp32_bytes)
-        with self.meter.time("communicate"):
+        nbytes = self._record(buf, dest, phase, fp32_bytes)
+        with self.meter.time("communicate", name="sendrecv", message=phase, peer=dest, bytes=nbytes,
+                             source=source) as span:
             self._put(buf, dest, phase)
-            return self._get(source, phase)
+            out = self._get(source, phase)
+            span["received_bytes"] = out.size
+            return out
 
     def isend(self, buf, dest, phase, fp32_bytes):
         self.send(buf, dest, phase, fp32_bytes)
@@ -448,7 +469,7 @@ class LocalTransport(Transport):
         if n > 1:
             nominal = allreduce_nbytes(host.numel(), n)
             self.meter.record(phase, self.rank, -1, 0, nominal, nominal)
-        with self.meter.time("communicate"):
+        with self.meter.time("communicate", name="allreduce", message=phase, bytes=nominal if n > 1 else 0):
             total = self.group.exchange(self.rank, host)
         acc = total[0].clone()
         for t in total[1:]:
@@ -462,7 +483,7 @@ class LocalTransport(Transport):
         for dest in range(self.size):
             if dest != self.rank:
                 self._record(data, dest, phase, 0, framed=False)
-        with self.meter.time("communicate"):
+        with self.meter.time("communicate", name="allgather", message=phase, bytes=len(data)):
             return self.group.exchange(self.rank, data)
 
     def bcast_bytes(self, buf, root=0):

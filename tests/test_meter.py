@@ -50,3 +50,17 @@ def test_merge_sums_ranks_and_reports_server_in_and_out():
     assert [t["rank"] for t in job["per_rank"]] == [0, 1, 2]
     assert job["by_phase"]["push"]["messages"] == 2
     json.dumps(job)
+
+
+def test_size_histogram_per_phase_survives_merge_and_resume():
+    a, b = Meter(0), Meter(1)
+    a.record("push", 0, 1, 10, 90, 400)  # 100 bytes: bin 7 = [64, 128)
+    a.record("push", 0, 1, 10, 190, 800)  # 200 bytes: bin 8
+    b.record("push", 1, 0, 10, 90, 400)
+    b.record("pull", 1, 0, 0, 0, 0)  # bin 0
+    assert a.totals()["sizes"] == {"push": {"7": [1, 100], "8": [1, 200]}}
+    job = merge([a.totals(), b.totals()])
+    assert job["sizes"] == {"pull": {"0": [1, 0]}, "push": {"7": [2, 200], "8": [1, 200]}}
+    c = Meter(0)
+    c.load_totals(json.loads(json.dumps(a.totals())))
+    assert c.totals()["sizes"] == a.totals()["sizes"]

@@ -128,7 +128,7 @@ def final_states(run_dir, n):
     (3, ["--codec", "sign", "--error-feedback", "--topology", "allgather"]),
     (2, ["--codec", "qsgd-elias", "--bits", "2", "--bucket", "128", "--topology", "scatter"]),
     (3, ["--codec", "qsgd", "--bits", "4", "--topology", "scatter", "--bucket-mb", "0.01", "--overlap",
-         "--min-compress-numel", "100"]),
+         "--min-compress-numel", "100", "--trace-steps", "1-2"]),  # tracing changes no bit
 ])
 def test_mpi_training_equals_simulation(tmp_path, n, flags):
     mpi = launch(n, "-m", "mpi4py", "-m", "mpiqsgd", *TRAIN, *flags, "--run-dir", str(tmp_path / "mpi"), timeout=300)
@@ -145,6 +145,22 @@ def test_mpi_training_equals_simulation(tmp_path, n, flags):
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     comm = json.loads((tmp_path / "mpi" / "comm.json").read_text())
     assert comm["n_ranks"] == n and sorted(comm["sent_by_rank"]) == [str(r) for r in range(n)]
+    if "--trace-steps" in flags:
+        events = json.loads((tmp_path / "mpi" / "trace.json").read_text())["traceEvents"]
+        spans = [e for e in events if e["ph"] == "X"]
+        assert {e["pid"] for e in spans} == set(range(n)) and {e["tid"] for e in spans} == {0, 1}
+        assert any(e["cat"] == "communicate" and e["args"]["bytes"] > 0 and e["tid"] == 1 for e in spans)
+
+
+def test_link_sweep_under_mpiexec(tmp_path):
+    proc = launch(2, "-m", "mpi4py", "-m", "mpiqsgd", "bench", "exchange", "--sweep", "--max-mb", "1",
+                  "--out", str(tmp_path / "link.json"), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "link.json").read_text())
+    assert [r["bytes"] for r in result["pingpong"]] == [1000, 3162, 10000, 31623, 100000, 316228, 1000000]
+    assert all(r["seconds"] > 0 for r in result["pingpong"] + result["sendrecv"])
+    fit = result["fit"]["pingpong"]  # shared memory may be too fast to fit: then the file says why
+    assert "error" in fit or (fit["alpha_seconds"] >= 0 and fit["beta_bytes_per_second"] > 0)
 
 
 def test_custom_loop_example_runs_and_learns():

@@ -65,16 +65,16 @@ class Round:
         return key if self.stream == 0 else (self.stream, key)
 
     def encode(self, codec, x, key):
-        with self.transport.timed("encode"):
+        with self.transport.timed("encode", bucket=self.stream, numel=x.numel()):
             return codec.encode(x, self.rng, key=self.key(key))
 
     def encode_decode(self, codec, x, key):
-        with self.transport.timed("encode"):
+        with self.transport.timed("encode", bucket=self.stream, numel=x.numel()):
             return codec.encode_decode(x, self.rng, key=self.key(key))
 
     def decode(self, codec, message, device, numel):
         """Decode ``message``, refusing one of another length than the ``numel`` values expected."""
-        with self.transport.timed("decode"):
+        with self.transport.timed("decode", bucket=self.stream, bytes=len(message), numel=numel):
             return codec.decode(message, device, numel)
 
 
@@ -126,7 +126,8 @@ class Aggregator:
         """
         self._check(flat)
         self.transport.begin_step(step)
-        return self._aggregate(flat, Round(self, step, stream))
+        with self.transport.traced(f"bucket {stream}", topology=self.name, codec=self.codec.name, numel=flat.numel()):
+            return self._aggregate(flat, Round(self, step, stream))
 
     def _aggregate(self, flat, call):
         raise NotImplementedError

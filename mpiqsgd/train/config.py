@@ -15,6 +15,7 @@ from .. import __version__
 from ..codecs import CODECS, codec_from_flags
 from ..errors import ConfigError
 from ..topology import TOPOLOGIES
+from ..trace import parse_steps
 from .models import MODELS
 
 __all__ = ["TrainConfig", "add_config_args", "config_from_args", "RUN_LOCAL", "agreement_digest",
@@ -97,6 +98,9 @@ class TrainConfig:
     check_sync_every: int = knob(0, "verify parameters are bit-identical on all ranks every N steps", group="run")
     checkpoint_every: int = knob(0, "checkpoint every N steps (and at the end); 0: never", group="run")
     resume: Optional[str] = knob(None, "resume from a run directory or checkpoint directory", group="run")
+    trace_steps: str = knob("", "record a timeline (trace.json) of these steps: N, A-B, */N (every N-th), "
+                                "comma-separated, or all; evaluations and checkpoints too; empty: off",
+                            group="run")
     progress: bool = knob(True, "progress bar on rank 0 (--no-progress to disable)", group="run")
 
     def validate(self):
@@ -145,6 +149,7 @@ class TrainConfig:
         if any(not math.isfinite(e) for e in self.decay_epochs()):
             raise ConfigError(f"--lr-decay-epochs must be finite numbers; got {self.lr_decay_epochs!r}")
         self.adapt_steps()
+        parse_steps(self.trace_steps)
         codec_from_flags(self.codec, self.bits, self.levels, self.bucket, self.rounding, self.clip_sigma,
                          self.error_feedback)
         return self

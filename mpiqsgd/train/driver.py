@@ -37,6 +37,7 @@ from ..codecs import codec_from_flags
 from ..errors import MpiqsgdError
 from ..exchange import GradientExchange, broadcast_parameters, parameter_checksum
 from ..machine import default_device, machine_info
+from ..trace import Tracer, parse_steps, write_trace
 from . import data as D
 from .checkpoint import atomic_write_bytes, find_checkpoint, load_checkpoint, save_checkpoint, truncate_log
 from .config import agreement_digest, check_agreement
@@ -179,6 +180,8 @@ class Worker:
         self.computes = self.worker >= 0
         self.is_root = self.rank == 0
         self.meter, self.sync = transport.meter, _sync_for(self.device)
+        if parse_steps(cfg.trace_steps):
+            self.meter.tracer = Tracer(self.rank, parse_steps(cfg.trace_steps))
         self.build()
 
     def build(self):
@@ -322,7 +325,8 @@ class Worker:
                  "optimizer": self.optimizer.state_dict(), "exchange": self.exchange.state_dict(),
                  "rng": self.rng.state_dict(), "aug": self.aug.get_state(), "meter": self.meter.totals(),
                  "progress": dict(self.st, wall=time.perf_counter() - self.started)}
-        save_checkpoint(self.shared.run_dir / "checkpoints", self.st["step"], state, self.transport)
+        with self.meter.span("checkpoint", "checkpoint"):
+            save_checkpoint(self.shared.run_dir / "checkpoints", self.st["step"], state, self.transport)
 
     def run(self):
         """Train to the end; return rank 0's summary (None elsewhere)."""
@@ -340,6 +344,7 @@ class Worker:
             self.checkpoint()
         job = self.evaluate() if st["last_eval"] != st["step"] else self.meter.job_totals(self.transport)
         devices = self.transport.allgather_bytes(str(self.device).encode())
+        write_trace(self.meter, self.transport, self.shared.run_dir / "trace.json")
         if self.bar is not None:
             self.bar.close()
         if not self.is_root:

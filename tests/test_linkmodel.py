@@ -1,0 +1,86 @@
+"""The alpha-beta link model: the fit, rates, and the projection of a hand-made comm.json."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mpiqsgd.cli import main
+from mpiqsgd.errors import ConfigError
+from mpiqsgd.linkmodel import Link, fit, parse_link, parse_rate, project, sweep_sizes
+from mpiqsgd.meter import Meter, merge
+from test_report import write_run
+
+
+def test_fit_recovers_alpha_and_beta_from_noisy_sweep():
+    sizes = sweep_sizes()
+    assert sizes[0] == 1000 and sizes[-1] == 100_000_000 and len(sizes) == 11
+    alpha, beta = 50e-6, 117e6
+    noise = 1 + 0.03 * np.random.default_rng(0).standard_normal(len(sizes))
+    f = fit(sizes, [(alpha + b / beta) * e for b, e in zip(sizes, noise)])
+    assert f["alpha_seconds"] == pytest.approx(alpha, rel=0.1)
+    assert f["beta_bytes_per_second"] == pytest.approx(beta, rel=0.05)
+    assert f["max_relative_error"] < 0.1
+    exact = fit(sizes, [alpha + b / beta for b in sizes])
+    assert exact["alpha_seconds"] == pytest.approx(alpha) and exact["max_relative_error"] < 1e-9
+    # latency below resolution: alpha clamps to 0, beta still fits
+    assert fit([1000, 10_000], [1e-5, 1e-4 * 1.2])["alpha_seconds"] == 0.0
+
+
+def test_rates_and_links():
+    assert parse_rate("100mbit") == 12.5e6 and parse_rate("1gbit") == 125e6 and parse_rate("117MB/s") == 117e6
+    for bad in ("100", "fast", "10 mbps"):
+        with pytest.raises(ConfigError, match="rate"):
+            parse_rate(bad)
+    model = {"alpha_seconds": 1e-4, "beta_bytes_per_second": 1e9}
+    link = parse_link("1gbit", model)
+    assert (link.alpha, link.beta) == (1e-4, 125e6)  # the rate replaces beta, alpha stays
+    assert parse_link("1gbit@20us").alpha == pytest.approx(20e-6) and parse_link("1gbit").alpha == 0
+    assert parse_link("model", model).beta == 1e9
+    with pytest.raises(ConfigError, match="link-model"):
+        parse_link("model")
+
+
+def ps_comm():
+    """3 ranks, 10 steps: workers push 1000 B to rank 0 per step, rank 0 pulls 4000 B to each; one allreduce."""
+    meters = [Meter(r) for r in range(3)]
+    for _ in range(10):
+        for w in (1, 2):
+            meters[w].record("push", w, 0, 10, 990, 4000)
+            meters[0].record("pull", 0, w, 0, 4000, 4000)
+    for m in meters:
+        m.record("allreduce", m.rank, -1, 0, 800, 800)
+    return json.loads(json.dumps(merge([m.totals() for m in meters])))
+
+
+def test_projection_serializes_each_rank_and_takes_the_slowest():
+    comm = ps_comm()
+    link = Link("l", 1e-3, 1e6)  # 1 ms per message, 1 MB/s
+    p = project(comm, 10, [link])
+    # rank 0: 20 pulls + an allreduce as 2 (3 - 1) = 4 messages; 80,000 + 800 bytes
+    assert p["rank"] == 0 and p["messages_per_step"] == pytest.approx(2.4)
+    assert p["seconds_per_step"]["l"] == pytest.approx((24 * 1e-3 + 80_800 / 1e6) / 10)
+    shared = project(comm, 10, [link], shared=True)
+    msgs, nbytes = 24 + 2 * (10 + 4), 80_800 + 2 * (10_000 + 800)
+    assert shared["rank"] is None and shared["bytes_per_step"] == nbytes / 10
+    assert shared["seconds_per_step"]["l"] == pytest.approx((msgs * 1e-3 + nbytes / 1e6) / 10)
+
+
+def test_report_prints_the_projection(tmp_path, capsys):
+    d = write_run(tmp_path / "runs", "ps", [0.5], [10], ranks=3, topology="ps")
+    summary = json.loads((d / "summary.json").read_text())
+    (d / "comm.json").write_text(json.dumps(ps_comm()))
+    model = tmp_path / "link.json"
+    model.write_text(json.dumps({"fit": {"pingpong": {"alpha_seconds": 1e-3, "beta_bytes_per_second": 1e9}}}))
+    out = tmp_path / "rep"
+    assert main(["report", str(tmp_path / "runs"), "--link", "8mbit,model", "--link-model", str(model),
+                 "--out", str(out), "--no-plots"]) == 0
+    text = capsys.readouterr().out
+    assert "PROJECTION, not a measurement" in text and "projected s/step 8mbit" in text
+    steps = summary["steps"]
+    row = (out / "projection.csv").read_text().splitlines()
+    assert len(row) == 2
+    expect = (24 * 1e-3 + 80_800 / 1e6) / steps
+    assert f"{expect:.4g}" in text
+    assert "PROJECTION" in (out / "report.md").read_text()
+    assert main(["report", str(tmp_path / "runs"), "--link", "fast"]) == 2
