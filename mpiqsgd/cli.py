@@ -51,7 +51,7 @@ def codec_from_args(args):
 
 def add_topology_args(p):
     g = p.add_argument_group("topology")
-    g.add_argument("--topology", default="ring", choices=list(TOPOLOGIES), help="aggregation (default ring)")
+    g.add_argument("--topology", default="scatter", choices=list(TOPOLOGIES), help="aggregation (default scatter)")
     g.add_argument("--downlink", choices=["fp32", "codec"], help="ps: what the server sends back (default fp32)")
     g.add_argument("--server-error-feedback", action="store_true", default=None,
                    help="ps: server-side error feedback on an encoded downlink")

@@ -132,7 +132,7 @@ class GradientExchange:
         **options: topology options (``ps``: downlink, server_error_feedback, dedicated).
     """
 
-    def __init__(self, parameters, transport, codec, topology="ring", seed=0, min_compress_numel=0,
+    def __init__(self, parameters, transport, codec, topology="scatter", seed=0, min_compress_numel=0,
                  warmup_steps=0, adapt_at=(0, 100, 2000), adapt_every=10000, bucket_mb=0, overlap=False,
                  **options):
         self.params = [p for p in parameters if p.requires_grad]

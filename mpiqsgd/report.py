@@ -167,15 +167,8 @@ def _codec_params(flags):
                                      flags.get("rounding"), flags.get("clip_sigma"))
     except (MpiqsgdError, TypeError):  # a run written by another version: show its flags as they are
         return (flags.get("bits") or "-", flags.get("bucket") or "-", flags.get("rounding") or "-")
-    bits = getattr(codec, "bits", None)
-    if name in ("fp32", "fp16"):
-        bits = 32 if name == "fp32" else 16
-    elif name == "sign":
-        bits = 1
-    bucket = getattr(codec, "bucket", None)
-    rounding = getattr(codec, "rounding", None)
-    if rounding is None and hasattr(codec, "table"):  # level sets round stochastically
-        rounding = "stochastic"
+    bits, bucket = codec.bits, codec.bucket
+    rounding = codec.rounding or ("stochastic" if codec.stochastic else None)
     return (bits if bits is not None else "-", bucket if bucket is not None else "-", rounding or "-")
 
 

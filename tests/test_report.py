@@ -20,7 +20,8 @@ def write_run(root, name, val, wall, *, test=0.5, ranks=2, bytes_per_step=1000.0
     """A finished run directory as ``mpiqsgd train`` writes it, with chosen numbers."""
     d = root / name
     d.mkdir(parents=True)
-    f = TrainConfig(**{"epochs": len(val), "dataset": "synthetic", "codec": "qsgd", "bits": 4, **flags}).to_dict()
+    f = TrainConfig(**{"epochs": len(val), "dataset": "synthetic", "codec": "qsgd", "bits": 4, "topology": "ring",
+                       **flags}).to_dict()
     steps = len(val) * STEPS_PER_EPOCH
     total = bytes_per_step * steps * ranks
     bytes_sent = [total * (e + 1) / len(val) for e in range(len(val))]

@@ -78,7 +78,9 @@ class Codec:
 
     name = "codec"
     stochastic = False
+    bits = None  # bits per coordinate on the wire, where fixed
     bucket = None  # coordinates per scale; None for codecs without buckets
+    rounding = None  # "stochastic" or "nearest" where the codec offers the choice
     adaptive = False  # refits itself from merged statistics (local_stats / fit)
 
     @property

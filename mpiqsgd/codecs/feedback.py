@@ -51,6 +51,9 @@ class ErrorFeedback(Codec):
     stochastic = property(lambda self: self.inner.stochastic)
     adaptive = property(lambda self: self.inner.adaptive)
     base = property(lambda self: self.inner)
+    bits = property(lambda self: self.inner.bits)
+    bucket = property(lambda self: self.inner.bucket)
+    rounding = property(lambda self: self.inner.rounding)
 
     def __repr__(self):
         return f"ErrorFeedback({self.inner!r})"

@@ -37,6 +37,7 @@ class FP32(_Float):
     """Identity codec: 4 bytes per coordinate."""
 
     name = "fp32"
+    bits = 32
     dtype = torch.float32
 
 
@@ -44,4 +45,5 @@ class FP16(_Float):
     """Half-precision cast: 2 bytes per coordinate, round to nearest."""
 
     name = "fp16"
+    bits = 16
     dtype = torch.float16

@@ -75,7 +75,7 @@ def check_residual(codec, residual, x, key=None, step=None, ratio_limit=RESIDUAL
     if reason is None:
         return
     where = "".join((f" for {key!r}" if key is not None else "", f" at step {step}" if step is not None else ""))
-    bound = getattr(codec, "variance_bound", lambda: None)()
+    bound = codec.variance_bound()
     why = (f"{codec!r} is not contractive (variance factor up to {bound:.3g} >= 1)" if bound is not None
            and bound >= 1 else f"{codec!r} does not contract this residual")
     raise NonFiniteError(

@@ -31,6 +31,7 @@ class Sign(Codec):
     """
 
     name = "sign"
+    bits = 1
 
     def __init__(self, bucket=512):
         self.bucket = check_int(self.name, "bucket", bucket, 1, wire.MAX_BUCKET)

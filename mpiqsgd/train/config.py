@@ -67,7 +67,8 @@ class TrainConfig:
     clip_sigma: Optional[float] = knob(None, "terngrad: clip buckets at this many standard deviations",
                                        group="communication")
     error_feedback: bool = knob(False, "error feedback around the codec", group="communication")
-    topology: str = knob("ring", "gradient aggregation", list(TOPOLOGIES), "communication")
+    topology: str = knob("scatter", "gradient aggregation (scatter: ring's bytes, half its error)", list(TOPOLOGIES),
+                         "communication")
     downlink: Optional[str] = knob(None, "ps: fp32 (default) or codec", ["fp32", "codec"], "communication")
     server_error_feedback: bool = knob(False, "ps: server-side error feedback", group="communication")
     dedicated_server: bool = knob(False, "ps: rank 0 serves only, does not train", group="communication")
