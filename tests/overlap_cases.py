@@ -30,8 +30,10 @@ def model():
                                    torch.nn.ReLU(), torch.nn.Linear(30, 5))
 
 
-def train_steps(transport, case, overlap, steps=4, bucket_mb=BUCKET_MB):
-    """Train the model ``steps`` steps on this rank's own data; return (parameters, bytes sent, early buckets)."""
+def train_steps(transport, case, overlap, steps=4, bucket_mb=BUCKET_MB, on_step=None):
+    """Train the model ``steps`` steps on this rank's own data; return (parameters, bytes sent, early buckets).
+
+    ``on_step(i)`` is called after each step, if given."""
     topology, codec, params, options = case
     net = model()
     exchange = GradientExchange(net.parameters(), transport, make_codec(codec, **params), topology, seed=3,
@@ -41,12 +43,14 @@ def train_steps(transport, case, overlap, steps=4, bucket_mb=BUCKET_MB):
     data = torch.Generator().manual_seed(100 + transport.rank)
     early = 0
     try:
-        for _ in range(steps):
+        for i in range(steps):
             x = torch.randn(16, 12, generator=data)
             opt.zero_grad()
             torch.nn.functional.cross_entropy(net(x), x[:, :5].argmax(1)).backward()
             opt.step()
             early += exchange.overlap.early if overlap else 0
+            if on_step is not None:
+                on_step(i)
     finally:
         exchange.close()
     return [p.detach().clone() for p in net.parameters()], transport.meter.sent()["bytes"], early

@@ -126,7 +126,8 @@ class Aggregator:
         """
         self._check(flat)
         self.transport.begin_step(step)
-        with self.transport.traced(f"bucket {stream}", topology=self.name, codec=self.codec.name, numel=flat.numel()):
+        numel = 0 if flat is None else flat.numel()  # a dedicated ps server has no gradient
+        with self.transport.traced(f"bucket {stream}", topology=self.name, codec=self.codec.name, numel=numel):
             return self._aggregate(flat, Round(self, step, stream))
 
     def _aggregate(self, flat, call):
