@@ -50,9 +50,9 @@ def test_overlap_under_mpiexec(n):
 
 
 def test_sixteen_ranks_on_few_cores_overlap_every_topology():
-    # 50 steps keep the suite short; `mpiexec -n 16 python -m mpi4py tests/mpi/mpi_soak.py 200`
+    # 30 steps keep the suite short; `mpiexec -n 16 python -m mpi4py tests/mpi/mpi_soak.py 200`
     # is the full soak (about 7 minutes on the 2-core machine under load).
-    proc = launch(16, "-m", "mpi4py", "tests/mpi/mpi_soak.py", "50", timeout=400)
+    proc = launch(16, "-m", "mpi4py", "tests/mpi/mpi_soak.py", "30", timeout=400)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     assert out.count("replicas identical") == 5, out[-3000:]

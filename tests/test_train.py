@@ -300,3 +300,19 @@ def test_dedicated_server_training_and_target_accuracy(tmp_path):
     assert summary["n_workers"] == 2 and summary["steps"] == 1080 // (2 * 32)
     assert summary["steps_to_target"] == summary["steps"] and summary["seconds_to_target"] > 0
     assert len((d / "diagnostics.jsonl").read_text().splitlines()) == 4  # written by rank 1, the first worker
+
+
+def test_resume_refuses_replicas_that_disagree_after_loading(tmp_path, monkeypatch):
+    run(tmp_path, "a", simulate=2, max_steps=3, checkpoint_every=3)
+    original = driver.load_checkpoint
+
+    def perturbed(path, rank, world_size):
+        saved = original(path, rank, world_size)
+        if rank == 1:  # files that pass their own checks but hold another replica
+            name = next(iter(saved["model"]))
+            saved["model"][name] = saved["model"][name] + 1e-3
+        return saved
+
+    monkeypatch.setattr(driver, "load_checkpoint", perturbed)
+    with pytest.raises(MpiqsgdError, match=r"replicas drifted after resuming from step 3: parameters of ranks \[1\]"):
+        run(tmp_path, "a", simulate=2, max_steps=6, resume=str(tmp_path / "a"))

@@ -229,6 +229,8 @@ class Worker:
         self.aug.set_state(saved["aug"])
         self.meter.load_totals(saved["meter"])
         self.st.update(saved["progress"])
+        # Every file passed its own checks; the replicas must also agree with each other.
+        self.check_sync(f"after resuming from step {self.st['step']}")
         if rank == 0:  # drop rows written after the checkpoint by the run that stopped
             truncate_log(self.shared.run_dir / "metrics.jsonl", self.st["step"], keep_equal=True)
             truncate_log(self.shared.run_dir / "diagnostics.jsonl", self.st["step"], keep_equal=False)
@@ -270,12 +272,13 @@ class Worker:
             self.optimizer.step()
         st["step"] += 1
 
-    def check_sync(self):
+    def check_sync(self, when=None):
+        """Collective: refuse unless every rank's parameters are bit-identical to rank 0's."""
         sums = self.transport.allgather_bytes(parameter_checksum(self.model.parameters()))
         bad = [r for r, s in enumerate(sums) if s != sums[0]]
         if bad:
-            raise MpiqsgdError(f"replicas drifted at step {self.st['step']}: parameters of ranks {bad} "
-                               "differ from rank 0")
+            when = when or f"at step {self.st['step']}"
+            raise MpiqsgdError(f"replicas drifted {when}: parameters of ranks {bad} differ from rank 0")
 
     def evaluate(self):
         """Collective: job byte totals and training loss from all ranks; rank 0 logs the accuracies."""
