@@ -6,7 +6,7 @@ name       pattern                                          bytes sent per rank
 allreduce  MPI Allreduce of fp32 (baseline)                 ~2 (n-1)/n * 4 numel
 ps         push to rank 0, mean, pull (fp32 or encoded)     worker E; root (n-1) F or E
 ring       reduce-scatter + allgather of encoded chunks     ~2 (n-1)/n * E
-scatter    direct scatter-reduce + direct allgather (no hops)  ~2 (n-1)/n * E
+scatter    direct scatter-reduce + direct allgather         ~2 (n-1)/n * E
 allgather  ring allgather of encoded gradients, decode all  (n-1) * E
 =========  ===============================================  ==========================
 
