@@ -140,6 +140,16 @@ def build_parser():
     return parser
 
 
+def _text_on_root(transport, result, as_json):
+    """Print ``result`` as JSON on rank 0 with ``--json``; True where the caller prints text instead."""
+    if transport.rank != 0:
+        return False
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return False
+    return True
+
+
 def _positive(name, value):
     if value < 1:
         raise MpiqsgdError(f"--{name} must be at least 1; got {value}")
@@ -191,10 +201,7 @@ def run_bench_exchange(args):
     transport = world(args.wait)
     result = bench_exchange(transport, codec_from_args(args), args.topology, args.numel, args.repeats,
                             args.seed, args.device, **topology_options(args))
-    if transport.rank != 0:
-        return
-    if args.json:
-        print(json.dumps(result, indent=2))
+    if not _text_on_root(transport, result, args.json):
         return
     r = result
     print(f"{r['n_ranks']} ranks, numel={r['numel']:,}, median of {r['repeats']} (slowest rank per repeat)")
@@ -249,10 +256,7 @@ def run_bench_step(args):
     result = bench_step(transport, args.model, codec_from_args(args), args.topology, args.batch_size,
                         args.repeats, args.warmup, args.bucket_mb, args.overlap, args.min_compress_numel, args.seed,
                         args.device, **topology_options(args))
-    if transport.rank != 0:
-        return
-    if args.json:
-        print(json.dumps(result, indent=2))
+    if not _text_on_root(transport, result, args.json):
         return
     r = result
     phases = "  ".join(f"{k} {v * 1e3:.1f}" for k, v in sorted(r["phase_seconds_per_step"].items()))
