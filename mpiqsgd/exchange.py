@@ -154,6 +154,10 @@ class GradientExchange:
         self.seed = seed
         self.overlap = _Overlap(self) if overlap else None
 
+    def compresses_at(self, step):
+        """Whether ``step`` sends the compressed buffers through the codec (after the warm-up steps)."""
+        return step >= self.warmup_steps
+
     def adapts_at(self, step):
         """Whether the adaptive codec refits its levels at ``step``."""
         if self.adaptive is None or not self.compressed:
@@ -218,12 +222,12 @@ class GradientExchange:
         With overlap, waits for the buckets that :meth:`begin` armed (and sends those whose
         gradients never arrived); without, aggregates every bucket now.
         """
-        compress = step >= self.warmup_steps
         if self.adapts_at(step):
             self.adapt(_flatten(self.compressed), step)
         if self.overlap is not None:
-            results = self.overlap.finish(step, compress)
+            results = self.overlap.finish(step)
         else:
+            compress = self.compresses_at(step)
             results = [self._aggregate_bucket(b, _bucket_flats(b), step, compress) for b in self.buckets]
         for bucket, (mean_c, mean_u) in zip(self.buckets, results):
             if mean_c is not None:
@@ -317,7 +321,7 @@ class _Overlap:
             self.flats = [None] * len(self.exchange.buckets)
             self.next_index = 0
             self.early = 0
-            self.compress = step >= self.exchange.warmup_steps
+            self.compress = self.exchange.compresses_at(step)
 
     def _on_grad(self, param):
         with self.lock:
@@ -354,7 +358,7 @@ class _Overlap:
                 self.done.put(("error", exc))
                 return
 
-    def finish(self, step, compress):
+    def finish(self, step):
         if self.step != step:
             raise ConfigError(f"GradientExchange.finish({step}) without begin({step}) (last begun: {self.step})")
         buckets = self.exchange.buckets
