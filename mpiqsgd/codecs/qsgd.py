@@ -26,6 +26,11 @@ With ``encoding="elias"`` (codec ``qsgd-elias``; the header's params gain
 written, so the length depends on the data (at least ``4 * n_buckets +
 ceil(n_buckets / 8)`` bytes). The quantization, its random draws and the decoded
 values are those of the dense code (a level-0 coordinate decodes to +0.0 in both).
+
+With ``encoding="entropy"`` (``"encoding": "entropy"`` in the params) the norms are followed
+by the stream of :mod:`mpiqsgd.codecs.entropy`: the signed levels (``2 s + 1`` symbols, level
+0 one symbol) coded by rANS with their counts in the message; variable length, at least
+``4 * n_buckets + 4`` bytes; the same quantization and decoded values (level 0 as +0.0).
 """
 
 import functools
@@ -37,7 +42,7 @@ import torch
 from .. import wire
 from ..errors import ConfigError, DecodeError, NonFiniteError
 from . import bits as bitpack
-from . import elias, kernels
+from . import elias, entropy, kernels
 from .buckets import bucket_norms
 from .base import Codec, check_choice, check_int
 
@@ -45,7 +50,7 @@ __all__ = ["QSGD", "bits_for_levels", "bucket_norms", "checked_norms", "finite_s
 
 ROUNDINGS = ("stochastic", "nearest")
 NORMS = ("l2", "max")
-ENCODINGS = ("dense", "elias")
+ENCODINGS = ("dense", "elias", "entropy")
 ELIAS_MAX_BUCKET = 1 << 16  # bounds what a short sparse message can make a receiver allocate
 
 
@@ -117,8 +122,9 @@ class QSGD(Codec):
         bucket: coordinates per bucket, each with its own fp32 norm. Default 512.
         norm: ``"l2"`` (QSGD) or ``"max"`` (QSGD-inf).
         rounding: ``"stochastic"`` (unbiased, default) or ``"nearest"``.
-        encoding: ``"dense"`` bit packing (default, fixed length) or ``"elias"``
-            (the paper's sparse code, variable length; bucket at most 65536).
+        encoding: ``"dense"`` bit packing (default, fixed length), ``"elias"``
+            (the paper's sparse code, variable length; bucket at most 65536) or ``"entropy"``
+            (rANS with the symbol counts in the message, variable length).
     """
 
     name = "qsgd"
@@ -147,6 +153,9 @@ class QSGD(Codec):
         self.encoding = check_choice(self.name, "encoding", encoding, ENCODINGS)
         if encoding == "elias" and self.bucket > ELIAS_MAX_BUCKET:
             raise ConfigError(f"{self.name}: elias encoding takes bucket <= {ELIAS_MAX_BUCKET}; got {self.bucket}")
+        if encoding == "entropy":
+            entropy.check_available(self.name)
+            self._symbols = entropy.qsgd_symbols(self.bits, self.levels)
         self.force_torch = False  # tests: run the torch kernels on the CPU too
 
     @property
@@ -167,7 +176,7 @@ class QSGD(Codec):
         return min(self.bucket / self.levels**2, math.sqrt(self.bucket) / self.levels)
 
     def payload_nbytes(self, numel):
-        if self.encoding == "elias":
+        if self.encoding != "dense":
             return None
         return 4 * (-(-numel // self.bucket)) + bitpack.packed_nbytes(numel, self.bits)
 
@@ -175,6 +184,8 @@ class QSGD(Codec):
         if self.encoding == "dense":
             return self.payload_nbytes(numel)
         n_buckets = -(-numel // self.bucket)
+        if self.encoding == "entropy":
+            return 4 * n_buckets + entropy.MIN_STREAM_BYTES if numel else 0
         return 4 * n_buckets + (n_buckets + 7) // 8  # one bit per all-zero bucket
 
     def _quantize(self, x, rng, want_decoded):
@@ -186,8 +197,8 @@ class QSGD(Codec):
         packed, decoded = kernels.level_encode(
             x, scale, norms / self.levels, self.bucket, self.bits, self.levels, seed, self.stochastic,
             want_decoded, self.force_torch)
-        if self.encoding == "elias":
-            packed = self._elias(packed, x.numel())
+        if self.encoding != "dense":
+            packed = self._elias(packed, x.numel()) if self.encoding == "elias" else self._entropy(packed, x.numel())
             if want_decoded:
                 decoded = decoded + 0.0  # -0.0 -> +0.0: zeros are not sent
         return torch.cat([norms.view(torch.uint8), packed.to(norms.device)]), decoded
@@ -198,6 +209,10 @@ class QSGD(Codec):
         nbits = elias.count_bits(packed, numel, self.bits, self.bucket)
         return torch.from_numpy(elias.encode_codes(packed, numel, self.bits, self.bucket, nbits))
 
+    def _entropy(self, packed, numel):
+        code_symbol, table = self._symbols
+        return torch.from_numpy(entropy.encode(packed.cpu().numpy(), numel, self.bits, code_symbol, table.size))
+
     def _dequantize(self, payload, numel):
         n_buckets = -(-numel // self.bucket)
         # A norm near FLT_MAX would round its top value s * (norm / s) to inf.
@@ -205,6 +220,11 @@ class QSGD(Codec):
         bucket = min(self.bucket, numel)  # the same buckets; kernels never size anything by a hostile bucket
         if self.encoding == "elias":
             return self._elias_decode(payload[4 * n_buckets:], unit, numel, bucket)
+        if self.encoding == "entropy":
+            table = self._symbols[1]
+            out = entropy.decode(payload[4 * n_buckets:].cpu().numpy(), numel, table.size, unit.cpu().numpy(),
+                                 bucket, table, self.name)
+            return torch.from_numpy(out).to(unit.device)
         values, bad = kernels.level_decode(payload[4 * n_buckets:], unit, bucket,
                                            self.bits, self.levels, numel, self.force_torch)
         if bad:
