@@ -22,7 +22,7 @@ import traceback
 from pathlib import Path
 
 from . import __version__
-from .codecs import CODECS, codec_from_flags
+from .codecs import CODECS, ENCODINGS, codec_from_flags
 from .errors import MpiqsgdError
 from .topology import TOPOLOGIES
 from .transport import abort_if_parallel
@@ -40,13 +40,16 @@ def add_codec_args(p):
     g.add_argument("--bucket", type=int, help="coordinates per bucket/norm (default 512; level sets 8192)")
     g.add_argument("--rounding", choices=["stochastic", "nearest"], help="qsgd rounding (default stochastic)")
     g.add_argument("--clip-sigma", type=float, help="terngrad: clip each bucket at this many standard deviations")
+    g.add_argument("--encoding", choices=list(ENCODINGS),
+                   help="how quantized symbols are packed: dense (default), elias (qsgd, qsgd-inf) or entropy "
+                        "(rANS; qsgd, qsgd-inf and the level sets)")
     g.add_argument("--error-feedback", action="store_true", help="wrap the codec with error feedback")
 
 
 def codec_from_args(args):
     """Build the codec the flags describe."""
     return codec_from_flags(args.codec, args.bits, args.levels, args.bucket, args.rounding, args.clip_sigma,
-                            args.error_feedback)
+                            args.error_feedback, args.encoding)
 
 
 def add_topology_args(p):

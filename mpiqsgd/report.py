@@ -48,8 +48,8 @@ GROUP_FLAGS = ("dataset", "train_subset", "synthetic_size", "val_fraction", "epo
 IGNORED_FLAGS = ("seed", "run_dir", "progress", "resume", "data_dir", "download", "threads", "device", "diag_every",
                  "eval_every", "checkpoint_every", "check_sync_every", "target_acc", "simulate", "trace_steps")
 # Flags shown in the configuration columns (directly or folded into the topology / bits labels).
-SHOWN_FLAGS = ("model", "codec", "bits", "levels", "bucket", "rounding", "error_feedback", "topology", "downlink",
-               "server_error_feedback", "dedicated_server", "overlap")
+SHOWN_FLAGS = ("model", "codec", "encoding", "bits", "levels", "bucket", "rounding", "error_feedback", "topology",
+               "downlink", "server_error_feedback", "dedicated_server", "overlap")
 CONFIG_COLUMNS = ("model", "ranks", "codec", "bits", "bucket", "rounding", "EF", "topology")
 PHASE_ORDER = ("compute", "encode", "communicate", "decode", "wait")
 PLOT_HINT = 'plots need matplotlib: pip install -e ".[plot]" (tables were written)'
@@ -164,7 +164,7 @@ def _codec_params(flags):
         with warnings.catch_warnings():  # the run already gave its codec's warnings
             warnings.simplefilter("ignore")
             codec = codec_from_flags(name, flags.get("bits"), flags.get("levels"), flags.get("bucket"),
-                                     flags.get("rounding"), flags.get("clip_sigma"))
+                                     flags.get("rounding"), flags.get("clip_sigma"), encoding=flags.get("encoding"))
     except (MpiqsgdError, TypeError):  # a run written by another version: show its flags as they are
         return (flags.get("bits") or "-", flags.get("bucket") or "-", flags.get("rounding") or "-")
     bits, bucket = codec.bits, codec.bucket
@@ -189,7 +189,8 @@ def configuration(run):
     f = run.flags
     bits, bucket, rounding = _codec_params(f)
     ranks = str(run.n_ranks) + (" sim" if run.config.get("simulated") else "")
-    return {"model": f.get("model", "?"), "ranks": ranks, "codec": f.get("codec", "?"), "bits": bits,
+    codec = f.get("codec", "?") + (f"+{f['encoding']}" if f.get("encoding") not in (None, "dense") else "")
+    return {"model": f.get("model", "?"), "ranks": ranks, "codec": codec, "bits": bits,
             "bucket": bucket, "rounding": rounding, "EF": "yes" if f.get("error_feedback") else "no",
             "topology": _topology_label(f)}
 

@@ -18,6 +18,12 @@ amq          levels +-p^j, p fitted to a mixture model   4 ceil(n/d) + ceil(n b 
 amq-n        levels +-p^j, p fitted to a pooled model    4 ceil(n/d) + ceil(n b / 8)
 ===========  ==========================================  ==============================
 
+Encodings (``encoding=`` / ``--encoding``): ``dense`` bit packing (the sizes above);
+``elias``, QSGD's Elias-omega sparse code (``qsgd-elias`` is ``qsgd`` with it); ``entropy``,
+rANS of the quantized symbols with their counts in the message (:mod:`mpiqsgd.codecs.entropy`)
+for qsgd, qsgd-inf and every level-set codec. Both are variable length, and the quantization
+and decoded values are the dense code's.
+
 The level-set codecs (:mod:`mpiqsgd.codecs.levelset`) share the wire name ``levelset``;
 their headers carry the float32 level table (4 K bytes), so adaptive codecs' messages
 name the table they were encoded with.
@@ -39,7 +45,7 @@ from .qsgd import QSGD
 from .sign import Sign
 
 __all__ = [
-    "Codec", "ErrorFeedback", "CODECS", "WIRE_CODECS", "make_codec", "codec_from_flags", "decode",
+    "Codec", "ErrorFeedback", "CODECS", "ENCODINGS", "WIRE_CODECS", "make_codec", "codec_from_flags", "decode",
     "make_generator",
 ]
 
@@ -95,10 +101,29 @@ def make_codec(name, error_feedback=False, **params):
 
 
 QSGD_ONLY = ("qsgd", "qsgd-inf", "qsgd-elias")
+ENCODINGS = ("dense", "elias", "entropy")
+
+
+def _check_encoding(codec, encoding):
+    """``--encoding`` against ``--codec``: which codecs take which encodings."""
+    if encoding is None:
+        return
+    if encoding not in ENCODINGS:
+        raise ConfigError(f"--encoding must be one of {', '.join(ENCODINGS)}; got {encoding!r}")
+    if codec == "qsgd-elias":
+        raise ConfigError(f"--codec qsgd-elias fixes the encoding to elias (for --encoding {encoding} use "
+                          "--codec qsgd)")
+    cls = CODECS[codec][0] if codec in CODECS else None
+    if cls not in (QSGD, LevelSet, AdaptiveLevelSet):
+        raise ConfigError(f"--encoding applies only to --codec qsgd, qsgd-inf and the level-set codecs "
+                          f"(got --codec {codec})")
+    if encoding == "elias" and cls is not QSGD:
+        raise ConfigError(f"--encoding elias applies only to --codec qsgd and qsgd-inf (got --codec {codec}); "
+                          "the level-set codecs take dense or entropy")
 
 
 def codec_from_flags(codec, bits=None, levels=None, bucket=None, rounding=None, clip_sigma=None,
-                     error_feedback=False):
+                     error_feedback=False, encoding=None):
     """The codec that command-line flags describe, with flag names in every error."""
     if levels is not None and codec not in QSGD_ONLY:
         raise ConfigError(f"--levels applies only to --codec qsgd, qsgd-inf or qsgd-elias (got --codec {codec})")
@@ -110,8 +135,10 @@ def codec_from_flags(codec, bits=None, levels=None, bucket=None, rounding=None, 
         raise ConfigError(f"--bits does not apply to --codec {codec} (it has a fixed width)")
     if bucket is not None and codec in ("fp32", "fp16"):
         raise ConfigError(f"--bucket does not apply to --codec {codec}")
+    if codec in CODECS:
+        _check_encoding(codec, encoding)
     return make_codec(codec, error_feedback=error_feedback, bits=bits, levels=levels, bucket=bucket,
-                      rounding=rounding, clip_sigma=clip_sigma)
+                      rounding=rounding, clip_sigma=clip_sigma, encoding=encoding)
 
 
 def codec_for(header):

@@ -47,6 +47,10 @@ the float32 little-endian table (32 bytes at 3 bits, 1 KiB at 8; the whole heade
 bytes at 3 bits, 1104 at 8), so every message names the table it was encoded with;
 decoding it with another table is a :class:`DecodeError`.
 The last bucket may be short; its norm covers only its own coordinates.
+
+With ``encoding="entropy"`` (the params gain ``"encoding": "entropy"``) the norms are
+followed by the stream of :mod:`mpiqsgd.codecs.entropy` (the codes ``0..K-1`` as symbols):
+variable length, at least ``4 * n_buckets + 4`` bytes, the same quantization and values.
 """
 
 import zlib
@@ -58,7 +62,7 @@ from .. import wire
 from ..errors import ConfigError, DecodeError
 from . import adapt
 from . import bits as bitpack
-from . import kernels
+from . import entropy, kernels
 from .base import Codec, check_choice, check_int
 from .levelset_kernels import levelset_decode, levelset_encode, search_table
 from .buckets import bucket_rows, safe_norms
@@ -81,6 +85,7 @@ METHODS = {
 }
 ADAPTIVE = tuple(m for m, spec in METHODS.items() if spec[2] is not None)
 NORMS = ("l2", "max")
+ENCODINGS = ("dense", "entropy")
 
 
 def named_levels(method, bits):
@@ -141,13 +146,18 @@ class LevelSet(Codec):
             only their own table.
         clip_sigma: clip each coordinate to ``+-clip_sigma * std`` of its bucket before
             quantizing (TernGrad uses 2.5); biased; encoder-side only, not in the header.
+        encoding: ``"dense"`` bit packing (default) or ``"entropy"`` (rANS, variable length).
     """
 
     name = "levelset"
     stochastic = True
 
-    def __init__(self, bits=None, bucket=8192, norm=None, method="nuq", levels=None, clip_sigma=None):
+    def __init__(self, bits=None, bucket=8192, norm=None, method="nuq", levels=None, clip_sigma=None,
+                 encoding="dense"):
         self.method = check_choice(self.name, "method", method, tuple(METHODS))
+        self.encoding = check_choice(method, "encoding", encoding, ENCODINGS)
+        if encoding == "entropy":
+            entropy.check_available(method)
         default_bits, fixed_norm, _ = METHODS[method]
         self.bits = check_int(method, "bits", default_bits if bits is None else bits, 1, 8)
         self.bucket = check_int(method, "bucket", bucket, 1, wire.MAX_BUCKET)
@@ -184,8 +194,11 @@ class LevelSet(Codec):
 
     @property
     def params(self):
-        return {"bits": self.bits, "bucket": self.bucket, "norm": self.norm, "method": self.method,
-                "levels": self.levels_bytes}
+        params = {"bits": self.bits, "bucket": self.bucket, "norm": self.norm, "method": self.method,
+                  "levels": self.levels_bytes}
+        if self.encoding != "dense":  # dense headers stay as they were
+            params["encoding"] = self.encoding
+        return params
 
     def __repr__(self):
         shown = ", ".join(f"{v:.4g}" for v in self.table[:8]) + (", ..." if self.table.size > 8 else "")
@@ -193,7 +206,14 @@ class LevelSet(Codec):
                 f"norm={self.norm!r}, levels=[{shown}] #{table_id(self.levels_bytes)})")
 
     def payload_nbytes(self, numel):
+        if self.encoding == "entropy":
+            return None
         return 4 * (-(-numel // self.bucket)) + bitpack.packed_nbytes(numel, self.bits)
+
+    def min_payload_nbytes(self, numel):
+        if self.encoding == "dense":
+            return self.payload_nbytes(numel)
+        return 4 * (-(-numel // self.bucket)) + entropy.MIN_STREAM_BYTES if numel else 0
 
     def _levels_on(self, device):
         return self._levels_t if torch.device(device).type == "cpu" else self._levels_t.to(device)
@@ -211,11 +231,19 @@ class LevelSet(Codec):
         norms = safe_norms(x, self.bucket, self.norm)
         packed, decoded = levelset_encode(x, norms, self._levels_on(x.device), self.bucket, self.bits,
                                           kernels.draw_seed(rng), want_decoded, self.force_torch, self._search)
+        if self.encoding == "entropy":
+            code_symbol, table = entropy.levelset_symbols(self.bits, self.table)
+            packed = torch.from_numpy(entropy.encode(packed.cpu().numpy(), x.numel(), self.bits, code_symbol,
+                                                     table.size)).to(norms.device)
         return torch.cat([norms.view(torch.uint8), packed]), decoded
 
     def _dequantize(self, payload, numel):
         n_buckets = -(-numel // self.bucket)
         norms = finite_scales(payload, n_buckets, self.method)
+        if self.encoding == "entropy":
+            out = entropy.decode(payload[4 * n_buckets:].cpu().numpy(), numel, self.table.size, norms.cpu().numpy(),
+                                 min(self.bucket, numel), self.table, self.method)
+            return torch.from_numpy(out).to(payload.device)
         # min(): the same buckets; nothing is sized by a bucket larger than the message
         values, bad = levelset_decode(payload[4 * n_buckets:], norms, self._levels_on(payload.device),
                                       min(self.bucket, numel), self.bits, numel, self.force_torch)
@@ -255,7 +283,7 @@ class AdaptiveLevelSet(LevelSet):
     """A level set refitted to the gradients' statistics (ALQ, ALQ-N, AMQ, AMQ-N).
 
     Args:
-        bits, bucket, norm, method, levels, clip_sigma: as :class:`LevelSet`; ``method`` is
+        bits, bucket, norm, method, levels, clip_sigma, encoding: as :class:`LevelSet`; ``method`` is
             one of :data:`ADAPTIVE`; ``levels`` is the starting table (default ``nuq``).
         max_buckets: mixture statistics keep this many buckets of largest norm. Default 64.
         weight_power: mixture component weight ``count * norm**weight_power``. Default 2.
@@ -270,10 +298,11 @@ class AdaptiveLevelSet(LevelSet):
     adaptive = True
 
     def __init__(self, bits=None, bucket=8192, norm=None, method="alq", levels=None, clip_sigma=None,
-                 max_buckets=64, weight_power=2.0):
+                 max_buckets=64, weight_power=2.0, encoding="dense"):
         if method not in ADAPTIVE:
             raise ConfigError(f"adaptive level sets: method must be one of {', '.join(ADAPTIVE)}; got {method!r}")
-        super().__init__(bits=bits, bucket=bucket, norm=norm, method=method, levels=levels, clip_sigma=clip_sigma)
+        super().__init__(bits=bits, bucket=bucket, norm=norm, method=method, levels=levels, clip_sigma=clip_sigma,
+                         encoding=encoding)
         self.max_buckets = check_int(method, "max_buckets", max_buckets, 1, 1 << 20)
         self.weight_power = float(weight_power)
         self.stats = None  # the merged statistics of the last fit

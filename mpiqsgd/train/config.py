@@ -12,7 +12,7 @@ import typing
 from typing import Optional
 
 from .. import __version__
-from ..codecs import CODECS, codec_from_flags
+from ..codecs import CODECS, ENCODINGS, codec_from_flags
 from ..errors import ConfigError
 from ..topology import TOPOLOGIES
 from ..trace import parse_steps
@@ -66,6 +66,8 @@ class TrainConfig:
     rounding: Optional[str] = knob(None, "stochastic (default) or nearest", ["stochastic", "nearest"], "communication")
     clip_sigma: Optional[float] = knob(None, "terngrad: clip buckets at this many standard deviations",
                                        group="communication")
+    encoding: Optional[str] = knob(None, "qsgd/level sets: dense (default), elias (qsgd) or entropy (rANS)",
+                                   list(ENCODINGS), "communication")
     error_feedback: bool = knob(False, "error feedback around the codec", group="communication")
     topology: str = knob("scatter", "gradient aggregation (scatter: ring's bytes, half its error)", list(TOPOLOGIES),
                          "communication")
@@ -152,7 +154,7 @@ class TrainConfig:
         self.adapt_steps()
         parse_steps(self.trace_steps)
         codec_from_flags(self.codec, self.bits, self.levels, self.bucket, self.rounding, self.clip_sigma,
-                         self.error_feedback)
+                         self.error_feedback, self.encoding)
         return self
 
     def adapt_steps(self):

@@ -193,7 +193,7 @@ class Worker:
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
         codec = codec_from_flags(cfg.codec, cfg.bits, cfg.levels, cfg.bucket, cfg.rounding, cfg.clip_sigma,
-                                 cfg.error_feedback)
+                                 cfg.error_feedback, cfg.encoding)
         options = {"downlink": cfg.downlink, "server_error_feedback": cfg.server_error_feedback or None,
                    "dedicated": cfg.dedicated_server or None} if cfg.topology == "ps" else {}
         self.exchange = GradientExchange(
