@@ -21,7 +21,9 @@ from mpiqsgd.errors import ConfigError, DecodeError, MpiqsgdError
 
 CODECS = [make_codec("fp32"), make_codec("fp16"), make_codec("qsgd", bits=3, bucket=16),
           make_codec("qsgd", levels=5, bucket=8), make_codec("qsgd-inf"), make_codec("sign", bucket=10),
-          make_codec("qsgd-elias", bits=2, bucket=16)]
+          make_codec("qsgd-elias", bits=2, bucket=16), make_codec("qsgd", bits=2, bucket=16, encoding="entropy"),
+          make_codec("qsgd-inf", bits=8, bucket=8, encoding="entropy"),
+          make_codec("nuqsgd", bits=3, bucket=16, encoding="entropy")]
 
 
 def valid_messages():
@@ -153,9 +155,12 @@ FLT_MAX = float(np.finfo(np.float32).max)
 
 
 def hostile_codecs():
-    """Every codec name, at a small bucket, at its widest and narrowest settings."""
+    """Every codec name, at a small bucket, at its widest and narrowest settings; every encoding."""
     out = []
     for name in CODEC_NAMES:
+        if name in ENTROPY_NAMES:
+            out += [make_codec(name, bits=8, bucket=8, encoding="entropy"),
+                    make_codec(name, bits=2, bucket=16, encoding="entropy")]
         if name in ("fp32", "fp16"):
             out.append(make_codec(name))
         elif name == "sign":
@@ -169,11 +174,12 @@ def hostile_codecs():
     return out
 
 
+ENTROPY_NAMES = ("qsgd", "qsgd-inf", "nuqsgd", "alq", "amq-n")
 HOSTILE_CODECS = hostile_codecs()
 HOSTILE_INTS = [0, 1, 2, 7, 8, 9, 15, 16, 17, 255, 256, 2**16, 2**16 + 1, 2**30, 2**30 + 1, 2**31, 2**31 + 1,
                 2**34, 2**62, 2**64 - 1, -1, -2**63]
 HOSTILE_VALUES = HOSTILE_INTS + [True, False, None, 0.5, float("nan"), float("inf"), -0.0, "", "l2", "max",
-                                 "elias", "dense", "nearest", "stochastic", "nuq", "alq", "x" * 200, b"",
+                                 "elias", "dense", "entropy", "nearest", "stochastic", "nuq", "alq", "x" * 200, b"",
                                  b"\0" * 13, b"\0" * 4096, [1], {"a": 1}, [[[[[]]]]]]
 HOSTILE_FLOATS = [FLT_MAX, -FLT_MAX, float("inf"), float("-inf"), float("nan"), -1.0, -0.0, 1e-45, 1e38, 3e38]
 
@@ -202,7 +208,7 @@ def _table_bytes(rng, k):
 
 def _mutate_payload(rng, payload, codec, numel):
     p = bytearray(payload)
-    kind = rng.randrange(7)
+    kind = rng.randrange(8)
     bucket = getattr(codec, "bucket", None)
     n_scales = -(-numel // bucket) if bucket else 0
     if kind == 0 and n_scales:  # hostile scales, maximal codes
@@ -230,6 +236,10 @@ def _mutate_payload(rng, payload, codec, numel):
     elif kind == 5 and n_scales:  # valid scales, every code maximal
         for i in range(4 * n_scales, len(p)):
             p[i] = 0xFF
+    elif kind == 7 and len(p) > 4 * n_scales:  # a field of a variable-length stream's start (entropy: g, m, model)
+        for _ in range(rng.randint(1, 3)):
+            at = 4 * n_scales + rng.randrange(min(12, len(p) - 4 * n_scales))
+            p[at] = rng.choice([0, 1, 2, 3, 7, 8, 0x7F, 0x80, 0xFF])
     # kind 6: the payload as sent
     return bytes(p)
 
@@ -438,3 +448,44 @@ def test_kernels_never_see_a_bucket_above_numel(monkeypatch, name, force_torch):
     out = receiver._decode_payload(header["numel"], payload, "cpu")
     assert out.numel() == 3 and bool(torch.isfinite(out).all())
     assert name == "qsgd-elias" or seen, "the spy saw no kernel call"
+
+
+def test_hostile_entropy_streams_with_valid_crc():
+    """Seeded mutations of valid entropy streams (model, words, lengths), checksummed: each is refused
+    or decodes to exactly numel finite values, and numpy allocates at most the output and the tables."""
+    import tracemalloc
+
+    rng = random.Random(77)
+    codecs = [make_codec("qsgd", bits=b, bucket=32, encoding="entropy") for b in (2, 4, 8)] + \
+        [make_codec("nuqsgd", bits=3, bucket=32, encoding="entropy")]
+    outcomes = {"refused": 0, "decoded": 0}
+    for trial in range(1500):
+        codec = rng.choice(codecs)
+        numel = rng.choice([1, 9, 100, 2000])
+        x = torch.randn(numel, generator=torch.Generator().manual_seed(trial))
+        header, payload = wire.unframe(codec.encode(x, make_generator(trial)))
+        p = bytearray(payload)
+        start = 4 * -(-numel // codec.bucket)
+        for _ in range(rng.randint(0, 3)):  # 0: the stream as sent
+            kind = rng.randrange(5)
+            if kind == 0 and len(p) > start:  # the model
+                p[start + rng.randrange(min(16, len(p) - start))] = rng.randrange(256)
+            elif kind == 1 and len(p) > start:  # anywhere in the stream
+                i = rng.randrange(start, len(p))
+                p[i] ^= 1 << rng.randrange(8)
+            elif kind == 2 and len(p) > start:  # cut words
+                del p[len(p) - rng.randint(1, min(8, len(p) - start)):]
+            elif kind == 3:  # more words
+                p += bytes(rng.randrange(256) for _ in range(rng.choice([1, 4, 8])))
+            else:  # a hostile numel for the same stream
+                header = {**header, "numel": rng.choice([numel - 1, numel + 1, 2 * numel, 2**20])}
+        message = reframe(dict(header), bytes(p))
+        claimed = header["numel"]
+        tracemalloc.start()
+        try:
+            outcomes[check_hostile(decode, message, claimed)] += 1
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak <= 4 * max(0, claimed) + (1 << 20), (trial, peak, claimed)
+    assert outcomes["refused"] > 800 and outcomes["decoded"] > 300, outcomes  # seeded: 0 mutations ~ 1 in 4
