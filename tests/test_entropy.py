@@ -207,7 +207,7 @@ def test_invalid_streams(stream, match):
 
 def test_stream_with_words_left_over_or_other_counts():
     stream = valid_stream(QSGD4, X)
-    g, m = stream[0] + 1, stream[1] + 1
+    m = stream[1] + 1
     assert m >= 2
     words = stream + bytes([1, 0, 0, 0])  # one more word: the coder does not end empty, or decodes other symbols
     with pytest.raises(DecodeError, match="left after|do not match"):
