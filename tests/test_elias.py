@@ -79,6 +79,32 @@ def test_decodes_to_exactly_what_the_dense_code_decodes(params, n):
     assert len(m_sparse) >= wire.PREFIX_BYTES + sparse.min_payload_nbytes(n)
 
 
+@pytest.mark.parametrize("n,bucket,bits,density", [
+    (1, 4, 2, 0.5), (37, 8, 3, 0.3), (300, 64, 4, 0.3), (1000, 1000, 8, 0.9), (513, 512, 2, 0.01),
+    (100_000, 7, 4, 0.2), (99, 1, 2, 0.5), (1000, 3, 8, 0.7), (40_000, 13, 5, 1.0), (300_001, 512, 2, 0.0),
+    (2_000_000, 512, 2, 0.1), (1_000_000, 65536, 8, 0.5), (600_000, 100, 3, 0.3),
+])
+def test_parallel_encoder_writes_the_sequential_bytes(n, bucket, bits, density):
+    """encode_parallel (tasks of buckets on numba's threads) against the sequential reference."""
+    rng = np.random.default_rng(n + bits)
+    top = (1 << (bits - 1)) - 1
+    levels = np.where(rng.random(n) < density, rng.integers(1, top + 1, n), 0).astype(np.uint8)
+    negative = (rng.random(n) < 0.5).astype(np.uint8)
+    packed = bitpack.pack(torch.from_numpy(negative << (bits - 1) | levels), bits).numpy()
+    reference = elias.encode_codes(packed, n, bits, bucket, elias.count_bits(packed, n, bits, bucket))
+    assert np.array_equal(elias.encode_parallel(packed, n, bits, bucket), reference)
+
+
+def test_codec_uses_the_parallel_encoder_and_its_bytes_are_the_reference(monkeypatch):
+    codec = make_codec("qsgd-elias", bits=3, bucket=256)
+    x = torch.randn(700_000, generator=torch.Generator().manual_seed(3))
+    fast = codec.encode(x, make_generator(1))
+    calls = []
+    monkeypatch.setattr(elias, "encode_parallel", lambda packed, n, bits, bucket: calls.append(n) or
+                        elias.encode_codes(packed, n, bits, bucket, elias.count_bits(packed, n, bits, bucket)))
+    assert codec.encode(x, make_generator(1)) == fast and calls == [700_000]
+
+
 def test_variable_length_is_declared():
     codec = make_codec("qsgd-elias")
     assert codec.payload_nbytes(10) is None and codec.encoded_nbytes(10) is None and not codec.fixed_size

@@ -22,8 +22,13 @@ the end of a bucket implicit); it costs 1 bit for an all-zero bucket and about
 ``d`` coordinates at ``s`` levels is ``(3 + 1.5 log2(2 (s^2 + d) / (s (s + sqrt d))))
 * s (s + sqrt d) + 32`` bits, against ``d (1 + ceil(log2(s + 1))) + 32`` dense.
 
-The length depends on the data, so it is known only after encoding. The coding is a
-sequential pass on the CPU (numba when installed, else the same functions in Python).
+The length depends on the data, so it is known only after encoding. The encoder
+(:func:`encode_parallel`) runs on numba's threads in two passes over tasks of whole buckets:
+each bucket's length in bits (codes unpacked a task at a time, a table of omega lengths,
+groups of 8 codes without a non-zero level skipped in one test), a prefix sum for each task's bit offset, then each task writes its
+buckets into its own bytes, the byte it shares with the previous task merged afterwards. It
+gives the bytes of the sequential reference :func:`encode_codes` (numba when installed, else
+the same functions in Python), which stays beside it and a test compares them.
 Decoding validates every field against the bucket and the stream: a truncated,
 overlong or corrupted stream is an error code, never a read past the buffer.
 """
@@ -35,9 +40,9 @@ try:
 except ImportError:  # pragma: no cover - numba is a declared dependency
     numba = None
 
-from .kernels import _load_word
+from .kernels import CHUNK, HAVE_NUMBA, _load_word, run_chunks
 
-__all__ = ["omega_bits", "count_bits", "encode_codes", "decode_stream", "ERRORS"]
+__all__ = ["omega_bits", "count_bits", "encode_codes", "encode_parallel", "decode_stream", "ERRORS"]
 
 _jit = numba.njit(cache=True, nogil=True) if numba is not None else (lambda f: f)
 
@@ -244,3 +249,164 @@ def decode_stream(data, unit, bucket, levels, n, out, zero=True):
     if pos & 7 and data[pos >> 3] & ((1 << (8 - (pos & 7))) - 1):
         return 7
     return 0
+
+
+# -- the parallel encoder -------------------------------------------------------------------
+
+OMEGA_TABLE = (1 << 16) + 2  # omega codes of 1..2^16 + 1: every count, gap and level of a bucket <= 2^16
+
+
+@_jit
+def _omega_tables(size):
+    """The omega code of each k < size (k >= 1) as (bits, length), most significant bit first."""
+    codes = np.zeros(size, dtype=np.uint32)
+    lengths = np.zeros(size, dtype=np.uint8)
+    for k in range(1, size):
+        code, length, v = 0, 1, k  # the final "0"
+        while v > 1:
+            width = _bit_length(v)
+            code |= v << length
+            length += width
+            v = width - 1
+        codes[k] = code
+        lengths[k] = length
+    return codes, lengths
+
+
+_TABLES = []
+
+
+def omega_tables():
+    """The cached (codes, lengths) of :func:`_omega_tables` for :data:`OMEGA_TABLE` values."""
+    if not _TABLES:
+        _TABLES.append(_omega_tables(OMEGA_TABLE))
+    return _TABLES[0]
+
+
+if HAVE_NUMBA:
+    from .kernels import unpack_chunk
+
+    # The loops below are written out in each kernel: numba compiles a helper that returns a
+    # tuple (position, accumulator ...) per coordinate into code 5-10x slower.
+    _task = numba.njit(cache=True, nogil=True, error_model="numpy")
+
+    @numba.njit(inline="always")
+    def _task_codes(packed, n, bits, bucket, per_task, n_buckets, c, buf):
+        """Unpack task ``c``'s codes into ``buf``; returns (b0, b1, base): buckets b0..b1-1, and the
+        coordinate of ``buf[0]`` (a multiple of 8)."""
+        b0 = c * per_task
+        b1 = min(n_buckets, b0 + per_task)
+        base = (b0 * bucket) & ~7
+        unpack_chunk(packed, base, min(n, b1 * bucket), bits, buf)
+        return b0, b1, base
+
+    @_task
+    def _bits_tasks(c0, c1, packed, n, bits, bucket, per_task, lengths, nnz, out):
+        """Each bucket's stream length in bits (``out``) and its non-zero levels (``nnz``)."""
+        n_buckets = out.size
+        buf = np.empty((per_task * bucket + 23) // 8 * 8, dtype=np.uint8)  # whole words, a spare group
+        words = buf.view(np.uint64)
+        top = np.uint8((1 << (bits - 1)) - 1)
+        zeros = np.uint64(top) * np.uint64(0x0101010101010101)  # the level bits of 8 codes
+        for c in range(c0, c1):
+            b0, b1, base = _task_codes(packed, n, bits, bucket, per_task, n_buckets, c, buf)
+            for b in range(b0, b1):
+                start, end = b * bucket - base, min(n, (b + 1) * bucket) - base
+                total, count, prev = 0, 0, start - 1
+                for g in range(start >> 3, (end + 7) >> 3):
+                    if (words[g] & zeros) == 0:
+                        continue  # eight zero levels
+                    for k in range(max(start, 8 * g), min(end, 8 * g + 8)):  # branch-free: levels are random
+                        level = buf[k] & top
+                        nz = np.int64(level != 0)
+                        count += nz
+                        total += nz * (np.int64(lengths[k - prev]) + 1 + np.int64(lengths[level]))
+                        prev += nz * (k - prev)
+                out[b] = total + np.int64(lengths[count + 1])
+                nnz[b] = count
+        return 0
+
+    @_task
+    def _write_tasks(c0, c1, packed, n, bits, bucket, per_task, codes, lengths, nnz, offsets, out, first):
+        """Each task's buckets into its own bytes of ``out``; its first byte (which it may share with
+        the previous task) into ``first``.
+
+        Bits go through a 64-bit accumulator: after each field the pending bits (fewer than 8
+        before it, at most 49 in one field) are stored as 8 bytes, most significant first, with
+        no branch; ``local`` has 8 spare bytes and later stores overwrite the zero bits after them.
+        """
+        n_buckets = offsets.size - 1
+        buf = np.empty((per_task * bucket + 23) // 8 * 8, dtype=np.uint8)
+        words = buf.view(np.uint64)
+        top = np.uint8((1 << (bits - 1)) - 1)
+        zeros = np.uint64(top) * np.uint64(0x0101010101010101)
+        shift = bits - 1
+        for c in range(c0, c1):
+            b0, b1, base = _task_codes(packed, n, bits, bucket, per_task, n_buckets, c, buf)
+            first_bit, end_bit = offsets[b0], offsets[b1]
+            local = np.zeros(((first_bit & 7) + end_bit - first_bit + 7) // 8 + 8, dtype=np.uint8)
+            at = 0
+            acc = np.uint64(0)
+            n_acc = np.int64(first_bit & 7)  # leading zero bits: the previous task's
+            for b in range(b0, b1):
+                start, end = b * bucket - base, min(n, (b + 1) * bucket) - base
+                width = np.int64(lengths[nnz[b] + 1])  # omega(nnz + 1)
+                acc = (acc << np.uint64(width)) | np.uint64(codes[nnz[b] + 1])
+                n_acc += width
+                w = acc << np.uint64(64 - n_acc)
+                for j in range(8):
+                    local[at + j] = np.uint8((w >> np.uint64(56 - 8 * j)) & np.uint64(255))
+                at += n_acc >> 3
+                n_acc &= 7
+                acc &= (np.uint64(1) << np.uint64(n_acc)) - np.uint64(1)
+                prev = start - 1
+                for g in range(start >> 3, (end + 7) >> 3):
+                    if (words[g] & zeros) == 0:
+                        continue
+                    for k in range(max(start, 8 * g), min(end, 8 * g + 8)):
+                        # omega(gap), sign, omega(level) as one field; none (width 0) for level 0
+                        level = buf[k] & top
+                        nz = np.int64(level != 0)
+                        tail = np.int64(lengths[level]) + 1
+                        width = nz * (np.int64(lengths[k - prev]) + tail)
+                        field = (np.uint64(codes[k - prev]) << np.uint64(tail)) | \
+                            (np.uint64(buf[k] >> shift) << np.uint64(tail - 1)) | np.uint64(codes[level])
+                        acc = (acc << np.uint64(width)) | (field * np.uint64(nz))
+                        n_acc += width
+                        w = (acc << np.uint64(63 - n_acc)) << np.uint64(1)  # n_acc may be 0: no shift by 64
+                        for j in range(8):
+                            local[at + j] = np.uint8((w >> np.uint64(56 - 8 * j)) & np.uint64(255))
+                        at += n_acc >> 3
+                        n_acc &= 7
+                        acc &= (np.uint64(1) << np.uint64(n_acc)) - np.uint64(1)
+                        prev += nz * (k - prev)
+            # Bytes after the first are this task's alone; the first may hold the previous task's
+            # last bits, so it is merged after every task has run.
+            first[c] = local[0]
+            byte0 = first_bit >> 3
+            for j in range(1, (end_bit + 7) // 8 - byte0):
+                out[byte0 + j] = local[j]
+        return 0
+
+
+def encode_parallel(packed, n, bits, bucket):
+    """The stream of :func:`encode_codes` (the same bytes), on numba's threads."""
+    if not HAVE_NUMBA:
+        return encode_codes(packed, n, bits, bucket, count_bits(packed, n, bits, bucket))
+    codes, lengths = omega_tables()
+    n_buckets = -(-n // bucket)
+    per_task = max(1, CHUNK // bucket)  # about one CHUNK of coordinates per task
+    n_tasks = -(-n_buckets // per_task)
+    units = n_tasks * CHUNK  # run_chunks counts CHUNK units: one per task
+    bucket_bits = np.empty(n_buckets, dtype=np.int64)
+    nnz = np.empty(n_buckets, dtype=np.int64)
+    run_chunks(_bits_tasks, units, (packed, n, bits, bucket, per_task, lengths, nnz, bucket_bits))
+    offsets = np.zeros(n_buckets + 1, dtype=np.int64)
+    np.cumsum(bucket_bits, out=offsets[1:])
+    out = np.zeros((int(offsets[-1]) + 7) // 8, dtype=np.uint8)
+    first = np.zeros(n_tasks, dtype=np.uint8)
+    run_chunks(_write_tasks, units, (packed, n, bits, bucket, per_task, codes, lengths, nnz, offsets, out, first))
+    starts = offsets[np.arange(n_tasks) * per_task] >> 3
+    keep = starts < out.size
+    np.bitwise_or.at(out, starts[keep], first[keep])
+    return out

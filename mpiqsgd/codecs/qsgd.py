@@ -205,9 +205,7 @@ class QSGD(Codec):
 
     def _elias(self, packed, numel):
         """Transcode the dense codes into the Elias stream (read in place, no unpacking)."""
-        packed = packed.cpu().numpy()
-        nbits = elias.count_bits(packed, numel, self.bits, self.bucket)
-        return torch.from_numpy(elias.encode_codes(packed, numel, self.bits, self.bucket, nbits))
+        return torch.from_numpy(elias.encode_parallel(packed.cpu().numpy(), numel, self.bits, self.bucket))
 
     def _entropy(self, packed, numel):
         code_symbol, table = self._symbols
