@@ -23,12 +23,14 @@ the end of a bucket implicit); it costs 1 bit for an all-zero bucket and about
 * s (s + sqrt d) + 32`` bits, against ``d (1 + ceil(log2(s + 1))) + 32`` dense.
 
 The length depends on the data, so it is known only after encoding. The encoder
-(:func:`encode_parallel`) runs on numba's threads in two passes over tasks of whole buckets:
-each bucket's length in bits (codes unpacked a task at a time, a table of omega lengths,
-groups of 8 codes without a non-zero level skipped in one test), a prefix sum for each task's bit offset, then each task writes its
-buckets into its own bytes, the byte it shares with the previous task merged afterwards. It
-gives the bytes of the sequential reference :func:`encode_codes` (numba when installed, else
-the same functions in Python), which stays beside it and a test compares them.
+(:func:`encode_parallel`) runs on numba's threads in two passes over tasks of whole
+buckets (about :data:`~mpiqsgd.codecs.kernels.CHUNK` coordinates each, codes unpacked a task
+at a time): each bucket's length in bits from a table of omega lengths (groups of 8 codes
+without a non-zero level skipped in one test, the others branch-free), a prefix sum for each
+task's bit offset, then each task writes its buckets into its own bytes, the byte it shares
+with the previous task merged afterwards. It gives the bytes of the sequential reference
+:func:`encode_codes` (numba when installed, else the same functions in Python), which stays
+beside it; a test compares them.
 Decoding validates every field against the bucket and the stream: a truncated,
 overlong or corrupted stream is an error code, never a read past the buffer.
 """
