@@ -5,6 +5,13 @@ a reference measured in the same run: a memcpy of the same buffer for codecs (``
 on the CPU, a device-to-device copy on a GPU), an fp32 ``MPI.Allreduce`` for exchanges,
 the same training step without communication for steps.
 
+Sizes come with the limit they are measured against: for QSGD and the level sets, the
+empirical entropy ``H`` of the message's symbols (signed levels, level indices; memoryless)
+plus the bytes that are not symbols (frame, header, bucket scales, an entropy code's model),
+for which ``vs_entropy`` = bits per coordinate / (H + those); for the Elias code also the QSGD
+paper's bound on its expected length (Theorem 3.2, per bucket), ``vs_elias_bound``.
+``bench_codec_all`` runs every codec and encoding (``mpiqsgd bench codec --all``).
+
 Peak extra memory of a codec call is measured from the kernel's own accounting of the
 process's resident set, which sees numba's, torch's and numpy's allocations alike (unlike
 ``tracemalloc``): on Linux the peak-RSS mark is reset through ``/proc/self/clear_refs``
@@ -13,6 +20,7 @@ millisecond. The extra is the peak minus the resident set before the call, so it
 call's output (reported beside it) and misses memory the allocator reuses without new pages.
 """
 
+import math
 import statistics
 import threading
 import time
@@ -20,12 +28,17 @@ import time
 import numpy as np
 import torch
 
-from .codecs import make_generator
+from . import wire
+from .codecs import make_codec, make_generator
+from .codecs import entropy as entropy_code
 from .codecs.fp import FP32
+from .codecs.levelset import LevelSet
+from .codecs.qsgd import QSGD
 from .machine import machine_info
 from .topology import make_aggregator
 
-__all__ = ["bench_codec", "bench_exchange", "bench_step", "bench_link", "peak_extra_bytes"]
+__all__ = ["bench_codec", "bench_codec_all", "ALL_CODECS", "symbol_stats", "bench_exchange", "bench_step",
+           "bench_link", "peak_extra_bytes"]
 
 
 def _sync(device):
@@ -165,6 +178,64 @@ def _memory(codec, x, message, device):
             "decode_extra_vs_fp32": None if dec_extra is None else dec_extra / fp32_bytes}
 
 
+def _dense_twin(codec):
+    """The same codec with the dense encoding: the same quantization, bit-packed."""
+    params = {k: v for k, v in codec.params.items() if k != "encoding"}
+    return type(codec)(**params)
+
+
+def elias_bound_bits(levels, bucket, numel):
+    """The QSGD paper's bound (Theorem 3.2) on the expected Elias bits of ``numel`` coordinates:
+    ``(3 + 1.5 log2(2 (s^2 + d) / (s (s + sqrt d)))) s (s + sqrt d) + 32`` per bucket of ``d``."""
+    total = 0.0
+    for d, count in ((bucket, numel // bucket), (numel % bucket, 1 if numel % bucket else 0)):
+        if count:
+            s, nnz = levels, levels * (levels + math.sqrt(d))
+            total += count * ((3 + 1.5 * math.log2(2 * (s * s + d) / nnz)) * nnz + 32)
+    return total
+
+
+def symbol_stats(codec, x, seed=0):
+    """Bits per coordinate of ``codec``'s message of ``x`` against the limits it is measured by.
+
+    Returns:
+        None for codecs without quantized symbols (fp32, fp16, sign); else a dict with the
+        message's ``bits_per_coordinate``, the symbols' empirical ``entropy_bits_per_coordinate``,
+        ``side_bits_per_coordinate`` (frame, header, scales, model), ``vs_entropy`` and, for the
+        Elias code, ``elias_bound_bits_per_coordinate`` and ``vs_elias_bound``.
+    """
+    base = codec.base
+    if not isinstance(base, (QSGD, LevelSet)):
+        return None
+    n = x.numel()
+    message = base.encode(x, make_generator(seed, 0, 0, x.device))
+    dense = _dense_twin(base).encode(x, make_generator(seed, 0, 0, x.device))
+    header, payload = wire.unframe(dense)
+    scale_bytes = 4 * -(-n // base.bucket)
+    packed = np.frombuffer(payload, dtype=np.uint8)[scale_bytes:].copy()
+    if isinstance(base, QSGD):
+        code_symbol, table = entropy_code.qsgd_symbols(base.bits, base.levels)
+    else:
+        code_symbol, table = entropy_code.levelset_symbols(base.bits, base.table)
+    counts = entropy_code.symbol_counts(packed, n, base.bits, code_symbol, table.size)
+    h = entropy_code.entropy_bits(counts)
+    _, own = wire.unframe(message)
+    side = len(message) - len(own) + scale_bytes
+    stats = {"encoding": getattr(base, "encoding", "dense")}
+    if stats["encoding"] == "entropy":
+        parts = entropy_code.describe(np.frombuffer(own, np.uint8)[scale_bytes:], n, table.size)
+        side += parts["model_bytes"]
+        stats.update(group=parts["group"], symbols_used=parts["symbols_used"], model_bytes=parts["model_bytes"])
+    bits = 8 * len(message) / n
+    limit = h + 8 * side / n
+    stats.update(bits_per_coordinate=bits, entropy_bits_per_coordinate=h, side_bits_per_coordinate=8 * side / n,
+                 vs_entropy=bits / limit)
+    if stats["encoding"] == "elias" and base.norm == "l2":  # the bound is the L2 norm's
+        bound = (elias_bound_bits(base.levels, base.bucket, n) + 8 * (len(message) - len(own))) / n
+        stats.update(elias_bound_bits_per_coordinate=bound, vs_elias_bound=bits / bound)
+    return stats
+
+
 def bench_codec(codec, numel, repeats=5, seed=0, device="cpu", threads=None):
     """Time encode and decode of a Gaussian vector of ``numel`` coordinates.
 
@@ -205,6 +276,8 @@ def bench_codec(codec, numel, repeats=5, seed=0, device="cpu", threads=None):
         "repeats": repeats,
         "encoded_bytes": len(message),
         "bytes_per_coordinate": len(message) / numel,
+        "bits_per_coordinate": 8 * len(message) / numel,
+        "symbols": symbol_stats(codec, x, seed),
         "compression_vs_fp32": FP32().encoded_nbytes(numel) / len(message),
         "encode_seconds": enc,
         "decode_seconds": dec,
@@ -222,6 +295,29 @@ def bench_codec(codec, numel, repeats=5, seed=0, device="cpu", threads=None):
         "memory": _memory(codec, x, message, device) if cpu else None,
         "machine": machine_info(device),
     }
+
+
+# (codec name, parameters) of `bench codec --all`: every codec, every encoding it takes.
+ALL_CODECS = [("fp32", {}), ("fp16", {}), ("sign", {})] + \
+    [("qsgd", {"bits": b, "encoding": e}) for b in (2, 3, 4, 8) for e in ("dense", "elias", "entropy")] + \
+    [("qsgd-inf", {"bits": 4, "encoding": e}) for e in ("dense", "elias", "entropy")] + \
+    [(name, {"encoding": e}) for name in ("nuqsgd", "nuqsgd-zero", "terngrad", "alq", "alq-n", "amq", "amq-n")
+     for e in ("dense", "entropy")]
+
+
+def bench_codec_all(numel, repeats=5, seed=0, device="cpu", threads=None, codecs=None):
+    """:func:`bench_codec` of every codec and encoding (:data:`ALL_CODECS`, or ``codecs``).
+
+    Returns:
+        JSON-ready dict: ``results`` (one :func:`bench_codec` dict per codec, with ``name``) and
+        the machine.
+    """
+    results = []
+    for name, params in codecs or ALL_CODECS:
+        result = bench_codec(make_codec(name, **params), numel, repeats, seed, device, threads)
+        results.append({"name": name, **result})
+    return {"benchmark": "codec-all", "numel": numel, "repeats": repeats, "results": results,
+            "machine": machine_info(device)}
 
 
 def _median_max(transport, seconds):

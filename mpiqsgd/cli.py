@@ -89,6 +89,8 @@ def build_parser():
     bc.add_argument("--threads", default=None,
                     help="comma-separated numba thread counts for the CPU scaling table (default 1,2,all)")
     bc.add_argument("--json", action="store_true", help="print one JSON object")
+    bc.add_argument("--all", action="store_true",
+                    help="every codec and encoding at its defaults (qsgd at 2, 3, 4, 8 bits), one table")
     bc.set_defaults(func=run_bench_codec)
 
     be = bench.add_parser("exchange", help="one topology vs fp32 allreduce (run under mpiexec)")
@@ -171,6 +173,8 @@ def run_bench_codec(args):
             raise MpiqsgdError(f"--threads must be comma-separated integers; got {args.threads!r}") from None
         for t in threads:
             _positive("threads", t)
+    if args.all:
+        return _bench_codec_all(args, threads)
     result = bench_codec(codec_from_args(args), args.numel, args.repeats, args.seed, args.device, threads)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -181,6 +185,13 @@ def run_bench_codec(args):
     print(f"  encode {r['encode_GBps']:.3f} GB/s   decode {r['decode_GBps']:.3f} GB/s   "
           f"memcpy {r['memcpy_GBps']:.3f} GB/s")
     print(f"  {r['bytes_per_coordinate']:.4f} bytes/coordinate ({r['compression_vs_fp32']:.2f}x smaller than fp32)")
+    sym = r["symbols"]
+    if sym:
+        elias_bound = (f"; Elias bound {sym['elias_bound_bits_per_coordinate']:.4f} ({sym['vs_elias_bound']:.3f}x)"
+                       if "vs_elias_bound" in sym else "")
+        print(f"  {sym['bits_per_coordinate']:.4f} bits/coordinate ({sym['encoding']}): symbol entropy "
+              f"{sym['entropy_bits_per_coordinate']:.4f} + {sym['side_bits_per_coordinate']:.4f} frame/scales/model "
+              f"({sym['vs_entropy']:.3f}x that){elias_bound}")
     bound = f"  (QSGD bound {r['variance_bound']:.3f})" if r["variance_bound"] is not None else ""
     print(f"  ||Q(v)-v||^2/||v||^2 = {r['variance_ratio']:.4f}{bound}")
     for row in r["scaling"] or []:
@@ -191,6 +202,35 @@ def run_bench_codec(args):
     if mem and mem["encode_peak_extra_bytes"] is not None:
         print(f"  peak extra memory: encode {mem['encode_extra_vs_fp32']:.2f}x, "
               f"decode {mem['decode_extra_vs_fp32']:.2f}x the fp32 input (outputs included)")
+
+
+def _bench_codec_all(args, threads):
+    from .bench import bench_codec_all
+
+    chosen = [f"--{k.replace('_', '-')}" for k in ("bits", "levels", "bucket", "rounding", "clip_sigma", "encoding")
+              if getattr(args, k) is not None] + (["--codec"] if args.codec != "qsgd" else []) + \
+        (["--error-feedback"] if args.error_feedback else [])
+    if chosen:
+        raise MpiqsgdError(f"--all runs every codec at its defaults; drop {', '.join(chosen)}")
+    result = bench_codec_all(args.numel, args.repeats, args.seed, args.device, threads)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    m = result["machine"]
+    print(f"numel={result['numel']:,}, median of {result['repeats']}; {m.get('cpu_model') or m['processor']}, "
+          f"{m['cpu_count']} cores, {m['device']}; GB/s of fp32 input at {m['torch_threads']} threads "
+          "(x: against memcpy in the same run)")
+    print(f"{'codec':<12} {'bits':>4} {'encoding':<8} {'encode GB/s':>14} {'decode GB/s':>14} {'bits/coord':>10} "
+          f"{'H':>7} {'vs H+side':>9} {'vs Elias':>8} {'var/|v|^2':>9}")
+    for r in result["results"]:
+        sym = r["symbols"] or {}
+        entropy = f"{sym['entropy_bits_per_coordinate']:.4f}" if sym else "-"
+        vs_h = f"{sym['vs_entropy']:.3f}" if sym else "-"
+        vs_elias = f"{sym['vs_elias_bound']:.3f}" if "vs_elias_bound" in sym else "-"
+        print(f"{r['name']:<12} {r['params'].get('bits', '-')!s:>4} {sym.get('encoding', '-'):<8} "
+              f"{r['encode_GBps']:7.3f} ({r['encode_vs_memcpy']:.2f}x) {r['decode_GBps']:7.3f} "
+              f"({r['decode_vs_memcpy']:.2f}x) {r['bits_per_coordinate']:10.4f} {entropy:>7} {vs_h:>9} {vs_elias:>8} "
+              f"{r['variance_ratio']:9.4f}")
 
 
 def run_bench_exchange(args):

@@ -18,6 +18,18 @@ def default_device(rank=0):
     return "cpu"
 
 
+def _cpu_model():
+    """The CPU's model name (Linux /proc/cpuinfo), or None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def machine_info(device="cpu"):
     """A JSON-ready description of this process's machine and software."""
     info = {
@@ -26,6 +38,7 @@ def machine_info(device="cpu"):
         "torch": torch.__version__,
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": str(device),

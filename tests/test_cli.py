@@ -27,6 +27,37 @@ def test_bench_codec_json(capsys):
     assert r["machine"]["cpu_count"] >= 1
 
 
+def test_bench_codec_sizes_against_entropy_and_elias_bound(capsys):
+    code, out, _ = run(capsys, "bench", "codec", "--numel", "50000", "--repeats", "1", "--threads", "1",
+                       "--bits", "2", "--encoding", "elias", "--json")
+    assert code == 0
+    sym = json.loads(out)["symbols"]
+    assert sym["encoding"] == "elias" and 0 < sym["entropy_bits_per_coordinate"] < 1
+    assert sym["vs_entropy"] > 1 and 0.5 < sym["vs_elias_bound"] < 1  # above the entropy, below the paper's bound
+    code, out, _ = run(capsys, "bench", "codec", "--numel", "50000", "--repeats", "1", "--threads", "1",
+                       "--codec", "terngrad", "--encoding", "entropy", "--json")
+    sym = json.loads(out)["symbols"]
+    assert 1 <= sym["vs_entropy"] < 1.03 and sym["model_bytes"] > 0
+    assert json.loads(out)["bits_per_coordinate"] == pytest.approx(sym["bits_per_coordinate"], rel=0.01)
+
+
+def test_bench_codec_all(capsys, monkeypatch):
+    from mpiqsgd import bench
+
+    monkeypatch.setattr(bench, "ALL_CODECS", [("fp16", {}), ("qsgd", {"bits": 2, "encoding": "entropy"}),
+                                              ("amq", {"encoding": "dense"})])
+    code, out, _ = run(capsys, "bench", "codec", "--all", "--numel", "20000", "--repeats", "1", "--threads", "1",
+                       "--json")
+    assert code == 0
+    r = json.loads(out)
+    assert [x["name"] for x in r["results"]] == ["fp16", "qsgd", "amq"] and r["results"][0]["symbols"] is None
+    assert r["results"][1]["symbols"]["encoding"] == "entropy" and r["machine"]["cpu_count"] >= 1
+    code, out, _ = run(capsys, "bench", "codec", "--all", "--numel", "20000", "--repeats", "1", "--threads", "1")
+    assert code == 0 and "vs H+side" in out and "entropy" in out
+    code, _, err = run(capsys, "bench", "codec", "--all", "--bits", "3")
+    assert code == 2 and "drop --bits" in err
+
+
 def test_bench_codec_reports_thread_scaling_and_memory(capsys):
     code, out, _ = run(capsys, "bench", "codec", "--numel", "300000", "--repeats", "1", "--codec", "nuqsgd",
                        "--threads", "1,2", "--json")

@@ -202,8 +202,9 @@ class LevelSet(Codec):
 
     def __repr__(self):
         shown = ", ".join(f"{v:.4g}" for v in self.table[:8]) + (", ..." if self.table.size > 8 else "")
+        encoding = f", encoding={self.encoding!r}" if self.encoding != "dense" else ""
         return (f"{type(self).__name__}(method={self.method!r}, bits={self.bits}, bucket={self.bucket}, "
-                f"norm={self.norm!r}, levels=[{shown}] #{table_id(self.levels_bytes)})")
+                f"norm={self.norm!r}, levels=[{shown}] #{table_id(self.levels_bytes)}{encoding})")
 
     def payload_nbytes(self, numel):
         if self.encoding == "entropy":
