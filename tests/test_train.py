@@ -76,6 +76,18 @@ def test_sparse_code_trains_like_the_dense_code_in_fewer_bytes(tmp_path):
     assert sparse["total_bytes"] < dense["total_bytes"] / 2
 
 
+@pytest.mark.parametrize("topology", ["allgather", "ring", "scatter", "ps"])
+def test_entropy_encoding_trains_like_the_dense_code_in_fewer_bytes(tmp_path, topology):
+    """Every topology that carries codec messages: variable-length entropy messages, the same model."""
+    flags = dict(simulate=2, codec="nuqsgd-zero", bits=3, bucket=256, topology=topology, min_compress_numel=0,
+                 checkpoint_every=1000, max_steps=12, downlink="codec" if topology == "ps" else None)
+    dense, a = run(tmp_path, "dense", **flags)
+    coded, b = run(tmp_path, "entropy", encoding="entropy", **flags)
+    for rank in (0, 1):
+        assert same_state(final_model(a, rank), final_model(b, rank))
+    assert coded["total_bytes"] < dense["total_bytes"] * 0.6
+
+
 def test_resume_equals_uninterrupted(tmp_path):
     flags = dict(simulate=2, codec="qsgd", bits=3, rounding="nearest", error_feedback=True, checkpoint_every=1000)
     full, a = run(tmp_path, "full", **flags)
