@@ -23,14 +23,15 @@ the end of a bucket implicit); it costs 1 bit for an all-zero bucket and about
 * s (s + sqrt d) + 32`` bits, against ``d (1 + ceil(log2(s + 1))) + 32`` dense.
 
 The length depends on the data, so it is known only after encoding. The encoder
-(:func:`encode_parallel`) runs on numba's threads in two passes over tasks of whole
-buckets (about :data:`~mpiqsgd.codecs.kernels.CHUNK` coordinates each, codes unpacked a task
-at a time): each bucket's length in bits from a table of omega lengths (groups of 8 codes
-without a non-zero level skipped in one test, the others branch-free), a prefix sum for each
-task's bit offset, then each task writes its buckets into its own bytes, the byte it shares
-with the previous task merged afterwards. It gives the bytes of the sequential reference
-:func:`encode_codes` (numba when installed, else the same functions in Python), which stays
-beside it; a test compares them.
+(:func:`encode_parallel`) runs on numba's threads over tasks of whole buckets (about
+:data:`~mpiqsgd.codecs.kernels.CHUNK` coordinates each): each task unpacks its codes, finds
+the non-zero levels of each group of 8 with word operations (zero levels cost nothing) and
+writes its buckets from bit 0 into its own scratch bytes (bounded by the worst case, at
+most 2 bytes per coordinate); a prefix sum of the tasks' lengths places them, and a second
+parallel pass copies each task's bits to its offset, the byte it shares with the previous
+task merged last. It gives the bytes of the sequential reference :func:`encode_codes` (numba
+when installed, else the same functions in Python), which stays beside it; a test compares
+them.
 Decoding validates every field against the bucket and the stream: a truncated,
 overlong or corrupted stream is an error code, never a read past the buffer.
 """
@@ -302,58 +303,57 @@ if HAVE_NUMBA:
         unpack_chunk(packed, base, min(n, b1 * bucket), bits, buf)
         return b0, b1, base
 
+    _ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
+    _LOW7 = np.uint64(0x7F7F7F7F7F7F7F7F)
+    _HIGH = np.uint64(0x8080808080808080)
+    _BYTE_ONES = np.uint64(0x0101010101010101)
+
+    @numba.njit(inline="always")
+    def _range_mask(g, start, end):
+        """The bytes of group ``g`` (codes 8g..8g+7) that lie in [start, end), as a mask."""
+        lo = max(start - 8 * g, 0)
+        hi = min(end - 8 * g, 8)
+        upper = _ONES if hi == 8 else (np.uint64(1) << np.uint64(8 * hi)) - np.uint64(1)
+        return upper & ~((np.uint64(1) << np.uint64(8 * lo)) - np.uint64(1))
+
+    @numba.njit(inline="always")
+    def _nonzero_bytes(word, zeros):
+        """The high bit of each byte of ``word`` whose level bits (``zeros``, at most 7 per byte)
+        are not all 0."""
+        return ((word & zeros) + _LOW7) & _HIGH
+
     @_task
-    def _bits_tasks(c0, c1, packed, n, bits, bucket, per_task, lengths, nnz, out):
-        """Each bucket's stream length in bits (``out``) and its non-zero levels (``nnz``)."""
-        n_buckets = out.size
+    def _write_tasks(c0, c1, packed, n, bits, bucket, per_task, codes, lengths, scratch, starts, task_bits):
+        """Each task's buckets into its own bytes ``scratch[starts[c]:starts[c + 1]]`` from bit 0;
+        its length in bits into ``task_bits[c]``.
+
+        Codes are unpacked a byte each; the non-zero levels of each group of 8 are found with
+        word operations and visited lowest first, so zero levels cost nothing. Bits go through a
+        64-bit accumulator: after each field (at most 49 bits, fewer than 8 pending before it)
+        the pending bits are stored as 8 bytes, most significant first, with no branch (each
+        task's bytes end with 8 spare ones; later stores overwrite the zero bits after them).
+        """
+        n_buckets = -(-n // bucket)
         buf = np.empty((per_task * bucket + 23) // 8 * 8, dtype=np.uint8)  # whole words, a spare group
         words = buf.view(np.uint64)
         top = np.uint8((1 << (bits - 1)) - 1)
-        zeros = np.uint64(top) * np.uint64(0x0101010101010101)  # the level bits of 8 codes
-        for c in range(c0, c1):
-            b0, b1, base = _task_codes(packed, n, bits, bucket, per_task, n_buckets, c, buf)
-            for b in range(b0, b1):
-                start, end = b * bucket - base, min(n, (b + 1) * bucket) - base
-                total, count, prev = 0, 0, start - 1
-                for g in range(start >> 3, (end + 7) >> 3):
-                    if (words[g] & zeros) == 0:
-                        continue  # eight zero levels
-                    for k in range(max(start, 8 * g), min(end, 8 * g + 8)):  # branch-free: levels are random
-                        level = buf[k] & top
-                        nz = np.int64(level != 0)
-                        count += nz
-                        total += nz * (np.int64(lengths[k - prev]) + 1 + np.int64(lengths[level]))
-                        prev += nz * (k - prev)
-                out[b] = total + np.int64(lengths[count + 1])
-                nnz[b] = count
-        return 0
-
-    @_task
-    def _write_tasks(c0, c1, packed, n, bits, bucket, per_task, codes, lengths, nnz, offsets, out, first):
-        """Each task's buckets into its own bytes of ``out``; its first byte (which it may share with
-        the previous task) into ``first``.
-
-        Bits go through a 64-bit accumulator: after each field the pending bits (fewer than 8
-        before it, at most 49 in one field) are stored as 8 bytes, most significant first, with
-        no branch; ``local`` has 8 spare bytes and later stores overwrite the zero bits after them.
-        """
-        n_buckets = offsets.size - 1
-        buf = np.empty((per_task * bucket + 23) // 8 * 8, dtype=np.uint8)
-        words = buf.view(np.uint64)
-        top = np.uint8((1 << (bits - 1)) - 1)
-        zeros = np.uint64(top) * np.uint64(0x0101010101010101)
+        zeros = np.uint64(top) * _BYTE_ONES  # the level bits of 8 codes
         shift = bits - 1
         for c in range(c0, c1):
             b0, b1, base = _task_codes(packed, n, bits, bucket, per_task, n_buckets, c, buf)
-            first_bit, end_bit = offsets[b0], offsets[b1]
-            local = np.zeros(((first_bit & 7) + end_bit - first_bit + 7) // 8 + 8, dtype=np.uint8)
+            local = scratch[starts[c]:starts[c + 1]]
             at = 0
             acc = np.uint64(0)
-            n_acc = np.int64(first_bit & 7)  # leading zero bits: the previous task's
+            n_acc = np.int64(0)
             for b in range(b0, b1):
                 start, end = b * bucket - base, min(n, (b + 1) * bucket) - base
-                width = np.int64(lengths[nnz[b] + 1])  # omega(nnz + 1)
-                acc = (acc << np.uint64(width)) | np.uint64(codes[nnz[b] + 1])
+                g0, g1 = start >> 3, (end + 7) >> 3
+                count = 0
+                for g in range(g0, g1):
+                    m = _nonzero_bytes(words[g], zeros) & _range_mask(g, start, end)
+                    count += np.int64(((m >> np.uint64(7)) * _BYTE_ONES) >> np.uint64(56))
+                width = np.int64(lengths[count + 1])  # omega(nnz + 1)
+                acc = (acc << np.uint64(width)) | np.uint64(codes[count + 1])
                 n_acc += width
                 w = acc << np.uint64(64 - n_acc)
                 for j in range(8):
@@ -362,32 +362,46 @@ if HAVE_NUMBA:
                 n_acc &= 7
                 acc &= (np.uint64(1) << np.uint64(n_acc)) - np.uint64(1)
                 prev = start - 1
-                for g in range(start >> 3, (end + 7) >> 3):
-                    if (words[g] & zeros) == 0:
-                        continue
-                    for k in range(max(start, 8 * g), min(end, 8 * g + 8)):
-                        # omega(gap), sign, omega(level) as one field; none (width 0) for level 0
+                for g in range(g0, g1):
+                    m = _nonzero_bytes(words[g], zeros) & _range_mask(g, start, end)
+                    while m:
+                        low = m & (~m + np.uint64(1))  # the lowest non-zero code's high bit
+                        m ^= low
+                        k = 8 * g + np.int64(low > np.uint64(0xFF)) + np.int64(low > np.uint64(0xFFFF)) + \
+                            np.int64(low > np.uint64(0xFFFFFF)) + np.int64(low > np.uint64(0xFFFFFFFF)) + \
+                            np.int64(low > np.uint64(0xFFFFFFFFFF)) + np.int64(low > np.uint64(0xFFFFFFFFFFFF)) + \
+                            np.int64(low > np.uint64(0xFFFFFFFFFFFFFF))
+                        # omega(gap), sign, omega(level) as one field
                         level = buf[k] & top
-                        nz = np.int64(level != 0)
                         tail = np.int64(lengths[level]) + 1
-                        width = nz * (np.int64(lengths[k - prev]) + tail)
-                        field = (np.uint64(codes[k - prev]) << np.uint64(tail)) | \
+                        width = np.int64(lengths[k - prev]) + tail
+                        acc = (acc << np.uint64(width)) | (np.uint64(codes[k - prev]) << np.uint64(tail)) | \
                             (np.uint64(buf[k] >> shift) << np.uint64(tail - 1)) | np.uint64(codes[level])
-                        acc = (acc << np.uint64(width)) | (field * np.uint64(nz))
                         n_acc += width
-                        w = (acc << np.uint64(63 - n_acc)) << np.uint64(1)  # n_acc may be 0: no shift by 64
+                        w = acc << np.uint64(64 - n_acc)
                         for j in range(8):
                             local[at + j] = np.uint8((w >> np.uint64(56 - 8 * j)) & np.uint64(255))
                         at += n_acc >> 3
                         n_acc &= 7
                         acc &= (np.uint64(1) << np.uint64(n_acc)) - np.uint64(1)
-                        prev += nz * (k - prev)
-            # Bytes after the first are this task's alone; the first may hold the previous task's
-            # last bits, so it is merged after every task has run.
-            first[c] = local[0]
-            byte0 = first_bit >> 3
-            for j in range(1, (end_bit + 7) // 8 - byte0):
-                out[byte0 + j] = local[j]
+                        prev = k
+            task_bits[c] = 8 * at + n_acc
+        return 0
+
+    @_task
+    def _merge_tasks(c0, c1, scratch, starts, offsets, out, first):
+        """Copy each task's bits to its bit offset in ``out``; the first byte, which it may share
+        with the previous task, into ``first`` (merged after every task has run)."""
+        for c in range(c0, c1):
+            src = scratch[starts[c]:]
+            begin, end = offsets[c], offsets[c + 1]
+            shift = begin & 7
+            byte0 = begin >> 3
+            n_src = (end - begin + 7) >> 3
+            first[c] = np.uint8(np.int64(src[0]) >> shift) if n_src else np.uint8(0)
+            for j in range(1, ((end + 7) >> 3) - byte0):
+                low = np.int64(src[j]) >> shift if j < n_src else np.int64(0)
+                out[byte0 + j] = np.uint8(((np.int64(src[j - 1]) << (8 - shift)) | low) & 255)
         return 0
 
 
@@ -400,15 +414,21 @@ def encode_parallel(packed, n, bits, bucket):
     per_task = max(1, CHUNK // bucket)  # about one CHUNK of coordinates per task
     n_tasks = -(-n_buckets // per_task)
     units = n_tasks * CHUNK  # run_chunks counts CHUNK units: one per task
-    bucket_bits = np.empty(n_buckets, dtype=np.int64)
-    nnz = np.empty(n_buckets, dtype=np.int64)
-    run_chunks(_bits_tasks, units, (packed, n, bits, bucket, per_task, lengths, nnz, bucket_bits))
-    offsets = np.zeros(n_buckets + 1, dtype=np.int64)
-    np.cumsum(bucket_bits, out=offsets[1:])
+    # Each task's bytes: at most 2 + |omega(s)| bits per coordinate (gap 1, sign, level s), plus
+    # omega(nnz + 1) <= 28 bits per bucket and 8 spare bytes; under 2 bytes per coordinate at 8 bits.
+    first_bucket = np.arange(n_tasks + 1) * per_task
+    coords = np.minimum(first_bucket * bucket, n)
+    worst = (2 + int(lengths[(1 << (bits - 1)) - 1])) * np.diff(coords) + 28 * np.diff(np.minimum(first_bucket,
+                                                                                                 n_buckets))
+    starts = np.zeros(n_tasks + 1, dtype=np.int64)
+    np.cumsum((worst + 7) // 8 + 8, out=starts[1:])
+    scratch = np.empty(int(starts[-1]), dtype=np.uint8)
+    task_bits = np.empty(n_tasks, dtype=np.int64)
+    run_chunks(_write_tasks, units, (packed, n, bits, bucket, per_task, codes, lengths, scratch, starts, task_bits))
+    offsets = np.zeros(n_tasks + 1, dtype=np.int64)
+    np.cumsum(task_bits, out=offsets[1:])
     out = np.zeros((int(offsets[-1]) + 7) // 8, dtype=np.uint8)
     first = np.zeros(n_tasks, dtype=np.uint8)
-    run_chunks(_write_tasks, units, (packed, n, bits, bucket, per_task, codes, lengths, nnz, offsets, out, first))
-    starts = offsets[np.arange(n_tasks) * per_task] >> 3
-    keep = starts < out.size
-    np.bitwise_or.at(out, starts[keep], first[keep])
+    run_chunks(_merge_tasks, units, (scratch, starts, offsets, out, first))
+    np.bitwise_or.at(out, offsets[:-1] >> 3, first)
     return out
