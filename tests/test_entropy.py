@@ -58,10 +58,16 @@ def test_level_sets_decode_to_exactly_the_dense_values(name, params, n):
 
 
 @pytest.mark.parametrize("params", [{"bits": 2}, {"bits": 4}, {"bits": 8, "rounding": "nearest"}])
-def test_chunked_and_overlapped_decoding(monkeypatch, params):
-    """Small decode chunks: many coder calls, the value kernel overlapped with the next one."""
+def test_chunked_and_overlapped_coding(monkeypatch, params):
+    """Small chunks: many coder calls, each overlapped with the next chunk's tuple or value kernel;
+    the same bytes as one call."""
+    sparse, dense = pair("qsgd", **params)
+    x = vec(600_000, seed=3)
+    whole = sparse.encode(x, make_generator(4))
     monkeypatch.setattr(entropy, "DECODE_CHUNK", 1000)
-    assert_same_values(*pair("qsgd", **params), vec(600_000, seed=3))
+    monkeypatch.setattr(entropy, "ENCODE_CHUNK", 2 * entropy.TUPLE_CHUNK)
+    assert sparse.encode(x, make_generator(4)) == whole
+    assert_same_values(sparse, dense, x)
 
 
 def test_torch_kernels_give_the_same_stream():

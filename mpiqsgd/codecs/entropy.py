@@ -47,8 +47,10 @@ lazily zeroed memory and coordinates that decode to +0.0 are not written (a shor
 of a near-certain zero symbol commits no pages for them).
 
 Speed: ``constriction`` holds the GIL while it codes, so the coding is one thread per
-process; the histogram and tuple passes run on numba's threads, and decoding overlaps the
-coder of one chunk with the value kernel of the previous one.
+process. The histogram runs on numba's threads; encoding overlaps the coder of one chunk
+with the tuple kernel of the next, decoding the coder of one chunk with the value kernel of
+the previous one (on the kernels' pool, from the main thread only, as
+:func:`~mpiqsgd.codecs.kernels.parallel_ok` allows).
 """
 
 import numpy as np
@@ -74,6 +76,7 @@ MAX_ALPHABET = 4096  # tuples in the model: bounds what a stream can make a rece
 FLOOR_SHARE = 58000  # m^g <= FLOOR_SHARE g H: the coder's probability floor costs < 0.5%
 MIN_STREAM_BYTES = 4  # g, m, one symbol, one count
 DECODE_CHUNK = 1 << 18  # tuples per call of the coder's decode
+ENCODE_CHUNK = 1 << 19  # tuples per call of the coder's encode (a multiple of TUPLE_CHUNK)
 TUPLE_CHUNK = CHUNK // MAX_GROUP  # tuples per task of the tuple kernel: at most one CHUNK of codes
 
 ERRORS = {
@@ -115,12 +118,22 @@ if HAVE_NUMBA:
     @_kernel
     def _code_hist_chunks(c0, c1, packed, n, bits, hist):
         codes = np.empty(CHUNK, dtype=np.uint8)
+        part = np.zeros((4, hist.shape[1]), dtype=np.int32)  # 4 interleaved counts: no store-to-load chain
         for c in range(c0, c1):
             start, stop = chunk_range(c, n)
             unpack_chunk(packed, start, stop, bits, codes)
+            part[:] = 0
+            m = stop - start
+            for k in range(0, m - 3, 4):
+                part[0, codes[k]] += 1
+                part[1, codes[k + 1]] += 1
+                part[2, codes[k + 2]] += 1
+                part[3, codes[k + 3]] += 1
+            for k in range(m - m % 4, m):
+                part[0, codes[k]] += 1
             row = hist[c]
-            for k in range(stop - start):
-                row[codes[k]] += 1
+            for j in range(row.size):
+                row[j] = part[0, j] + part[1, j] + part[2, j] + part[3, j]
         return 0
 
     @_kernel
@@ -275,9 +288,25 @@ def encode(packed, n, bits, code_symbol, n_symbols):
     valid = code_symbol >= 0
     digit[valid] = np.searchsorted(used, code_symbol[valid]).clip(max=m - 1)
     tids = np.empty(n_tuples, dtype=np.int32)
-    run_chunks(_tuple_chunks, 8 * n_tuples, (packed, n, bits, g, m, digit, tids))  # 8 units per tuple: a
-    coder = constriction.stream.stack.AnsCoder()                                  # chunk is TUPLE_CHUNK tuples
-    coder.encode_reverse(tids, _model(counts[used], g))
+    args = (packed, n, bits, g, m, digit, tids)
+    coder = constriction.stream.stack.AnsCoder()
+    tuple_model = _model(counts[used], g)
+    n_steps = -(-n_tuples // ENCODE_CHUNK)
+    if n_steps > 1 and parallel_ok(n):
+        # The coder holds the GIL; the tuple kernel does not: it computes the next (earlier) chunk's
+        # tuples on a pool thread while the coder codes this one. A stack: the last chunk goes first.
+        per_step = ENCODE_CHUNK // TUPLE_CHUNK
+        n_task_chunks = -(-n_tuples // TUPLE_CHUNK)
+        steps = [(s * per_step, min(n_task_chunks, (s + 1) * per_step)) for s in range(n_steps)][::-1]
+        pending = _pool().submit(_tuple_chunks, *steps[0], *args)
+        for i, (c0, c1) in enumerate(steps):
+            pending.result()
+            if i + 1 < len(steps):
+                pending = _pool().submit(_tuple_chunks, *steps[i + 1], *args)
+            coder.encode_reverse(tids[c0 * TUPLE_CHUNK:min(n_tuples, c1 * TUPLE_CHUNK)], tuple_model)
+    else:
+        run_chunks(_tuple_chunks, 8 * n_tuples, args)  # 8 units per tuple: a chunk is TUPLE_CHUNK tuples
+        coder.encode_reverse(tids, tuple_model)
     words = coder.get_compressed()
     return np.concatenate([model[:end], words.astype("<u4", copy=False).view(np.uint8)])
 
