@@ -43,8 +43,8 @@ Decoding validates every field, the counts' sum, and, after decoding, that the s
 counts are those sent, that the coder ends empty and that the padding indices are 0: a
 stream that fails any of these is a :class:`DecodeError`. Memory: the tables are at most
 4096 tuples, the coder works in chunks of :data:`DECODE_CHUNK` tuples, the values go into
-lazily zeroed memory and coordinates that decode to +0.0 are not written (a short stream
-of a near-certain zero symbol commits no pages for them).
+lazily zeroed memory and tuples whose coordinates all decode to +0.0 are not written (a
+short stream of a near-certain zero symbol commits no pages for them).
 
 Speed: ``constriction`` holds the GIL while it codes, so the coding is one thread per
 process. The histogram runs on numba's threads; encoding overlaps the coder of one chunk
@@ -76,6 +76,7 @@ MAX_ALPHABET = 4096  # tuples in the model: bounds what a stream can make a rece
 FLOOR_SHARE = 58000  # m^g <= FLOOR_SHARE g H: the coder's probability floor costs < 0.5%
 MIN_STREAM_BYTES = 4  # g, m, one symbol, one count
 DECODE_CHUNK = 1 << 18  # tuples per call of the coder's decode
+SPARSE_SHARE = 0.9  # decoding skips the writes of +0.0 values when more than this share are +0.0
 ENCODE_CHUNK = 1 << 19  # tuples per call of the coder's encode (a multiple of TUPLE_CHUNK)
 TUPLE_CHUNK = CHUNK // MAX_GROUP  # tuples per task of the tuple kernel: at most one CHUNK of codes
 
@@ -195,25 +196,45 @@ if HAVE_NUMBA:
         return pos, 0
 
     @_jit
-    def _values(tids, t0, n, g, symbols, pad, scales, bucket, table, skip, out, hist):
-        """Write the values of tuples ``t0..`` (ids ``tids``) into ``out``, count their symbols'
-        indices in ``hist``; return how many padding coordinates are not index 0."""
-        bad = 0
+    def _values(tids, t0, n, g, symbols, skip_tuple, scales, bucket, table, skip, sparse, out, tuple_hist, tail_hist):
+        """Write the values of tuples ``t0..`` (ids ``tids``) into ``out``; count whole tuples by id in
+        ``tuple_hist`` and the coordinates of a last tuple that ends past ``n`` by index in
+        ``tail_hist``. ``sparse``: +0.0 coordinates are rare writes worth a branch. Returns how
+        many of the last tuple's padding coordinates are not index 0."""
         i = t0 * g
-        b = i // bucket
+        b = i // bucket  # bucket of coordinate i: b * bucket <= i < edge
         edge = (b + 1) * bucket
-        for t in range(tids.size):
+        whole = tids.size if (t0 + tids.size) * g <= n else tids.size - 1
+        for t in range(whole):
+            v = tids[t]
+            tuple_hist[v] += 1
+            if skip_tuple[v]:  # every coordinate +0.0, already in `out`
+                i += g
+                while i >= edge:
+                    b += 1
+                    edge += bucket
+                continue
+            for k in range(g):
+                if i >= edge:
+                    b += 1
+                    edge += bucket
+                s = symbols[v, k]
+                if not (sparse and skip[s]):  # dense: no branch on the symbol, +0.0 written (scale * +0.0)
+                    out[i] = scales[b] * table[s]
+                i += 1
+        bad = 0
+        for t in range(whole, tids.size):  # the last tuple, past n
             v = tids[t]
             for k in range(g):
                 s = symbols[v, k]
                 if i < n:
-                    hist[s] += 1
-                    if i == edge:
+                    tail_hist[s] += 1
+                    if i >= edge:
                         b += 1
                         edge += bucket
                     if not skip[s]:
                         out[i] = scales[b] * table[s]
-                elif s != pad:
+                elif s != 0:
                     bad += 1
                 i += 1
         return bad
@@ -387,14 +408,18 @@ def decode(stream, n, n_symbols, scales, bucket, table, codec):
     digits = np.arange(m ** g)[:, None] // (m ** np.arange(g - 1, -1, -1))[None, :] % m
     symbols = np.ascontiguousarray(digits, dtype=np.uint8)  # index into `values` of each tuple coordinate
     skip = values.view(np.int32) == 0  # +0.0: already in `out`
-    hist = np.zeros(m, dtype=np.int64)
+    skip_tuple = skip[symbols].all(axis=1)
+    sparse = bool(counts[skip].sum() > SPARSE_SHARE * n)  # most values +0.0: skip them, branch well predicted
+    tuple_hist = np.zeros(m ** g, dtype=np.int64)
+    tail_hist = np.zeros(m, dtype=np.int64)
     n_tuples = -(-n // g)
     bad = 0
     pending = None
     overlap = parallel_ok(n) and n_tuples > DECODE_CHUNK
     for t0 in range(0, n_tuples, DECODE_CHUNK):
         tids = coder.decode(model, min(DECODE_CHUNK, n_tuples - t0))
-        args = (tids, t0, n, g, symbols, 0, scales, bucket, values, skip, out, hist)
+        args = (tids, t0, n, g, symbols, skip_tuple, scales, bucket, values, skip, sparse, out, tuple_hist,
+                tail_hist)
         if pending is not None:
             bad += pending.result()
         if overlap:  # the value kernel releases the GIL: it runs while the coder decodes the next chunk
@@ -403,6 +428,9 @@ def decode(stream, n, n_symbols, scales, bucket, table, codec):
             bad += _values(*args)
     if pending is not None:
         bad += pending.result()
+    hist = tail_hist  # each index's count: its occurrences in each tuple times the tuple's (exact in float64)
+    for k in range(g):
+        hist = hist + np.bincount(symbols[:, k], weights=tuple_hist, minlength=m).astype(np.int64)
     if not coder.is_empty():
         raise DecodeError(f"{codec}: invalid entropy stream: ANS words are left after the last tuple")
     if bad or not np.array_equal(hist, counts):
