@@ -114,8 +114,8 @@ def _copy_fn(x, device):
 
 
 def _time_codec(codec, x, repeats, seed, device, copy):
-    """Medians of encode, decode and memcpy seconds (after one warm-up), the last message and the
-    mean normalized variance."""
+    """Medians of encode, decode and memcpy seconds (after one warm-up), the last message, the
+    mean normalized variance and the encode and decode seconds of every repeat."""
     enc_s, dec_s, copy_s, variances = [], [], [], []
     message = None
     for rep in range(repeats + 1):
@@ -130,7 +130,7 @@ def _time_codec(codec, x, repeats, seed, device, copy):
         copy_s.append(t_copy)
         variances.append(float((y - x).double().pow(2).sum() / x.double().pow(2).sum()))
     enc, dec, cpy = (statistics.median(v) for v in (enc_s, dec_s, copy_s))
-    return enc, dec, cpy, message, float(np.mean(variances))
+    return enc, dec, cpy, message, float(np.mean(variances)), (enc_s, dec_s)
 
 
 def _thread_counts(threads):
@@ -153,7 +153,7 @@ def _scaling(codec, x, repeats, seed, device, copy, threads):
         for n_threads in _thread_counts(threads):
             numba.set_num_threads(n_threads)
             torch.set_num_threads(n_threads)
-            enc, dec, cpy, _, _ = _time_codec(codec, x, repeats, seed, device, copy)
+            enc, dec, cpy = _time_codec(codec, x, repeats, seed, device, copy)[:3]
             rows.append({"threads": n_threads, "encode_seconds": enc, "decode_seconds": dec, "memcpy_seconds": cpy,
                          "encode_GBps": fp32_bytes / enc / 1e9, "decode_GBps": fp32_bytes / dec / 1e9,
                          "memcpy_GBps": fp32_bytes / cpy / 1e9, "encode_vs_memcpy": cpy / enc,
@@ -265,7 +265,8 @@ def bench_codec(codec, numel, repeats=5, seed=0, device="cpu", threads=None):
         adaptive = {"stats_seconds": t_stats, "fit_seconds": t_fit, "first_call_seconds": t_first + t_first_fit,
                     "levels": [float(v) for v in inner.levels]}
     fp32_bytes = 4 * numel
-    enc, dec, copy_s, message, variance = _time_codec(codec, x, repeats, seed, device, copy)
+    enc, dec, copy_s, message, variance, (enc_series, dec_series) = _time_codec(codec, x, repeats, seed, device,
+                                                                                copy)
     cpu = torch.device(device).type == "cpu"
     return {
         "benchmark": "codec",
@@ -284,6 +285,8 @@ def bench_codec(codec, numel, repeats=5, seed=0, device="cpu", threads=None):
         "memcpy_seconds": copy_s,
         "encode_GBps": fp32_bytes / enc / 1e9,
         "decode_GBps": fp32_bytes / dec / 1e9,
+        "encode_GBps_range": [fp32_bytes / max(enc_series) / 1e9, fp32_bytes / min(enc_series) / 1e9],
+        "decode_GBps_range": [fp32_bytes / max(dec_series) / 1e9, fp32_bytes / min(dec_series) / 1e9],
         "memcpy_GBps": fp32_bytes / copy_s / 1e9,
         "encode_vs_memcpy": copy_s / enc,
         "decode_vs_memcpy": copy_s / dec,
