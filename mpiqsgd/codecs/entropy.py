@@ -19,9 +19,11 @@ with the product model ``p(tuple) = p(d_1) ... p(d_g)`` of the symbols' frequenc
 message (:func:`choose_group` picks ``g``). A memoryless model of the symbols, so the coded
 tuples cost ``numel * H`` bits, ``H`` the empirical entropy of the message's symbols, up
 to the coder's fixed-point rounding (measured: within 0.2%, ``tests/test_entropy.py``).
-The model is just ``m`` counts; per message, since a model per group of buckets pays ``m``
-counts per group and gains only where the distribution drifts along the vector (the
-buckets' norms already take out the scale).
+The model is just ``m`` counts, per message: measured with qsgd (2, 4, 8 bits, bucket 512)
+on 1M normal coordinates and on a ResNet-20 gradient, a model per group of 8, 64 or 512
+buckets codes at most 0.5% fewer bytes (the buckets' norms already take out the scale) and
+costs more than that in counts (ResNet-20 at 8 bits, groups of 8 buckets: 0.53% of 153 KB
+saved, 10.8 KB of models).
 
 Stream format (after the codec's float32 bucket scales)::
 
