@@ -166,7 +166,7 @@ class GradientExchange:
 
     def adapt(self, flat, step):
         """Refit the adaptive codec's levels from every rank's statistics of ``flat`` (collective)."""
-        from .codecs import adapt
+        from .codecs import gradstats
 
         t = self.transport
         t.begin_step(step)
@@ -174,10 +174,10 @@ class GradientExchange:
             raise NonFiniteError(f"gradient holds NaN/Inf at step {step}; not refitting levels to it")
         # "adapt" times this rank's own work; waiting for the others is "communicate".
         with t.timed("adapt"):
-            local = adapt.stats_to_bytes(self.adaptive.local_stats(flat))
+            local = gradstats.stats_to_bytes(self.adaptive.local_stats(flat))
         gathered = t.allgather_bytes(local, phase="adapt")
         with t.timed("adapt"):
-            self.adaptive.fit(adapt.merge_stats([adapt.stats_from_bytes(b) for b in gathered]))
+            self.adaptive.fit(gradstats.merge_stats([gradstats.stats_from_bytes(b) for b in gathered]))
 
     def diagnostics(self, step):
         """Quantization diagnostics of this rank's compressed gradient (no communication).

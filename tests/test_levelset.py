@@ -9,7 +9,7 @@ import torch
 
 from conftest import vec
 from mpiqsgd import wire
-from mpiqsgd.codecs import CODECS, ErrorFeedback, adapt, decode, make_codec, make_generator
+from mpiqsgd.codecs import CODECS, ErrorFeedback, decode, gradstats, make_codec, make_generator
 from mpiqsgd.codecs.levelset import (AdaptiveLevelSet, LevelSet, expected_variance, named_levels,
                                      normalized_variance, table_id)
 from mpiqsgd.errors import ConfigError, DecodeError
@@ -239,7 +239,8 @@ def test_invalid_parameters_fail_at_construction(kwargs, match):
 def test_registry_has_the_level_set_codecs():
     assert {"nuqsgd", "nuqsgd-zero", "terngrad", "alq", "alq-n", "amq", "amq-n"} <= set(CODECS)
     assert isinstance(make_codec("alq"), AdaptiveLevelSet) and not isinstance(make_codec("nuqsgd"), AdaptiveLevelSet)
-    assert make_codec("alq-n").stats_kind == "pooled" and make_codec("amq").stats_kind == "mixture"
+    assert make_codec("alq-n", fit="model").stats_kind == "pooled" and make_codec("amq", fit="model").stats_kind == "mixture"
+    assert make_codec("alq").stats_kind == make_codec("amq-n").stats_kind == "histogram"  # the default fit
 
 
 def reframe(params, numel, payload):
@@ -279,7 +280,7 @@ def test_fit_changes_the_table_and_old_messages_no_longer_decode(name):
     x = vec(2048, seed=1)
     old_params = codec.params
     old = codec.encode(x, make_generator(0))
-    table = codec.fit(adapt.merge_stats([codec.local_stats(x[:1024]), codec.local_stats(x[1024:])]))
+    table = codec.fit(gradstats.merge_stats([codec.local_stats(x[:1024]), codec.local_stats(x[1024:])]))
     assert codec.params["levels"] == table.astype("<f4").tobytes() != old_params["levels"]
     assert table[0] == -1 and table[-1] == 1 and np.all(np.diff(table) > 0) and table.dtype == np.float32
     with pytest.raises(DecodeError, match=f"level table #{table_id(old_params['levels'])}.*holds table "
@@ -295,10 +296,10 @@ def test_fit_is_deterministic_and_a_function_of_the_stats_only():
     x = vec(4096, seed=9) * torch.linspace(0.1, 3, 4096)
     a, b = make_codec("alq", bucket=512), make_codec("alq", bucket=512)
     stats = [a.local_stats(x[i:i + 1024]) for i in range(0, 4096, 1024)]
-    a.fit(adapt.merge_stats(stats))
-    b.fit(adapt.stats_to_bytes(adapt.merge_stats(stats)))  # as received over the wire
+    a.fit(gradstats.merge_stats(stats))
+    b.fit(gradstats.stats_to_bytes(gradstats.merge_stats(stats)))  # as received over the wire
     assert a.params == b.params
-    b.fit(adapt.merge_stats(stats))
+    b.fit(gradstats.merge_stats(stats))
     assert a.params == b.params
 
 
@@ -322,7 +323,7 @@ def test_state_dict_roundtrip(name):
     fresh.load_state_dict(state)
     assert fresh.params == codec.params and fresh.p == codec.p and fresh.n_fits == 1
     assert torch.equal(fresh.decode(message), codec.decode(message))
-    assert adapt.stats_to_bytes(fresh.stats) == adapt.stats_to_bytes(codec.stats)
+    assert gradstats.stats_to_bytes(fresh.stats) == gradstats.stats_to_bytes(codec.stats)
     with pytest.raises(ConfigError, match="bits"):
         make_codec(name, bits=4, bucket=256).load_state_dict(state)
 
@@ -334,11 +335,13 @@ def test_set_levels_installs_a_broadcast_table():
 
 
 def test_fit_refuses_statistics_of_another_kind():
-    codec = make_codec("alq", bucket=64)
+    codec = make_codec("alq", bucket=64, fit="model")
     with pytest.raises(ConfigError, match="mixture statistics"):
-        codec.fit(adapt.local_stats(vec(640), 64, "pooled"))
+        codec.fit(gradstats.local_stats(vec(640), 64, "pooled"))
     with pytest.raises(ConfigError, match="bucket=64"):
-        codec.fit(adapt.local_stats(vec(640), 32, "mixture"))
+        codec.fit(gradstats.local_stats(vec(640), 32, "mixture"))
+    with pytest.raises(ConfigError, match="histogram statistics"):
+        make_codec("alq", bucket=64).fit(gradstats.local_stats(vec(640), 64, "mixture"))
     with pytest.raises(ConfigError, match="every bucket was zero"):
         codec.fit(codec.local_stats(torch.zeros(100)))
 
