@@ -107,7 +107,7 @@ def test_exact_level_tables():
 def test_header_carries_the_float32_table():
     codec = make_codec("alq", bits=2, bucket=10)
     header, _ = wire.unframe(codec.encode(vec(25), make_generator(0)))
-    assert header["params"] == {"bits": 2, "bucket": 10, "norm": "l2", "method": "alq",
+    assert header["params"] == {"bits": 2, "bucket": 10, "norm": "max", "method": "alq",
                                 "levels": np.array([-1, -0.5, 0.5, 1], "<f4").tobytes()}
 
 
@@ -355,13 +355,15 @@ def test_adapted_levels_beat_qsgd_and_nuqsgd_on_gaussian_gradients(bits):
     scale = torch.rand(32, generator=g) * 2 + 0.1
     x = (torch.randn(32, d, generator=g) + 0.3 * torch.randn(32, 1, generator=g)) * scale[:, None]
     x = x.reshape(-1)
-    qsgd = expected_variance(named_levels("qsgd", bits), x, d)
-    nuq = min(expected_variance(named_levels(m, bits), x, d) for m in ("nuq", "nuq0"))
-    for name in ("alq", "alq-n", "amq", "amq-n"):
-        codec = make_codec(name, bits=bits, bucket=d)
-        codec.fit(codec.local_stats(x))
-        v = expected_variance(codec.levels, x, d)
-        assert v < min(qsgd, nuq), (name, v, qsgd, nuq)
+    for norm in ("l2", "max"):
+        qsgd = expected_variance(named_levels("qsgd", bits), x, d, norm)
+        nuq = min(expected_variance(named_levels(m, bits), x, d, norm) for m in ("nuq", "nuq0"))
+        for name in ("alq", "alq-n", "amq", "amq-n"):
+            for fit in ("histogram", "model"):
+                codec = make_codec(name, bits=bits, bucket=d, norm=norm, fit=fit)
+                codec.fit(codec.local_stats(x))
+                v = expected_variance(codec.levels, x, d, norm)
+                assert v < min(qsgd, nuq), (name, fit, norm, v, qsgd, nuq)
 
 
 def test_truncated_and_mutated_messages_are_decode_errors():

@@ -97,9 +97,20 @@ def make_codec(name, error_feedback=False, **params):
 QSGD_ONLY = ("qsgd", "qsgd-inf", "qsgd-elias")
 
 
+LEVEL_SETS = tuple(name for name, (cls, _) in CODECS.items() if issubclass(cls, LevelSet))
+ADAPTIVE_CODECS = tuple(name for name, (cls, _) in CODECS.items() if issubclass(cls, AdaptiveLevelSet))
+
+
 def codec_from_flags(codec, bits=None, levels=None, bucket=None, rounding=None, clip_sigma=None,
-                     error_feedback=False):
+                     error_feedback=False, norm=None, fit=None):
     """The codec that command-line flags describe, with flag names in every error."""
+    if norm is not None and codec not in LEVEL_SETS:
+        hint = " (qsgd: --codec qsgd-inf is the max norm)" if codec in QSGD_ONLY else ""
+        raise ConfigError(f"--norm applies only to the level-set codecs {', '.join(LEVEL_SETS)} "
+                          f"(got --codec {codec}){hint}")
+    if fit is not None and codec not in ADAPTIVE_CODECS:
+        raise ConfigError(f"--fit applies only to the adaptive codecs {', '.join(ADAPTIVE_CODECS)} "
+                          f"(got --codec {codec})")
     if levels is not None and codec not in QSGD_ONLY:
         raise ConfigError(f"--levels applies only to --codec qsgd, qsgd-inf or qsgd-elias (got --codec {codec})")
     if rounding is not None and codec not in QSGD_ONLY:
@@ -111,7 +122,7 @@ def codec_from_flags(codec, bits=None, levels=None, bucket=None, rounding=None, 
     if bucket is not None and codec in ("fp32", "fp16"):
         raise ConfigError(f"--bucket does not apply to --codec {codec}")
     return make_codec(codec, error_feedback=error_feedback, bits=bits, levels=levels, bucket=bucket,
-                      rounding=rounding, clip_sigma=clip_sigma)
+                      rounding=rounding, clip_sigma=clip_sigma, norm=norm, fit=fit)
 
 
 def codec_for(header):

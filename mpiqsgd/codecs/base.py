@@ -82,6 +82,7 @@ class Codec:
     bucket = None  # coordinates per scale; None for codecs without buckets
     rounding = None  # "stochastic" or "nearest" where the codec offers the choice
     adaptive = False  # refits itself from merged statistics (local_stats / fit)
+    norm = None  # "l2" or "max": how each bucket is normalized, for codecs that round to levels
 
     @property
     def base(self):
@@ -90,6 +91,11 @@ class Codec:
 
     def variance_bound(self):
         """Upper bound on E||Q(v) - v||^2 / ||v||^2, or None when the codec states none."""
+        return None
+
+    def level_table(self):
+        """The levels (float64, -1 to 1) that unbiased stochastic rounding of each bucket's normalized
+        coordinates picks from, or None for codecs that do not round to levels (diagnostics use it)."""
         return None
 
     def state_dict(self):

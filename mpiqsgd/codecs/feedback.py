@@ -54,6 +54,10 @@ class ErrorFeedback(Codec):
     bits = property(lambda self: self.inner.bits)
     bucket = property(lambda self: self.inner.bucket)
     rounding = property(lambda self: self.inner.rounding)
+    norm = property(lambda self: self.inner.norm)
+
+    def level_table(self):
+        return self.inner.level_table()
 
     def __repr__(self):
         return f"ErrorFeedback({self.inner!r})"

@@ -22,16 +22,17 @@ terngrad   ``{-1, 0, 1}``, ``K = 3`` with ``b = 2`` (code 3 is invalid)        m
 uniform    ``K`` evenly spaced levels from -1 to 1                          l2
 qsgd       ``l / s``, ``l = -s..s``, ``s = 2^(b-1) - 1`` (``K = 2^b - 1``):      l2
            the same distribution as the ``qsgd`` codec
-alq        fitted by ALQ (free levels) to the statistics of ``fit``:       l2
+alq        fitted by ALQ (free levels) to the statistics of ``fit``:       max
            ``histogram`` (default), the norm-weighted histogram of the
            gradients' normalized coordinates; ``model``, a mixture of
            per-bucket truncated normals (the ALQ paper)
-alq-n      as alq; ``fit="model"``: one pooled truncated normal            l2
-amq        ``+-p^j``, ``j = 0..K/2-1``, ``p`` fitted by AMQ, statistics as alq  l2
-amq-n      as amq; ``fit="model"``: the pooled truncated normal            l2
+alq-n      as alq; ``fit="model"``: one pooled truncated normal            max
+amq        ``+-p^j``, ``j = 0..K/2-1``, ``p`` fitted by AMQ, statistics as alq  max
+amq-n      as amq; ``fit="model"``: the pooled truncated normal            max
 =========  ===============================================================  ==========
 
-Every method takes ``norm="l2"`` or ``"max"`` (``--norm``) but terngrad, which is max only.
+The norm column is the default; every method takes ``norm="l2"`` or ``"max"`` (``--norm``) but
+terngrad, which is max only.
 
 Adaptive codecs (:class:`AdaptiveLevelSet`) start from the ``nuq`` levels and change
 their table in :meth:`AdaptiveLevelSet.fit` (:mod:`mpiqsgd.codecs.fits`; each refit keeps the
@@ -141,7 +142,8 @@ class LevelSet(Codec):
     Args:
         bits: bits per coordinate on the wire, 1..8 (default 3; terngrad 2). ``K <= 2^bits``.
         bucket: coordinates per bucket, each with its own fp32 norm. Default 8192.
-        norm: ``"l2"`` (default) or ``"max"`` (terngrad: only ``"max"``).
+        norm: ``"l2"`` or ``"max"``; default ``"max"`` for the adaptive methods, ``"l2"`` for the
+            fixed ones (terngrad: only ``"max"``).
         method: one of :data:`METHODS`.
         levels: float32 little-endian bytes (or a sequence) of the table; default the
             method's own (for adaptive methods: its starting table). Fixed methods accept
@@ -158,8 +160,8 @@ class LevelSet(Codec):
         default_bits, fixed_norm, _ = METHODS[method]
         self.bits = check_int(method, "bits", default_bits if bits is None else bits, 1, 8)
         self.bucket = check_int(method, "bucket", bucket, 1, wire.MAX_BUCKET)
-        if norm is None:
-            norm = fixed_norm or "l2"
+        if norm is None:  # measured: max-norm buckets give adaptive levels half the variance (README)
+            norm = fixed_norm or ("max" if method in ADAPTIVE else "l2")
         self.norm = check_choice(method, "norm", norm, NORMS)
         if fixed_norm is not None and norm != fixed_norm:
             raise ConfigError(f"{method}: norm must be {fixed_norm!r}; got {norm!r}")
@@ -188,6 +190,9 @@ class LevelSet(Codec):
     def levels(self):
         """The level table as float64 values (a copy)."""
         return self.table.astype(np.float64)
+
+    def level_table(self):
+        return self.levels
 
     @property
     def params(self):
