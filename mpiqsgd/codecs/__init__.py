@@ -12,10 +12,11 @@ sign         scaled sign, L1 scale per bucket            4 ceil(n/d) + ceil(n / 
 nuqsgd       signed NUQ levels +-0.5^j, L2 norm          4 ceil(n/d) + ceil(n b / 8)
 nuqsgd-zero  NUQ levels 0, +-0.5^j (JMLR), L2 norm      4 ceil(n/d) + ceil(n b / 8)
 terngrad     levels {-1, 0, 1}, max norm (b = 2)         4 ceil(n/d) + ceil(n / 4)
-alq          ALQ levels fitted to a mixture model        4 ceil(n/d) + ceil(n b / 8)
-alq-n        ALQ levels fitted to one pooled model       4 ceil(n/d) + ceil(n b / 8)
-amq          levels +-p^j, p fitted to a mixture model   4 ceil(n/d) + ceil(n b / 8)
-amq-n        levels +-p^j, p fitted to a pooled model    4 ceil(n/d) + ceil(n b / 8)
+alq          ALQ levels fitted to the gradients'         4 ceil(n/d) + ceil(n b / 8)
+             histogram (fit="model": a mixture model)
+alq-n        as alq (fit="model": one pooled model)      4 ceil(n/d) + ceil(n b / 8)
+amq          levels +-p^j, p fitted as alq's levels      4 ceil(n/d) + ceil(n b / 8)
+amq-n        levels +-p^j, p fitted as alq-n's levels    4 ceil(n/d) + ceil(n b / 8)
 ===========  ==========================================  ==============================
 
 The level-set codecs (:mod:`mpiqsgd.codecs.levelset`) share the wire name ``levelset``;

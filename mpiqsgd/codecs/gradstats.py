@@ -127,7 +127,7 @@ def merge_stats(stats):
             if s.get(key) != first.get(key):
                 raise ConfigError(f"cannot merge statistics with {key}={s.get(key)!r} and {first.get(key)!r}")
         if first["kind"] == "histogram" and len(s["mass"]) != len(first["mass"]):
-            raise ConfigError(f"cannot merge histograms of {len(s['mass'])} and {len(first['mass'])} bins")
+            raise ConfigError(f"cannot merge histograms of {len(first['mass'])} and {len(s['mass'])} bins")
     if first["kind"] == "histogram":
         mass = np.array(first["mass"], dtype=np.float64)
         for s in stats[1:]:
