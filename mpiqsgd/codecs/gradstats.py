@@ -34,7 +34,7 @@ import torch
 
 from ..errors import ConfigError
 from .buckets import bucket_rows
-from .histogram import BINS, MAX_BINS, Histogram, bin_index
+from .histogram import BINS, MAX_BINS, Histogram, histogram_of
 from .truncnorm import Mixture
 
 __all__ = ["STATS_KINDS", "local_stats", "merge_stats", "stats_to_bytes", "stats_from_bytes", "density_from_stats"]
@@ -70,16 +70,6 @@ def _bucket_moments(flat, bucket, norm, chunk_buckets):
     return torch.cat(out).numpy()
 
 
-def _histogram(flat, bucket, norm, bins, chunk_buckets):
-    """Norm^2-weighted counts of r = v / N(v) per bin (float64, bins of :mod:`mpiqsgd.codecs.histogram`)."""
-    mass = torch.zeros(bins, dtype=torch.float64)
-    for v, scale in _bucket_chunks(flat, bucket, norm, chunk_buckets):
-        r = (v / scale[:, None]).clamp_(-1.0, 1.0)
-        w = (scale * scale)[:, None].expand_as(r)
-        mass += torch.bincount(bin_index(r, bins).reshape(-1), weights=w.reshape(-1), minlength=bins)
-    return mass.numpy()
-
-
 def local_stats(flat, bucket, kind, norm="l2", max_buckets=64, bins=BINS, chunk_coords=1 << 21):
     """Sufficient statistics of the normalized coordinates of one rank's gradient.
 
@@ -103,7 +93,7 @@ def local_stats(flat, bucket, kind, norm="l2", max_buckets=64, bins=BINS, chunk_
         if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2 or bins % 2 or bins > MAX_BINS:
             raise ConfigError(f"histogram statistics need an even number of bins in 2..{MAX_BINS}; got {bins!r}")
         return {"kind": "histogram", "norm": norm, "bucket": int(bucket),
-                "mass": _histogram(flat, int(bucket), norm, bins, chunk_buckets)}
+                "mass": histogram_of(flat, int(bucket), norm, bins)}
     rows = _bucket_moments(flat, int(bucket), norm, chunk_buckets)
     if kind == "pooled":
         return {"kind": "pooled", "norm": norm, "bucket": int(bucket), "count": int(rows[:, 3].sum()),

@@ -5,12 +5,13 @@ ALQ's variance objective for a gradient ``v`` cut into buckets ``b`` is
     E||Q(v) - v||^2 = sum_i N_b(i)^2 (r_i - L_j)(L_{j+1} - r_i),   r_i = v_i / N_b(i),
 
 so the distribution that matters is that of the ``r_i`` weighted by their bucket's squared
-norm. :func:`bin_index` puts each ``r`` into one of ``B`` fixed bins (``B`` even), uniform
+norm. :func:`histogram_of` puts each ``r`` into one of ``B`` fixed bins (``B`` even), uniform
 in ``u = sign(r) sqrt(|r|)``: bin ``k`` covers ``[e_k, e_{k+1})`` with
 ``e_k = sign(u_k) u_k^2``, ``u_k = -1 + 2k / B``. The bins are fine near 0, where the
 normalized coordinates of a large bucket live (width ~2e-6 at 0, 4 / B at +-1), and every
 rank uses the same ones, so per-rank masses sum to the mass of the whole gradient
-(:mod:`mpiqsgd.codecs.gradstats`).
+(:mod:`mpiqsgd.codecs.gradstats`). Cost: one sequential numba pass, about 1 ms per 262,144
+coordinates.
 
 :class:`Histogram` reads the masses as a density that is constant within each bin. Every
 integral of ``Psi`` is then a polynomial on each bin piece, so ``Psi`` of any level set,
@@ -36,7 +37,7 @@ from .truncnorm import flat_args, rows
 if HAVE_NUMBA:
     import numba
 
-__all__ = ["Histogram", "BINS", "SWEEPS", "edges_for", "bin_index"]
+__all__ = ["Histogram", "BINS", "SWEEPS", "edges_for", "histogram_of"]
 
 BINS = 2048  # default bins: 16 KiB of float64 statistics per rank
 MAX_BINS = 1 << 16
@@ -51,14 +52,6 @@ def edges_for(bins):
     e = np.sign(u) * u * u
     e[bins // 2] = 0.0
     return e
-
-
-def bin_index(r, bins):
-    """The bin of each normalized coordinate ``r`` (a torch tensor within [-1, 1]) as int64."""
-    import torch
-
-    u = torch.sign(r) * torch.sqrt(torch.abs(r))
-    return torch.clamp(((u + 1.0) * (bins / 2)).to(torch.int64), 0, bins - 1)
 
 
 # -- kernels ------------------------------------------------------------------------------
@@ -185,6 +178,44 @@ def _alq_flat(a, c, e, d, out):
 def _ppf_flat(q, e, d, out):
     for i in range(q.size):
         out[i] = _solve1(e[0], e[e.size - 1], q[i], e, d)
+
+
+@_njit
+def _histogram_kernel(x, bucket, bins, use_max, out):
+    """Add each bucket's norm^2-weighted bin counts of x / norm to out (sequential: deterministic)."""
+    half = bins / 2.0
+    for first in range(0, x.size, bucket):
+        last = min(x.size, first + bucket)
+        scale = 0.0
+        for i in range(first, last):
+            v = abs(float(x[i]))
+            if use_max:
+                scale = max(scale, v)
+            else:
+                scale += v * v
+        if not use_max:
+            scale = np.sqrt(scale)
+        if not scale > 0.0:
+            continue
+        w = scale * scale
+        for i in range(first, last):
+            r = float(x[i]) / scale
+            u = np.sqrt(abs(r))
+            k = int((1.0 + u if r >= 0.0 else 1.0 - u) * half)
+            out[min(max(k, 0), bins - 1)] += w
+
+
+def histogram_of(flat, bucket, norm, bins):
+    """The norm^2-weighted counts per bin of ``r = v / N(bucket)`` (float64; zero buckets add nothing).
+
+    Bin ``k`` is ``floor((1 + sign(r) sqrt|r|) B / 2)`` (clamped), the bins of :func:`edges_for`.
+    """
+    import torch
+
+    x = flat.detach().reshape(-1).to(device="cpu", dtype=torch.float32).contiguous().numpy()
+    out = np.zeros(bins)
+    _histogram_kernel(x, int(bucket), int(bins), norm == "max", out)
+    return out
 
 
 # -- the density --------------------------------------------------------------------------
