@@ -369,7 +369,7 @@ class AdaptiveLevelSet(LevelSet):
                                   f"this codec {getattr(self, key)!r}")
         if state.get("fit", "model") != self.fit_kind:
             raise ConfigError(f"{self.method}: checkpoint has fit={state.get('fit', 'model')!r}, "
-                              f"this codec {self.fit_kind!r}")
+                              f"this codec {self.fit_kind!r}; resume with --fit {state.get('fit', 'model')}")
         self.set_levels(state["levels"])
         self.p = state.get("p")
         self.n_fits = int(state.get("n_fits", 0))
