@@ -201,15 +201,15 @@ def _padded_qsgd(density, bits):
     return np.insert(L, j + 1, 0.5 * (L[j] + L[j + 1]))
 
 
-def baselines(density, bits):
+def baselines(density, bits, amq=None):
     """The fixed tables a fit must not lose to, each of ``2^bits`` float32 levels: ``uniform``,
     ``qsgd`` (QSGD's levels, padded by :func:`_padded_qsgd`), ``nuq`` (NUQSGD's ``+-0.5^j``) and
-    ``amq`` (the best AMQ table for ``density``)."""
+    ``amq`` (the best AMQ table for ``density``: ``amq`` if given, else :func:`fit_amq`'s)."""
     out = {"uniform": to_table(uniform_levels(bits))}
     if bits >= 2:
         out["qsgd"] = to_table(_padded_qsgd(density, bits))
     out["nuq"] = to_table(exp_levels(bits))
-    out["amq"] = fit_amq(density, bits)[0]
+    out["amq"] = fit_amq(density, bits)[0] if amq is None else amq
     return out
 
 

@@ -333,13 +333,13 @@ class AdaptiveLevelSet(LevelSet):
                 f"{self.method}: needs {self.stats_kind} statistics with norm={self.norm} and bucket={self.bucket}; "
                 f"got {stats['kind']} with norm={stats['norm']} and bucket={stats['bucket']}")
         density = gradstats.density_from_stats(stats, self.weight_power)
-        candidates = fits.baselines(density, self.bits)
+        amq_table, p, value = fits.fit_amq(density, self.bits)
+        candidates = fits.baselines(density, self.bits, amq=amq_table)
         if self.method.startswith("alq"):
             table, value = fits.fit_alq(density, self.bits, extra=list(candidates.values()))
             p = None
         else:
-            table, p, value = fits.fit_amq(density, self.bits)
-            del candidates["amq"]  # that is the fit itself
+            table = candidates.pop("amq")  # the fit itself
         table, value, won, scores = fits.guarded(table, value, density, self.bits, candidates)
         self._set_table(table)
         if self.method.startswith("amq"):
