@@ -2,10 +2,10 @@
 
 A density (the model of normalized coordinates) is either the parametric
 :class:`~mpiqsgd.codecs.truncnorm.Mixture` of truncated normals (the ALQ paper's) or the
-empirical :class:`~mpiqsgd.codecs.histogram.Histogram` of the gradients themselves. Both
-give the contract the fits use: ``psi(levels)`` (the expected variance ``Psi``, units of
-norm^2), ``psi_grad``, ``grad_hess`` (tridiagonal Hessian), ``descend`` (ALQ's
-coordinate descent in place), ``ppf`` and ``cuberoot``.
+empirical :class:`~mpiqsgd.codecs.histogram.Histogram` of the gradients themselves; both
+are a :class:`~mpiqsgd.codecs.density.Density`: ``psi(levels)`` (the expected variance
+``Psi``, units of norm^2), ``psi_grad``, ``grad_hess`` (tridiagonal Hessian), ``descend``
+(ALQ's coordinate descent in place), ``ppf`` and ``cuberoot``.
 
 * ALQ (:func:`fit_alq`): coordinate descent from several starts (quantiles of F,
   uniform, exponential p = 0.5, quantiles of f^(1/3), and any extra tables given); the

@@ -32,7 +32,8 @@ import numpy as np
 
 from ..errors import ConfigError
 from .kernels import HAVE_NUMBA
-from .truncnorm import flat_args, rows
+from .density import Density
+from .truncnorm import flat_args
 
 if HAVE_NUMBA:
     import numba
@@ -220,7 +221,7 @@ def histogram_of(flat, bucket, norm, bins):
 
 # -- the density --------------------------------------------------------------------------
 
-class Histogram:
+class Histogram(Density):
     """A density constant within each bin of :func:`edges_for`.
 
     Args:
@@ -229,6 +230,9 @@ class Histogram:
     Raises:
         ConfigError: a wrong number of bins, negative or non-finite weights, or no mass.
     """
+
+    _psi_rows = staticmethod(_psi_rows)
+    _grad_hess_rows = staticmethod(_grad_hess_rows)
 
     def __init__(self, mass):
         mass = np.asarray(mass, dtype=np.float64).reshape(-1)
@@ -280,23 +284,6 @@ class Histogram:
         out = np.empty(q.size)
         _ppf_flat(q, *self._args, out)
         return out.reshape(shape)
-
-    def psi(self, levels):
-        """Expected rounding variance of one coordinate (units of norm^2) for level sets (..., K)."""
-        shape, L = rows(levels)
-        return _psi_rows(L, *self._args, np.empty((0, 0)), False).reshape(shape)
-
-    def psi_grad(self, levels):
-        """``(Psi, dPsi/dL)`` for level sets (..., K); the gradient is zero at the fixed ends."""
-        shape, L = rows(levels)
-        grad = np.zeros_like(L)
-        value = _psi_rows(L, *self._args, grad, True)
-        return value.reshape(shape), grad.reshape(shape + (L.shape[1],))
-
-    def grad_hess(self, L, g, d, e):
-        """Psi of each row of ``L`` (n, K); its gradient into ``g``, the tridiagonal Hessian's
-        diagonal into ``d`` (``(L_{j+1} - L_{j-1}) f(L_j)``) and off-diagonal into ``e``."""
-        return _grad_hess_rows(np.ascontiguousarray(L), *self._args, g, d, e)
 
     def alq_update(self, a, c, start=None, tol=None):
         """The exact minimizer over ``b`` in ``[a, c]`` of the variance of [a, b] and [b, c] (arrays;

@@ -7,9 +7,9 @@ unbiased stochastic rounding of one coordinate to the levels ``L`` is
     Psi(L) = sum_j integral_{L_j}^{L_{j+1}} (r - L_j)(L_{j+1} - r) f(r) dr,
 
 evaluated from the normal cdf and pdf (4-point Gauss-Legendre on intervals narrower than
-0.05 sigma, where the closed form cancels). :class:`Mixture` implements the density
-contract of :mod:`mpiqsgd.codecs.fits` (``psi``, ``psi_grad``, ``grad_hess``, ``descend``,
-``ppf``, ``cuberoot``); the empirical alternative is :class:`mpiqsgd.codecs.histogram.Histogram`.
+0.05 sigma, where the closed form cancels). :class:`Mixture` is a
+:class:`~mpiqsgd.codecs.density.Density` (the contract of the fits); the empirical
+alternative is :class:`mpiqsgd.codecs.histogram.Histogram`.
 
 ALQ's coordinate descent on this model (:meth:`Mixture.descend`): Gauss-Seidel sweeps
 ``j = 1..K-2`` with the exact update ``L_j = F^-1(F(c) - integral_a^c (r - a) f(r) dr /
@@ -25,12 +25,13 @@ import math
 import numpy as np
 
 from ..errors import ConfigError
+from .density import Density
 from .kernels import HAVE_NUMBA
 
 if HAVE_NUMBA:
     import numba
 
-__all__ = ["SIGMA_MIN", "Mixture", "flat_args", "rows"]
+__all__ = ["SIGMA_MIN", "Mixture", "flat_args"]
 
 SIGMA_MIN = 1e-6  # floor of a component's std: a constant bucket is a spike, not a point mass
 
@@ -327,13 +328,16 @@ def flat_args(*arrays):
     return arrays[0].shape, [np.array(v, dtype=np.float64).reshape(-1) for v in arrays]
 
 
-class Mixture:
+class Mixture(Density):
     """Mixture of normals truncated to [-1, 1]: ``f = sum_k w_k N(mu_k, sigma_k) 1[-1,1] / Z_k``.
 
     Args:
         mu, sigma, weight: 1-D arrays (sigma floored at :data:`SIGMA_MIN`, mu clipped to
             [-1, 1]; weights are normalized, zero weights dropped).
     """
+
+    _psi_rows = staticmethod(_psi_rows)
+    _grad_hess_rows = staticmethod(_grad_hess_rows)
 
     def __init__(self, mu, sigma, weight=None):
         mu = np.clip(np.asarray(mu, dtype=np.float64).reshape(-1), -1.0, 1.0)
@@ -393,23 +397,6 @@ class Mixture:
         """Inverse cdf of probabilities ``q`` (array) in [0, 1]."""
         return self.solve_mass(-1.0, 1.0, q, 0.0)
 
-    def psi(self, levels):
-        """Expected rounding variance of one coordinate (units of norm^2) for level sets (..., K)."""
-        shape, L = rows(levels)
-        return _psi_rows(L, *self._args, np.empty((0, 0)), False).reshape(shape)
-
-    def psi_grad(self, levels):
-        """``(Psi, dPsi/dL)`` for level sets (..., K); the gradient is zero at the fixed ends."""
-        shape, L = rows(levels)
-        grad = np.zeros_like(L)
-        value = _psi_rows(L, *self._args, grad, True)
-        return value.reshape(shape), grad.reshape(shape + (L.shape[1],))
-
-    def grad_hess(self, L, g, d, e):
-        """Psi of each row of ``L`` (n, K); into ``g`` its gradient, into ``d`` and ``e`` the
-        diagonal and off-diagonal of its tridiagonal Hessian over the interior levels."""
-        return _grad_hess_rows(L, *self._args, g, d, e)
-
     def alq_update(self, a, c, start, tol=1e-13):
         """The exact minimizer over ``b`` in ``[a, c]`` of the variance of [a, b] and [b, c] (arrays)."""
         shape, (a, c, start) = flat_args(a, c, start)
@@ -425,9 +412,3 @@ class Mixture:
     def cuberoot(self):
         """A mixture close to f^(1/3) normalized: the level density that is optimal for many levels."""
         return Mixture(self.mu, self.sigma * math.sqrt(3.0), self.weight ** (1 / 3) * self.sigma ** (2 / 3))
-
-
-def rows(levels):
-    """Level sets (..., K) as their leading shape and a contiguous (n, K) float64 array."""
-    L = np.asarray(levels, dtype=np.float64)
-    return L.shape[:-1], np.ascontiguousarray(L.reshape(-1, L.shape[-1]))
