@@ -115,13 +115,17 @@ def _copy_fn(x, device):
 
 def _time_codec(codec, x, repeats, seed, device, copy):
     """Medians of encode, decode and memcpy seconds (after one warm-up), the last message, the
-    mean normalized variance and the encode and decode seconds of every repeat."""
+    mean normalized variance and the encode and decode seconds of every repeat. Encode frames into
+    one reused buffer, as the exchange does (:class:`~mpiqsgd.topology.base.MessageBuffers`); decode
+    reads a writable copy of the message, as a receiver holds it."""
     enc_s, dec_s, copy_s, variances = [], [], [], []
     message = None
+    out = np.empty(codec.encoded_nbytes(x.numel()) or 0, dtype=np.uint8)  # the exchange's reused send buffer
     for rep in range(repeats + 1):
         rng = make_generator(seed, 0, rep, device)
-        t_enc, message = _timed(lambda: codec.encode(x, rng), device)
-        t_dec, y = _timed(lambda: codec.decode(message, device), device)
+        t_enc, message = _timed(lambda: codec.encode(x, rng, out=out), device)
+        received = np.frombuffer(bytearray(message), dtype=np.uint8)  # what a receiver holds: a writable buffer
+        t_dec, y = _timed(lambda: codec.decode(received, device), device)
         t_copy, _ = _timed(copy, device)
         if rep == 0:
             continue  # warm-up

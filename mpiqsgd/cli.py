@@ -40,6 +40,10 @@ def add_codec_args(p):
     g.add_argument("--bucket", type=int, help="coordinates per bucket/norm (default 512; level sets 8192)")
     g.add_argument("--rounding", choices=["stochastic", "nearest"], help="qsgd rounding (default stochastic)")
     g.add_argument("--clip-sigma", type=float, help="terngrad: clip each bucket at this many standard deviations")
+    g.add_argument("--norm", choices=["l2", "max"], help="level sets: bucket normalization (adaptive codecs: "
+                                                         "default max, others l2; terngrad max only)")
+    g.add_argument("--fit", choices=["histogram", "model"], help="adaptive codecs: fit to the gradients' "
+                                                                 "histogram (default) or the truncated-normal model")
     g.add_argument("--encoding", choices=list(ENCODINGS),
                    help="how quantized symbols are packed: dense (default), elias (qsgd, qsgd-inf) or entropy "
                         "(rANS; qsgd, qsgd-inf and the level sets)")
@@ -49,7 +53,7 @@ def add_codec_args(p):
 def codec_from_args(args):
     """Build the codec the flags describe."""
     return codec_from_flags(args.codec, args.bits, args.levels, args.bucket, args.rounding, args.clip_sigma,
-                            args.error_feedback, args.encoding)
+                            args.error_feedback, args.norm, args.fit, args.encoding)
 
 
 def add_topology_args(p):

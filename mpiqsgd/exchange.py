@@ -152,6 +152,7 @@ class GradientExchange:
         self.adapt_at = set(adapt_at)
         self.adapt_every = adapt_every
         self.seed = seed
+        self.refits = []  # {"step", "won", "psi"} of each refit (the guarantee's log)
         self.overlap = _Overlap(self) if overlap else None
 
     def compresses_at(self, step):
@@ -166,7 +167,7 @@ class GradientExchange:
 
     def adapt(self, flat, step):
         """Refit the adaptive codec's levels from every rank's statistics of ``flat`` (collective)."""
-        from .codecs import adapt
+        from .codecs import gradstats
 
         t = self.transport
         t.begin_step(step)
@@ -174,34 +175,18 @@ class GradientExchange:
             raise NonFiniteError(f"gradient holds NaN/Inf at step {step}; not refitting levels to it")
         # "adapt" times this rank's own work; waiting for the others is "communicate".
         with t.timed("adapt"):
-            local = adapt.stats_to_bytes(self.adaptive.local_stats(flat))
+            local = gradstats.stats_to_bytes(self.adaptive.local_stats(flat))
         gathered = t.allgather_bytes(local, phase="adapt")
         with t.timed("adapt"):
-            self.adaptive.fit(adapt.merge_stats([adapt.stats_from_bytes(b) for b in gathered]))
+            self.adaptive.fit(gradstats.merge_stats([gradstats.stats_from_bytes(b) for b in gathered]))
+        self.refits.append({"step": step, **self.adaptive.last_fit})
 
     def diagnostics(self, step):
-        """Quantization diagnostics of this rank's compressed gradient (no communication).
+        """Quantization diagnostics of this rank's compressed gradient (no communication; the
+        fields of :mod:`mpiqsgd.diagnostics`)."""
+        from .diagnostics import quantization
 
-        Returns:
-            dict: ``quant_variance`` = ||Q(v) - v||^2 / ||v||^2 for one draw (from a generator
-            separate from training's, so training is unchanged), and ``coord_std`` = the
-            standard deviation of the normalized coordinates v_i / ||bucket||.
-        """
-        from .codecs import make_generator
-        from .codecs.qsgd import bucket_norms
-
-        inner = self.codec.base
-        flat = _flatten(self.compressed)
-        if not flat.numel() or not bool(flat.any()):
-            return {"step": step, "quant_variance": None, "coord_std": None}
-        rng = make_generator(self.seed + 7919, self.transport.rank, step, flat.device)
-        _, decoded = inner.encode_decode(flat, rng)
-        bucket = inner.bucket or flat.numel()
-        norms = bucket_norms(flat, bucket).repeat_interleave(bucket)[:flat.numel()]
-        r = flat / torch.where(norms > 0, norms, torch.ones_like(norms))
-        return {"step": step,
-                "quant_variance": float((decoded - flat).double().pow(2).sum() / flat.double().pow(2).sum()),
-                "coord_std": float(r.double().std())}
+        return quantization(self.codec, _flatten(self.compressed), self.seed, self.transport.rank, step)
 
     def _aggregate_bucket(self, bucket, flats, step, compress):
         """The means of one bucket's (compressed, uncompressed) flat buffers (collective)."""

@@ -164,7 +164,8 @@ def _codec_params(flags):
         with warnings.catch_warnings():  # the run already gave its codec's warnings
             warnings.simplefilter("ignore")
             codec = codec_from_flags(name, flags.get("bits"), flags.get("levels"), flags.get("bucket"),
-                                     flags.get("rounding"), flags.get("clip_sigma"), encoding=flags.get("encoding"))
+                                     flags.get("rounding"), flags.get("clip_sigma"), norm=flags.get("norm"),
+                                     fit=flags.get("fit"), encoding=flags.get("encoding"))
     except (MpiqsgdError, TypeError):  # a run written by another version: show its flags as they are
         return (flags.get("bits") or "-", flags.get("bucket") or "-", flags.get("rounding") or "-")
     bits, bucket = codec.bits, codec.bucket

@@ -104,7 +104,7 @@ def points(grid):
             with warnings.catch_warnings():  # codec warnings are the run's to give, in its log
                 warnings.simplefilter("ignore")
                 codec_from_flags(cfg.codec, cfg.bits, cfg.levels, cfg.bucket, cfg.rounding, cfg.clip_sigma,
-                                 cfg.error_feedback, cfg.encoding)
+                                 cfg.error_feedback, cfg.norm, cfg.fit, cfg.encoding)
         except MpiqsgdError as exc:
             dropped.append(({**flags, "ranks": ranks}, str(exc)))
             continue

@@ -367,8 +367,7 @@ def test_counter_based_uniforms_are_uniform():
 
 def test_error_feedback_state_includes_the_inner_codec_state():
     ef = make_codec("alq-n", bits=3, bucket=64, error_feedback=True)
-    from mpiqsgd.codecs import adapt
-    ef.inner.fit(adapt.local_stats(vec(640), 64, "pooled"))
+    ef.inner.fit(ef.inner.local_stats(vec(640)))
     ef.encode(vec(640), make_generator(0))
     other = make_codec("alq-n", bits=3, bucket=64, error_feedback=True)
     other.load_state_dict(ef.state_dict())

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import codecs
+import hashlib
 import os
 import pickle
 import tarfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -222,6 +225,27 @@ def test_cifar10_batches_missing_or_incomplete(tmp_path):
         D.load_cifar10_batches(tmp_path)
 
 
+def test_batch_file_names_are_torchvisions():
+    from torchvision.datasets import CIFAR10
+
+    assert (D._BATCHES_DIR, D._BATCHES_ARCHIVE) == (CIFAR10.base_folder, CIFAR10.filename)
+    assert list(D._TRAIN_BATCHES) == [name for name, _ in CIFAR10.train_list]
+    assert [D._TEST_BATCH] == [name for name, _ in CIFAR10.test_list]
+    assert (D._META_BATCH, "label_names") == (CIFAR10.meta["filename"], CIFAR10.meta["key"])
+
+
+def test_damaged_batch_file_is_told_apart_by_torchvisions_checksum(tmp_path, monkeypatch):
+    make_batches(tmp_path / "cifar-10-batches-py")
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    path.write_bytes(path.read_bytes()[:100])  # a truncated copy
+    with pytest.raises(MpiqsgdError, match="cannot read data_batch_2 .*not the official file .*MD5"):
+        D.load_cifar10_batches(tmp_path)
+    monkeypatch.setattr(D, "_official_md5", lambda name: hashlib.md5(path.read_bytes()).hexdigest())
+    with pytest.raises(MpiqsgdError, match="cannot read data_batch_2") as info:  # official yet unreadable
+        D.load_cifar10_batches(tmp_path)
+    assert "official" not in str(info.value)
+
+
 # ---------------------------------------------------------------------------- cache
 
 
@@ -271,6 +295,37 @@ def test_cache_env_var_and_corrupt_entry(tmp_path, monkeypatch):
     np.testing.assert_array_equal(train.images, again.images)
     monkeypatch.delenv(D.CACHE_ENV_VAR)
     assert D.default_cache_dir() == Path.home() / ".cache" / "mpiqsgd"
+
+
+def test_cache_is_decoded_once_by_concurrent_loaders(tmp_path, monkeypatch):
+    expected = make_tree(tmp_path / "tree")
+    calls = []
+    real_decode = D.decode_image
+
+    def slow(data):
+        calls.append(1)
+        time.sleep(0.005)  # widen the window in which an unlocked second loader would decode too
+        return real_decode(data)
+
+    monkeypatch.setattr(D, "decode_image", slow)
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda _: D.load_image_folder(tmp_path / "tree", cache=True,
+                                                              cache_dir=tmp_path / "cache"), range(3)))
+    assert len(calls) == 18
+    for train, test in results:
+        check_tree(train, test, expected)
+    (entry,) = (tmp_path / "cache").glob("*.npz")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert entry.stat().st_mode & 0o777 == 0o666 & ~umask  # as a plainly created file, not mkstemp's 0600
+
+
+def test_cache_that_cannot_be_written_only_warns(tmp_path):
+    expected = make_tree(tmp_path / "tree")
+    (tmp_path / "a-file").write_bytes(b"")
+    with pytest.warns(UserWarning, match="could not write dataset cache"):
+        train, test = D.load_image_folder(tmp_path / "tree", cache=True, cache_dir=tmp_path / "a-file" / "cache")
+    check_tree(train, test, expected)
 
 
 # ----------------------------------------------------------------------- resolution
@@ -335,6 +390,8 @@ def test_download_failure_is_wrapped(tmp_path, monkeypatch):
         D.load_dataset("cifar10", tmp_path / "dl", download=True)
     msg = str(info.value)
     assert "network is unreachable" in msg and "--data-dir" in msg
+    assert "put cifar-10-python.tar.gz, cifar-10-batches-py/ or an image folder " in msg
+    assert f"into {tmp_path / 'dl'} yourself" in msg
 
 
 def test_download_success_path(tmp_path, monkeypatch):
@@ -348,6 +405,7 @@ def test_download_success_path(tmp_path, monkeypatch):
     monkeypatch.setattr(D, "_torchvision_cifar10", lambda: fake_cifar10)
     train, test = D.load_dataset("cifar10", tmp_path / "dl", download=True)
     assert len(train) == 15 and len(test) == 3 and calls[0][2] is True
+    assert len(calls) == 1  # one archive holds both splits
     calls.clear()
     D.load_dataset("cifar10", tmp_path / "dl", download=True)  # found: no second download
     assert calls == []

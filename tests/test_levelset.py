@@ -9,7 +9,7 @@ import torch
 
 from conftest import vec
 from mpiqsgd import wire
-from mpiqsgd.codecs import CODECS, ErrorFeedback, adapt, decode, make_codec, make_generator
+from mpiqsgd.codecs import CODECS, ErrorFeedback, decode, gradstats, make_codec, make_generator
 from mpiqsgd.codecs.levelset import (AdaptiveLevelSet, LevelSet, expected_variance, named_levels,
                                      normalized_variance, table_id)
 from mpiqsgd.errors import ConfigError, DecodeError
@@ -107,7 +107,7 @@ def test_exact_level_tables():
 def test_header_carries_the_float32_table():
     codec = make_codec("alq", bits=2, bucket=10)
     header, _ = wire.unframe(codec.encode(vec(25), make_generator(0)))
-    assert header["params"] == {"bits": 2, "bucket": 10, "norm": "l2", "method": "alq",
+    assert header["params"] == {"bits": 2, "bucket": 10, "norm": "max", "method": "alq",
                                 "levels": np.array([-1, -0.5, 0.5, 1], "<f4").tobytes()}
 
 
@@ -239,7 +239,9 @@ def test_invalid_parameters_fail_at_construction(kwargs, match):
 def test_registry_has_the_level_set_codecs():
     assert {"nuqsgd", "nuqsgd-zero", "terngrad", "alq", "alq-n", "amq", "amq-n"} <= set(CODECS)
     assert isinstance(make_codec("alq"), AdaptiveLevelSet) and not isinstance(make_codec("nuqsgd"), AdaptiveLevelSet)
-    assert make_codec("alq-n").stats_kind == "pooled" and make_codec("amq").stats_kind == "mixture"
+    assert make_codec("alq-n", fit="model").stats_kind == "pooled"
+    assert make_codec("amq", fit="model").stats_kind == "mixture"
+    assert make_codec("alq").stats_kind == make_codec("amq-n").stats_kind == "histogram"  # the default fit
 
 
 def reframe(params, numel, payload):
@@ -279,7 +281,7 @@ def test_fit_changes_the_table_and_old_messages_no_longer_decode(name):
     x = vec(2048, seed=1)
     old_params = codec.params
     old = codec.encode(x, make_generator(0))
-    table = codec.fit(adapt.merge_stats([codec.local_stats(x[:1024]), codec.local_stats(x[1024:])]))
+    table = codec.fit(gradstats.merge_stats([codec.local_stats(x[:1024]), codec.local_stats(x[1024:])]))
     assert codec.params["levels"] == table.astype("<f4").tobytes() != old_params["levels"]
     assert table[0] == -1 and table[-1] == 1 and np.all(np.diff(table) > 0) and table.dtype == np.float32
     with pytest.raises(DecodeError, match=f"level table #{table_id(old_params['levels'])}.*holds table "
@@ -295,10 +297,10 @@ def test_fit_is_deterministic_and_a_function_of_the_stats_only():
     x = vec(4096, seed=9) * torch.linspace(0.1, 3, 4096)
     a, b = make_codec("alq", bucket=512), make_codec("alq", bucket=512)
     stats = [a.local_stats(x[i:i + 1024]) for i in range(0, 4096, 1024)]
-    a.fit(adapt.merge_stats(stats))
-    b.fit(adapt.stats_to_bytes(adapt.merge_stats(stats)))  # as received over the wire
+    a.fit(gradstats.merge_stats(stats))
+    b.fit(gradstats.stats_to_bytes(gradstats.merge_stats(stats)))  # as received over the wire
     assert a.params == b.params
-    b.fit(adapt.merge_stats(stats))
+    b.fit(gradstats.merge_stats(stats))
     assert a.params == b.params
 
 
@@ -322,7 +324,7 @@ def test_state_dict_roundtrip(name):
     fresh.load_state_dict(state)
     assert fresh.params == codec.params and fresh.p == codec.p and fresh.n_fits == 1
     assert torch.equal(fresh.decode(message), codec.decode(message))
-    assert adapt.stats_to_bytes(fresh.stats) == adapt.stats_to_bytes(codec.stats)
+    assert gradstats.stats_to_bytes(fresh.stats) == gradstats.stats_to_bytes(codec.stats)
     with pytest.raises(ConfigError, match="bits"):
         make_codec(name, bits=4, bucket=256).load_state_dict(state)
 
@@ -334,11 +336,13 @@ def test_set_levels_installs_a_broadcast_table():
 
 
 def test_fit_refuses_statistics_of_another_kind():
-    codec = make_codec("alq", bucket=64)
+    codec = make_codec("alq", bucket=64, fit="model")
     with pytest.raises(ConfigError, match="mixture statistics"):
-        codec.fit(adapt.local_stats(vec(640), 64, "pooled"))
+        codec.fit(gradstats.local_stats(vec(640), 64, "pooled"))
     with pytest.raises(ConfigError, match="bucket=64"):
-        codec.fit(adapt.local_stats(vec(640), 32, "mixture"))
+        codec.fit(gradstats.local_stats(vec(640), 32, "mixture"))
+    with pytest.raises(ConfigError, match="histogram statistics"):
+        make_codec("alq", bucket=64).fit(gradstats.local_stats(vec(640), 64, "mixture"))
     with pytest.raises(ConfigError, match="every bucket was zero"):
         codec.fit(codec.local_stats(torch.zeros(100)))
 
@@ -351,13 +355,15 @@ def test_adapted_levels_beat_qsgd_and_nuqsgd_on_gaussian_gradients(bits):
     scale = torch.rand(32, generator=g) * 2 + 0.1
     x = (torch.randn(32, d, generator=g) + 0.3 * torch.randn(32, 1, generator=g)) * scale[:, None]
     x = x.reshape(-1)
-    qsgd = expected_variance(named_levels("qsgd", bits), x, d)
-    nuq = min(expected_variance(named_levels(m, bits), x, d) for m in ("nuq", "nuq0"))
-    for name in ("alq", "alq-n", "amq", "amq-n"):
-        codec = make_codec(name, bits=bits, bucket=d)
-        codec.fit(codec.local_stats(x))
-        v = expected_variance(codec.levels, x, d)
-        assert v < min(qsgd, nuq), (name, v, qsgd, nuq)
+    for norm in ("l2", "max"):
+        qsgd = expected_variance(named_levels("qsgd", bits), x, d, norm)
+        nuq = min(expected_variance(named_levels(m, bits), x, d, norm) for m in ("nuq", "nuq0"))
+        for name in ("alq", "alq-n", "amq", "amq-n"):
+            for fit in ("histogram", "model"):
+                codec = make_codec(name, bits=bits, bucket=d, norm=norm, fit=fit)
+                codec.fit(codec.local_stats(x))
+                v = expected_variance(codec.levels, x, d, norm)
+                assert v < min(qsgd, nuq), (name, fit, norm, v, qsgd, nuq)
 
 
 def test_truncated_and_mutated_messages_are_decode_errors():

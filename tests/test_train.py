@@ -259,11 +259,31 @@ def test_adaptive_codec_trains_refits_and_logs_diagnostics(tmp_path):
     assert cost["levels"] != [-1, -0.5, -0.25, -0.125, 0.125, 0.25, 0.5, 1]  # moved from the NUQ start
     comm = json.loads((d / "comm.json").read_text())
     assert comm["by_phase"]["adapt"]["messages"] == 2 * cost["updates"]  # each rank to the other
-    diag = [json.loads(line) for line in (d / "diagnostics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (d / "diagnostics.jsonl").read_text().splitlines()]
+    diag = [x for x in lines if "quant_variance" in x]
+    refits = [x["refit"] for x in lines if "refit" in x]
     assert [x["step"] for x in diag] == list(range(0, steps, 8))
-    assert all(x["quant_variance"] > 0 and 0 < x["coord_std"] < 1 for x in diag)
+    assert [r["step"] for r in refits] == sorted({0, 10} | set(range(20, steps, 20)))
+    for r in refits:  # the guarantee: the kept table is the best candidate on its statistics
+        assert r["psi"][r["won"]] == min(r["psi"].values()) and {"uniform", "qsgd", "nuq", "amq"} <= set(r["psi"])
+    assert all(x["quant_variance"] > 0 and x["kurtosis"] > 1 and 0 < x["level_variance"] for x in diag)
+    assert all(x["abs_quantiles"]["0.5"] < x["abs_quantiles"]["0.999"] for x in diag)
+    assert len({round(x["kurtosis"], 6) for x in diag}) > 1  # it moves (coord_std did not)
+    # at step 0 (diagnosed before the first refit) the NUQ start has much to gain; refits take it
+    assert diag[0]["refit_gain"] > 1.1 and min(x["refit_gain"] for x in diag[1:]) < diag[0]["refit_gain"]
+    assert all(x["refit_gain"] > 0.99 for x in diag)  # fresh levels on the gradient itself are (near) best
     # refitted levels quantize the drifting gradients better than the NUQ start of step 0
     assert min(x["quant_variance"] for x in diag[1:]) < diag[0]["quant_variance"]
+
+
+def test_gradient_noise_is_logged_without_changing_training(tmp_path):
+    flags = dict(simulate=2, codec="qsgd", bits=4, diag_every=0, checkpoint_every=1000)
+    quiet, _ = run(tmp_path, "quiet", nvar_every=0, **flags)
+    noisy, d = run(tmp_path, "noisy", nvar_every=3, nvar_batches=3, **flags)
+    assert same_state(final_model(tmp_path / "quiet"), final_model(tmp_path / "noisy"))
+    lines = [json.loads(line) for line in (d / "diagnostics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(3, noisy["steps"], 3))
+    assert all(x["nvar"] > 0 for x in lines)
 
 
 def test_resume_restores_adaptive_levels(tmp_path):

@@ -12,10 +12,11 @@ sign         scaled sign, L1 scale per bucket            4 ceil(n/d) + ceil(n / 
 nuqsgd       signed NUQ levels +-0.5^j, L2 norm          4 ceil(n/d) + ceil(n b / 8)
 nuqsgd-zero  NUQ levels 0, +-0.5^j (JMLR), L2 norm      4 ceil(n/d) + ceil(n b / 8)
 terngrad     levels {-1, 0, 1}, max norm (b = 2)         4 ceil(n/d) + ceil(n / 4)
-alq          ALQ levels fitted to a mixture model        4 ceil(n/d) + ceil(n b / 8)
-alq-n        ALQ levels fitted to one pooled model       4 ceil(n/d) + ceil(n b / 8)
-amq          levels +-p^j, p fitted to a mixture model   4 ceil(n/d) + ceil(n b / 8)
-amq-n        levels +-p^j, p fitted to a pooled model    4 ceil(n/d) + ceil(n b / 8)
+alq          ALQ levels fitted to the gradients'         4 ceil(n/d) + ceil(n b / 8)
+             histogram (fit="model": a mixture model)
+alq-n        as alq (fit="model": one pooled model)      4 ceil(n/d) + ceil(n b / 8)
+amq          levels +-p^j, p fitted as alq's levels      4 ceil(n/d) + ceil(n b / 8)
+amq-n        levels +-p^j, p fitted as alq-n's levels    4 ceil(n/d) + ceil(n b / 8)
 ===========  ==========================================  ==============================
 
 Encodings (``encoding=`` / ``--encoding``): ``dense`` bit packing (the sizes above);
@@ -122,9 +123,20 @@ def _check_encoding(codec, encoding):
                           "the level-set codecs take dense or entropy")
 
 
+LEVEL_SETS = tuple(name for name, (cls, _) in CODECS.items() if issubclass(cls, LevelSet))
+ADAPTIVE_CODECS = tuple(name for name, (cls, _) in CODECS.items() if issubclass(cls, AdaptiveLevelSet))
+
+
 def codec_from_flags(codec, bits=None, levels=None, bucket=None, rounding=None, clip_sigma=None,
-                     error_feedback=False, encoding=None):
+                     error_feedback=False, norm=None, fit=None, encoding=None):
     """The codec that command-line flags describe, with flag names in every error."""
+    if norm is not None and codec not in LEVEL_SETS:
+        hint = " (qsgd: --codec qsgd-inf is the max norm)" if codec in QSGD_ONLY else ""
+        raise ConfigError(f"--norm applies only to the level-set codecs {', '.join(LEVEL_SETS)} "
+                          f"(got --codec {codec}){hint}")
+    if fit is not None and codec not in ADAPTIVE_CODECS:
+        raise ConfigError(f"--fit applies only to the adaptive codecs {', '.join(ADAPTIVE_CODECS)} "
+                          f"(got --codec {codec})")
     if levels is not None and codec not in QSGD_ONLY:
         raise ConfigError(f"--levels applies only to --codec qsgd, qsgd-inf or qsgd-elias (got --codec {codec})")
     if rounding is not None and codec not in QSGD_ONLY:
@@ -138,7 +150,7 @@ def codec_from_flags(codec, bits=None, levels=None, bucket=None, rounding=None, 
     if codec in CODECS:
         _check_encoding(codec, encoding)
     return make_codec(codec, error_feedback=error_feedback, bits=bits, levels=levels, bucket=bucket,
-                      rounding=rounding, clip_sigma=clip_sigma, encoding=encoding)
+                      rounding=rounding, clip_sigma=clip_sigma, norm=norm, fit=fit, encoding=encoding)
 
 
 def codec_for(header):

@@ -82,6 +82,7 @@ class Codec:
     bucket = None  # coordinates per scale; None for codecs without buckets
     rounding = None  # "stochastic" or "nearest" where the codec offers the choice
     adaptive = False  # refits itself from merged statistics (local_stats / fit)
+    norm = None  # "l2" or "max": how each bucket is normalized, for codecs that round to levels
 
     @property
     def base(self):
@@ -90,6 +91,11 @@ class Codec:
 
     def variance_bound(self):
         """Upper bound on E||Q(v) - v||^2 / ||v||^2, or None when the codec states none."""
+        return None
+
+    def level_table(self):
+        """The levels (float64, -1 to 1) that unbiased stochastic rounding of each bucket's normalized
+        coordinates picks from, or None for codecs that do not round to levels (diagnostics use it)."""
         return None
 
     def state_dict(self):
@@ -178,31 +184,36 @@ class Codec:
             )
         return x.contiguous()
 
-    def encode_decode(self, x, rng=None, key=None):
+    def encode_decode(self, x, rng=None, key=None, out=None):
         """Encode ``x`` and also return what every receiver will decode from the bytes.
 
         Args:
             x: floating-point tensor (flattened; converted to float32). Must be finite.
             rng: ``torch.Generator`` on ``x``'s device; required by stochastic codecs.
             key: identifies the buffer for stateful wrappers (error feedback); ignored here.
+            out: a writable buffer to frame the message into (reused from call to call, see
+                :func:`mpiqsgd.wire.frame_into`); one too small (or None) gets new bytes.
 
         Returns:
-            (bytes, float32 tensor of ``x.numel()`` values on ``x``'s device).
+            (message, float32 tensor of ``x.numel()`` values on ``x``'s device); the message is
+            ``bytes``, or a read-only memoryview of ``out`` that is valid until ``out`` is reused.
         """
-        return self._encode(x, rng, True)
+        return self._encode(x, rng, True, out)
 
-    def _encode(self, x, rng, want_decoded):
+    def _encode(self, x, rng, want_decoded, out=None):
         x = self._check_input(x, rng)
         if x.numel() == 0:
             payload, decoded = torch.zeros(0, dtype=torch.uint8), x.clone()
         else:
             payload, decoded = self._quantize(x, rng, want_decoded)
-        message = wire.frame(self.header_bytes(x.numel()), payload.cpu().numpy())
-        return message, decoded
+        header, payload = self.header_bytes(x.numel()), payload.cpu().numpy()
+        if out is not None and len(memoryview(out).cast("B")) >= wire.PREFIX_BYTES + len(header) + payload.size:
+            return wire.frame_into(out, header, payload), decoded
+        return wire.frame(header, payload), decoded
 
-    def encode(self, x, rng=None, key=None):
+    def encode(self, x, rng=None, key=None, out=None):
         """Encode ``x`` into a self-describing message (see :meth:`encode_decode`)."""
-        return self._encode(x, rng, False)[0]
+        return self._encode(x, rng, False, out)[0]
 
     def decode(self, message, device="cpu", numel=None):
         """Decode a message produced by a codec with the same parameters.

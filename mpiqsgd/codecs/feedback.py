@@ -54,6 +54,10 @@ class ErrorFeedback(Codec):
     bits = property(lambda self: self.inner.bits)
     bucket = property(lambda self: self.inner.bucket)
     rounding = property(lambda self: self.inner.rounding)
+    norm = property(lambda self: self.inner.norm)
+
+    def level_table(self):
+        return self.inner.level_table()
 
     def __repr__(self):
         return f"ErrorFeedback({self.inner!r})"
@@ -82,22 +86,22 @@ class ErrorFeedback(Codec):
     def fit(self, stats):
         return self.inner.fit(stats)
 
-    def encode_decode(self, x, rng=None, key="grad"):
+    def encode_decode(self, x, rng=None, key="grad", out=None):
         """Encode ``x`` plus the residual of ``key``; update the residual.
 
         Returns:
-            (bytes, decoded float32 tensor) as :meth:`Codec.encode_decode`.
+            (message, decoded float32 tensor) as :meth:`Codec.encode_decode` (``out`` likewise).
         """
         flat = x.detach().reshape(-1).to(torch.float32)
         e = self.residuals.get(key)
         p = flat if e is None or e.shape != flat.shape else flat + e.to(flat.device)
-        message, decoded = self.inner.encode_decode(p, rng)
+        message, decoded = self.inner.encode_decode(p, rng, out=out)
         self.residuals[key] = p - decoded
         check_residual(self.inner, self.residuals[key], flat, key)
         return message, decoded
 
-    def encode(self, x, rng=None, key="grad"):
-        return self.encode_decode(x, rng, key)[0]
+    def encode(self, x, rng=None, key="grad", out=None):
+        return self.encode_decode(x, rng, key, out)[0]
 
     def reset(self):
         """Forget all residuals."""

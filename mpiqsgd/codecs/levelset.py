@@ -22,17 +22,23 @@ terngrad   ``{-1, 0, 1}``, ``K = 3`` with ``b = 2`` (code 3 is invalid)        m
 uniform    ``K`` evenly spaced levels from -1 to 1                          l2
 qsgd       ``l / s``, ``l = -s..s``, ``s = 2^(b-1) - 1`` (``K = 2^b - 1``):      l2
            the same distribution as the ``qsgd`` codec
-alq        fitted by ALQ to a norm-weighted mixture of per-bucket            l2
-           truncated normals (:mod:`mpiqsgd.codecs.adapt`)
-alq-n      fitted by ALQ to one pooled truncated normal                     l2
-amq        ``+-p^j``, ``j = 0..K/2-1``, ``p`` fitted by AMQ to the mixture     l2
-amq-n      the same, fitted to the pooled truncated normal                  l2
+alq        fitted by ALQ (free levels) to the statistics of ``fit``:       max
+           ``histogram`` (default), the norm-weighted histogram of the
+           gradients' normalized coordinates; ``model``, a mixture of
+           per-bucket truncated normals (the ALQ paper)
+alq-n      as alq; ``fit="model"``: one pooled truncated normal            max
+amq        ``+-p^j``, ``j = 0..K/2-1``, ``p`` fitted by AMQ, statistics as alq  max
+amq-n      as amq; ``fit="model"``: the pooled truncated normal            max
 =========  ===============================================================  ==========
 
+The norm column is the default; every method takes ``norm="l2"`` or ``"max"`` (``--norm``) but
+terngrad, which is max only.
+
 Adaptive codecs (:class:`AdaptiveLevelSet`) start from the ``nuq`` levels and change
-their table in :meth:`AdaptiveLevelSet.fit`. Message pattern: none of its own; the
-trainer gathers :func:`~mpiqsgd.codecs.adapt.local_stats` of every rank, merges them
-with :func:`~mpiqsgd.codecs.adapt.merge_stats` in rank order and calls ``fit`` on every
+their table in :meth:`AdaptiveLevelSet.fit` (:mod:`mpiqsgd.codecs.fits`; each refit keeps the
+best of its fit and the uniform, QSGD, NUQSGD and best AMQ tables). Message pattern: none of its own; the
+trainer gathers :func:`~mpiqsgd.codecs.gradstats.local_stats` of every rank, merges them
+with :func:`~mpiqsgd.codecs.gradstats.merge_stats` in rank order and calls ``fit`` on every
 rank (or fits on one and broadcasts :attr:`LevelSet.levels_bytes`).
 
 Wire format (payload after the frame of :mod:`mpiqsgd.wire`)::
@@ -60,7 +66,8 @@ import torch
 
 from .. import wire
 from ..errors import ConfigError, DecodeError
-from . import adapt
+from . import fits, gradstats, histogram
+from . import leveltables as tables
 from . import bits as bitpack
 from . import entropy, kernels
 from .base import Codec, check_choice, check_int
@@ -85,6 +92,7 @@ METHODS = {
 }
 ADAPTIVE = tuple(m for m, spec in METHODS.items() if spec[2] is not None)
 NORMS = ("l2", "max")
+FITS = ("histogram", "model")
 ENCODINGS = ("dense", "entropy")
 
 
@@ -93,18 +101,18 @@ def named_levels(method, bits):
     if method == "terngrad":
         if bits != 2:
             raise ConfigError(f"terngrad: levels {{-1, 0, 1}} take bits=2; got bits={bits}")
-        return adapt.to_table(adapt.terngrad_levels())
+        return tables.to_table(tables.terngrad_levels())
     if method == "uniform":
-        return adapt.to_table(adapt.uniform_levels(bits))
+        return tables.to_table(tables.uniform_levels(bits))
     if method == "nuq0":
         if bits < 2:
             raise ConfigError("nuqsgd-zero: levels 0 and +-0.5^j need bits >= 2")
-        return adapt.to_table(adapt.nuq_zero_levels(bits))
+        return tables.to_table(tables.nuq_zero_levels(bits))
     if method == "qsgd":
         if bits < 2:
             raise ConfigError("qsgd levels need bits >= 2")
-        return adapt.to_table(adapt.qsgd_levels(bits))
-    return adapt.to_table(adapt.nuq_levels(bits))  # nuq and the adaptive methods' start
+        return tables.to_table(tables.qsgd_levels(bits))
+    return tables.to_table(tables.nuq_levels(bits))  # nuq and the adaptive methods' start
 
 
 def table_id(levels_bytes):
@@ -139,7 +147,8 @@ class LevelSet(Codec):
     Args:
         bits: bits per coordinate on the wire, 1..8 (default 3; terngrad 2). ``K <= 2^bits``.
         bucket: coordinates per bucket, each with its own fp32 norm. Default 8192.
-        norm: ``"l2"`` (default) or ``"max"`` (terngrad: only ``"max"``).
+        norm: ``"l2"`` or ``"max"``; default ``"max"`` for the adaptive methods, ``"l2"`` for the
+            fixed ones (terngrad: only ``"max"``).
         method: one of :data:`METHODS`.
         levels: float32 little-endian bytes (or a sequence) of the table; default the
             method's own (for adaptive methods: its starting table). Fixed methods accept
@@ -161,8 +170,8 @@ class LevelSet(Codec):
         default_bits, fixed_norm, _ = METHODS[method]
         self.bits = check_int(method, "bits", default_bits if bits is None else bits, 1, 8)
         self.bucket = check_int(method, "bucket", bucket, 1, wire.MAX_BUCKET)
-        if norm is None:
-            norm = fixed_norm or "l2"
+        if norm is None:  # measured: max-norm buckets give adaptive levels half the variance (README)
+            norm = fixed_norm or ("max" if method in ADAPTIVE else "l2")
         self.norm = check_choice(method, "norm", norm, NORMS)
         if fixed_norm is not None and norm != fixed_norm:
             raise ConfigError(f"{method}: norm must be {fixed_norm!r}; got {norm!r}")
@@ -191,6 +200,9 @@ class LevelSet(Codec):
     def levels(self):
         """The level table as float64 values (a copy)."""
         return self.table.astype(np.float64)
+
+    def level_table(self):
+        return self.levels
 
     @property
     def params(self):
@@ -286,8 +298,18 @@ class AdaptiveLevelSet(LevelSet):
     Args:
         bits, bucket, norm, method, levels, clip_sigma, encoding: as :class:`LevelSet`; ``method`` is
             one of :data:`ADAPTIVE`; ``levels`` is the starting table (default ``nuq``).
-        max_buckets: mixture statistics keep this many buckets of largest norm. Default 64.
+        fit: ``"histogram"`` (default): fit to the norm-weighted histogram of the gradients'
+            normalized coordinates (:mod:`mpiqsgd.codecs.histogram`), so the levels minimize
+            the measured variance; ``"model"``: the paper's truncated-normal model, a mixture
+            of per-bucket normals (alq, amq) or one pooled normal (alq-n, amq-n).
+        max_buckets: ``fit="model"`` mixtures keep this many buckets of largest norm. Default 64.
         weight_power: mixture component weight ``count * norm**weight_power``. Default 2.
+        bins: ``fit="histogram"``: bins of the histogram. Default 2048.
+
+    Every refit keeps the fitted table only if its variance on the statistics it was fitted
+    to is no worse than that of the uniform (QSGD), exponential (NUQSGD) and best AMQ tables
+    (:func:`mpiqsgd.codecs.fits.guarded`); :attr:`last_fit` says which table won and each
+    candidate's variance, for the trainer's log.
 
     Example::
 
@@ -299,50 +321,62 @@ class AdaptiveLevelSet(LevelSet):
     adaptive = True
 
     def __init__(self, bits=None, bucket=8192, norm=None, method="alq", levels=None, clip_sigma=None,
-                 max_buckets=64, weight_power=2.0, encoding="dense"):
+                 fit="histogram", max_buckets=64, weight_power=2.0, bins=None, encoding="dense"):
         if method not in ADAPTIVE:
             raise ConfigError(f"adaptive level sets: method must be one of {', '.join(ADAPTIVE)}; got {method!r}")
         super().__init__(bits=bits, bucket=bucket, norm=norm, method=method, levels=levels, clip_sigma=clip_sigma,
                          encoding=encoding)
+        self.fit_kind = check_choice(method, "fit", fit, FITS)
         self.max_buckets = check_int(method, "max_buckets", max_buckets, 1, 1 << 20)
+        self.bins = check_int(method, "bins", histogram.BINS if bins is None else bins, 2, histogram.MAX_BINS)
+        if self.bins % 2:
+            raise ConfigError(f"{method}: bins must be even; got {self.bins}")
         self.weight_power = float(weight_power)
         self.stats = None  # the merged statistics of the last fit
         self.p = 0.5 if method.startswith("amq") else None  # AMQ multiplier of the table
         self.n_fits = 0
-        self.model_variance = None  # Psi of the table under the last fitted model
+        self.model_variance = None  # Psi of the table under the last fitted density
+        self.last_fit = None  # {"won": "fit" or a baseline's name, "psi": {name: Psi}} of the last refit
 
     @property
     def stats_kind(self):
-        """``"mixture"`` (alq, amq) or ``"pooled"`` (alq-n, amq-n)."""
-        return METHODS[self.method][2]
+        """``"histogram"`` (``fit="histogram"``), else ``"mixture"`` (alq, amq) or ``"pooled"`` (alq-n, amq-n)."""
+        return "histogram" if self.fit_kind == "histogram" else METHODS[self.method][2]
 
     def local_stats(self, flat):
         """This rank's sufficient statistics of ``flat`` for this codec (a dict)."""
-        return adapt.local_stats(flat, self.bucket, self.stats_kind, self.norm, self.max_buckets)
+        return gradstats.local_stats(flat, self.bucket, self.stats_kind, self.norm, self.max_buckets, self.bins)
 
     def fit(self, stats):
         """Refit the level table to merged statistics; a pure function of ``stats``.
 
         Args:
-            stats: a statistics dict (from :func:`~mpiqsgd.codecs.adapt.merge_stats`) or its bytes.
+            stats: a statistics dict (from :func:`~mpiqsgd.codecs.gradstats.merge_stats`) or its bytes.
 
         Returns:
             The new float32 table (also the codec's; ``params["levels"]`` changes with it).
         """
         if isinstance(stats, (bytes, bytearray, memoryview)):
-            stats = adapt.stats_from_bytes(stats)
+            stats = gradstats.stats_from_bytes(stats)
         if stats["kind"] != self.stats_kind or stats["norm"] != self.norm or stats["bucket"] != self.bucket:
             raise ConfigError(
                 f"{self.method}: needs {self.stats_kind} statistics with norm={self.norm} and bucket={self.bucket}; "
                 f"got {stats['kind']} with norm={stats['norm']} and bucket={stats['bucket']}")
-        density = adapt.density_from_stats(stats, self.weight_power)
+        density = gradstats.density_from_stats(stats, self.weight_power)
+        amq_table, p, value = fits.fit_amq(density, self.bits)
+        candidates = fits.baselines(density, self.bits, amq=amq_table)
         if self.method.startswith("alq"):
-            table, value = adapt.fit_alq(density, self.bits)
+            table, value = fits.fit_alq(density, self.bits, extra=list(candidates.values()))
+            p = None
         else:
-            table, self.p, value = adapt.fit_amq(density, self.bits)
+            table = candidates.pop("amq")  # the fit itself
+        table, value, won, scores = fits.guarded(table, value, density, self.bits, candidates)
         self._set_table(table)
+        if self.method.startswith("amq"):
+            self.p = p if won == "fit" else None  # a baseline table is no power of one p
         self.stats = stats
         self.model_variance = value
+        self.last_fit = {"won": won, "psi": scores}
         self.n_fits += 1
         return self.table.copy()
 
@@ -353,9 +387,9 @@ class AdaptiveLevelSet(LevelSet):
     def state_dict(self):
         """Level table, last statistics and fit count (msgpack-friendly values) for checkpoints."""
         return {"method": self.method, "bits": self.bits, "bucket": self.bucket, "norm": self.norm,
-                "levels": self.levels_bytes, "p": self.p, "n_fits": self.n_fits,
+                "fit": self.fit_kind, "levels": self.levels_bytes, "p": self.p, "n_fits": self.n_fits,
                 "model_variance": self.model_variance,
-                "stats": None if self.stats is None else adapt.stats_to_bytes(self.stats)}
+                "stats": None if self.stats is None else gradstats.stats_to_bytes(self.stats)}
 
     def load_state_dict(self, state, device="cpu"):
         """Restore :meth:`state_dict` (``device`` is accepted for symmetry with other codec state)."""
@@ -363,11 +397,14 @@ class AdaptiveLevelSet(LevelSet):
             if state[key] != getattr(self, key):
                 raise ConfigError(f"{self.method}: checkpoint has {key}={state[key]!r}, "
                                   f"this codec {getattr(self, key)!r}")
+        if state.get("fit", "model") != self.fit_kind:
+            raise ConfigError(f"{self.method}: checkpoint has fit={state.get('fit', 'model')!r}, "
+                              f"this codec {self.fit_kind!r}; resume with --fit {state.get('fit', 'model')}")
         self.set_levels(state["levels"])
         self.p = state.get("p")
         self.n_fits = int(state.get("n_fits", 0))
         self.model_variance = state.get("model_variance")
-        self.stats = None if state.get("stats") is None else adapt.stats_from_bytes(state["stats"])
+        self.stats = None if state.get("stats") is None else gradstats.stats_from_bytes(state["stats"])
 
 
 def _codes_and_r(levels, flat, bucket, norm):

@@ -175,6 +175,10 @@ class QSGD(Codec):
             return None
         return min(self.bucket / self.levels**2, math.sqrt(self.bucket) / self.levels)
 
+    def level_table(self):
+        s = self.levels
+        return np.arange(-s, s + 1, dtype=np.float64) / s if self.stochastic else None
+
     def payload_nbytes(self, numel):
         if self.encoding != "dense":
             return None

@@ -14,12 +14,13 @@ taken in rank order by :func:`mean_of` so that topologies that see the same payl
 return the same bits.
 """
 
+import numpy as np
 import torch
 
 from ..codecs import make_generator
 from ..errors import ConfigError
 
-__all__ = ["Aggregator", "Round", "mean_of", "sum_of", "chunk_bounds"]
+__all__ = ["Aggregator", "Round", "MessageBuffers", "mean_of", "sum_of", "chunk_bounds"]
 
 
 def sum_of(tensors):
@@ -46,8 +47,42 @@ def chunk_bounds(numel, n):
     return bounds
 
 
+class MessageBuffers:
+    """Send buffers reused from step to step: the ``i``-th encode of a stream's call frames its
+    message into slot ``(stream, i)`` (:func:`mpiqsgd.wire.frame_into`), so the hot path neither
+    joins nor allocates (a fresh buffer of a large message costs a page fault per 4 KiB).
+
+    A message lives until the same slot is encoded again, one step later: every aggregator
+    waits for its sends before :meth:`Aggregator.aggregate` returns, and the transports
+    copy or finish with a buffer by then. Slots are sized by the codec's
+    ``encoded_nbytes``; a variable-length code gets the length of its last message plus a
+    quarter (a longer message falls back to new bytes and resizes the slot).
+    """
+
+    def __init__(self):
+        self.slots = {}
+
+    def get(self, slot, nbytes):
+        """A writable buffer of at least ``nbytes`` for ``slot`` (None: whatever it holds, if anything)."""
+        buf = self.slots.get(slot)
+        if nbytes is not None and (buf is None or buf.size < nbytes):
+            buf = self.slots[slot] = np.empty(nbytes, dtype=np.uint8)
+        return buf
+
+    def seen(self, slot, message):
+        """Grow a variable-length code's slot after a message that did not fit."""
+        buf = self.slots.get(slot)
+        if buf is None or buf.size < len(message):
+            self.slots[slot] = np.empty(len(message) + len(message) // 4, dtype=np.uint8)
+
+    @property
+    def nbytes(self):
+        return sum(b.size for b in self.slots.values())
+
+
 class Round:
-    """One :meth:`Aggregator.aggregate` call: its step, stream and generator; timed codec calls.
+    """One :meth:`Aggregator.aggregate` call: its step, stream and generator; timed codec calls
+    that frame their messages into the aggregator's :class:`MessageBuffers`.
 
     Error-feedback residuals are kept per key; a bucket's keys carry its stream, so the
     buckets of one step keep separate residuals.
@@ -60,17 +95,27 @@ class Round:
         # CPU and GPU ranks produce the same bytes. One generator for all encodes of the
         # call: separate generators with one seed would draw the same uniforms twice.
         self.rng = make_generator(aggregator.seed, self.transport.rank, step, stream=stream)
+        self.buffers = aggregator.buffers
+        self.encodes = 0
 
     def key(self, key):
         return key if self.stream == 0 else (self.stream, key)
 
     def encode(self, codec, x, key):
-        with self.transport.timed("encode", bucket=self.stream, numel=x.numel()):
-            return codec.encode(x, self.rng, key=self.key(key))
+        return self.encode_decode(codec, x, key, want_decoded=False)[0]
 
-    def encode_decode(self, codec, x, key):
+    def encode_decode(self, codec, x, key, want_decoded=True):
+        slot = (self.stream, self.encodes)
+        self.encodes += 1
+        out = self.buffers.get(slot, codec.encoded_nbytes(x.numel()))
         with self.transport.timed("encode", bucket=self.stream, numel=x.numel()):
-            return codec.encode_decode(x, self.rng, key=self.key(key))
+            if want_decoded:
+                message, decoded = codec.encode_decode(x, self.rng, key=self.key(key), out=out)
+            else:
+                message, decoded = codec.encode(x, self.rng, key=self.key(key), out=out), None
+        if isinstance(message, bytes):  # it did not fit: a variable-length code's longer message
+            self.buffers.seen(slot, message)
+        return message, decoded
 
     def decode(self, codec, message, device, numel):
         """Decode ``message``, refusing one of another length than the ``numel`` values expected."""
@@ -105,6 +150,7 @@ class Aggregator:
         self.transport = transport
         self.codec = codec
         self.seed = seed
+        self.buffers = MessageBuffers()
 
     @property
     def codecs(self):

@@ -24,7 +24,7 @@ __all__ = ["TrainConfig", "add_config_args", "config_from_args", "RUN_LOCAL", "a
 # Flags each rank may set for itself: they change neither the message pattern nor the math.
 # Every other flag (and any new one) must be the same on every rank of a job.
 RUN_LOCAL = ("progress", "threads", "device", "wait", "comm_timeout", "run_dir", "data_dir", "download",
-             "target_acc", "diag_every", "resume")
+             "target_acc", "diag_every", "nvar_every", "nvar_batches", "resume")
 
 
 def knob(default, help, choices=None, group="training"):
@@ -66,6 +66,10 @@ class TrainConfig:
     rounding: Optional[str] = knob(None, "stochastic (default) or nearest", ["stochastic", "nearest"], "communication")
     clip_sigma: Optional[float] = knob(None, "terngrad: clip buckets at this many standard deviations",
                                        group="communication")
+    norm: Optional[str] = knob(None, "level sets: bucket normalization (adaptive default max, others l2)",
+                               ["l2", "max"], "communication")
+    fit: Optional[str] = knob(None, "adaptive codecs: fit levels to the gradients' histogram (default) or to "
+                                    "the paper's truncated-normal model", ["histogram", "model"], "communication")
     encoding: Optional[str] = knob(None, "qsgd/level sets: dense (default), elias (qsgd) or entropy (rANS)",
                                    list(ENCODINGS), "communication")
     error_feedback: bool = knob(False, "error feedback around the codec", group="communication")
@@ -86,8 +90,11 @@ class TrainConfig:
     uncompressed_warmup_steps: int = knob(0, "first steps exchange fp32 only", group="communication")
     adapt_at: str = knob("0,100,2000", "adaptive codecs: steps at which levels are refit", group="communication")
     adapt_every: int = knob(10000, "adaptive codecs: then refit every N steps (0: never)", group="communication")
-    diag_every: int = knob(50, "log quantization variance of rank 0's gradient every N steps (0: never)",
+    diag_every: int = knob(50, "log quantization diagnostics of rank 0's gradient every N steps (0: never)",
                            group="run")
+    nvar_every: int = knob(1000, "log the gradient's normalized variance across extra mini-batches every N "
+                                 "steps after step 0 (0: never)", group="run")
+    nvar_batches: int = knob(4, "extra mini-batches of each --nvar-every sample (at least 2)", group="run")
 
     # execution and output
     simulate: int = knob(0, "simulate N workers in this one process instead of MPI ranks", group="run")
@@ -123,7 +130,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1; got {value}")
-        for name in ("eval_every", "check_sync_every", "adapt_every", "diag_every", "checkpoint_every",
+        if self.nvar_batches < 2:
+            raise ConfigError(f"--nvar-batches must be at least 2; got {self.nvar_batches}")
+        for name in ("eval_every", "check_sync_every", "adapt_every", "diag_every", "nvar_every", "checkpoint_every",
                      "min_compress_numel", "uncompressed_warmup_steps", "simulate"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(self, name)}")
@@ -154,7 +163,7 @@ class TrainConfig:
         self.adapt_steps()
         parse_steps(self.trace_steps)
         codec_from_flags(self.codec, self.bits, self.levels, self.bucket, self.rounding, self.clip_sigma,
-                         self.error_feedback, self.encoding)
+                         self.error_feedback, self.norm, self.fit, self.encoding)
         return self
 
     def adapt_steps(self):

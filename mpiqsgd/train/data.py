@@ -8,12 +8,18 @@ Sources understood for CIFAR-10:
 
 * torchvision's ``cifar-10-batches-py`` pickle folder, or the ``cifar-10-python.tar.gz``
   archive it comes in (:func:`load_cifar10_batches`), read by an unpickler that resolves
-  numpy array reconstruction and nothing else, so a crafted batch file cannot run code;
+  numpy array reconstruction and nothing else, so a crafted batch file cannot run code
+  (torchvision's ``CIFAR10`` would ``pickle.load`` it);
 * an image folder, as a directory or a ``.tar``/``.tar.gz``/``.tgz`` archive, laid out as
   ``train/<class>/<image>`` and ``test/<class>/<image>`` (:func:`load_image_folder`);
   decoded images are cached as ``.npz`` under the cache directory (``~/.cache/mpiqsgd``,
-  or ``$MPIQSGD_CACHE``) so that the JPEGs are decoded only once;
-* a download through torchvision (:func:`load_cifar10` with ``download=True``).
+  or ``$MPIQSGD_CACHE``) so that the JPEGs are decoded only once, by one process at a
+  time (``filelock``);
+* a download through torchvision (:func:`load_cifar10` with ``download=True``), which
+  checks the archive's MD5; torchvision's checksums also tell a damaged batch file.
+
+Archives are read in place, never extracted: torchvision's ``ImageFolder`` helpers and
+``extract_archive`` want a directory on disk, and the data folder may be read-only.
 
 :func:`make_synthetic` builds a small learnable task without any file, and
 :func:`load_dataset` resolves a dataset name and flags to the arrays.
@@ -28,7 +34,6 @@ import math
 import os
 import pickle
 import tarfile
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -37,8 +42,10 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 
 from mpiqsgd.errors import ConfigError, MpiqsgdError
+from mpiqsgd.train.checkpoint import atomic_write_bytes
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -75,9 +82,13 @@ DATASETS: tuple[str, ...] = ("cifar10", "synthetic")
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png")
 
 _CACHE_FORMAT = 1
+# torchvision's CIFAR10 file names (base_folder, filename, train_list, test_list, meta), written out
+# so that finding the data does not import torchvision (over a second per process); a test compares them.
 _BATCHES_DIR = "cifar-10-batches-py"
 _BATCHES_ARCHIVE = "cifar-10-python.tar.gz"
 _TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+_TEST_BATCH = "test_batch"
+_META_BATCH = "batches.meta"
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 _SPLITS = ("train", "test")
 
@@ -189,27 +200,6 @@ def _cache_file(path: Path, cache_dir: Path, limit_per_class: Optional[int]) -> 
     return cache_dir / f"{stem}-{digest}.npz"
 
 
-@contextlib.contextmanager
-def _file_lock(lock_path: Path) -> Iterator[None]:
-    """Holds an exclusive advisory lock so that concurrent processes decode only once."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
-        yield
-        return
-    try:
-        handle = open(lock_path, "a+b")
-    except OSError:
-        yield
-        return
-    with handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        except OSError:
-            pass
-        yield
-
-
 def _read_cache(file: Path) -> Optional[tuple[ImageArrays, ImageArrays]]:
     if not file.is_file():
         return None
@@ -226,31 +216,57 @@ def _read_cache(file: Path) -> Optional[tuple[ImageArrays, ImageArrays]]:
 
 
 def _write_cache(file: Path, train: ImageArrays, test: ImageArrays) -> None:
-    """Writes the arrays atomically: a temporary file in the same folder, then a rename."""
-    tmp = None
+    """Writes the arrays atomically, readable as a plainly created file would be; failure only warns."""
+    buffer = io.BytesIO()
+    np.savez(buffer, train_images=train.images, train_labels=train.labels, test_images=test.images,
+             test_labels=test.labels, classes=np.array(train.classes, dtype=str))
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=file.name + ".", suffix=".tmp", dir=file.parent)
-        with os.fdopen(fd, "wb") as f:
-            np.savez(
-                f,
-                train_images=train.images,
-                train_labels=train.labels,
-                test_images=test.images,
-                test_labels=test.labels,
-                classes=np.array(train.classes, dtype=str),
-            )
-        umask = os.umask(0)
+        atomic_write_bytes(file, buffer.getbuffer())
+        umask = os.umask(0)  # the temporary file is private (0600); a cache folder may be shared
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, file)
-        tmp = None
+        os.chmod(file, 0o666 & ~umask)
     except OSError as exc:
         warnings.warn(f"could not write dataset cache {file}: {exc}", stacklevel=3)
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+
+
+# ---------------------------------------------------------------------------- archives
+
+
+def _is_archive(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(_ARCHIVE_SUFFIXES)
+
+
+def _read_archive(path: Path, keep: Callable[[str], bool]) -> dict[str, bytes]:
+    """Member name -> bytes of the regular files in a tar archive whose names pass ``keep``.
+
+    Read in place, never extracted: the data folder may be read-only, and a member name
+    such as ``../x`` cannot write anywhere.
+    """
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            return {m.name: tar.extractfile(m).read() for m in tar if m.isfile() and keep(m.name)}
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise MpiqsgdError(f"cannot read archive {path}: {exc}") from exc
+
+
+def _probe_archive(path: Path, max_members: int = 64) -> Optional[str]:
+    """Guesses an archive's kind from its first few member names, without reading it all."""
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for _ in range(max_members):
+                member = tar.next()
+                if member is None:
+                    break
+                parts = PurePosixPath(member.name).parts
+                if _BATCHES_DIR in parts or (parts and parts[-1] in _TRAIN_BATCHES):
+                    return "cifar10-batches"
+                if member.isfile() and any(p in _SPLITS for p in parts[:-2]):
+                    if parts[-1].lower().endswith(IMAGE_EXTENSIONS):
+                        return "image-folder"
+    except (tarfile.TarError, OSError, EOFError):
+        return None
+    return None
 
 
 # --------------------------------------------------------------------- image folders
@@ -271,8 +287,14 @@ def decode_image(data: bytes) -> np.ndarray:
         return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
-def _is_archive(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith(_ARCHIVE_SUFFIXES)
+def _image_files(path: Path) -> tuple[list[str], Callable[[str], bytes]]:
+    """Relative paths of the image files in a folder or archive, and how to read one."""
+    if path.is_dir():
+        rel_paths = [Path(root, name).relative_to(path).as_posix()
+                     for root, _, files in os.walk(path) for name in files]
+        return rel_paths, lambda rel: (path / rel).read_bytes()
+    contents = _read_archive(path, lambda name: name.lower().endswith(IMAGE_EXTENSIONS))
+    return list(contents), contents.__getitem__
 
 
 def _layout(rel_paths: Sequence[str], source: Path) -> dict[str, dict[str, list[str]]]:
@@ -308,15 +330,12 @@ def _layout(rel_paths: Sequence[str], source: Path) -> dict[str, dict[str, list[
     return splits
 
 
-def _stack_decoded(
-    members: Sequence[str], labels: Sequence[int], read: Callable[[str], bytes], source: Path
-) -> tuple[np.ndarray, np.ndarray]:
+def _decode_all(members: Sequence[str], read: Callable[[str], bytes], source: Path) -> np.ndarray:
+    """The decoded images ``[N, H, W, 3]``, checked to share one size."""
     images: Optional[np.ndarray] = None
     for i, member in enumerate(members):
         try:
             pixels = decode_image(read(member))
-        except MpiqsgdError:
-            raise
         except Exception as exc:
             raise MpiqsgdError(f"cannot decode {member} in {source}: {exc}") from exc
         if images is None:
@@ -327,63 +346,24 @@ def _stack_decoded(
                 f"images are {images.shape[2]}x{images.shape[1]}; all images must share one size"
             )
         images[i] = pixels
-    if images is None:
-        raise MpiqsgdError(f"no images found in {source}")
-    return images, np.asarray(labels, dtype=np.int64)
+    assert images is not None  # _layout found a train image
+    return images
 
 
-def _decode_folder(
-    source: Path, rel_paths: Sequence[str], read: Callable[[str], bytes], limit: Optional[int]
-) -> tuple[ImageArrays, ImageArrays]:
-    splits = _layout(rel_paths, source)
+def _decode_image_folder(path: Path, limit_per_class: Optional[int]) -> tuple[ImageArrays, ImageArrays]:
+    rel_paths, read = _image_files(path)
+    splits = _layout(rel_paths, path)
     classes = sorted(splits["train"])
     unknown = sorted(set(splits["test"]) - set(classes))
     if unknown:
-        raise MpiqsgdError(f"{source}: test classes {unknown} have no train/ folder")
-    out = []
-    for split in _SPLITS:
-        members: list[str] = []
-        labels: list[int] = []
-        for label, cls in enumerate(classes):
-            chosen = splits[split].get(cls, [])[:limit]
-            members += chosen
-            labels += [label] * len(chosen)
-        images, label_array = _stack_decoded(members, labels, read, source)
-        out.append(ImageArrays(images, label_array, classes))
-    train, test = out
-    if train.images.shape[1:] != test.images.shape[1:]:
-        raise MpiqsgdError(
-            f"{source}: train images are {train.images.shape[1:]} but test images are "
-            f"{test.images.shape[1:]}; all images must share one size"
-        )
-    return train, test
-
-
-def _decode_image_folder(
-    path: Path, limit_per_class: Optional[int]
-) -> tuple[ImageArrays, ImageArrays]:
-    if path.is_dir():
-        rel_paths = []
-        for root, dirs, files in os.walk(path):
-            dirs.sort()
-            for name in files:
-                rel_paths.append(Path(root, name).relative_to(path).as_posix())
-
-        def read(rel: str) -> bytes:
-            return (path / rel).read_bytes()
-
-        return _decode_folder(path, rel_paths, read, limit_per_class)
-    try:
-        contents: dict[str, bytes] = {}
-        with tarfile.open(path, "r:*") as tar:
-            for member in tar:
-                if member.isfile() and member.name.lower().endswith(IMAGE_EXTENSIONS):
-                    handle = tar.extractfile(member)
-                    if handle is not None:
-                        contents[member.name] = handle.read()
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise MpiqsgdError(f"cannot read archive {path}: {exc}") from exc
-    return _decode_folder(path, list(contents), contents.__getitem__, limit_per_class)
+        raise MpiqsgdError(f"{path}: test classes {unknown} have no train/ folder")
+    chosen = {split: [(member, label) for label, cls in enumerate(classes)
+                      for member in splits[split].get(cls, [])[:limit_per_class]] for split in _SPLITS}
+    members = chosen["train"] + chosen["test"]
+    images = _decode_all([member for member, _ in members], read, path)
+    labels = np.array([label for _, label in members], dtype=np.int64)
+    n = len(chosen["train"])
+    return ImageArrays(images[:n], labels[:n], classes), ImageArrays(images[n:], labels[n:], classes)
 
 
 def load_image_folder(
@@ -404,7 +384,8 @@ def load_image_folder(
         path: The directory or archive.
         limit_per_class: Load only the first this many images of each class and split.
         cache: Reuse, or else write, a ``.npz`` of the decoded arrays in ``cache_dir``,
-            keyed by the source's absolute path, size and modification time.
+            keyed by the source's absolute path, size and modification time. Processes
+            that miss the cache together decode once: the others wait on a file lock.
         cache_dir: Cache folder; defaults to :func:`default_cache_dir`.
 
     Returns:
@@ -426,9 +407,10 @@ def load_image_folder(
     if cached is not None:
         return cached
     with contextlib.ExitStack() as stack:
-        with contextlib.suppress(OSError):
+        # A cache folder that cannot hold a lock (read-only, no locking) only costs duplicate decoding.
+        with contextlib.suppress(OSError, NotImplementedError):
             file.parent.mkdir(parents=True, exist_ok=True)
-            stack.enter_context(_file_lock(file.with_name(file.name + ".lock")))
+            stack.enter_context(FileLock(f"{file}.lock"))
         cached = _read_cache(file)
         if cached is not None:
             return cached
@@ -443,9 +425,9 @@ def load_image_folder(
 def _batches_location(root: Path) -> Optional[Path]:
     """The ``cifar-10-batches-py`` folder or ``cifar-10-python.tar.gz`` at or under root."""
     if root.is_dir():
-        if (root / "batches.meta").is_file():
+        if (root / _META_BATCH).is_file():
             return root
-        if (root / _BATCHES_DIR / "batches.meta").is_file():
+        if (root / _BATCHES_DIR / _META_BATCH).is_file():
             return root / _BATCHES_DIR
         if (root / _BATCHES_ARCHIVE).is_file():
             return root / _BATCHES_ARCHIVE
@@ -488,6 +470,14 @@ class _RefusedGlobal(pickle.UnpicklingError):
     """A pickle names a global that a CIFAR-10 batch never holds."""
 
 
+def _official_md5(name: str) -> Optional[str]:
+    """The MD5 of the official CIFAR-10 batch file ``name``, from torchvision's table."""
+    from torchvision.datasets import CIFAR10
+
+    files = CIFAR10.train_list + CIFAR10.test_list + [[CIFAR10.meta["filename"], CIFAR10.meta["md5"]]]
+    return dict(files).get(name)
+
+
 def _unpickle(data: bytes, name: str, source: Path) -> dict:
     try:
         obj = _BatchUnpickler(io.BytesIO(data), encoding="bytes").load()
@@ -495,31 +485,23 @@ def _unpickle(data: bytes, name: str, source: Path) -> dict:
         raise MpiqsgdError(f"refusing {name} in {source}: its pickle calls {exc}, which a CIFAR-10 batch never "
                            "holds (only dicts, lists, strings, numbers and numpy arrays are loaded)") from None
     except Exception as exc:
-        raise MpiqsgdError(f"cannot read {name} in {source}: {exc}") from exc
+        damaged = hashlib.md5(data, usedforsecurity=False).hexdigest() != _official_md5(name)
+        hint = "; it is not the official file (its MD5 differs): copy or download it again" if damaged else ""
+        raise MpiqsgdError(f"cannot read {name} in {source}: {exc}{hint}") from exc
     if not isinstance(obj, dict):
         raise MpiqsgdError(f"{name} in {source} is not a CIFAR-10 batch")
     return obj
 
 
 def _read_batch_files(location: Path) -> dict[str, bytes]:
-    wanted = set(_TRAIN_BATCHES) | {"test_batch", "batches.meta"}
-    found: dict[str, bytes] = {}
+    wanted = (*_TRAIN_BATCHES, _TEST_BATCH, _META_BATCH)
     if location.is_dir():
-        for name in wanted:
-            if (location / name).is_file():
-                found[name] = (location / name).read_bytes()
+        found = {name: (location / name).read_bytes() for name in wanted if (location / name).is_file()}
     else:
-        try:
-            with tarfile.open(location, "r:*") as tar:
-                for member in tar:
-                    base = PurePosixPath(member.name).name
-                    if member.isfile() and base in wanted and base not in found:
-                        handle = tar.extractfile(member)
-                        if handle is not None:
-                            found[base] = handle.read()
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            raise MpiqsgdError(f"cannot read archive {location}: {exc}") from exc
-    missing = sorted(wanted - set(found))
+        found = {}
+        for member, data in _read_archive(location, lambda m: PurePosixPath(m).name in wanted).items():
+            found.setdefault(PurePosixPath(member).name, data)
+    missing = sorted(set(wanted) - set(found))
     if missing:
         raise MpiqsgdError(f"{location} lacks the CIFAR-10 batch files {missing}")
     return found
@@ -542,6 +524,10 @@ def _batch_arrays(batch: dict, name: str, source: Path) -> tuple[np.ndarray, np.
 def load_cifar10_batches(root: PathLike) -> tuple[ImageArrays, ImageArrays]:
     """Loads CIFAR-10 in torchvision's ``cifar-10-batches-py`` pickle format.
 
+    The batch files are unpickled by a loader that resolves numpy array reconstruction and
+    nothing else (torchvision's own ``CIFAR10`` runs plain ``pickle.load``), so a crafted
+    file is refused before it can run code.
+
     Args:
         root: The ``cifar-10-batches-py`` folder, a folder holding it (or holding
             ``cifar-10-python.tar.gz``), or that ``.tar.gz`` archive itself.
@@ -561,11 +547,11 @@ def load_cifar10_batches(root: PathLike) -> tuple[ImageArrays, ImageArrays]:
             f"test_batch, batches.meta) or {_BATCHES_ARCHIVE}"
         )
     files = _read_batch_files(location)
-    meta = _unpickle(files["batches.meta"], "batches.meta", location)
+    meta = _unpickle(files[_META_BATCH], _META_BATCH, location)
     try:
         classes = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[b"label_names"]]
     except KeyError as exc:
-        raise MpiqsgdError(f"batches.meta in {location} lacks label_names") from exc
+        raise MpiqsgdError(f"{_META_BATCH} in {location} lacks label_names") from exc
     parts = [
         _batch_arrays(_unpickle(files[n], n, location), n, location) for n in _TRAIN_BATCHES
     ]
@@ -575,7 +561,7 @@ def load_cifar10_batches(root: PathLike) -> tuple[ImageArrays, ImageArrays]:
         classes,
     )
     test_images, test_labels = _batch_arrays(
-        _unpickle(files["test_batch"], "test_batch", location), "test_batch", location
+        _unpickle(files[_TEST_BATCH], _TEST_BATCH, location), _TEST_BATCH, location
     )
     return train, ImageArrays(np.ascontiguousarray(test_images), test_labels, classes)
 
@@ -587,16 +573,16 @@ def _torchvision_cifar10() -> Callable[..., object]:
 
 
 def _download_cifar10(root: Path) -> None:
+    """Fetches and unpacks ``cifar-10-python.tar.gz`` into ``root`` with torchvision, which checks its MD5."""
     try:
-        cifar10 = _torchvision_cifar10()
         root.mkdir(parents=True, exist_ok=True)
-        for train in (True, False):
-            cifar10(str(root), train=train, download=True)
+        _torchvision_cifar10()(str(root), train=True, download=True)  # one archive holds both splits
     except Exception as exc:
         raise MpiqsgdError(
             f"could not download CIFAR-10 into {root} ({type(exc).__name__}: {exc}). "
-            "Without network access, copy the data set yourself and pass --data-dir PATH, "
-            "or run with --dataset synthetic"
+            f"Without network access, put {_BATCHES_ARCHIVE}, {_BATCHES_DIR}/ or an image folder "
+            f"(train/<class>/*.jpg, test/<class>/*.jpg) into {root} yourself, or pass --data-dir PATH "
+            "to where it is, or run with --dataset synthetic"
         ) from exc
 
 
@@ -649,25 +635,6 @@ def default_data_dirs(cache_dir: Optional[PathLike] = None) -> list[Path]:
     return out
 
 
-def _probe_archive(path: Path, max_members: int = 64) -> Optional[str]:
-    """Guesses an archive's kind from its first few member names, without reading it all."""
-    try:
-        with tarfile.open(path, "r:*") as tar:
-            for _ in range(max_members):
-                member = tar.next()
-                if member is None:
-                    break
-                parts = PurePosixPath(member.name).parts
-                if _BATCHES_DIR in parts or (parts and parts[-1] in _TRAIN_BATCHES):
-                    return "cifar10-batches"
-                if member.isfile() and any(p in _SPLITS for p in parts[:-2]):
-                    if parts[-1].lower().endswith(IMAGE_EXTENSIONS):
-                        return "image-folder"
-    except (tarfile.TarError, OSError, EOFError):
-        return None
-    return None
-
-
 def _is_image_folder_dir(path: Path) -> bool:
     if (path / "train").is_dir() and (path / "test").is_dir():
         return True
@@ -679,12 +646,9 @@ def _find_cifar10_in(folder: Path) -> Optional[DatasetSource]:
     def source(kind: str, path: Path) -> DatasetSource:
         return DatasetSource("cifar10", kind, Path(os.path.abspath(path)))
 
-    if folder.is_file():
-        if folder.name.lower().endswith(_ARCHIVE_SUFFIXES):
-            kind = _probe_archive(folder)
-            if kind is not None:
-                return source(kind, folder)
-        return None
+    if _is_archive(folder):
+        kind = _probe_archive(folder)
+        return source(kind, folder) if kind is not None else None
     if not folder.is_dir():
         return None
     batches = _batches_location(folder)
@@ -698,10 +662,8 @@ def _find_cifar10_in(folder: Path) -> Optional[DatasetSource]:
             return source("image-folder", folder / name)
     if _is_image_folder_dir(folder):
         return source("image-folder", folder)
-    archives = sorted(
-        (p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(_ARCHIVE_SUFFIXES)),
-        key=lambda p: ("cifar" not in p.name.lower(), p.name),
-    )
+    archives = sorted((p for p in folder.iterdir() if _is_archive(p)),
+                      key=lambda p: ("cifar" not in p.name.lower(), p.name))
     for archive in archives:
         kind = _probe_archive(archive)
         if kind is not None:

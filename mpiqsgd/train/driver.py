@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import __version__
+from .. import __version__, diagnostics
 from ..codecs import codec_from_flags
 from ..errors import MpiqsgdError
 from ..exchange import GradientExchange, broadcast_parameters, parameter_checksum
@@ -193,7 +194,7 @@ class Worker:
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
         codec = codec_from_flags(cfg.codec, cfg.bits, cfg.levels, cfg.bucket, cfg.rounding, cfg.clip_sigma,
-                                 cfg.error_feedback, cfg.encoding)
+                                 cfg.error_feedback, cfg.norm, cfg.fit, cfg.encoding)
         options = {"downlink": cfg.downlink, "server_error_feedback": cfg.server_error_feedback or None,
                    "dedicated": cfg.dedicated_server or None} if cfg.topology == "ps" else {}
         self.exchange = GradientExchange(
@@ -264,13 +265,57 @@ class Worker:
                     "check --error-feedback (it needs a contractive codec: nearest rounding, sign, more bits)")
             st["loss_sum"] += value
             st["loss_count"] += 1
-        if self.rank == (1 if self.dedicated else 0) and cfg.diag_every and step % cfg.diag_every == 0:
-            with open(self.shared.run_dir / "diagnostics.jsonl", "a") as f:
-                f.write(json.dumps(self.exchange.diagnostics(step)) + "\n")
+        diag_rank = self.rank == (1 if self.dedicated else 0)
+        if diag_rank:
+            line = self.exchange.diagnostics(step) if cfg.diag_every and step % cfg.diag_every == 0 else None
+            if cfg.nvar_every and step > 0 and step % cfg.nvar_every == 0:
+                line = {**(line or {"step": step}), "nvar": self.gradient_noise(step)}
+            self.diagnose(line)
         self.exchange.finish(step)
+        refits = self.exchange.refits
+        if diag_rank and refits and refits[-1]["step"] == step:
+            refit = refits[-1]
+            self.diagnose({"step": step, "refit": refit})
+            if refit["won"] != "fit":
+                psi = refit["psi"]
+                print(f"[mpiqsgd] step {step}: the fitted levels would have variance {psi['fit']:.4g} on the "
+                      f"statistics they were fitted to; kept the {refit['won']} levels ({psi[refit['won']]:.4g})",
+                      file=sys.stderr, flush=True)
         with meter.time("update", self.sync):
             self.optimizer.step()
         st["step"] += 1
+
+    def diagnose(self, line):
+        """Append one line (a dict, or nothing for None) to ``diagnostics.jsonl``."""
+        if line is not None:
+            with open(self.shared.run_dir / "diagnostics.jsonl", "a") as f:
+                f.write(json.dumps(line) + "\n")
+
+    def gradient_noise(self, step):
+        """``nvar`` of :mod:`mpiqsgd.diagnostics`: gradients of ``--nvar-batches`` extra training batches
+        (no augmentation), taken with ``torch.autograd.grad`` so that no ``.grad``, hook, batch-norm
+        buffer or random state of training changes."""
+        cfg = self.cfg
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        pick = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, self.rank, step, 13])
+                                                 .generate_state(1)[0]))
+        grads = []
+        with self.computing():
+            rng = torch.get_rng_state()
+            buffers = [b.detach().clone() for b in self.model.buffers()]
+            try:
+                for _ in range(cfg.nvar_batches):
+                    sel = torch.randint(0, self.images.shape[0], (cfg.batch_size,), generator=pick)
+                    sel = sel.to(self.images.device)
+                    x = D.to_tensor(self.images.index_select(0, sel), device=self.device)
+                    loss = torch.nn.functional.cross_entropy(self.model(x), self.labels.index_select(0, sel))
+                    grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
+            finally:
+                torch.set_rng_state(rng)
+                with torch.no_grad():
+                    for b, v in zip(self.model.buffers(), buffers):
+                        b.copy_(v)
+        return diagnostics.gradient_noise(grads)
 
     def check_sync(self, when=None):
         """Collective: refuse unless every rank's parameters are bit-identical to rank 0's."""
