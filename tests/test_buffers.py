@@ -23,9 +23,10 @@ def test_frame_into_writes_the_same_message_as_frame():
         wire.frame_into(bytes(64), header, payload)
 
 
-@pytest.mark.parametrize("name", ["fp32", "qsgd", "nuqsgd", "qsgd-elias", "sign"])
-def test_encoding_into_a_buffer_gives_the_same_bytes_and_no_aliased_values(name):
-    codec = make_codec(name)
+@pytest.mark.parametrize("name,params", [("fp32", {}), ("qsgd", {}), ("nuqsgd", {}), ("qsgd-elias", {}), ("sign", {}),
+                                         ("qsgd", {"encoding": "entropy"}), ("alq", {"encoding": "entropy"})])
+def test_encoding_into_a_buffer_gives_the_same_bytes_and_no_aliased_values(name, params):
+    codec = make_codec(name, **params)
     x = torch.randn(5000, generator=torch.Generator().manual_seed(0))
     fresh = codec.encode(x, make_generator(1))
     out = np.empty(codec.encoded_nbytes(x.numel()) or 2 * len(fresh), dtype=np.uint8)
