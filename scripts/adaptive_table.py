@@ -103,7 +103,7 @@ def plot(runs, path, seed):
             ax = axes[i][j]
             ax.set_title(f"{model}: {key}")
             ax.set_xlabel("step")
-            if key == "quant_variance":
+            if key in ("quant_variance", "refit_gain"):
                 ax.set_yscale("log")
         axes[i][0].legend(fontsize=6)
     fig.tight_layout()
