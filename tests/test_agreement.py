@@ -22,7 +22,8 @@ def digests(*configs, world_size=None):
 def test_same_flags_agree_and_run_local_flags_may_differ():
     check_agreement(digests(TrainConfig(), TrainConfig()))
     local = dict(progress=False, threads=3, device="cpu", wait="spin", comm_timeout=5.0, run_dir="elsewhere",
-                 data_dir="/data", download=True, target_acc=0.5, diag_every=7, resume="here")
+                 data_dir="/data", download=True, target_acc=0.5, diag_every=7, nvar_every=9, nvar_batches=3,
+                 resume="here")
     assert set(local) == set(RUN_LOCAL)
     base = TrainConfig(resume="there")
     check_agreement(digests(base, TrainConfig(**local)))
