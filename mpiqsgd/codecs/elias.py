@@ -309,6 +309,21 @@ if HAVE_NUMBA:
     _BYTE_ONES = np.uint64(0x0101010101010101)
 
     @numba.njit(inline="always")
+    def _emit(local, at, acc, n_acc, field, width):
+        """Append ``width`` bits of ``field`` to the bit accumulator and write its whole bytes
+        at ``local[at:]`` (8 bytes stored, the next call overwrites the partial ones); returns
+        the new (acc, n_acc, at)."""
+        acc = (acc << np.uint64(width)) | field
+        n_acc += width
+        w = acc << np.uint64(64 - n_acc)
+        for j in range(8):
+            local[at + j] = np.uint8((w >> np.uint64(56 - 8 * j)) & np.uint64(255))
+        at += n_acc >> 3
+        n_acc &= 7
+        acc &= (np.uint64(1) << np.uint64(n_acc)) - np.uint64(1)
+        return acc, n_acc, at
+
+    @numba.njit(inline="always")
     def _range_mask(g, start, end):
         """The bytes of group ``g`` (codes 8g..8g+7) that lie in [start, end), as a mask."""
         lo = max(start - 8 * g, 0)
@@ -353,14 +368,7 @@ if HAVE_NUMBA:
                     m = _nonzero_bytes(words[g], zeros) & _range_mask(g, start, end)
                     count += np.int64(((m >> np.uint64(7)) * _BYTE_ONES) >> np.uint64(56))
                 width = np.int64(lengths[count + 1])  # omega(nnz + 1)
-                acc = (acc << np.uint64(width)) | np.uint64(codes[count + 1])
-                n_acc += width
-                w = acc << np.uint64(64 - n_acc)
-                for j in range(8):
-                    local[at + j] = np.uint8((w >> np.uint64(56 - 8 * j)) & np.uint64(255))
-                at += n_acc >> 3
-                n_acc &= 7
-                acc &= (np.uint64(1) << np.uint64(n_acc)) - np.uint64(1)
+                acc, n_acc, at = _emit(local, at, acc, n_acc, np.uint64(codes[count + 1]), width)
                 prev = start - 1
                 for g in range(g0, g1):
                     m = _nonzero_bytes(words[g], zeros) & _range_mask(g, start, end)
@@ -375,15 +383,9 @@ if HAVE_NUMBA:
                         level = buf[k] & top
                         tail = np.int64(lengths[level]) + 1
                         width = np.int64(lengths[k - prev]) + tail
-                        acc = (acc << np.uint64(width)) | (np.uint64(codes[k - prev]) << np.uint64(tail)) | \
+                        field = (np.uint64(codes[k - prev]) << np.uint64(tail)) | \
                             (np.uint64(buf[k] >> shift) << np.uint64(tail - 1)) | np.uint64(codes[level])
-                        n_acc += width
-                        w = acc << np.uint64(64 - n_acc)
-                        for j in range(8):
-                            local[at + j] = np.uint8((w >> np.uint64(56 - 8 * j)) & np.uint64(255))
-                        at += n_acc >> 3
-                        n_acc &= 7
-                        acc &= (np.uint64(1) << np.uint64(n_acc)) - np.uint64(1)
+                        acc, n_acc, at = _emit(local, at, acc, n_acc, field, width)
                         prev = k
             task_bits[c] = 8 * at + n_acc
         return 0
