@@ -21,8 +21,8 @@ are a :class:`~mpiqsgd.codecs.density.Density`: ``psi(levels)`` (the expected va
   and the caller logs which.
 
 Cost at 3 bits: about 10 ms (ALQ on 64 mixture components) and 20 ms (AMQ); a refit of
-an adaptive codec on a 2048-bin histogram, baselines and their AMQ fit included, 20-30 ms
-(ResNet-20 gradients, this project's 2-core VM); 8 bits: under 1 s. Fits use no threads,
+an adaptive codec on a 2048-bin histogram, baselines and their AMQ fit included, 20-65 ms
+(ResNet-20 gradients, this project's 2-core VM; the upper figure with the machine busy); 8 bits: under 1 s. Fits use no threads,
 no randomness and a fixed order of operations: equal statistics give bit-identical levels
 on identical software and CPUs.
 """
