@@ -13,14 +13,15 @@ Kinds (``r = v_i / N(v)`` per bucket, ``N`` the codec's norm):
 * ``"pooled"`` (``--fit model`` for ALQ-N, AMQ-N): count, sum of ``r`` and the
   within-bucket sum of squared deviations of ``r``; the model is one truncated normal with
   the pooled mean and the pooled within-bucket standard deviation. Merged by summing.
-  About 90 bytes.
+  About 80 bytes.
 * ``"mixture"`` (``--fit model`` for ALQ, AMQ): per bucket (mean, std, norm, count) of its
   normalized coordinates, only the ``max_buckets`` buckets of largest norm. Merged by
   concatenating in list order and keeping the top ``max_buckets`` by norm (stable sort).
   Component ``k`` of the model gets weight ``count_k * norm_k**weight_power``; the
   default power 2 makes ``Psi`` proportional to the model's ``E||Q(v) - v||^2`` (each
   bucket's variance is ``norm^2`` times its normalized variance); ``weight_power=1``
-  weights by norm as in the paper. ``32 max_buckets`` bytes plus about 90 (2,138 at 64).
+  weights by norm as in the paper. 32 bytes per kept bucket plus about 80 (1,263 for
+  37 buckets).
 
 Bytes are msgpack maps with float64 arrays as little-endian bytes; :func:`stats_from_bytes`
 validates every field (a malformed message is a :class:`~mpiqsgd.errors.ConfigError`).
