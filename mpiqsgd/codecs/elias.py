@@ -287,20 +287,20 @@ def omega_tables():
 
 
 if HAVE_NUMBA:
-    from .kernels import unpack_chunk
+    from .kernels import ByWidth, unpacker
 
     # The loops below are written out in each kernel: numba compiles a helper that returns a
     # tuple (position, accumulator ...) per coordinate into code 5-10x slower.
     _task = numba.njit(cache=True, nogil=True, error_model="numpy")
 
     @numba.njit(inline="always")
-    def _task_codes(packed, n, bits, bucket, per_task, n_buckets, c, buf):
+    def _task_codes(packed, n, unpack, bucket, per_task, n_buckets, c, buf):
         """Unpack task ``c``'s codes into ``buf``; returns (b0, b1, base): buckets b0..b1-1, and the
         coordinate of ``buf[0]`` (a multiple of 8)."""
         b0 = c * per_task
         b1 = min(n_buckets, b0 + per_task)
         base = (b0 * bucket) & ~7
-        unpack_chunk(packed, base, min(n, b1 * bucket), bits, buf)
+        unpack(packed, base, min(n, b1 * bucket), buf)
         return b0, b1, base
 
     _ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -337,58 +337,64 @@ if HAVE_NUMBA:
         are not all 0."""
         return ((word & zeros) + _LOW7) & _HIGH
 
-    @_task
-    def _write_tasks(c0, c1, packed, n, bits, bucket, per_task, codes, lengths, scratch, starts, task_bits):
-        """Each task's buckets into its own bytes ``scratch[starts[c]:starts[c + 1]]`` from bit 0;
-        its length in bits into ``task_bits[c]``.
+    def _write_kernel(bits):
+        unpack = unpacker(bits)
 
-        Codes are unpacked a byte each; the non-zero levels of each group of 8 are found with
-        word operations and visited lowest first, so zero levels cost nothing. Bits go through a
-        64-bit accumulator: after each field (at most 49 bits, fewer than 8 pending before it)
-        the pending bits are stored as 8 bytes, most significant first, with no branch (each
-        task's bytes end with 8 spare ones; later stores overwrite the zero bits after them).
-        """
-        n_buckets = -(-n // bucket)
-        buf = np.empty((per_task * bucket + 23) // 8 * 8, dtype=np.uint8)  # whole words, a spare group
-        words = buf.view(np.uint64)
-        top = np.uint8((1 << (bits - 1)) - 1)
-        zeros = np.uint64(top) * _BYTE_ONES  # the level bits of 8 codes
-        shift = bits - 1
-        for c in range(c0, c1):
-            b0, b1, base = _task_codes(packed, n, bits, bucket, per_task, n_buckets, c, buf)
-            local = scratch[starts[c]:starts[c + 1]]
-            at = 0
-            acc = np.uint64(0)
-            n_acc = np.int64(0)
-            for b in range(b0, b1):
-                start, end = b * bucket - base, min(n, (b + 1) * bucket) - base
-                g0, g1 = start >> 3, (end + 7) >> 3
-                count = 0
-                for g in range(g0, g1):
-                    m = _nonzero_bytes(words[g], zeros) & _range_mask(g, start, end)
-                    count += np.int64(((m >> np.uint64(7)) * _BYTE_ONES) >> np.uint64(56))
-                width = np.int64(lengths[count + 1])  # omega(nnz + 1)
-                acc, n_acc, at = _emit(local, at, acc, n_acc, np.uint64(codes[count + 1]), width)
-                prev = start - 1
-                for g in range(g0, g1):
-                    m = _nonzero_bytes(words[g], zeros) & _range_mask(g, start, end)
-                    while m:
-                        low = m & (~m + np.uint64(1))  # the lowest non-zero code's high bit
-                        m ^= low
-                        k = 8 * g + np.int64(low > np.uint64(0xFF)) + np.int64(low > np.uint64(0xFFFF)) + \
-                            np.int64(low > np.uint64(0xFFFFFF)) + np.int64(low > np.uint64(0xFFFFFFFF)) + \
-                            np.int64(low > np.uint64(0xFFFFFFFFFF)) + np.int64(low > np.uint64(0xFFFFFFFFFFFF)) + \
-                            np.int64(low > np.uint64(0xFFFFFFFFFFFFFF))
-                        # omega(gap), sign, omega(level) as one field
-                        level = buf[k] & top
-                        tail = np.int64(lengths[level]) + 1
-                        width = np.int64(lengths[k - prev]) + tail
-                        field = (np.uint64(codes[k - prev]) << np.uint64(tail)) | \
-                            (np.uint64(buf[k] >> shift) << np.uint64(tail - 1)) | np.uint64(codes[level])
-                        acc, n_acc, at = _emit(local, at, acc, n_acc, field, width)
-                        prev = k
-            task_bits[c] = 8 * at + n_acc
-        return 0
+        @_task
+        def kernel(c0, c1, packed, n, bucket, per_task, codes, lengths, scratch, starts, task_bits):
+            """Each task's buckets into its own bytes ``scratch[starts[c]:starts[c + 1]]`` from bit 0;
+            its length in bits into ``task_bits[c]``.
+
+            Codes are unpacked a byte each; the non-zero levels of each group of 8 are found with
+            word operations and visited lowest first, so zero levels cost nothing. Bits go through a
+            64-bit accumulator: after each field (at most 49 bits, fewer than 8 pending before it)
+            the pending bits are stored as 8 bytes, most significant first, with no branch (each
+            task's bytes end with 8 spare ones; later stores overwrite the zero bits after them).
+            """
+            n_buckets = -(-n // bucket)
+            buf = np.empty((per_task * bucket + 23) // 8 * 8, dtype=np.uint8)  # whole words, a spare group
+            words = buf.view(np.uint64)
+            top = np.uint8((1 << (bits - 1)) - 1)
+            zeros = np.uint64(top) * _BYTE_ONES  # the level bits of 8 codes
+            shift = bits - 1
+            for c in range(c0, c1):
+                b0, b1, base = _task_codes(packed, n, unpack, bucket, per_task, n_buckets, c, buf)
+                local = scratch[starts[c]:starts[c + 1]]
+                at = 0
+                acc = np.uint64(0)
+                n_acc = np.int64(0)
+                for b in range(b0, b1):
+                    start, end = b * bucket - base, min(n, (b + 1) * bucket) - base
+                    g0, g1 = start >> 3, (end + 7) >> 3
+                    count = 0
+                    for g in range(g0, g1):
+                        m = _nonzero_bytes(words[g], zeros) & _range_mask(g, start, end)
+                        count += np.int64(((m >> np.uint64(7)) * _BYTE_ONES) >> np.uint64(56))
+                    width = np.int64(lengths[count + 1])  # omega(nnz + 1)
+                    acc, n_acc, at = _emit(local, at, acc, n_acc, np.uint64(codes[count + 1]), width)
+                    prev = start - 1
+                    for g in range(g0, g1):
+                        m = _nonzero_bytes(words[g], zeros) & _range_mask(g, start, end)
+                        while m:
+                            low = m & (~m + np.uint64(1))  # the lowest non-zero code's high bit
+                            m ^= low
+                            k = 8 * g + np.int64(low > np.uint64(0xFF)) + np.int64(low > np.uint64(0xFFFF)) + \
+                                np.int64(low > np.uint64(0xFFFFFF)) + np.int64(low > np.uint64(0xFFFFFFFF)) + \
+                                np.int64(low > np.uint64(0xFFFFFFFFFF)) + np.int64(low > np.uint64(0xFFFFFFFFFFFF)) + \
+                                np.int64(low > np.uint64(0xFFFFFFFFFFFFFF))
+                            # omega(gap), sign, omega(level) as one field
+                            level = buf[k] & top
+                            tail = np.int64(lengths[level]) + 1
+                            width = np.int64(lengths[k - prev]) + tail
+                            field = (np.uint64(codes[k - prev]) << np.uint64(tail)) | \
+                                (np.uint64(buf[k] >> shift) << np.uint64(tail - 1)) | np.uint64(codes[level])
+                            acc, n_acc, at = _emit(local, at, acc, n_acc, field, width)
+                            prev = k
+                task_bits[c] = 8 * at + n_acc
+            return 0
+        return kernel
+
+    _write_tasks = ByWidth(_write_kernel)
 
     @_task
     def _merge_tasks(c0, c1, scratch, starts, offsets, out, first):
@@ -426,7 +432,7 @@ def encode_parallel(packed, n, bits, bucket):
     np.cumsum((worst + 7) // 8 + 8, out=starts[1:])
     scratch = np.empty(int(starts[-1]), dtype=np.uint8)
     task_bits = np.empty(n_tasks, dtype=np.int64)
-    run_chunks(_write_tasks, units, (packed, n, bits, bucket, per_task, codes, lengths, scratch, starts, task_bits))
+    run_chunks(_write_tasks[bits], units, (packed, n, bucket, per_task, codes, lengths, scratch, starts, task_bits))
     offsets = np.zeros(n_tasks + 1, dtype=np.int64)
     np.cumsum(task_bits, out=offsets[1:])
     out = np.zeros((int(offsets[-1]) + 7) // 8, dtype=np.uint8)

@@ -68,7 +68,7 @@ from .kernels import CHUNK, HAVE_NUMBA, _pool, parallel_ok, run_chunks
 if HAVE_NUMBA:
     import numba
 
-    from .kernels import _kernel, chunk_range, unpack_chunk
+    from .kernels import ByWidth, _kernel, chunk_range, unpacker
 
 __all__ = ["encode", "decode", "symbol_counts", "entropy_bits", "describe", "qsgd_symbols", "levelset_symbols",
            "check_available", "MAX_GROUP", "MAX_ALPHABET", "MIN_STREAM_BYTES", "DECODE_CHUNK"]
@@ -118,44 +118,56 @@ def levelset_symbols(bits, table):
 if HAVE_NUMBA:
     _jit = numba.njit(cache=True, nogil=True)
 
-    @_kernel
-    def _code_hist_chunks(c0, c1, packed, n, bits, hist):
-        codes = np.empty(CHUNK, dtype=np.uint8)
-        part = np.zeros((4, hist.shape[1]), dtype=np.int32)  # 4 interleaved counts: no store-to-load chain
-        for c in range(c0, c1):
-            start, stop = chunk_range(c, n)
-            unpack_chunk(packed, start, stop, bits, codes)
-            part[:] = 0
-            m = stop - start
-            for k in range(0, m - 3, 4):
-                part[0, codes[k]] += 1
-                part[1, codes[k + 1]] += 1
-                part[2, codes[k + 2]] += 1
-                part[3, codes[k + 3]] += 1
-            for k in range(m - m % 4, m):
-                part[0, codes[k]] += 1
-            row = hist[c]
-            for j in range(row.size):
-                row[j] = part[0, j] + part[1, j] + part[2, j] + part[3, j]
-        return 0
+    def _code_hist_kernel(bits):
+        unpack = unpacker(bits)
 
-    @_kernel
-    def _tuple_chunks(c0, c1, packed, n, bits, g, m, digit, tids):
-        codes = np.empty(CHUNK, dtype=np.uint8)
-        n_tuples = tids.size
-        for c in range(c0, c1):
-            t0 = c * TUPLE_CHUNK
-            t1 = min(n_tuples, t0 + TUPLE_CHUNK)
-            start = t0 * g  # a multiple of 8: whole code groups
-            stop = min(n, t1 * g)
-            unpack_chunk(packed, start, stop, bits, codes)
-            valid = stop - start
-            for t in range(t1 - t0):
-                v = np.int32(0)
-                for k in range(t * g, t * g + g):
-                    v = v * np.int32(m) + (digit[codes[k]] if k < valid else np.int32(0))
-                tids[t0 + t] = v
-        return 0
+        @_kernel
+        def kernel(c0, c1, packed, n, hist):
+            codes = np.empty(CHUNK, dtype=np.uint8)
+            part = np.zeros((4, hist.shape[1]), dtype=np.int32)  # 4 interleaved counts: no store-to-load chain
+            for c in range(c0, c1):
+                start, stop = chunk_range(c, n)
+                unpack(packed, start, stop, codes)
+                part[:] = 0
+                m = stop - start
+                for k in range(0, m - 3, 4):
+                    part[0, codes[k]] += 1
+                    part[1, codes[k + 1]] += 1
+                    part[2, codes[k + 2]] += 1
+                    part[3, codes[k + 3]] += 1
+                for k in range(m - m % 4, m):
+                    part[0, codes[k]] += 1
+                row = hist[c]
+                for j in range(row.size):
+                    row[j] = part[0, j] + part[1, j] + part[2, j] + part[3, j]
+            return 0
+        return kernel
+
+    _code_hist_chunks = ByWidth(_code_hist_kernel)
+
+    def _tuple_kernel(bits):
+        unpack = unpacker(bits)
+
+        @_kernel
+        def kernel(c0, c1, packed, n, g, m, digit, tids):
+            codes = np.empty(CHUNK, dtype=np.uint8)
+            n_tuples = tids.size
+            for c in range(c0, c1):
+                t0 = c * TUPLE_CHUNK
+                t1 = min(n_tuples, t0 + TUPLE_CHUNK)
+                start = t0 * g  # a multiple of 8: whole code groups
+                stop = min(n, t1 * g)
+                unpack(packed, start, stop, codes)
+                valid = stop - start
+                for t in range(t1 - t0):
+                    v = np.int32(0)
+                    for k in range(t * g, t * g + g):
+                        v = v * np.int32(m) + (digit[codes[k]] if k < valid else np.int32(0))
+                    tids[t0 + t] = v
+            return 0
+        return kernel
+
+    _tuple_chunks = ByWidth(_tuple_kernel)
 
     @_jit
     def _put_varints(counts, out):
@@ -254,7 +266,7 @@ def symbol_counts(packed, n, bits, code_symbol, n_symbols):
     a code whose symbol is -1 (no encoder writes one)."""
     n_chunks = -(-n // CHUNK)
     hist = np.zeros((n_chunks, 1 << bits), dtype=np.int32)
-    run_chunks(_code_hist_chunks, n, (packed, n, bits, hist))
+    run_chunks(_code_hist_chunks[bits], n, (packed, n, hist))
     by_code = hist.sum(axis=0, dtype=np.int64)
     if by_code[code_symbol < 0].any():
         raise ValueError("packed codes include codes outside the symbol table")
@@ -311,7 +323,7 @@ def encode(packed, n, bits, code_symbol, n_symbols):
     valid = code_symbol >= 0
     digit[valid] = np.searchsorted(used, code_symbol[valid]).clip(max=m - 1)
     tids = np.empty(n_tuples, dtype=np.int32)
-    args = (packed, n, bits, g, m, digit, tids)
+    kernel, args = _tuple_chunks[bits], (packed, n, g, m, digit, tids)
     coder = constriction.stream.stack.AnsCoder()
     tuple_model = _model(counts[used], g)
     n_steps = -(-n_tuples // ENCODE_CHUNK)
@@ -321,14 +333,14 @@ def encode(packed, n, bits, code_symbol, n_symbols):
         per_step = ENCODE_CHUNK // TUPLE_CHUNK
         n_task_chunks = -(-n_tuples // TUPLE_CHUNK)
         steps = [(s * per_step, min(n_task_chunks, (s + 1) * per_step)) for s in range(n_steps)][::-1]
-        pending = _pool().submit(_tuple_chunks, *steps[0], *args)
+        pending = _pool().submit(kernel, *steps[0], *args)
         for i, (c0, c1) in enumerate(steps):
             pending.result()
             if i + 1 < len(steps):
-                pending = _pool().submit(_tuple_chunks, *steps[i + 1], *args)
+                pending = _pool().submit(kernel, *steps[i + 1], *args)
             coder.encode_reverse(tids[c0 * TUPLE_CHUNK:min(n_tuples, c1 * TUPLE_CHUNK)], tuple_model)
     else:
-        run_chunks(_tuple_chunks, 8 * n_tuples, args)  # 8 units per tuple: a chunk is TUPLE_CHUNK tuples
+        run_chunks(kernel, 8 * n_tuples, args)  # 8 units per tuple: a chunk is TUPLE_CHUNK tuples
         coder.encode_reverse(tids, tuple_model)
     words = coder.get_compressed()
     return np.concatenate([model[:end], words.astype("<u4", copy=False).view(np.uint8)])

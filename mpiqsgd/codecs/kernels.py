@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover - numba is a declared dependency
     numba = None
 
 __all__ = ["draw_seed", "uniform", "level_encode", "level_decode", "sign_decode", "use_numba", "parallel_ok",
-           "run_chunks", "CHUNK", "HAVE_NUMBA"]
+           "run_chunks", "ByWidth", "CHUNK", "HAVE_NUMBA"]
 
 HAVE_NUMBA = numba is not None
 
@@ -105,6 +105,29 @@ def run_chunks(kernel, n, args):
     tasks = [pool.submit(kernel, edges[t], edges[t + 1], *args) for t in range(1, n_threads)]
     total = int(kernel(edges[0], edges[1], *args))  # the calling thread takes the first range
     return total + sum(int(task.result()) for task in tasks)
+
+
+class ByWidth:
+    """One numba kernel per code width, built (compiled, or loaded from numba's cache) on first use.
+
+    ``make(width)`` returns a kernel in which ``width`` is a closure constant, so the
+    per-width code of the packing (:func:`packer`) and of the level tables fold away
+    when compiling: each width compiles in seconds, where one kernel holding all of them
+    took 40-50 s cold (nuqsgd's encode and decode, 2026-12-01) and a run pays only for the
+    width it uses. ``kernels[bits]`` is the kernel for ``bits``.
+    """
+
+    def __init__(self, make):
+        self._make, self._kernels, self._lock = make, {}, threading.Lock()
+
+    def __getitem__(self, width):
+        kernel = self._kernels.get(width)
+        if kernel is None:
+            with self._lock:  # simulated ranks are threads
+                kernel = self._kernels.get(width)
+                if kernel is None:
+                    kernel = self._kernels[width] = self._make(width)
+        return kernel
 
 
 _POOL = []
@@ -272,50 +295,40 @@ if HAVE_NUMBA:
         for g in range(count):
             words[g] = _expand(_load_group(packed, g * width, width), width)
 
-    @numba.njit(inline="always")
-    def _with_constant_width(op, bits, a, count, b):
-        """``op(a, count, bits, b)`` compiled once per width with ``bits`` a constant: a runtime
-        width in the byte loads and stores costs an order of magnitude."""
-        if bits == 1:
-            op(a, count, 1, b)
-        elif bits == 2:
-            op(a, count, 2, b)
-        elif bits == 3:
-            op(a, count, 3, b)
-        elif bits == 4:
-            op(a, count, 4, b)
-        elif bits == 5:
-            op(a, count, 5, b)
-        elif bits == 6:
-            op(a, count, 6, b)
-        elif bits == 7:
-            op(a, count, 7, b)
-        else:
-            op(a, count, 8, b)
+    _PACKERS, _UNPACKERS = {}, {}
 
-    @numba.njit(inline="always")
-    def pack_chunk(codes, start, stop, bits, out):
-        """Pack the codes of coordinates [start, stop) (``codes[k]`` is coordinate ``start + k``;
-        ``start`` a multiple of 8) into ``out`` (with the 8 spare bytes of :func:`padded`)."""
-        m = stop - start
-        groups = (m + 7) // 8
-        for k in range(m, groups * 8):
-            codes[k] = 0
-        words = codes.view(np.uint64)
-        o = out[(start // 8) * bits:]
-        _with_constant_width(_pack_groups, bits, words, groups, o)
+    def packer(width):
+        """``pack(codes, start, stop, out)``: pack the ``width``-bit codes of coordinates
+        [start, stop) (``codes[k]`` is coordinate ``start + k``; ``start`` a multiple of 8) into
+        ``out`` (with the 8 spare bytes of :func:`padded`). One function per constant width: a
+        runtime width in the byte loads and stores costs an order of magnitude, and a kernel
+        holding the code of every width compiles several times slower (see :class:`ByWidth`)."""
+        if width not in _PACKERS:
+            @numba.njit(inline="always")
+            def pack(codes, start, stop, out):
+                m = stop - start
+                groups = (m + 7) // 8
+                for k in range(m, groups * 8):
+                    codes[k] = 0
+                _pack_groups(codes.view(np.uint64), groups, width, out[(start // 8) * width:])
+            _PACKERS[width] = pack
+        return _PACKERS[width]
 
-    @numba.njit(inline="always")
-    def unpack_chunk(packed, start, stop, bits, codes):
-        """Inverse of :func:`pack_chunk`; ``packed`` may end inside the last group."""
-        groups = (stop - start + 7) // 8
-        words = codes.view(np.uint64)
-        g0 = start // 8
-        whole = min(groups, max(0, packed.size // bits - g0))  # groups with all their bytes present
-        p = packed[g0 * bits:]
-        _with_constant_width(_unpack_groups, bits, p, whole, words)
-        for g in range(whole, groups):
-            words[g] = _expand(_load_word(packed, g0 + g, bits), bits)
+    def unpacker(width):
+        """``unpack(packed, start, stop, codes)``, the inverse of :func:`packer`'s function;
+        ``packed`` may end inside the last group."""
+        if width not in _UNPACKERS:
+            @numba.njit(inline="always")
+            def unpack(packed, start, stop, codes):
+                groups = (stop - start + 7) // 8
+                words = codes.view(np.uint64)
+                g0 = start // 8
+                whole = min(groups, max(0, packed.size // width - g0))  # groups with all their bytes present
+                _unpack_groups(packed[g0 * width:], whole, width, words)
+                for g in range(whole, groups):
+                    words[g] = _expand(_load_word(packed, g0 + g, width), width)
+            _UNPACKERS[width] = unpack
+        return _UNPACKERS[width]
 
     # -- QSGD: sign and level ---------------------------------------------------------------
 
@@ -336,7 +349,7 @@ if HAVE_NUMBA:
 
     @numba.njit(inline="always")
     def _level_encode_chunk_one(c, x, scale, unit, bucket, bits, levels, seed, stochastic, out, decoded,
-                            want_decoded):
+                            want_decoded, pack):
         start, stop = chunk_range(c, x.size)
         codes = np.empty(CHUNK, dtype=np.uint8)
         top = np.float32(levels)
@@ -354,23 +367,28 @@ if HAVE_NUMBA:
                 for k in range(xs.size):
                     ds[k] = _level_value(cs[k], u, level_mask, sign_shift)
             i = end
-        pack_chunk(codes, start, stop, bits, out)
+        pack(codes, start, stop, out)
         return 0
 
-    @_kernel
-    def _level_encode_chunks(c0, c1, x, scale, unit, bucket, bits, levels, seed, stochastic, out, decoded,
-                            want_decoded):
-        total = 0
-        for c in range(c0, c1):
-            total += _level_encode_chunk_one(c, x, scale, unit, bucket, bits,
-                                             levels, seed, stochastic, out, decoded, want_decoded)
-        return total
+    def _level_encode_kernel(bits):
+        pack = packer(bits)
+
+        @_kernel
+        def kernel(c0, c1, x, scale, unit, bucket, levels, seed, stochastic, out, decoded, want_decoded):
+            total = 0
+            for c in range(c0, c1):
+                total += _level_encode_chunk_one(c, x, scale, unit, bucket, bits,
+                                                 levels, seed, stochastic, out, decoded, want_decoded, pack)
+            return total
+        return kernel
+
+    _level_encode_chunks = ByWidth(_level_encode_kernel)
 
     @numba.njit(inline="always")
-    def _level_decode_chunk_one(c, packed, unit, bucket, bits, levels, out):
+    def _level_decode_chunk_one(c, packed, unit, bucket, bits, levels, out, unpack):
         start, stop = chunk_range(c, out.size)
         codes = np.empty(CHUNK, dtype=np.uint8)
-        unpack_chunk(packed, start, stop, bits, codes)
+        unpack(packed, start, stop, codes)
         sign_shift = bits - 1
         level_mask = np.uint8((1 << sign_shift) - 1)
         bad = 0
@@ -386,18 +404,26 @@ if HAVE_NUMBA:
             i = end
         return bad
 
-    @_kernel
-    def _level_decode_chunks(c0, c1, packed, unit, bucket, bits, levels, out):
-        total = 0
-        for c in range(c0, c1):
-            total += _level_decode_chunk_one(c, packed, unit, bucket, bits, levels, out)
-        return total
+    def _level_decode_kernel(bits):
+        unpack = unpacker(bits)
+
+        @_kernel
+        def kernel(c0, c1, packed, unit, bucket, levels, out):
+            total = 0
+            for c in range(c0, c1):
+                total += _level_decode_chunk_one(c, packed, unit, bucket, bits, levels, out, unpack)
+            return total
+        return kernel
+
+    _level_decode_chunks = ByWidth(_level_decode_kernel)
+
+    _unpack_signs = unpacker(1)
 
     @numba.njit(inline="always")
     def _sign_chunk_one(c, packed, scales, bucket, out):
         start, stop = chunk_range(c, out.size)
         codes = np.empty(CHUNK, dtype=np.uint8)
-        unpack_chunk(packed, start, stop, 1, codes)
+        _unpack_signs(packed, start, stop, codes)
         i = start
         while i < stop:
             b, end = bucket_segment(i, stop, bucket)
@@ -438,8 +464,8 @@ def level_encode(x, scale, unit, bucket, bits, levels, seed, stochastic, want_de
     nbytes = (n * bits + 7) // 8
     out = padded(nbytes)
     decoded = np.empty(n if want_decoded else 0, dtype=np.float32)
-    run_chunks(_level_encode_chunks, n, (x.numpy(), scale.numpy(), unit.numpy(), bucket, bits, levels,
-                                        np.uint64(seed), bool(stochastic), out, decoded, bool(want_decoded)))
+    run_chunks(_level_encode_chunks[bits], n, (x.numpy(), scale.numpy(), unit.numpy(), bucket, levels,
+                                              np.uint64(seed), bool(stochastic), out, decoded, bool(want_decoded)))
     return torch.from_numpy(out[:nbytes]), (torch.from_numpy(decoded) if want_decoded else None)
 
 
@@ -448,7 +474,7 @@ def level_decode(packed, unit, bucket, bits, levels, n, force_torch=False):
     if not use_numba(packed.device, force_torch):
         return _decode_torch(packed, unit, bucket, bits, levels, n)
     out = np.empty(n, dtype=np.float32)
-    bad = run_chunks(_level_decode_chunks, n, (packed.numpy(), unit.numpy(), bucket, bits, levels, out))
+    bad = run_chunks(_level_decode_chunks[bits], n, (packed.numpy(), unit.numpy(), bucket, levels, out))
     return torch.from_numpy(out), bad
 
 

@@ -20,7 +20,7 @@ from .kernels import HAVE_NUMBA, padded, run_chunks, uniform, use_numba
 if HAVE_NUMBA:
     import numba
 
-    from .kernels import CHUNK, _kernel, _u, bucket_segment, chunk_range, pack_chunk, unpack_chunk
+    from .kernels import CHUNK, ByWidth, _kernel, _u, bucket_segment, chunk_range, packer, unpacker
 
 __all__ = ["levelset_encode", "levelset_decode", "search_table", "CELLS"]
 
@@ -99,8 +99,8 @@ if HAVE_NUMBA:
         return np.uint8(j + np.int32(up)), high if up else low
 
     @numba.njit(inline="always")
-    def _encode_small(c, x, norms, first_low, first_high, lows, highs, bucket, bits, seed, out, decoded,
-                      want_decoded):
+    def _encode_small(c, x, norms, first_low, first_high, lows, highs, bucket, seed, out, decoded,
+                      want_decoded, pack):
         start, stop = chunk_range(c, x.size)
         codes = np.empty(CHUNK, dtype=np.uint8)
         i = start
@@ -120,7 +120,7 @@ if HAVE_NUMBA:
                     j, low, high = _interval_by_compares(r, first_low, first_high, lows, highs)
                     cs[k] = _round(r, j, low, high, seed, i + k)[0]
             i = end
-        pack_chunk(codes, start, stop, bits, out)
+        pack(codes, start, stop, out)
         return 0
 
     @numba.njit(inline="always")
@@ -152,34 +152,27 @@ if HAVE_NUMBA:
         return (a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], a[13],
                 a[14], a[15])
 
-    @numba.njit(inline="always")
-    def _encode_small_chunk_one(c, x, norms, first_low, first_high, lows, highs, bucket, bits, seed, out,
-                            decoded, want_decoded):
-        # The tables reach the kernel as arrays (the parallel driver takes no nested tuples) and
-        # become tuples here, one copy of the loop per table width.
-        if bits <= 1:
-            return _encode_small(c, x, norms, first_low, first_high, _t1(lows), _t1(highs), bucket, bits, seed,
-                                 out, decoded, want_decoded)
-        if bits == 2:
-            return _encode_small(c, x, norms, first_low, first_high, _t2(lows), _t2(highs), bucket, bits, seed,
-                                 out, decoded, want_decoded)
-        if bits == 3:
-            return _encode_small(c, x, norms, first_low, first_high, _t6(lows), _t6(highs), bucket, bits, seed,
-                                 out, decoded, want_decoded)
-        return _encode_small(c, x, norms, first_low, first_high, _t14(lows), _t14(highs), bucket, bits, seed,
-                             out, decoded, want_decoded)
+    # The tables reach the kernels as arrays (the parallel driver takes no nested tuples) and
+    # become tuples of the width's length inside them.
+    _ENCODE_TUPLE = {1: _t1, 2: _t2, 3: _t6, 4: _t14}  # L_1..L_{K-2} and L_2..L_{K-1}, K <= 2**bits
+    _DECODE_TUPLE = {1: _t2, 2: _t4, 3: _t8, 4: _t16}  # the 2**bits values
 
-    @_kernel
-    def _encode_small_chunks(c0, c1, x, norms, first_low, first_high, lows, highs, bucket, bits, seed, out,
-                            decoded, want_decoded):
-        total = 0
-        for c in range(c0, c1):
-            total += _encode_small_chunk_one(c, x, norms, first_low, first_high, lows,
-                                             highs, bucket, bits, seed, out, decoded, want_decoded)
-        return total
+    def _encode_small_kernel(bits):
+        pack, as_tuple = packer(bits), _ENCODE_TUPLE[bits]
+
+        @_kernel
+        def kernel(c0, c1, x, norms, first_low, first_high, lows, highs, bucket, seed, out, decoded, want_decoded):
+            total = 0
+            for c in range(c0, c1):
+                total += _encode_small(c, x, norms, first_low, first_high, as_tuple(lows), as_tuple(highs), bucket,
+                                       seed, out, decoded, want_decoded, pack)
+            return total
+        return kernel
+
+    _encode_small_chunks = ByWidth(_encode_small_kernel)
 
     @numba.njit(inline="always")
-    def _encode_search_chunk_one(c, x, norms, levels, first, count, bucket, bits, seed, out, decoded, want_decoded):
+    def _encode_search_chunk_one(c, x, norms, levels, first, count, bucket, seed, out, decoded, want_decoded, pack):
         start, stop = chunk_range(c, x.size)
         codes = np.empty(CHUNK, dtype=np.uint8)
         i = start
@@ -193,23 +186,29 @@ if HAVE_NUMBA:
                 if want_decoded:
                     decoded[k] = scale * value
             i = end
-        pack_chunk(codes, start, stop, bits, out)
+        pack(codes, start, stop, out)
         return 0
 
-    @_kernel
-    def _encode_search_chunks(c0, c1, x, norms, levels, first, count, bucket, bits, seed, out, decoded, want_decoded):
-        total = 0
-        for c in range(c0, c1):
-            total += _encode_search_chunk_one(c, x, norms, levels, first, count,
-                                              bucket, bits, seed, out, decoded, want_decoded)
-        return total
+    def _encode_search_kernel(bits):
+        pack = packer(bits)
+
+        @_kernel
+        def kernel(c0, c1, x, norms, levels, first, count, bucket, seed, out, decoded, want_decoded):
+            total = 0
+            for c in range(c0, c1):
+                total += _encode_search_chunk_one(c, x, norms, levels, first, count,
+                                                  bucket, seed, out, decoded, want_decoded, pack)
+            return total
+        return kernel
+
+    _encode_search_chunks = ByWidth(_encode_search_kernel)
 
     @numba.njit(inline="always")
-    def _decode_small(c, packed, norms, values, n_levels, bucket, bits, out):
+    def _decode_small(c, packed, norms, values, n_levels, bucket, out, unpack):
         n_levels = np.int32(n_levels)
         start, stop = chunk_range(c, out.size)
         codes = np.empty(CHUNK, dtype=np.uint8)
-        unpack_chunk(packed, start, stop, bits, codes)
+        unpack(packed, start, stop, codes)
         bad = 0
         i = start
         while i < stop:
@@ -227,28 +226,24 @@ if HAVE_NUMBA:
             i = end
         return bad
 
-    @numba.njit(inline="always")
-    def _decode_small_chunk_one(c, packed, norms, values, n_levels, bucket, bits, out):
-        if bits <= 1:
-            return _decode_small(c, packed, norms, _t2(values), n_levels, bucket, bits, out)
-        if bits == 2:
-            return _decode_small(c, packed, norms, _t4(values), n_levels, bucket, bits, out)
-        if bits == 3:
-            return _decode_small(c, packed, norms, _t8(values), n_levels, bucket, bits, out)
-        return _decode_small(c, packed, norms, _t16(values), n_levels, bucket, bits, out)
+    def _decode_small_kernel(bits):
+        unpack, as_tuple = unpacker(bits), _DECODE_TUPLE[bits]
 
-    @_kernel
-    def _decode_small_chunks(c0, c1, packed, norms, values, n_levels, bucket, bits, out):
-        total = 0
-        for c in range(c0, c1):
-            total += _decode_small_chunk_one(c, packed, norms, values, n_levels, bucket, bits, out)
-        return total
+        @_kernel
+        def kernel(c0, c1, packed, norms, values, n_levels, bucket, out):
+            total = 0
+            for c in range(c0, c1):
+                total += _decode_small(c, packed, norms, as_tuple(values), n_levels, bucket, out, unpack)
+            return total
+        return kernel
+
+    _decode_small_chunks = ByWidth(_decode_small_kernel)
 
     @numba.njit(inline="always")
-    def _decode_search_chunk_one(c, packed, norms, levels, bucket, bits, out):
+    def _decode_search_chunk_one(c, packed, norms, levels, bucket, out, unpack):
         start, stop = chunk_range(c, out.size)
         codes = np.empty(CHUNK, dtype=np.uint8)
-        unpack_chunk(packed, start, stop, bits, codes)
+        unpack(packed, start, stop, codes)
         top = levels.size - 1
         bad = 0
         i = start
@@ -264,12 +259,18 @@ if HAVE_NUMBA:
             i = end
         return bad
 
-    @_kernel
-    def _decode_search_chunks(c0, c1, packed, norms, levels, bucket, bits, out):
-        total = 0
-        for c in range(c0, c1):
-            total += _decode_search_chunk_one(c, packed, norms, levels, bucket, bits, out)
-        return total
+    def _decode_search_kernel(bits):
+        unpack = unpacker(bits)
+
+        @_kernel
+        def kernel(c0, c1, packed, norms, levels, bucket, out):
+            total = 0
+            for c in range(c0, c1):
+                total += _decode_search_chunk_one(c, packed, norms, levels, bucket, out, unpack)
+            return total
+        return kernel
+
+    _decode_search_chunks = ByWidth(_decode_search_kernel)
 
 CELLS = 1 << 14  # grid cells over [-1, 1] for the CPU kernel's search (2 x 32 KiB of int16)
 _MARGIN = 1e-6  # covers the float32 rounding of the cell index (below 2.4e-7 in r)
@@ -328,13 +329,13 @@ def levelset_encode(x, norms, levels, bucket, bits, seed, want_decoded, force_to
     nbytes = (n * bits + 7) // 8
     out = padded(nbytes)
     decoded = np.empty(n if want_decoded else 0, dtype=np.float32)
-    tail = (bucket, bits, np.uint64(seed), out, decoded, bool(want_decoded))
+    tail = (bucket, np.uint64(seed), out, decoded, bool(want_decoded))
     if bits <= UNROLL_BITS:
         first_low, first_high, lows, highs, _ = _compare_tables(levels.numpy(), bits)
-        run_chunks(_encode_small_chunks, n, (x.numpy(), norms.numpy(), first_low, first_high, lows, highs) + tail)
+        run_chunks(_encode_small_chunks[bits], n, (x.numpy(), norms.numpy(), first_low, first_high, lows, highs) + tail)
     else:
         first, count = search_table(levels.numpy()) if table is None else table
-        run_chunks(_encode_search_chunks, n, (x.numpy(), norms.numpy(), levels.numpy(), first, count) + tail)
+        run_chunks(_encode_search_chunks[bits], n, (x.numpy(), norms.numpy(), levels.numpy(), first, count) + tail)
     return torch.from_numpy(out[:nbytes]), (torch.from_numpy(decoded) if want_decoded else None)
 
 
@@ -345,8 +346,9 @@ def levelset_decode(packed, norms, levels, bucket, bits, n, force_torch=False):
     out = np.empty(n, dtype=np.float32)
     if bits <= UNROLL_BITS:
         values = _compare_tables(levels.numpy(), bits)[4]
-        bad = run_chunks(_decode_small_chunks, n, (packed.numpy(), norms.numpy(), values, levels.numel(), bucket,
-                                                  bits, out))
+        bad = run_chunks(_decode_small_chunks[bits], n, (packed.numpy(), norms.numpy(), values, levels.numel(),
+                                                        bucket, out))
     else:
-        bad = run_chunks(_decode_search_chunks, n, (packed.numpy(), norms.numpy(), levels.numpy(), bucket, bits, out))
+        bad = run_chunks(_decode_search_chunks[bits], n, (packed.numpy(), norms.numpy(), levels.numpy(), bucket,
+                                                         out))
     return torch.from_numpy(out), bad
