@@ -5,7 +5,7 @@
 # namespace of scripts/shaped_link.sh, each timed against fp32 MPI_Allreduce in the same run.
 #
 # Usage: sudo bash scripts/bench_shaped.sh [RANKS] [NUMEL] [RATE] [OUT_DIR] [ONLY]
-#   ONLY=qsgd4: just the 4-bit QSGD rows (ring, scatter) with 3 repeats (large NUMEL)
+#   ONLY=qsgd4: just the 4-bit QSGD rows (ring, scatter; dense and entropy-coded) with 3 repeats (large NUMEL)
 set -euo pipefail
 ranks=${1:-4}; numel=${2:-5000000}; rate=${3:-1gbit}; out=${4:-runs/bench-shaped}; only=${5:-}
 repeats=5; [ "$only" = qsgd4 ] && repeats=3
@@ -31,6 +31,8 @@ echo "rate $rate, $ranks ranks, numel $numel (fp32 $((numel * 4)) bytes), median
 if [ "$only" = qsgd4 ]; then
   bench ring-qsgd4     --topology ring --codec qsgd --bits 4
   bench scatter-qsgd4  --topology scatter --codec qsgd --bits 4
+  bench ring-qsgd4-entropy    --topology ring --codec qsgd --bits 4 --encoding entropy
+  bench scatter-qsgd4-entropy --topology scatter --codec qsgd --bits 4 --encoding entropy
   exit 0
 fi
 bench ring-fp32      --topology ring --codec fp32

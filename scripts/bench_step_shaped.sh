@@ -25,6 +25,10 @@ step qsgd4-scatter-b1-ovl  --topology scatter --codec qsgd --bits 4 --bucket-mb 
 step qsgd4-scatter-b.25-ovl --topology scatter --codec qsgd --bits 4 --bucket-mb 0.25 --overlap
 step qsgd2-scatter-b1-ovl  --topology scatter --codec qsgd --bits 2 --bucket 128 --bucket-mb 1 --overlap
 step sign-ef-scatter-b1-ovl --topology scatter --codec sign --error-feedback --bucket-mb 1 --overlap
+step qsgd4-ring-entropy    --topology ring --codec qsgd --bits 4 --encoding entropy
+step qsgd4-scatter-entropy --topology scatter --codec qsgd --bits 4 --encoding entropy
+step qsgd4-scatter-entropy-b1-ovl --topology scatter --codec qsgd --bits 4 --encoding entropy --bucket-mb 1 --overlap
+step qsgd8-scatter-entropy --topology scatter --codec qsgd --bits 8 --encoding entropy
 in_ns mpiexec -n "$ranks" python "$(dirname "$0")/bench_ddp.py" --model "$model" --batch-size 32 \
   --repeats "$repeats" > "$out/ddp.jsonl"
 python "$(dirname "$0")/step_table.py" "$out/ddp.jsonl" ddp

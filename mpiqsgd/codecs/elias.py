@@ -287,20 +287,20 @@ def omega_tables():
 
 
 if HAVE_NUMBA:
-    from .kernels import ByWidth, unpacker
+    from .kernels import ByWidth, unpack_chunk
 
     # The loops below are written out in each kernel: numba compiles a helper that returns a
     # tuple (position, accumulator ...) per coordinate into code 5-10x slower.
     _task = numba.njit(cache=True, nogil=True, error_model="numpy")
 
     @numba.njit(inline="always")
-    def _task_codes(packed, n, unpack, bucket, per_task, n_buckets, c, buf):
+    def _task_codes(packed, n, bits, bucket, per_task, n_buckets, c, buf):
         """Unpack task ``c``'s codes into ``buf``; returns (b0, b1, base): buckets b0..b1-1, and the
         coordinate of ``buf[0]`` (a multiple of 8)."""
         b0 = c * per_task
         b1 = min(n_buckets, b0 + per_task)
         base = (b0 * bucket) & ~7
-        unpack(packed, base, min(n, b1 * bucket), buf)
+        unpack_chunk(packed, base, min(n, b1 * bucket), bits, buf)
         return b0, b1, base
 
     _ONES = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -338,8 +338,6 @@ if HAVE_NUMBA:
         return ((word & zeros) + _LOW7) & _HIGH
 
     def _write_kernel(bits):
-        unpack = unpacker(bits)
-
         @_task
         def kernel(c0, c1, packed, n, bucket, per_task, codes, lengths, scratch, starts, task_bits):
             """Each task's buckets into its own bytes ``scratch[starts[c]:starts[c + 1]]`` from bit 0;
@@ -358,7 +356,7 @@ if HAVE_NUMBA:
             zeros = np.uint64(top) * _BYTE_ONES  # the level bits of 8 codes
             shift = bits - 1
             for c in range(c0, c1):
-                b0, b1, base = _task_codes(packed, n, unpack, bucket, per_task, n_buckets, c, buf)
+                b0, b1, base = _task_codes(packed, n, bits, bucket, per_task, n_buckets, c, buf)
                 local = scratch[starts[c]:starts[c + 1]]
                 at = 0
                 acc = np.uint64(0)

@@ -68,7 +68,7 @@ from .kernels import CHUNK, HAVE_NUMBA, _pool, parallel_ok, run_chunks
 if HAVE_NUMBA:
     import numba
 
-    from .kernels import ByWidth, _kernel, chunk_range, unpacker
+    from .kernels import ByWidth, _kernel, chunk_range, unpack_chunk
 
 __all__ = ["encode", "decode", "symbol_counts", "entropy_bits", "describe", "qsgd_symbols", "levelset_symbols",
            "check_available", "MAX_GROUP", "MAX_ALPHABET", "MIN_STREAM_BYTES", "DECODE_CHUNK"]
@@ -119,15 +119,13 @@ if HAVE_NUMBA:
     _jit = numba.njit(cache=True, nogil=True)
 
     def _code_hist_kernel(bits):
-        unpack = unpacker(bits)
-
         @_kernel
         def kernel(c0, c1, packed, n, hist):
             codes = np.empty(CHUNK, dtype=np.uint8)
             part = np.zeros((4, hist.shape[1]), dtype=np.int32)  # 4 interleaved counts: no store-to-load chain
             for c in range(c0, c1):
                 start, stop = chunk_range(c, n)
-                unpack(packed, start, stop, codes)
+                unpack_chunk(packed, start, stop, bits, codes)
                 part[:] = 0
                 m = stop - start
                 for k in range(0, m - 3, 4):
@@ -146,8 +144,6 @@ if HAVE_NUMBA:
     _code_hist_chunks = ByWidth(_code_hist_kernel)
 
     def _tuple_kernel(bits):
-        unpack = unpacker(bits)
-
         @_kernel
         def kernel(c0, c1, packed, n, g, m, digit, tids):
             codes = np.empty(CHUNK, dtype=np.uint8)
@@ -157,7 +153,7 @@ if HAVE_NUMBA:
                 t1 = min(n_tuples, t0 + TUPLE_CHUNK)
                 start = t0 * g  # a multiple of 8: whole code groups
                 stop = min(n, t1 * g)
-                unpack(packed, start, stop, codes)
+                unpack_chunk(packed, start, stop, bits, codes)
                 valid = stop - start
                 for t in range(t1 - t0):
                     v = np.int32(0)

@@ -110,11 +110,14 @@ def run_chunks(kernel, n, args):
 class ByWidth:
     """One numba kernel per code width, built (compiled, or loaded from numba's cache) on first use.
 
-    ``make(width)`` returns a kernel in which ``width`` is a closure constant, so the
-    per-width code of the packing (:func:`packer`) and of the level tables fold away
-    when compiling: each width compiles in seconds, where one kernel holding all of them
-    took 40-50 s cold (nuqsgd's encode and decode, 2026-12-01) and a run pays only for the
-    width it uses. ``kernels[bits]`` is the kernel for ``bits``.
+    ``make(width)`` returns a kernel in which ``width`` is a closure constant: numba prunes
+    the branches of the kernel's own body on it before typing (the level-set table widths),
+    and the packing (:func:`pack_chunk`) compiles for that one width. Each width compiles in
+    1-3 s; one kernel holding every width, with the branches inside inlined helpers (which
+    are not pruned), took 40-50 s cold (nuqsgd's encode and decode, 2026-12-01), and a run
+    pays only for the widths it uses. The closure must capture plain numbers only: numba's
+    cache keys a closure by its captured values, and a captured function would make every
+    process compile again. ``kernels[bits]`` is the kernel for ``bits``.
     """
 
     def __init__(self, make):
@@ -295,40 +298,30 @@ if HAVE_NUMBA:
         for g in range(count):
             words[g] = _expand(_load_group(packed, g * width, width), width)
 
-    _PACKERS, _UNPACKERS = {}, {}
+    @numba.njit(inline="always")
+    def pack_chunk(codes, start, stop, bits, out):
+        """Pack the codes of coordinates [start, stop) (``codes[k]`` is coordinate ``start + k``;
+        ``start`` a multiple of 8) into ``out`` (with the 8 spare bytes of :func:`padded`).
 
-    def packer(width):
-        """``pack(codes, start, stop, out)``: pack the ``width``-bit codes of coordinates
-        [start, stop) (``codes[k]`` is coordinate ``start + k``; ``start`` a multiple of 8) into
-        ``out`` (with the 8 spare bytes of :func:`padded`). One function per constant width: a
-        runtime width in the byte loads and stores costs an order of magnitude, and a kernel
-        holding the code of every width compiles several times slower (see :class:`ByWidth`)."""
-        if width not in _PACKERS:
-            @numba.njit(inline="always")
-            def pack(codes, start, stop, out):
-                m = stop - start
-                groups = (m + 7) // 8
-                for k in range(m, groups * 8):
-                    codes[k] = 0
-                _pack_groups(codes.view(np.uint64), groups, width, out[(start // 8) * width:])
-            _PACKERS[width] = pack
-        return _PACKERS[width]
+        ``bits`` must be a compile-time constant (the width of a :class:`ByWidth` kernel): a
+        runtime width in the byte loads and stores costs an order of magnitude."""
+        m = stop - start
+        groups = (m + 7) // 8
+        for k in range(m, groups * 8):
+            codes[k] = 0
+        _pack_groups(codes.view(np.uint64), groups, bits, out[(start // 8) * bits:])
 
-    def unpacker(width):
-        """``unpack(packed, start, stop, codes)``, the inverse of :func:`packer`'s function;
-        ``packed`` may end inside the last group."""
-        if width not in _UNPACKERS:
-            @numba.njit(inline="always")
-            def unpack(packed, start, stop, codes):
-                groups = (stop - start + 7) // 8
-                words = codes.view(np.uint64)
-                g0 = start // 8
-                whole = min(groups, max(0, packed.size // width - g0))  # groups with all their bytes present
-                _unpack_groups(packed[g0 * width:], whole, width, words)
-                for g in range(whole, groups):
-                    words[g] = _expand(_load_word(packed, g0 + g, width), width)
-            _UNPACKERS[width] = unpack
-        return _UNPACKERS[width]
+    @numba.njit(inline="always")
+    def unpack_chunk(packed, start, stop, bits, codes):
+        """Inverse of :func:`pack_chunk` (``bits`` a compile-time constant too); ``packed`` may end
+        inside the last group."""
+        groups = (stop - start + 7) // 8
+        words = codes.view(np.uint64)
+        g0 = start // 8
+        whole = min(groups, max(0, packed.size // bits - g0))  # groups with all their bytes present
+        _unpack_groups(packed[g0 * bits:], whole, bits, words)
+        for g in range(whole, groups):
+            words[g] = _expand(_load_word(packed, g0 + g, bits), bits)
 
     # -- QSGD: sign and level ---------------------------------------------------------------
 
@@ -349,7 +342,7 @@ if HAVE_NUMBA:
 
     @numba.njit(inline="always")
     def _level_encode_chunk_one(c, x, scale, unit, bucket, bits, levels, seed, stochastic, out, decoded,
-                            want_decoded, pack):
+                            want_decoded):
         start, stop = chunk_range(c, x.size)
         codes = np.empty(CHUNK, dtype=np.uint8)
         top = np.float32(levels)
@@ -367,28 +360,26 @@ if HAVE_NUMBA:
                 for k in range(xs.size):
                     ds[k] = _level_value(cs[k], u, level_mask, sign_shift)
             i = end
-        pack(codes, start, stop, out)
+        pack_chunk(codes, start, stop, bits, out)
         return 0
 
     def _level_encode_kernel(bits):
-        pack = packer(bits)
-
         @_kernel
         def kernel(c0, c1, x, scale, unit, bucket, levels, seed, stochastic, out, decoded, want_decoded):
             total = 0
             for c in range(c0, c1):
                 total += _level_encode_chunk_one(c, x, scale, unit, bucket, bits,
-                                                 levels, seed, stochastic, out, decoded, want_decoded, pack)
+                                                 levels, seed, stochastic, out, decoded, want_decoded)
             return total
         return kernel
 
     _level_encode_chunks = ByWidth(_level_encode_kernel)
 
     @numba.njit(inline="always")
-    def _level_decode_chunk_one(c, packed, unit, bucket, bits, levels, out, unpack):
+    def _level_decode_chunk_one(c, packed, unit, bucket, bits, levels, out):
         start, stop = chunk_range(c, out.size)
         codes = np.empty(CHUNK, dtype=np.uint8)
-        unpack(packed, start, stop, codes)
+        unpack_chunk(packed, start, stop, bits, codes)
         sign_shift = bits - 1
         level_mask = np.uint8((1 << sign_shift) - 1)
         bad = 0
@@ -405,25 +396,21 @@ if HAVE_NUMBA:
         return bad
 
     def _level_decode_kernel(bits):
-        unpack = unpacker(bits)
-
         @_kernel
         def kernel(c0, c1, packed, unit, bucket, levels, out):
             total = 0
             for c in range(c0, c1):
-                total += _level_decode_chunk_one(c, packed, unit, bucket, bits, levels, out, unpack)
+                total += _level_decode_chunk_one(c, packed, unit, bucket, bits, levels, out)
             return total
         return kernel
 
     _level_decode_chunks = ByWidth(_level_decode_kernel)
 
-    _unpack_signs = unpacker(1)
-
     @numba.njit(inline="always")
     def _sign_chunk_one(c, packed, scales, bucket, out):
         start, stop = chunk_range(c, out.size)
         codes = np.empty(CHUNK, dtype=np.uint8)
-        _unpack_signs(packed, start, stop, codes)
+        unpack_chunk(packed, start, stop, 1, codes)
         i = start
         while i < stop:
             b, end = bucket_segment(i, stop, bucket)

@@ -20,7 +20,7 @@ from .kernels import HAVE_NUMBA, padded, run_chunks, uniform, use_numba
 if HAVE_NUMBA:
     import numba
 
-    from .kernels import CHUNK, ByWidth, _kernel, _u, bucket_segment, chunk_range, packer, unpacker
+    from .kernels import CHUNK, ByWidth, _kernel, _u, bucket_segment, chunk_range, pack_chunk, unpack_chunk
 
 __all__ = ["levelset_encode", "levelset_decode", "search_table", "CELLS"]
 
@@ -99,8 +99,8 @@ if HAVE_NUMBA:
         return np.uint8(j + np.int32(up)), high if up else low
 
     @numba.njit(inline="always")
-    def _encode_small(c, x, norms, first_low, first_high, lows, highs, bucket, seed, out, decoded,
-                      want_decoded, pack):
+    def _encode_small(c, x, norms, first_low, first_high, lows, highs, bucket, bits, seed, out, decoded,
+                      want_decoded):
         start, stop = chunk_range(c, x.size)
         codes = np.empty(CHUNK, dtype=np.uint8)
         i = start
@@ -120,7 +120,7 @@ if HAVE_NUMBA:
                     j, low, high = _interval_by_compares(r, first_low, first_high, lows, highs)
                     cs[k] = _round(r, j, low, high, seed, i + k)[0]
             i = end
-        pack(codes, start, stop, out)
+        pack_chunk(codes, start, stop, bits, out)
         return 0
 
     @numba.njit(inline="always")
@@ -153,26 +153,33 @@ if HAVE_NUMBA:
                 a[14], a[15])
 
     # The tables reach the kernels as arrays (the parallel driver takes no nested tuples) and
-    # become tuples of the width's length inside them.
-    _ENCODE_TUPLE = {1: _t1, 2: _t2, 3: _t6, 4: _t14}  # L_1..L_{K-2} and L_2..L_{K-1}, K <= 2**bits
-    _DECODE_TUPLE = {1: _t2, 2: _t4, 3: _t8, 4: _t16}  # the 2**bits values
+    # become tuples of the width's length inside them: L_1..L_{K-2} and L_2..L_{K-1} (padded)
+    # to encode, the 2**bits values to decode. The branches on ``bits`` (a closure constant)
+    # are pruned when compiling: one loop per kernel.
 
     def _encode_small_kernel(bits):
-        pack, as_tuple = packer(bits), _ENCODE_TUPLE[bits]
-
         @_kernel
         def kernel(c0, c1, x, norms, first_low, first_high, lows, highs, bucket, seed, out, decoded, want_decoded):
-            total = 0
             for c in range(c0, c1):
-                total += _encode_small(c, x, norms, first_low, first_high, as_tuple(lows), as_tuple(highs), bucket,
-                                       seed, out, decoded, want_decoded, pack)
-            return total
+                if bits == 1:
+                    _encode_small(c, x, norms, first_low, first_high, _t1(lows), _t1(highs), bucket, bits, seed, out,
+                                  decoded, want_decoded)
+                elif bits == 2:
+                    _encode_small(c, x, norms, first_low, first_high, _t2(lows), _t2(highs), bucket, bits, seed, out,
+                                  decoded, want_decoded)
+                elif bits == 3:
+                    _encode_small(c, x, norms, first_low, first_high, _t6(lows), _t6(highs), bucket, bits, seed, out,
+                                  decoded, want_decoded)
+                else:
+                    _encode_small(c, x, norms, first_low, first_high, _t14(lows), _t14(highs), bucket, bits, seed,
+                                  out, decoded, want_decoded)
+            return 0
         return kernel
 
     _encode_small_chunks = ByWidth(_encode_small_kernel)
 
     @numba.njit(inline="always")
-    def _encode_search_chunk_one(c, x, norms, levels, first, count, bucket, seed, out, decoded, want_decoded, pack):
+    def _encode_search_chunk_one(c, x, norms, levels, first, count, bucket, bits, seed, out, decoded, want_decoded):
         start, stop = chunk_range(c, x.size)
         codes = np.empty(CHUNK, dtype=np.uint8)
         i = start
@@ -186,29 +193,27 @@ if HAVE_NUMBA:
                 if want_decoded:
                     decoded[k] = scale * value
             i = end
-        pack(codes, start, stop, out)
+        pack_chunk(codes, start, stop, bits, out)
         return 0
 
     def _encode_search_kernel(bits):
-        pack = packer(bits)
-
         @_kernel
         def kernel(c0, c1, x, norms, levels, first, count, bucket, seed, out, decoded, want_decoded):
             total = 0
             for c in range(c0, c1):
                 total += _encode_search_chunk_one(c, x, norms, levels, first, count,
-                                                  bucket, seed, out, decoded, want_decoded, pack)
+                                                  bucket, bits, seed, out, decoded, want_decoded)
             return total
         return kernel
 
     _encode_search_chunks = ByWidth(_encode_search_kernel)
 
     @numba.njit(inline="always")
-    def _decode_small(c, packed, norms, values, n_levels, bucket, out, unpack):
+    def _decode_small(c, packed, norms, values, n_levels, bucket, bits, out):
         n_levels = np.int32(n_levels)
         start, stop = chunk_range(c, out.size)
         codes = np.empty(CHUNK, dtype=np.uint8)
-        unpack(packed, start, stop, codes)
+        unpack_chunk(packed, start, stop, bits, codes)
         bad = 0
         i = start
         while i < stop:
@@ -227,23 +232,28 @@ if HAVE_NUMBA:
         return bad
 
     def _decode_small_kernel(bits):
-        unpack, as_tuple = unpacker(bits), _DECODE_TUPLE[bits]
-
         @_kernel
         def kernel(c0, c1, packed, norms, values, n_levels, bucket, out):
             total = 0
             for c in range(c0, c1):
-                total += _decode_small(c, packed, norms, as_tuple(values), n_levels, bucket, out, unpack)
+                if bits == 1:
+                    total += _decode_small(c, packed, norms, _t2(values), n_levels, bucket, bits, out)
+                elif bits == 2:
+                    total += _decode_small(c, packed, norms, _t4(values), n_levels, bucket, bits, out)
+                elif bits == 3:
+                    total += _decode_small(c, packed, norms, _t8(values), n_levels, bucket, bits, out)
+                else:
+                    total += _decode_small(c, packed, norms, _t16(values), n_levels, bucket, bits, out)
             return total
         return kernel
 
     _decode_small_chunks = ByWidth(_decode_small_kernel)
 
     @numba.njit(inline="always")
-    def _decode_search_chunk_one(c, packed, norms, levels, bucket, out, unpack):
+    def _decode_search_chunk_one(c, packed, norms, levels, bucket, bits, out):
         start, stop = chunk_range(c, out.size)
         codes = np.empty(CHUNK, dtype=np.uint8)
-        unpack(packed, start, stop, codes)
+        unpack_chunk(packed, start, stop, bits, codes)
         top = levels.size - 1
         bad = 0
         i = start
@@ -260,13 +270,11 @@ if HAVE_NUMBA:
         return bad
 
     def _decode_search_kernel(bits):
-        unpack = unpacker(bits)
-
         @_kernel
         def kernel(c0, c1, packed, norms, levels, bucket, out):
             total = 0
             for c in range(c0, c1):
-                total += _decode_search_chunk_one(c, packed, norms, levels, bucket, out, unpack)
+                total += _decode_search_chunk_one(c, packed, norms, levels, bucket, bits, out)
             return total
         return kernel
 
