@@ -8,7 +8,7 @@ from mpiqsgd.codecs import fits, gradstats, make_codec
 from mpiqsgd.codecs import leveltables as T
 from mpiqsgd.codecs.histogram import Histogram, edges_for
 from mpiqsgd.codecs.levelset import expected_variance
-from mpiqsgd.errors import ConfigError
+from mpiqsgd.errors import ConfigError, NonFiniteError
 
 
 def heavy(n=1 << 16, seed=0, df=2.5):
@@ -163,3 +163,12 @@ def test_checkpoint_of_another_fit_is_refused():
     a = make_codec("alq", bits=3, bucket=256, fit="model")
     with pytest.raises(ConfigError, match="fit='model'"):
         make_codec("alq", bits=3, bucket=256).load_state_dict(a.state_dict())
+
+
+def test_statistics_of_a_diverged_gradient_say_so():
+    # Finite values whose squared bucket norm overflows (what a diverging error-feedback residual
+    # reaches before the loss turns NaN): a clear NonFiniteError, not a complaint about histogram masses.
+    flat = torch.full((1024,), 3e19)
+    with pytest.raises(NonFiniteError, match="training diverged"):
+        gradstats.local_stats(flat, 512, "histogram")
+    assert np.isfinite(gradstats.local_stats(flat / 1e10, 512, "histogram")["mass"]).all()

@@ -33,7 +33,7 @@ import msgpack
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteError
 from .buckets import bucket_rows
 from .histogram import BINS, MAX_BINS, Histogram, histogram_of
 from .truncnorm import Mixture
@@ -93,8 +93,13 @@ def local_stats(flat, bucket, kind, norm="l2", max_buckets=64, bins=BINS, chunk_
     if kind == "histogram":
         if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2 or bins % 2 or bins > MAX_BINS:
             raise ConfigError(f"histogram statistics need an even number of bins in 2..{MAX_BINS}; got {bins!r}")
-        return {"kind": "histogram", "norm": norm, "bucket": int(bucket),
-                "mass": histogram_of(flat, int(bucket), norm, bins)}
+        mass = histogram_of(flat, int(bucket), norm, bins)
+        if not np.all(np.isfinite(mass)):  # a bucket's squared norm overflowed: the values are near 1e19
+            raise NonFiniteError(
+                f"gradient statistics overflow: a bucket's squared norm exceeds the float range (largest |value| "
+                f"{float(flat.detach().abs().max()):.3g}): training diverged; lower --lr, and with --error-feedback "
+                "use a contractive codec (--rounding nearest, --codec sign, more --bits)")
+        return {"kind": "histogram", "norm": norm, "bucket": int(bucket), "mass": mass}
     rows = _bucket_moments(flat, int(bucket), norm, chunk_buckets)
     if kind == "pooled":
         return {"kind": "pooled", "norm": norm, "bucket": int(bucket), "count": int(rows[:, 3].sum()),
