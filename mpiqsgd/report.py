@@ -716,11 +716,14 @@ def _label(row_or_run):
 
 
 def _legend(fig, ax):
-    """A legend beside the panels (matplotlib 3.7+), else inside ``ax``."""
+    """A legend beside the panels (matplotlib 3.7+), else inside ``ax``; a column per 20 entries,
+    so that a large grid's legend is not cut off at the figure's height."""
+    handles, labels = ax.get_legend_handles_labels()
+    ncol = max(1, -(-len(labels) // 20))
     try:
-        fig.legend(*ax.get_legend_handles_labels(), loc="outside right upper", fontsize=7)
+        fig.legend(handles, labels, loc="outside right upper", fontsize=7, ncol=ncol)
     except (ValueError, TypeError):
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, ncol=ncol)
 
 
 def plot_group(group, out_dir, prefix=""):
@@ -743,7 +746,8 @@ def plot_group(group, out_dir, prefix=""):
     # 20 colours, then the same colours dashed: every configuration keeps a distinct line.
     styles = {id(r): dict(color=plt.cm.tab20(i % 20), ls=("-", "--", ":", "-.")[i // 20 % 4])
               for i, r in enumerate(group.rows)}
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), constrained_layout=True)
+    columns = -(-len(group.rows) // 20)  # of the legend (see _legend): widen the figure for each
+    fig, axes = plt.subplots(1, 3, figsize=(15 + 3.5 * max(0, columns - 1), 4.2), constrained_layout=True)
     for row in group.rows:
         for k, run in enumerate(row.runs):
             label = _label(row) if k == 0 else None
@@ -766,7 +770,7 @@ def plot_group(group, out_dir, prefix=""):
     for ax in axes:
         ax.grid(alpha=0.3)
     _legend(fig, axes[0])
-    fig.suptitle(group.description, fontsize=9)
+    fig.suptitle(group.description, fontsize=9, x=0.02, ha="left")
     written.append(out_dir / f"{prefix}accuracy.png")
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)

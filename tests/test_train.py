@@ -348,3 +348,14 @@ def test_resume_refuses_replicas_that_disagree_after_loading(tmp_path, monkeypat
     monkeypatch.setattr(driver, "load_checkpoint", perturbed)
     with pytest.raises(MpiqsgdError, match=r"replicas drifted after resuming from step 3: parameters of ranks \[1\]"):
         run(tmp_path, "a", simulate=2, max_steps=6, resume=str(tmp_path / "a"))
+
+
+def test_diagnostics_fit_small_level_tables_only():
+    from mpiqsgd.diagnostics import MAX_FIT_LEVELS, quantization
+
+    g = torch.randn(20_000, generator=torch.Generator().manual_seed(0))
+    small = quantization(make_codec("qsgd", bits=4), g, 0, 0, 0)
+    large = quantization(make_codec("qsgd", bits=8), g, 0, 0, 0)
+    assert small["fitted_variance"] > 0 and small["refit_gain"] >= 0.99
+    assert len(make_codec("qsgd", bits=8).level_table()) > MAX_FIT_LEVELS
+    assert large["level_variance"] > 0 and large["fitted_variance"] is None and large["refit_gain"] is None
