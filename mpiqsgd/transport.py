@@ -126,10 +126,7 @@ class Transport:
     uint8 array), ``sendrecv(buf, dest, source, phase, fp32_bytes)``, non-blocking
     ``isend(...)`` (a handle for ``wait_sends``; ``buf`` must stay unchanged until then),
     ``recv_each(sources, phase)`` (one message from each source, in arrival order),
-    ``allreduce_sum(tensor)``; the receiving calls take ``into``, a function of the
-    message's length returning a writable uint8 array of that length to receive into
-    (:meth:`mpiqsgd.topology.base.Round.inbox`: buffers reused from step to step; None:
-    a new array per message);
+    ``allreduce_sum(tensor)``;
     control calls: ``allgather_bytes(buf, phase=None)``, ``bcast_bytes(buf, root)``, ``barrier()``.
     """
 
@@ -225,7 +222,7 @@ class MPITransport(Transport):
             self._wait(self.comm.Isend([_as_bytes_array(buf), self._MPI.BYTE], dest=dest, tag=phase_tag(phase)),
                        f"rank {dest} to take a '{phase}' message")
 
-    def _recv(self, source, phase, into=None):
+    def _recv(self, source, phase):
         status = self._MPI.Status()
         tag = phase_tag(phase)
         what = f"a '{phase}' message from rank {source}"
@@ -234,19 +231,20 @@ class MPITransport(Transport):
         else:
             self.poller.until(lambda: self.comm.Iprobe(source=source, tag=tag, status=status), self._timeout(),
                               lambda: f"{what} (rank {self.rank}, step {self.meter.step})")
-        count = status.Get_count(self._MPI.BYTE)
-        out = np.empty(count, dtype=np.uint8) if into is None else into(count)
+        # A new array per message, by measurement: the allocator hands out memory just freed and
+        # still in cache; buffers kept per message from step to step made exchanges slower (README).
+        out = np.empty(status.Get_count(self._MPI.BYTE), dtype=np.uint8)
         self._wait(self.comm.Irecv([out, self._MPI.BYTE], source=source, tag=tag), what)
         return out
 
-    def recv(self, source, phase, into=None):
+    def recv(self, source, phase):
         """Receive one message of ``phase`` from ``source``; return it as a uint8 array."""
         with self.meter.time("communicate", name="recv", message=phase, peer=source) as span:
-            out = self._recv(source, phase, into)
+            out = self._recv(source, phase)
             span["bytes"] = out.size
             return out
 
-    def sendrecv(self, buf, dest, source, phase, fp32_bytes, into=None):
+    def sendrecv(self, buf, dest, source, phase, fp32_bytes):
         """Send to ``dest`` while receiving from ``source`` (any lengths); no deadlock in rings."""
         nbytes = self._record(buf, dest, phase, fp32_bytes)
         tag = phase_tag(phase)
@@ -254,7 +252,7 @@ class MPITransport(Transport):
                              source=source) as span:
             request = self.comm.Isend([_as_bytes_array(buf), self._MPI.BYTE], dest=dest, tag=tag)
             try:
-                out = self._recv(source, phase, into)
+                out = self._recv(source, phase)
                 span["received_bytes"] = out.size
                 return out
             finally:
@@ -273,7 +271,7 @@ class MPITransport(Transport):
             for request, _, dest, phase, _ in handles:
                 self._wait(request, f"rank {dest} to take a '{phase}' message")
 
-    def recv_each(self, sources, phase, into=None):
+    def recv_each(self, sources, phase):
         """Yield ``(source, message)`` for one message of ``phase`` from each of ``sources``, as they arrive."""
         tag = phase_tag(phase)
         pending = list(sources)
@@ -287,7 +285,7 @@ class MPITransport(Transport):
                                      None),
                         self._timeout(),
                         lambda: f"'{phase}' messages from ranks {pending} (rank {self.rank}, step {self.meter.step})")
-                message = self._recv(source, phase, into)
+                message = self._recv(source, phase)
                 span.update(peer=source, bytes=message.size)
             pending.remove(source)
             yield source, message
@@ -440,16 +438,13 @@ class LocalTransport(Transport):
                 if self.group.error is not None:
                     raise _Aborted() from None
 
-    # ``into`` is not used: a simulated message arrives as the new bytes object that the
-    # sender put on the queue, so receiving into a buffer would only add a copy.
-
-    def recv(self, source, phase, into=None):
+    def recv(self, source, phase):
         with self.meter.time("communicate", name="recv", message=phase, peer=source) as span:
             out = self._get(source, phase)
             span["bytes"] = out.size
             return out
 
-    def sendrecv(self, buf, dest, source, phase, fp32_bytes, into=None):
+    def sendrecv(self, buf, dest, source, phase, fp32_bytes):
         nbytes = self._record(buf, dest, phase, fp32_bytes)
         with self.meter.time("communicate", name="sendrecv", message=phase, peer=dest, bytes=nbytes,
                              source=source) as span:
@@ -465,7 +460,7 @@ class LocalTransport(Transport):
     def wait_sends(self, handles):
         pass
 
-    def recv_each(self, sources, phase, into=None):
+    def recv_each(self, sources, phase):
         for source in sources:  # in the given order: queues cannot be probed together
             yield source, self.recv(source, phase)
 

@@ -27,7 +27,7 @@ class Allgather(Aggregator):
         messages = {r: own}
         for k in range(n - 1):
             messages[(r - k - 1) % n] = t.sendrecv(
-                messages[(r - k) % n], (r + 1) % n, (r - 1) % n, "allgather", 4 * flat.numel(), into=call.inbox)
+                messages[(r - k) % n], (r + 1) % n, (r - 1) % n, "allgather", 4 * flat.numel())
         decoded = [own_decoded if src == r else call.decode(self.codec, messages[src], flat.device, flat.numel())
                    for src in range(n)]
         return mean_of(decoded)

@@ -48,36 +48,25 @@ def chunk_bounds(numel, n):
 
 
 class MessageBuffers:
-    """Message buffers reused from step to step, so the hot path neither joins nor allocates (a
-    fresh buffer of a large message costs a page fault per 4 KiB).
+    """Send buffers reused from step to step: the ``i``-th encode of a stream's call frames its
+    message into slot ``(stream, i)`` (:func:`mpiqsgd.wire.frame_into`), so the hot path neither
+    joins nor allocates (a fresh buffer of a large message costs a page fault per 4 KiB).
 
-    Send side: the ``i``-th encode of a stream's call frames its message into slot
-    ``(stream, i)`` (:func:`mpiqsgd.wire.frame_into`). A message lives until the same slot is
-    encoded again, one step later: every aggregator waits for its sends before
-    :meth:`Aggregator.aggregate` returns, and the transports copy or finish with a buffer by
-    then. Slots are sized by the codec's ``encoded_nbytes``; a variable-length code gets the
-    length of its last message plus a quarter (a longer message falls back to new bytes and
-    resizes the slot).
-
-    Receive side: the ``i``-th message a stream's call receives lands in slot
-    ``("recv", stream, i)`` (:meth:`Round.inbox`), allocated with an eighth to spare (messages
-    arrive in any order, and chunks differ in length by a coordinate) and grown when a longer
-    message comes.
-    Lifetime rule: a received message, and any value decoded from it (a codec may decode in
-    place: ``fp32`` returns a view of the buffer), is valid until the same call of the next
-    step; so an aggregator consumes them before it returns (sums, copies into its output)
-    and never returns one. Memory: about the bytes a rank receives in one step.
+    A message lives until the same slot is encoded again, one step later: every aggregator
+    waits for its sends before :meth:`Aggregator.aggregate` returns, and the transports
+    copy or finish with a buffer by then. Slots are sized by the codec's
+    ``encoded_nbytes``; a variable-length code gets the length of its last message plus a
+    quarter (a longer message falls back to new bytes and resizes the slot).
     """
 
     def __init__(self):
         self.slots = {}
 
-    def get(self, slot, nbytes, spare=0):
-        """A writable buffer of at least ``nbytes`` for ``slot`` (None: whatever it holds, if
-        anything); one that must be (re)allocated gets ``spare`` more bytes."""
+    def get(self, slot, nbytes):
+        """A writable buffer of at least ``nbytes`` for ``slot`` (None: whatever it holds, if anything)."""
         buf = self.slots.get(slot)
         if nbytes is not None and (buf is None or buf.size < nbytes):
-            buf = self.slots[slot] = np.empty(nbytes + spare, dtype=np.uint8)
+            buf = self.slots[slot] = np.empty(nbytes, dtype=np.uint8)
         return buf
 
     def seen(self, slot, message):
@@ -107,7 +96,7 @@ class Round:
         # call: separate generators with one seed would draw the same uniforms twice.
         self.rng = make_generator(aggregator.seed, self.transport.rank, step, stream=stream)
         self.buffers = aggregator.buffers
-        self.encodes = self.receives = 0
+        self.encodes = 0
 
     def key(self, key):
         return key if self.stream == 0 else (self.stream, key)
@@ -127,13 +116,6 @@ class Round:
         if isinstance(message, bytes):  # it did not fit: a variable-length code's longer message
             self.buffers.seen(slot, message)
         return message, decoded
-
-    def inbox(self, nbytes):
-        """The buffer (``nbytes``, writable) that the call's next received message lands in: pass
-        as the transport's ``into``. See :class:`MessageBuffers` for how long it stays valid."""
-        slot = ("recv", self.stream, self.receives)
-        self.receives += 1
-        return self.buffers.get(slot, nbytes, spare=nbytes // 8 + 64)[:nbytes]
 
     def decode(self, codec, message, device, numel):
         """Decode ``message``, refusing one of another length than the ``numel`` values expected."""

@@ -66,7 +66,6 @@ class ParameterServer(Aggregator):
         if t.rank != self.root:
             message = call.encode(self.codec, flat, "grad")
             t.send(message, self.root, "push", 4 * flat.numel())
-            # A new array, not an inbox: what the reply decodes to is returned (fp32 decodes in place).
             return call.decode(self.down_codec, t.recv(self.root, "pull"), flat.device, flat.numel())
         decoded = {}
         if not self.dedicated:
@@ -76,7 +75,7 @@ class ParameterServer(Aggregator):
         device, numel = ("cpu", None) if flat is None else (flat.device, flat.numel())
         for src in self.workers:
             if src != self.root:
-                decoded[src] = call.decode(self.codec, t.recv(src, "push", into=call.inbox), device, numel)
+                decoded[src] = call.decode(self.codec, t.recv(src, "push"), device, numel)
                 numel = decoded[src].numel()
         mean = mean_of([decoded[src] for src in self.workers])
         reply, result = call.encode_decode(self.down_codec, mean, "pull")

@@ -60,8 +60,7 @@ class Ring(Aggregator):
         acc = _chunk(flat, bounds, r)
         for k in range(n - 1):
             message = call.encode(self.codec, acc, ("reduce_scatter", k))
-            received = t.sendrecv(message, (r + 1) % n, (r - 1) % n, "reduce_scatter", 4 * acc.numel(),
-                                  into=call.inbox)
+            received = t.sendrecv(message, (r + 1) % n, (r - 1) % n, "reduce_scatter", 4 * acc.numel())
             own = _chunk(flat, bounds, (r - k - 1) % n)
             acc = call.decode(self.codec, received, flat.device, own.numel()).add_(own)
         return (r + 1) % n, acc
@@ -75,7 +74,7 @@ class Ring(Aggregator):
         for k in range(n - 1):
             sent, c = (owned - k) % n, (owned - k - 1) % n
             message = t.sendrecv(message, (r + 1) % n, (r - 1) % n, "allgather",
-                                 4 * (bounds[sent][1] - bounds[sent][0]), into=call.inbox)
+                                 4 * (bounds[sent][1] - bounds[sent][0]))
             out[bounds[c][0]:bounds[c][1]] = call.decode(self.codec, message, flat.device,
                                                          bounds[c][1] - bounds[c][0])
         return out
@@ -113,14 +112,14 @@ class Scatter(Ring):
             piece = _chunk(flat, bounds, dest)
             sends.append(t.isend(call.encode(self.codec, piece, ("scatter", dest)), dest, "scatter", 4 * piece.numel()))
         parts = {r: own}
-        for source, message in t.recv_each([(r - k) % n for k in range(1, n)], "scatter", into=call.inbox):
+        for source, message in t.recv_each([(r - k) % n for k in range(1, n)], "scatter"):
             parts[source] = call.decode(self.codec, message, flat.device, own.numel())  # as they arrive
         t.wait_sends(sends)
         message, decoded = call.encode_decode(self.codec, sum_of([parts[src] for src in range(n)]) / n, "owner")
         sends = [t.isend(message, dest, "allgather", 4 * own.numel()) for dest in others]
         out = torch.empty_like(flat)
         out[bounds[r][0]:bounds[r][1]] = decoded
-        for source, message in t.recv_each([(r - k) % n for k in range(1, n)], "allgather", into=call.inbox):
+        for source, message in t.recv_each([(r - k) % n for k in range(1, n)], "allgather"):
             start, end = bounds[source]
             out[start:end] = call.decode(self.codec, message, flat.device, end - start)
         t.wait_sends(sends)
