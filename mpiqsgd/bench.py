@@ -225,7 +225,7 @@ def symbol_stats(codec, x, seed=0):
     h = entropy_code.entropy_bits(counts)
     _, own = wire.unframe(message)
     side = len(message) - len(own) + scale_bytes
-    stats = {"encoding": getattr(base, "encoding", "dense")}
+    stats = {"encoding": base.encoding}
     if stats["encoding"] == "entropy":
         parts = entropy_code.describe(np.frombuffer(own, np.uint8)[scale_bytes:], n, table.size)
         side += parts["model_bytes"]

@@ -715,11 +715,16 @@ def _label(row_or_run):
     return f"{label} {cfg['topology']} ×{cfg['ranks']}"
 
 
+def _legend_columns(entries):
+    """Columns of a legend of ``entries``: one per 20, so that a large grid's legend is not cut
+    off at the figure's height."""
+    return max(1, -(-entries // 20))
+
+
 def _legend(fig, ax):
-    """A legend beside the panels (matplotlib 3.7+), else inside ``ax``; a column per 20 entries,
-    so that a large grid's legend is not cut off at the figure's height."""
+    """A legend beside the panels (matplotlib 3.7+), else inside ``ax`` (see :func:`_legend_columns`)."""
     handles, labels = ax.get_legend_handles_labels()
-    ncol = max(1, -(-len(labels) // 20))
+    ncol = _legend_columns(len(labels))
     try:
         fig.legend(handles, labels, loc="outside right upper", fontsize=7, ncol=ncol)
     except (ValueError, TypeError):
@@ -746,8 +751,8 @@ def plot_group(group, out_dir, prefix=""):
     # 20 colours, then the same colours dashed: every configuration keeps a distinct line.
     styles = {id(r): dict(color=plt.cm.tab20(i % 20), ls=("-", "--", ":", "-.")[i // 20 % 4])
               for i, r in enumerate(group.rows)}
-    columns = -(-len(group.rows) // 20)  # of the legend (see _legend): widen the figure for each
-    fig, axes = plt.subplots(1, 3, figsize=(15 + 3.5 * max(0, columns - 1), 4.2), constrained_layout=True)
+    columns = _legend_columns(len(group.rows))  # one label per row: widen the figure for each extra column
+    fig, axes = plt.subplots(1, 3, figsize=(15 + 3.5 * (columns - 1), 4.2), constrained_layout=True)
     for row in group.rows:
         for k, run in enumerate(row.runs):
             label = _label(row) if k == 0 else None

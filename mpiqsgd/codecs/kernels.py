@@ -114,7 +114,7 @@ class ByWidth:
     the branches of the kernel's own body on it before typing (the level-set table widths),
     and the packing (:func:`pack_chunk`) compiles for that one width. Each width compiles in
     1-3 s; one kernel holding every width, with the branches inside inlined helpers (which
-    are not pruned), took 40-50 s cold (nuqsgd's encode and decode, 2026-12-01), and a run
+    are not pruned), took 51-53 s cold (nuqsgd's encode and decode, 2026-12-01), and a run
     pays only for the widths it uses. The closure must capture plain numbers only: numba's
     cache keys a closure by its captured values, and a captured function would make every
     process compile again. ``kernels[bits]`` is the kernel for ``bits``.
