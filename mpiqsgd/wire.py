@@ -61,6 +61,8 @@ __all__ = [
     "checksum",
     "frame",
     "frame_into",
+    "seal",
+    "SLACK",
     "unframe",
     "header_nbytes",
 ]
@@ -72,6 +74,9 @@ PREFIX_BYTES = _PREFIX.size
 MAX_HEADER_BYTES = 4096
 MAX_NUMEL = 1 << 31  # coordinates one message may claim
 MAX_BUCKET = 1 << 30  # coordinates per bucket a codec accepts
+# Bytes past a message's end that a buffer to encode into in place must also have: the codec
+# kernels store whole 8-code groups, so the last group may reach 7 bytes beyond the payload.
+SLACK = 8
 _KEYS = frozenset(("codec", "numel", "params"))
 _SCALARS = (type(None), bool, int, float, str, bytes)
 
@@ -131,16 +136,30 @@ def frame_into(out, header_bytes, payload):
         what they would otherwise decode in place, so values never alias a reused buffer.
     """
     payload = memoryview(payload).cast("B")
-    view = memoryview(out).cast("B")
+    view = _writable(out, PREFIX_BYTES + len(header_bytes) + len(payload), "frame_into")
     start = PREFIX_BYTES + len(header_bytes)
-    end = start + len(payload)
-    if view.readonly or len(view) < end:
-        raise ConfigError(f"frame_into: needs a writable buffer of {end} bytes; got "
-                          f"{'a read-only' if view.readonly else 'a writable'} one of {len(view)}")
-    _PREFIX.pack_into(view, 0, MAGIC, VERSION, len(header_bytes), checksum(header_bytes, payload))
+    view[start:start + len(payload)] = payload
+    return seal(view, header_bytes, len(payload))
+
+
+def seal(out, header_bytes, payload_nbytes):
+    """Frame a payload that was written in place: ``out[PREFIX_BYTES + len(header_bytes):]``
+    holds its ``payload_nbytes`` bytes; write the prefix (checksum included) and the header
+    before it. Returns the message as :func:`frame_into` does."""
+    start = PREFIX_BYTES + len(header_bytes)
+    end = start + payload_nbytes
+    view = _writable(out, end, "seal")
+    _PREFIX.pack_into(view, 0, MAGIC, VERSION, len(header_bytes), checksum(header_bytes, view[start:end]))
     view[PREFIX_BYTES:start] = header_bytes
-    view[start:end] = payload
     return view[:end].toreadonly()
+
+
+def _writable(out, nbytes, what):
+    view = memoryview(out).cast("B")
+    if view.readonly or len(view) < nbytes:
+        raise ConfigError(f"{what}: needs a writable buffer of {nbytes} bytes; got "
+                          f"{'a read-only' if view.readonly else 'a writable'} one of {len(view)}")
+    return view
 
 
 def header_nbytes(message):

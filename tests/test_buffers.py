@@ -6,7 +6,7 @@ import torch
 
 from mpiqsgd import wire
 from mpiqsgd.codecs import decode, make_codec, make_generator
-from mpiqsgd.errors import ConfigError
+from mpiqsgd.errors import ConfigError, NonFiniteError
 from mpiqsgd.topology import make_aggregator
 from mpiqsgd.transport import LocalGroup
 
@@ -55,3 +55,48 @@ def test_send_buffers_are_reused_from_step_to_step(topology):
     ids = {id(b) for a in aggs for b in a.buffers.slots.values()}
     group.run(lambda t: aggs[t.rank].aggregate(grads[t.rank].clone(), 3, stream=1), transports)
     assert ids == {id(b) for a in aggs for b in a.buffers.slots.values()}  # the same arrays, not new ones
+
+
+@pytest.mark.parametrize("name,params", [("qsgd", {}), ("qsgd", {"bits": 3, "rounding": "nearest"}),
+                                         ("qsgd-inf", {"bits": 8}), ("nuqsgd", {}), ("terngrad", {}),
+                                         ("alq", {"bits": 4})])
+@pytest.mark.parametrize("numel", [1, 4099, 70_001])
+def test_dense_codes_are_written_in_place_with_the_same_bytes(monkeypatch, name, params, numel):
+    """With room for the slack, the payload is encoded straight into the send buffer: no frame copy."""
+    codec = make_codec(name, bucket=1000, **params)
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(numel))
+    fresh, fresh_values = codec.encode_decode(x, make_generator(2))
+    out = np.full(codec.encoded_nbytes(numel) + wire.SLACK, 0xAB, dtype=np.uint8)
+
+    def no_copy(*args):
+        raise AssertionError("the payload was copied into the frame, not written in place")
+
+    monkeypatch.setattr(wire, "frame_into", no_copy)
+    message, values = codec.encode_decode(x, make_generator(2), out=out)
+    assert bytes(message) == fresh and torch.equal(values, fresh_values)
+    assert np.shares_memory(np.frombuffer(message, np.uint8), out) and message.readonly
+    assert torch.equal(decode(message), fresh_values)
+
+
+def test_kernels_refuse_an_output_without_the_spare_bytes():
+    from mpiqsgd.codecs import kernels
+
+    x, norms = torch.randn(64), torch.ones(1)
+    with pytest.raises(ValueError, match="40 bytes"):  # 32 packed + 8 spare
+        kernels.level_encode(x, 7 / norms, norms / 7, 512, 4, 7, 0, False, False, out=np.empty(39, np.uint8))
+    packed, _ = kernels.level_encode(x, 7 / norms, norms / 7, 512, 4, 7, 0, False, False, out=np.empty(40, np.uint8))
+    assert packed.numel() == 32
+
+
+@pytest.mark.parametrize("name", ["qsgd", "qsgd-inf", "nuqsgd", "terngrad", "amq", "sign"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_codecs_checking_through_their_norms_refuse_non_finite_values_into_a_buffer(name, bad):
+    """The norms are the finiteness check: every NaN/Inf is found and counted, even beside a bucket
+    whose float32 sum of squares overflows, and nothing is left half-written as a message."""
+    codec = make_codec(name, bucket=64)
+    x = torch.randn(1000)
+    x[3] = 3e30  # bucket 0 overflows in float32 (recomputed in float64)
+    x[500], x[999] = bad, bad
+    out = np.empty((codec.encoded_nbytes(x.numel()) or 4096) + wire.SLACK, dtype=np.uint8)
+    with pytest.raises(NonFiniteError, match="refusing to encode a gradient with 2 NaN/Inf value"):
+        codec.encode(x, make_generator(0), out=out)

@@ -25,11 +25,39 @@ def test_checked_norms_equal_float32_norms_on_normal_inputs(norm):
         assert torch.equal(checked_norms(x, bucket, norm, "t"), bucket_norms(x, bucket, norm))
 
 
-def test_float32_sum_of_squares_overflow_is_recomputed():
+@pytest.mark.parametrize("force_torch", [False, True])
+def test_norms_are_summed_in_float64_and_do_not_overflow(force_torch):
     x = torch.full((512,), 1e20)
-    assert not bool(torch.isfinite(bucket_norms(x, 512, "l2")).all())  # what the encoder used to send
-    assert float(checked_norms(x, 512, "l2", "t")) == pytest.approx(1e20 * 512**0.5, rel=1e-6)
-    assert float(checked_norms(torch.full((512,), 1e37), 512, "mean_abs", "t")) == pytest.approx(1e37, rel=1e-6)
+    assert x.pow(2).sum().isinf()  # a float32 sum of squares overflows (what the encoder once sent)
+    assert float(bucket_norms(x, 512, "l2", force_torch)) == pytest.approx(1e20 * 512**0.5, rel=1e-6)
+    assert float(checked_norms(x, 512, "l2", "t", force_torch=force_torch)) == pytest.approx(1e20 * 512**0.5, rel=1e-6)
+    big = torch.full((512,), 1e37)
+    assert float(checked_norms(big, 512, "mean_abs", "t", force_torch=force_torch)) == pytest.approx(1e37, rel=1e-6)
+    assert bucket_norms(torch.full((512,), FLT_MAX), 512, "l2", force_torch).isinf().all()  # beyond float32
+
+
+@pytest.mark.parametrize("norm", ["l2", "max", "mean_abs"])
+def test_numba_norms_equal_the_torch_ops(norm):
+    """The kernel's float64 sums in its order and torch's in its own round to the same float32 norms
+    (they could differ only within float64 rounding error of a float32 rounding boundary)."""
+    for seed, n, bucket in [(0, 100_003, 512), (1, 4099, 8192), (2, 7, 3), (3, 300_000, 17)]:
+        x = vec(n, seed, "heavy")
+        assert torch.equal(bucket_norms(x, bucket, norm), bucket_norms(x, bucket, norm, force_torch=True))
+        expect = {"l2": lambda v: v.double().norm(), "max": lambda v: v.abs().max(),
+                  "mean_abs": lambda v: v.double().abs().mean()}[norm]
+        assert float(bucket_norms(x, bucket, norm)[-1]) == pytest.approx(
+            float(expect(x[(n - 1) // bucket * bucket:])), rel=1e-7)  # the last bucket, which may be short
+
+
+@pytest.mark.parametrize("norm", ["l2", "max", "mean_abs"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("force_torch", [False, True])
+def test_a_non_finite_value_makes_its_bucket_norm_non_finite(norm, bad, force_torch):
+    for position in (0, 5, 15, 16, 99):  # the kernel's lanes, and the tail past the last whole lane group
+        x = torch.randn(300)
+        x[100 + position] = bad
+        norms = bucket_norms(x, 100, norm, force_torch)
+        assert bool(torch.isfinite(norms[[0, 2]]).all()) and not bool(torch.isfinite(norms[1]))
 
 
 @pytest.mark.parametrize("name", list(CODECS))

@@ -26,7 +26,7 @@ import torch
 from .. import wire
 from ..errors import ConfigError, DecodeError, NonFiniteError
 
-__all__ = ["Codec", "make_generator", "check_choice", "check_int", "all_finite"]
+__all__ = ["Codec", "make_generator", "check_choice", "check_int", "all_finite", "non_finite_error"]
 
 
 def all_finite(t):
@@ -37,6 +37,12 @@ def all_finite(t):
     runs far slower than a sum on the CPU.
     """
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def non_finite_error(codec, x):
+    """The :class:`NonFiniteError` refusing to encode ``x``, which holds NaN or Inf (counted)."""
+    bad = int((~torch.isfinite(x)).sum())
+    return NonFiniteError(f"{codec}: refusing to encode a gradient with {bad} NaN/Inf value(s) out of {x.numel()}")
 
 
 def make_generator(seed, rank=0, step=0, device="cpu", stream=0):
@@ -83,6 +89,9 @@ class Codec:
     rounding = None  # "stochastic" or "nearest" where the codec offers the choice
     adaptive = False  # refits itself from merged statistics (local_stats / fit)
     norm = None  # "l2" or "max": how each bucket is normalized, for codecs that round to levels
+    # True where _quantize reduces every coordinate into a bucket norm (NaN and Inf carry into
+    # it) and raises non_finite_error itself: encode then skips its own pass over the input.
+    checks_finite = False
 
     @property
     def base(self):
@@ -134,10 +143,16 @@ class Codec:
         """True when every message of ``numel`` coordinates has the same length."""
         return self.payload_nbytes(1) is not None
 
-    def _quantize(self, x, rng, want_decoded):
-        """Return (payload uint8 tensor, decoded float32 tensor) for a flat finite ``x``.
+    def _quantize(self, x, rng, want_decoded, into=None):
+        """Return (payload, decoded float32 tensor) for a flat ``x``, finite unless the codec
+        :attr:`checks_finite` itself.
 
         The decoded tensor may be None when ``want_decoded`` is false (plain ``encode``).
+        ``into`` is None, or a writable uint8 ndarray of ``payload_nbytes(numel) + wire.SLACK``
+        bytes inside the message being framed: a codec that writes its payload there returns
+        ``into`` itself (its first ``payload_nbytes`` bytes are the payload; kernels may store up
+        to :data:`wire.SLACK` bytes past them), which saves a copy and a fresh allocation. Any
+        other payload is a uint8 tensor, which the base class copies into the frame.
         """
         raise NotImplementedError
 
@@ -171,12 +186,8 @@ class Codec:
         if not x.is_floating_point():
             raise ConfigError(f"{self.name}: expected a floating-point tensor, got {x.dtype}")
         x = x.detach().reshape(-1).to(torch.float32)
-        # A NaN or Inf makes the sum non-finite; only then look closer (the sum may just overflow).
-        if not all_finite(x):
-            bad = int((~torch.isfinite(x)).sum())
-            raise NonFiniteError(
-                f"{self.name}: refusing to encode a gradient with {bad} NaN/Inf value(s) out of {x.numel()}"
-            )
+        if not self.checks_finite and not all_finite(x):
+            raise non_finite_error(self.name, x)
         if self.stochastic and not isinstance(rng, torch.Generator):
             raise ConfigError(
                 f"{self.name} rounds stochastically and needs a torch.Generator "
@@ -200,13 +211,29 @@ class Codec:
         """
         return self._encode(x, rng, True, out)
 
+    def _payload_slot(self, out, header, numel):
+        """The place of the payload inside ``out`` (for :meth:`_quantize`'s ``into``), or None
+        when ``out`` cannot take the whole message of a fixed-length code plus the slack."""
+        nbytes = self.payload_nbytes(numel)
+        if out is None or not nbytes:
+            return None
+        view = memoryview(out).cast("B")
+        start = wire.PREFIX_BYTES + len(header)
+        if view.readonly or len(view) < start + nbytes + wire.SLACK:
+            return None
+        return np.frombuffer(view, dtype=np.uint8, count=nbytes + wire.SLACK, offset=start)
+
     def _encode(self, x, rng, want_decoded, out=None):
         x = self._check_input(x, rng)
+        header = self.header_bytes(x.numel())
         if x.numel() == 0:
             payload, decoded = torch.zeros(0, dtype=torch.uint8), x.clone()
         else:
-            payload, decoded = self._quantize(x, rng, want_decoded)
-        header, payload = self.header_bytes(x.numel()), payload.cpu().numpy()
+            into = self._payload_slot(out, header, x.numel())
+            payload, decoded = self._quantize(x, rng, want_decoded, into)
+            if into is not None and payload is into:
+                return wire.seal(out, header, into.size - wire.SLACK), decoded
+        payload = payload.cpu().numpy()
         if out is not None and len(memoryview(out).cast("B")) >= wire.PREFIX_BYTES + len(header) + payload.size:
             return wire.frame_into(out, header, payload), decoded
         return wire.frame(header, payload), decoded

@@ -19,9 +19,10 @@ class _Float(Codec):
     def payload_nbytes(self, numel):
         return numel * self.dtype.itemsize
 
-    def _quantize(self, x, rng, want_decoded):
+    def _quantize(self, x, rng, want_decoded, into=None):
         cast = x.to(self.dtype)
-        # _check_input proved x finite; only a narrowing cast can overflow.
+        # _check_input proved x finite; only a narrowing cast can overflow. (Copying into `into`
+        # costs what the frame's copy does: the payload is left to it.)
         if self.dtype is not torch.float32 and not all_finite(cast):
             raise NonFiniteError(f"{self.name}: gradient values exceed the {self.dtype} range")
         return cast.view(torch.uint8), cast.to(torch.float32)

@@ -2,7 +2,11 @@
 
 This module is also the shared home of every codec kernel's machinery: the
 counter-based uniforms, the packing of code groups, the chunked serial/parallel
-driver and the choice between numba and torch (:func:`use_numba`).
+driver, the bucket norms' kernel and the choice between numba and torch (:func:`use_numba`).
+
+Encoders write their payload in place where they can: into the send buffer the exchange
+reuses (``out`` of :func:`level_encode`, after the scales :func:`place_scales` wrote), so
+neither a payload allocation nor the frame's copy happens on the hot path.
 
 Both implementations produce the same bytes for the same input and seed. Their
 randomness is counter based: coordinate ``i`` of a message uses
@@ -28,13 +32,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from .. import wire
+
 try:
     import numba
 except ImportError:  # pragma: no cover - numba is a declared dependency
     numba = None
 
 __all__ = ["draw_seed", "uniform", "level_encode", "level_decode", "sign_decode", "use_numba", "parallel_ok",
-           "run_chunks", "ByWidth", "CHUNK", "HAVE_NUMBA"]
+           "run_chunks", "ByWidth", "padded", "place_scales", "check_spare", "CHUNK", "SPARE", "HAVE_NUMBA"]
 
 HAVE_NUMBA = numba is not None
 
@@ -85,9 +91,10 @@ def parallel_ok(n):
     return n >= PARALLEL_MIN_NUMEL and threading.current_thread() is threading.main_thread()
 
 
-def run_chunks(kernel, n, args):
+def run_chunks(kernel, n, args, units=None):
     """Run a numba kernel ``kernel(c0, c1, *args) -> int`` (chunks ``c0..c1-1``) over the
-    chunks of ``n`` coordinates, split into one contiguous range per numba thread.
+    chunks of ``n`` coordinates, split into one contiguous range per numba thread; ``units``
+    replaces the chunks by another count of equal work items (buckets, say).
 
     The kernels release the GIL, so a pool of Python threads runs them in parallel; unlike a
     ``prange`` driver taking the kernel as an argument, every kernel stays in numba's cache.
@@ -96,7 +103,7 @@ def run_chunks(kernel, n, args):
     Returns:
         the sum of the kernel's results (e.g. a count of invalid codes).
     """
-    n_chunks = -(-n // CHUNK)
+    n_chunks = -(-n // CHUNK) if units is None else units
     n_threads = min(numba.get_num_threads(), n_chunks) if parallel_ok(n) else 1
     if n_threads <= 1:
         return int(kernel(0, n_chunks, *args))
@@ -108,7 +115,8 @@ def run_chunks(kernel, n, args):
 
 
 class ByWidth:
-    """One numba kernel per code width, built (compiled, or loaded from numba's cache) on first use.
+    """One numba kernel per code width (or other small integer constant, such as the kind of
+    norm), built (compiled, or loaded from numba's cache) on first use.
 
     ``make(width)`` returns a kernel in which ``width`` is a closure constant: numba prunes
     the branches of the kernel's own body on it before typing (the level-set table widths),
@@ -143,10 +151,29 @@ def _pool():
     return _POOL[0]
 
 
+SPARE = wire.SLACK  # bytes past the packed length that the CPU kernels may store into
+
+
 def padded(nbytes):
-    """An uninitialized uint8 buffer of ``nbytes`` plus 8 spare bytes: the CPU kernels store
-    whole groups, so the last group may spill past the packed length (callers cut it off)."""
-    return np.empty(nbytes + 8, dtype=np.uint8)
+    """An uninitialized uint8 buffer of ``nbytes`` plus :data:`SPARE` bytes: the CPU kernels
+    store whole groups, so the last group may spill past the packed length (callers cut it off)."""
+    return np.empty(nbytes + SPARE, dtype=np.uint8)
+
+
+def place_scales(into, scales):
+    """Write the float32 bucket ``scales`` at the start of a payload buffer ``into`` (a uint8
+    ndarray) and return the rest of it, where a kernel packs the codes."""
+    head = 4 * scales.numel()
+    into[:head].view(np.float32)[:] = scales.numpy()
+    return into[head:]
+
+
+def check_spare(out, nbytes):
+    """``out`` checked to hold ``nbytes`` plus the spare bytes (numba does not check bounds)."""
+    if out.dtype != np.uint8 or out.ndim != 1 or out.size < nbytes + SPARE:
+        raise ValueError(f"kernel output needs a flat uint8 array of {nbytes + SPARE} bytes; "
+                         f"got {out.dtype} of shape {out.shape}")
+    return out
 
 
 # -- torch implementation (any device) ----------------------------------------------------
@@ -323,6 +350,43 @@ if HAVE_NUMBA:
         for g in range(whole, groups):
             words[g] = _expand(_load_word(packed, g0 + g, bits), bits)
 
+    # -- bucket norms -----------------------------------------------------------------------
+
+    # Sums may be reordered (fastmath reassoc only: no other relaxation), so that they vectorize;
+    # in float64, a reordering moves a float32 norm by one ulp only where the sum lies within its
+    # float64 rounding error of a float32 rounding boundary.
+    _reduce_kernel = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
+
+    def _norm_kernel(kind):
+        """Kernel of :func:`bucket_norms` for one norm (``NORM_KINDS``), a closure constant."""
+        @_reduce_kernel
+        def kernel(b0, b1, x, bucket, out):
+            n = x.size
+            bits, out_bits = x.view(np.int32), out.view(np.int32)
+            for b in range(b0, b1):
+                start = b * bucket
+                stop = min(n, start + bucket)
+                if kind == 1:
+                    # |x| as the bits without the sign: integers ordered as the floats, NaN and Inf
+                    # above every finite value, so the maximum is exact, vectorizes, and keeps them.
+                    seg_bits = bits[start:stop]  # indices from 0: no negative-index wraparound (gathers)
+                    top = np.int32(0)
+                    for k in range(seg_bits.size):
+                        a = seg_bits[k] & np.int32(0x7FFFFFFF)
+                        top = a if a > top else top
+                    out_bits[b] = top
+                else:
+                    seg = x[start:stop]
+                    total = 0.0
+                    for k in range(seg.size):
+                        v = np.float64(seg[k]) if kind == 0 else np.float64(abs(seg[k]))
+                        total += v * v if kind == 0 else v
+                    out[b] = np.float32(np.sqrt(total)) if kind == 0 else np.float32(total / (stop - start))
+            return 0
+        return kernel
+
+    _norm_kernels = ByWidth(_norm_kernel)
+
     # -- QSGD: sign and level ---------------------------------------------------------------
 
     @numba.njit(inline="always")
@@ -428,7 +492,24 @@ if HAVE_NUMBA:
             total += _sign_chunk_one(c, packed, scales, bucket, out)
         return total
 
-def level_encode(x, scale, unit, bucket, bits, levels, seed, stochastic, want_decoded, force_torch=False):
+NORM_KINDS = {"l2": 0, "max": 1, "mean_abs": 2}
+
+
+def bucket_norms(x, bucket, norm):
+    """The float32 norm of each bucket of a flat contiguous float32 CPU ``x`` (numba kernel):
+    ``"l2"`` the float64 sum of squares' square root, ``"max"`` max |x_i|, ``"mean_abs"`` the
+    float64 sum of |x_i| over the bucket's length, each rounded once to float32; NaN or Inf
+    where the bucket holds one (Inf also where the norm exceeds float32). Callers use
+    :func:`mpiqsgd.codecs.buckets.bucket_norms`, which also covers other devices."""
+    n = x.numel()
+    count = -(-n // bucket)
+    out = np.empty(count, dtype=np.float32)
+    run_chunks(_norm_kernels[NORM_KINDS[norm]], n, (x.numpy(), bucket, out), units=count)
+    return torch.from_numpy(out)
+
+
+def level_encode(x, scale, unit, bucket, bits, levels, seed, stochastic, want_decoded, force_torch=False,
+                 out=None):
     """Quantize ``x`` to sign + level codes and pack them.
 
     Args:
@@ -440,6 +521,8 @@ def level_encode(x, scale, unit, bucket, bits, levels, seed, stochastic, want_de
         stochastic: unbiased stochastic rounding, else nearest (half to even).
         want_decoded: also return the values a receiver decodes.
         force_torch: use the torch implementation on the CPU too (tests).
+        out: where the numba kernel packs the codes (a uint8 ndarray of at least the packed
+            bytes plus 8; see :func:`padded`), or None for a new buffer.
 
     Returns:
         (packed uint8 tensor, decoded float32 tensor or None), on ``x``'s device.
@@ -449,7 +532,7 @@ def level_encode(x, scale, unit, bucket, bits, levels, seed, stochastic, want_de
         return packed, (_values_torch(level, negative, unit, bucket) if want_decoded else None)
     n = x.numel()
     nbytes = (n * bits + 7) // 8
-    out = padded(nbytes)
+    out = padded(nbytes) if out is None else check_spare(out, nbytes)
     decoded = np.empty(n if want_decoded else 0, dtype=np.float32)
     run_chunks(_level_encode_chunks[bits], n, (x.numpy(), scale.numpy(), unit.numpy(), bucket, levels,
                                               np.uint64(seed), bool(stochastic), out, decoded, bool(want_decoded)))

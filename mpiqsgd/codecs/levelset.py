@@ -179,6 +179,7 @@ class LevelSet(Codec):
                                        or not 0 < clip_sigma < float("inf")):
             raise ConfigError(f"{method}: clip_sigma must be a positive number or None; got {clip_sigma!r}")
         self.clip_sigma = None if clip_sigma is None else float(clip_sigma)
+        self.checks_finite = self.clip_sigma is None  # the norms of the unclipped input see every value
         own = named_levels(method, self.bits)
         table = own if levels is None else _parse_levels(method, levels)
         if method not in ADAPTIVE and levels is not None and not np.array_equal(table, own):
@@ -238,12 +239,17 @@ class LevelSet(Codec):
             out.append(torch.maximum(torch.minimum(v, bound), -bound).reshape(-1))
         return torch.cat(out)
 
-    def _quantize(self, x, rng, want_decoded):
+    def _quantize(self, x, rng, want_decoded, into=None):
         if self.clip_sigma is not None:
             x = self._clip(x)
-        norms = safe_norms(x, self.bucket, self.norm)
+        norms = safe_norms(x, self.bucket, self.norm, self.method, self.force_torch)
+        in_place = into is not None and kernels.use_numba(x.device, self.force_torch)  # only dense codes have an `into`
+        codes = kernels.place_scales(into, norms) if in_place else None
         packed, decoded = levelset_encode(x, norms, self._levels_on(x.device), self.bucket, self.bits,
-                                          kernels.draw_seed(rng), want_decoded, self.force_torch, self._search)
+                                          kernels.draw_seed(rng), want_decoded, self.force_torch, self._search,
+                                          out=codes)
+        if in_place:
+            return into, decoded
         if self.encoding == "entropy":
             code_symbol, table = entropy.levelset_symbols(self.bits, self.table)
             packed = torch.from_numpy(entropy.encode(packed.cpu().numpy(), x.numel(), self.bits, code_symbol,

@@ -15,7 +15,7 @@ implementations give the same bytes and values.
 import numpy as np
 import torch
 
-from .kernels import HAVE_NUMBA, padded, run_chunks, uniform, use_numba
+from .kernels import HAVE_NUMBA, check_spare, padded, run_chunks, uniform, use_numba
 
 if HAVE_NUMBA:
     import numba
@@ -314,7 +314,7 @@ def _compare_tables(levels, bits):
     return L[0], L[1], lows, highs, values
 
 
-def levelset_encode(x, norms, levels, bucket, bits, seed, want_decoded, force_torch=False, table=None):
+def levelset_encode(x, norms, levels, bucket, bits, seed, want_decoded, force_torch=False, table=None, out=None):
     """Round ``x`` stochastically to a level set and pack the level indices.
 
     Args:
@@ -327,6 +327,7 @@ def levelset_encode(x, norms, levels, bucket, bits, seed, want_decoded, force_to
         force_torch: use the torch implementation on the CPU too (tests).
         table: :func:`search_table` of ``levels`` (computed when not given; used above
             :data:`UNROLL_BITS` bits).
+        out: where the numba kernel packs the codes (as :func:`~mpiqsgd.codecs.kernels.level_encode`).
 
     Returns:
         (packed uint8 tensor, decoded float32 tensor or None), on ``x``'s device.
@@ -335,7 +336,7 @@ def levelset_encode(x, norms, levels, bucket, bits, seed, want_decoded, force_to
         return _encode_torch(x, norms, levels, bucket, bits, seed, want_decoded)
     n = x.numel()
     nbytes = (n * bits + 7) // 8
-    out = padded(nbytes)
+    out = padded(nbytes) if out is None else check_spare(out, nbytes)
     decoded = np.empty(n if want_decoded else 0, dtype=np.float32)
     tail = (bucket, np.uint64(seed), out, decoded, bool(want_decoded))
     if bits <= UNROLL_BITS:

@@ -12,6 +12,7 @@ the same bytes either way).
 Wire format (payload after the frame of :mod:`mpiqsgd.wire`)::
 
     n_buckets float32 norms, n_buckets = ceil(numel / bucket)
+        (sqrt of the float64 sum of squares, or max |v_i|, rounded once to float32)
     numel codes of `bits` bits, densely packed (mpiqsgd.codecs.bits):
         code = sign << (bits - 1) | level,  sign = 1 for negative, level in 0..s
 
@@ -44,7 +45,7 @@ from ..errors import ConfigError, DecodeError, NonFiniteError
 from . import bits as bitpack
 from . import elias, entropy, kernels
 from .buckets import bucket_norms
-from .base import Codec, check_choice, check_int
+from .base import Codec, all_finite, check_choice, check_int, non_finite_error
 
 __all__ = ["QSGD", "bits_for_levels", "bucket_norms", "checked_norms", "finite_scales", "max_norm"]
 
@@ -62,29 +63,30 @@ def bits_for_levels(levels):
 FLT_MAX = float(np.finfo(np.float32).max)
 
 
-def checked_norms(x, bucket, norm, codec, limit=FLT_MAX):
-    """:func:`bucket_norms` of a finite ``x`` without float32 overflow, each at most ``limit``.
-
-    A float32 sum of squares overflows long before the norm does (values of 2e19 suffice);
-    only then are the norms recomputed in float64, so normal inputs give the same bytes.
+def checked_norms(x, bucket, norm, codec, limit=FLT_MAX, force_torch=False):
+    """:func:`bucket_norms` of ``x`` (summed in float64: values of 2e19 no longer overflow a
+    float32 sum of squares), each at most ``limit``. A NaN or Inf in ``x`` carries into its
+    bucket's norm, so the norms are also the codec's check that ``x`` is finite
+    (:attr:`Codec.checks_finite`).
 
     Raises:
-        NonFiniteError: a bucket's norm exceeds ``limit`` (what a receiver decodes to finite
-            values), naming the bucket, its norm and what to change.
+        NonFiniteError: ``x`` holds NaN or Inf, or a bucket's norm exceeds ``limit`` (what a
+            receiver decodes to finite values), naming the bucket, its norm and what to change.
     """
-    norms = bucket_norms(x, bucket, norm)
-    if not norms.numel() or float(norms.max()) <= limit:  # one reduction: the common case costs ~1 us
+    norms = bucket_norms(x, bucket, norm, force_torch)
+    # one reduction: the common case costs ~1 us; a NaN maximum fails the comparison too
+    if not norms.numel() or float(norms.max()) <= limit:
         return norms
-    exact = bucket_norms(x.double(), bucket, norm)
-    over = exact > limit
-    if bool(over.any()):
-        b = int(over.nonzero()[0, 0])
-        raise NonFiniteError(
-            f"{codec}: bucket {b} has a {norm} norm of {float(exact[b]):.3g}, beyond what a float32 scale "
-            f"carries ({limit:.4g}); the largest value to encode is {float(x.abs().max()):.3g}. Values this "
-            "large mean training diverged: lower the learning rate; with error feedback, its residual is "
-            "growing without bound: use a contractive codec (nearest rounding, more bits, or sign)")
-    return exact.to(torch.float32)  # <= limit, a float32 value, so the cast stays <= limit
+    if not all_finite(x):
+        raise non_finite_error(codec, x)
+    # Rounding is monotone and ``limit`` a float32 value: a norm rounds above it only if it lies above.
+    exact = bucket_norms(x.double(), bucket, norm)  # the torch ops, kept in float64 for the message
+    b = int((exact > limit).nonzero()[0, 0])
+    raise NonFiniteError(
+        f"{codec}: bucket {b} has a {norm} norm of {float(exact[b]):.3g}, beyond what a float32 scale "
+        f"carries ({limit:.4g}); the largest value to encode is {float(x.abs().max()):.3g}. Values this "
+        "large mean training diverged: lower the learning rate; with error feedback, its residual is "
+        "growing without bound: use a contractive codec (nearest rounding, more bits, or sign)")
 
 
 def finite_scales(payload, n_buckets, codec, limit=FLT_MAX):
@@ -128,6 +130,7 @@ class QSGD(Codec):
     """
 
     name = "qsgd"
+    checks_finite = True  # through checked_norms
 
     def __init__(self, bits=None, levels=None, bucket=512, norm="l2", rounding="stochastic", encoding="dense"):
         if levels is not None:
@@ -192,15 +195,19 @@ class QSGD(Codec):
             return 4 * n_buckets + entropy.MIN_STREAM_BYTES if numel else 0
         return 4 * n_buckets + (n_buckets + 7) // 8  # one bit per all-zero bucket
 
-    def _quantize(self, x, rng, want_decoded):
-        norms = checked_norms(x, self.bucket, self.norm, self.name, max_norm(self.levels))
+    def _quantize(self, x, rng, want_decoded, into=None):
+        norms = checked_norms(x, self.bucket, self.norm, self.name, max_norm(self.levels), self.force_torch)
         scale = self.levels / norms
         # A zero bucket, or one so small that levels / norm overflows, is sent as zeros.
         scale = torch.where(torch.isfinite(scale), scale, torch.zeros_like(scale))
         seed = kernels.draw_seed(rng) if self.stochastic else 0
+        in_place = into is not None and kernels.use_numba(x.device, self.force_torch)  # only dense codes have an `into`
+        codes = kernels.place_scales(into, norms) if in_place else None
         packed, decoded = kernels.level_encode(
             x, scale, norms / self.levels, self.bucket, self.bits, self.levels, seed, self.stochastic,
-            want_decoded, self.force_torch)
+            want_decoded, self.force_torch, out=codes)
+        if in_place:
+            return into, decoded
         if self.encoding != "dense":
             packed = self._elias(packed, x.numel()) if self.encoding == "elias" else self._entropy(packed, x.numel())
             if want_decoded:

@@ -32,6 +32,7 @@ class Sign(Codec):
 
     name = "sign"
     bits = 1
+    checks_finite = True  # through checked_norms
 
     def __init__(self, bucket=512):
         self.bucket = check_int(self.name, "bucket", bucket, 1, wire.MAX_BUCKET)
@@ -44,8 +45,9 @@ class Sign(Codec):
     def payload_nbytes(self, numel):
         return 4 * (-(-numel // self.bucket)) + bitpack.packed_nbytes(numel, 1)
 
-    def _quantize(self, x, rng, want_decoded):
-        scales = checked_norms(x, self.bucket, "mean_abs", self.name)  # a mean of |x| never overflows
+    def _quantize(self, x, rng, want_decoded, into=None):
+        # a mean of |x| never overflows; NaN or Inf in x makes it non-finite (checks_finite)
+        scales = checked_norms(x, self.bucket, "mean_abs", self.name, force_torch=self.force_torch)
         packed = bitpack.pack((x < 0).to(torch.uint8), 1)
         decoded = None
         if want_decoded:

@@ -17,6 +17,7 @@ return the same bits.
 import numpy as np
 import torch
 
+from .. import wire
 from ..codecs import make_generator
 from ..errors import ConfigError
 
@@ -55,8 +56,9 @@ class MessageBuffers:
     A message lives until the same slot is encoded again, one step later: every aggregator
     waits for its sends before :meth:`Aggregator.aggregate` returns, and the transports
     copy or finish with a buffer by then. Slots are sized by the codec's
-    ``encoded_nbytes``; a variable-length code gets the length of its last message plus a
-    quarter (a longer message falls back to new bytes and resizes the slot).
+    ``encoded_nbytes`` plus :data:`mpiqsgd.wire.SLACK`, so that fixed-length codecs write their
+    payload in place (no payload copy); a variable-length code gets the length of its last
+    message plus a quarter (a longer message falls back to new bytes and resizes the slot).
     """
 
     def __init__(self):
@@ -65,8 +67,8 @@ class MessageBuffers:
     def get(self, slot, nbytes):
         """A writable buffer of at least ``nbytes`` for ``slot`` (None: whatever it holds, if anything)."""
         buf = self.slots.get(slot)
-        if nbytes is not None and (buf is None or buf.size < nbytes):
-            buf = self.slots[slot] = np.empty(nbytes, dtype=np.uint8)
+        if nbytes is not None and (buf is None or buf.size < nbytes + wire.SLACK):
+            buf = self.slots[slot] = np.empty(nbytes + wire.SLACK, dtype=np.uint8)
         return buf
 
     def seen(self, slot, message):
