@@ -12,6 +12,8 @@ from mpiqsgd import wire
 from mpiqsgd.codecs import CODECS, ErrorFeedback, decode, gradstats, make_codec, make_generator
 from mpiqsgd.codecs.levelset import (AdaptiveLevelSet, LevelSet, expected_variance, named_levels,
                                      normalized_variance, table_id)
+from mpiqsgd.codecs.buckets import bucket_norms
+from mpiqsgd.codecs.levelset_kernels import inverse_norms
 from mpiqsgd.errors import ConfigError, DecodeError
 
 LEVELSET = [
@@ -145,6 +147,22 @@ def test_cpu_kernel_and_torch_kernel_give_the_same_bytes(name, params, n):
     assert m1 == m2
     assert torch.equal(d1, d2)
     assert torch.equal(fast.decode(m2), ref.decode(m1))
+
+
+@pytest.mark.parametrize("name,params", [("nuqsgd", {"bits": 3}), ("alq", {"bits": 6}), ("terngrad", {})])
+def test_subnormal_buckets_divide_by_their_norm_on_both_kernels(name, params):
+    """A bucket whose norm is subnormal has no finite inverse: both kernels divide there (and
+    multiply by 1 / norm everywhere else), so they agree and the values keep their sign and scale."""
+    fast, ref = make_codec(name, bucket=4, **params), make_codec(name, bucket=4, **params)
+    ref.force_torch = True
+    x = torch.tensor([1e-40, -2e-40, 5e-41, 0.0, 0.3, -0.2, 0.1, 0.05, -1e-39, 1e-39, 0.0, 2e-39])
+    norms = bucket_norms(x, 4, fast.norm)
+    assert torch.isinf(inverse_norms(norms)).tolist() == [True, False, True]  # the division path is taken
+    m1, d1 = fast.encode_decode(x, make_generator(5))
+    m2, d2 = ref.encode_decode(x, make_generator(5))
+    assert m1 == m2 and torch.equal(d1, d2)
+    bound = norms.repeat_interleave(4)  # every level is within [-1, 1] of the norm
+    assert bool((d1.abs() <= bound).all()) and float(d1[[0, 1, 2, 8, 9, 11]].abs().max()) > 0
 
 
 def test_extreme_inputs():

@@ -71,7 +71,7 @@ from . import leveltables as tables
 from . import bits as bitpack
 from . import entropy, kernels
 from .base import Codec, check_choice, check_int
-from .levelset_kernels import levelset_decode, levelset_encode, search_table
+from .levelset_kernels import levelset_decode, levelset_encode, normalized, search_table
 from .buckets import bucket_rows, safe_norms
 from .qsgd import finite_scales
 
@@ -416,9 +416,7 @@ class AdaptiveLevelSet(LevelSet):
 def _codes_and_r(levels, flat, bucket, norm):
     """The float32 normalized coordinates the kernels see, their interval index, and the norms."""
     x = flat.detach().reshape(-1).to(torch.float32)
-    norms = safe_norms(x, bucket, norm)
-    scale = norms.repeat_interleave(bucket)[: x.numel()]
-    r = torch.where(scale > 0, x / scale, torch.zeros((), dtype=x.dtype, device=x.device)).clamp_(-1.0, 1.0)
+    r, scale = normalized(x, safe_norms(x, bucket, norm), bucket)
     L = torch.as_tensor(np.asarray(levels, dtype=np.float32), device=x.device)
     j = (torch.searchsorted(L, r, right=True) - 1).clamp_(0, L.numel() - 2)
     return x, r, j, L, scale

@@ -20,25 +20,50 @@ from .kernels import HAVE_NUMBA, check_spare, padded, run_chunks, uniform, use_n
 if HAVE_NUMBA:
     import numba
 
-    from .kernels import CHUNK, ByWidth, _kernel, _u, bucket_segment, chunk_range, pack_chunk, unpack_chunk
+    from .kernels import CHUNK, ByWidth, _kernel, bucket_segment, chunk_range, fill_uniforms, pack_chunk, unpack_chunk
 
-__all__ = ["levelset_encode", "levelset_decode", "search_table", "CELLS"]
+__all__ = ["levelset_encode", "levelset_decode", "search_table", "normalized", "inverse_norms", "inverse_widths",
+           "CELLS"]
 
 UNROLL_BITS = 4  # up to 2**4 levels the CPU kernels compare with each level in turn (vectorized)
 
 
 # -- torch implementation (any device) ----------------------------------------------------
 
+def inverse_norms(norms):
+    """float32 ``1 / norm`` per bucket, 0 for a zero norm (torch or numpy): the kernels multiply by
+    it rather than divide. It overflows only for a subnormal norm (below 2.9e-39), whose bucket
+    the kernels divide by its norm instead."""
+    if isinstance(norms, torch.Tensor):
+        return torch.where(norms > 0, 1.0 / norms, torch.zeros_like(norms))
+    with np.errstate(divide="ignore", over="ignore"):
+        return np.where(norms > 0, np.float32(1.0) / norms, np.float32(0.0)).astype(np.float32)
+
+
+def inverse_widths(levels):
+    """float32 ``1 / (L_{j+1} - L_j)`` of each interval (torch or numpy float32 levels)."""
+    return 1.0 / (levels[1:] - levels[:-1])
+
+
+def normalized(x, norms, bucket):
+    """The normalized coordinates ``r`` of a flat float32 tensor, clamped to [-1, 1], as every
+    kernel computes them: ``x * (1 / norm)`` (``x / norm`` where that inverse overflows); 0 in
+    zero buckets. Returns (r, each coordinate's norm)."""
+    n = x.numel()
+    scale = norms.repeat_interleave(bucket)[:n]
+    inv = inverse_norms(norms).repeat_interleave(bucket)[:n]
+    r = torch.where(torch.isinf(inv), x / scale, x * inv).clamp_(-1.0, 1.0)
+    return r, scale
+
+
 def _encode_torch(x, norms, levels, bucket, bits, seed, want_decoded):
     from .bits import pack
 
     n = x.numel()
     K = levels.numel()
-    scale = norms.repeat_interleave(bucket)[:n]
-    r = torch.where(scale > 0, x / scale, torch.zeros((), dtype=x.dtype, device=x.device)).clamp_(-1.0, 1.0)
+    r, scale = normalized(x, norms, bucket)
     j = (torch.searchsorted(levels, r, right=True) - 1).clamp_(0, K - 2)
-    low = levels[j]
-    p = (r - low) / (levels[j + 1] - low)
+    p = (r - levels[j]) * inverse_widths(levels)[j]
     code = j + (uniform(seed, n, x.device) < p).to(j.dtype)
     decoded = scale * levels[code] if want_decoded else None
     return pack(code.to(torch.uint8), bits), decoded
@@ -57,28 +82,35 @@ def _decode_torch(packed, norms, levels, bucket, bits, n):
 # -- numba implementation (CPU) -----------------------------------------------------------
 
 if HAVE_NUMBA:
+    _INF = np.float32(np.inf)
+
     @numba.njit(inline="always")
-    def _normalized(v, scale):
-        r = v / scale if scale > 0 else np.float32(0.0)
+    def _normalized(v, scale, inv):
+        """:func:`normalized` of one coordinate (``inv`` from :func:`inverse_norms`; the test on it
+        is the same for the whole bucket, so the compiler keeps it out of the loop)."""
+        r = v * inv if inv < _INF else v / scale
         return min(max(r, np.float32(-1.0)), np.float32(1.0))
 
     @numba.njit(inline="always")
-    def _interval_by_compares(r, first_low, first_high, lows, highs):
-        """The interval ``L_j <= r < L_{j+1}`` as (j, L_j, L_{j+1}) by comparing ``r`` with each of
-        ``L_1..L_{K-2}`` (the tuple ``lows``; ``highs`` holds ``L_2..L_{K-1}``; both padded with
-        2.0): straight-line code, the tuples' length being known when compiling. Tuples, not
-        arrays: selects between loaded table entries would be compiled into slow gathers."""
+    def _interval_by_compares(r, first, lows, highs, invs):
+        """The interval ``L_j <= r < L_{j+1}`` as (j, L_j, L_{j+1}, 1 / (L_{j+1} - L_j)) by comparing
+        ``r`` with each of ``L_1..L_{K-2}`` (the tuple ``lows``; ``highs`` holds ``L_2..L_{K-1}``
+        and ``invs`` the intervals' inverse widths; ``first`` is (L_0, L_1, its inverse width);
+        padded with 2.0, above every r): straight-line code, the tuples' length being known when
+        compiling. Tuples, not arrays: selects between loaded table entries would be compiled
+        into slow gathers."""
         j = np.int32(0)
-        low, high = first_low, first_high
+        low, high, inv = first[0], first[1], first[2]
         for t in range(len(lows)):
             above = lows[t] <= r
             j += np.int32(above)
             low = lows[t] if above else low
             high = highs[t] if above else high
-        return j, low, high
+            inv = invs[t] if above else inv
+        return j, low, high, inv
 
     @numba.njit(inline="always")
-    def _interval_by_search(r, levels, first, count):
+    def _interval_by_search(r, levels, invs, first, count):
         """The same interval by a binary search narrowed by a uniform grid of cells over [-1, 1]
         (:func:`search_table`): the cell bounds it to levels[first..first+count-1] (usually one
         or two), then a branchless binary search over those few."""
@@ -90,35 +122,40 @@ if HAVE_NUMBA:
             half = m >> 1
             lo = lo + half if levels[lo + half] <= r else lo
             m -= half
-        return lo, levels[lo], levels[lo + 1]
+        return lo, levels[lo], levels[lo + 1], invs[lo]
 
     @numba.njit(inline="always")
-    def _round(r, j, low, high, seed, i):
-        """Code and value (in units of the norm) of the stochastic rounding of ``r``."""
-        up = _u(seed, i) < (r - low) / (high - low)
+    def _round(r, j, low, high, inv, u):
+        """Code and value (in units of the norm) of the stochastic rounding of ``r`` (``inv``:
+        the interval's inverse width; ``u`` the coordinate's uniform)."""
+        up = u < (r - low) * inv
         return np.uint8(j + np.int32(up)), high if up else low
 
     @numba.njit(inline="always")
-    def _encode_small(c, x, norms, first_low, first_high, lows, highs, bucket, bits, seed, out, decoded,
+    def _encode_small(c, x, norms, inv_norms, first, lows, highs, invs, bucket, bits, seed, out, decoded,
                       want_decoded):
         start, stop = chunk_range(c, x.size)
         codes = np.empty(CHUNK, dtype=np.uint8)
+        uniforms = np.empty(CHUNK, dtype=np.float32)
+        fill_uniforms(seed, start, stop - start, uniforms)
+        head = (first[0], first[1], first[2])  # scalars, loaded once
         i = start
         while i < stop:
             b, end = bucket_segment(i, stop, bucket)
-            xs, cs, scale = x[i:end], codes[i - start:end - start], norms[b]
+            xs, cs, scale, inv_norm = x[i:end], codes[i - start:end - start], norms[b], inv_norms[b]
+            us = uniforms[i - start:end - start]
             if want_decoded:
                 ds = decoded[i:end]
                 for k in range(xs.size):
-                    r = _normalized(xs[k], scale)
-                    j, low, high = _interval_by_compares(r, first_low, first_high, lows, highs)
-                    cs[k], value = _round(r, j, low, high, seed, i + k)
+                    r = _normalized(xs[k], scale, inv_norm)
+                    j, low, high, inv = _interval_by_compares(r, head, lows, highs, invs)
+                    cs[k], value = _round(r, j, low, high, inv, us[k])
                     ds[k] = scale * value
             else:
                 for k in range(xs.size):
-                    r = _normalized(xs[k], scale)
-                    j, low, high = _interval_by_compares(r, first_low, first_high, lows, highs)
-                    cs[k] = _round(r, j, low, high, seed, i + k)[0]
+                    r = _normalized(xs[k], scale, inv_norm)
+                    j, low, high, inv = _interval_by_compares(r, head, lows, highs, invs)
+                    cs[k] = _round(r, j, low, high, inv, us[k])[0]
             i = end
         pack_chunk(codes, start, stop, bits, out)
         return 0
@@ -159,37 +196,40 @@ if HAVE_NUMBA:
 
     def _encode_small_kernel(bits):
         @_kernel
-        def kernel(c0, c1, x, norms, first_low, first_high, lows, highs, bucket, seed, out, decoded, want_decoded):
+        def kernel(c0, c1, x, norms, inv_norms, first, lows, highs, invs, bucket, seed, out, decoded, want_decoded):
             for c in range(c0, c1):
                 if bits == 1:
-                    _encode_small(c, x, norms, first_low, first_high, _t1(lows), _t1(highs), bucket, bits, seed, out,
-                                  decoded, want_decoded)
-                elif bits == 2:
-                    _encode_small(c, x, norms, first_low, first_high, _t2(lows), _t2(highs), bucket, bits, seed, out,
-                                  decoded, want_decoded)
-                elif bits == 3:
-                    _encode_small(c, x, norms, first_low, first_high, _t6(lows), _t6(highs), bucket, bits, seed, out,
-                                  decoded, want_decoded)
-                else:
-                    _encode_small(c, x, norms, first_low, first_high, _t14(lows), _t14(highs), bucket, bits, seed,
+                    _encode_small(c, x, norms, inv_norms, first, _t1(lows), _t1(highs), _t1(invs), bucket, bits, seed,
                                   out, decoded, want_decoded)
+                elif bits == 2:
+                    _encode_small(c, x, norms, inv_norms, first, _t2(lows), _t2(highs), _t2(invs), bucket, bits, seed,
+                                  out, decoded, want_decoded)
+                elif bits == 3:
+                    _encode_small(c, x, norms, inv_norms, first, _t6(lows), _t6(highs), _t6(invs), bucket, bits, seed,
+                                  out, decoded, want_decoded)
+                else:
+                    _encode_small(c, x, norms, inv_norms, first, _t14(lows), _t14(highs), _t14(invs), bucket, bits,
+                                  seed, out, decoded, want_decoded)
             return 0
         return kernel
 
     _encode_small_chunks = ByWidth(_encode_small_kernel)
 
     @numba.njit(inline="always")
-    def _encode_search_chunk_one(c, x, norms, levels, first, count, bucket, bits, seed, out, decoded, want_decoded):
+    def _encode_search_chunk_one(c, x, norms, inv_norms, levels, invs, first, count, bucket, bits, seed, out, decoded,
+                                 want_decoded):
         start, stop = chunk_range(c, x.size)
         codes = np.empty(CHUNK, dtype=np.uint8)
+        uniforms = np.empty(CHUNK, dtype=np.float32)
+        fill_uniforms(seed, start, stop - start, uniforms)
         i = start
         while i < stop:
             b, end = bucket_segment(i, stop, bucket)
-            scale = norms[b]
+            scale, inv_norm = norms[b], inv_norms[b]
             for k in range(i, end):
-                r = _normalized(x[k], scale)
-                j, low, high = _interval_by_search(r, levels, first, count)
-                codes[k - start], value = _round(r, j, low, high, seed, k)
+                r = _normalized(x[k], scale, inv_norm)
+                j, low, high, inv = _interval_by_search(r, levels, invs, first, count)
+                codes[k - start], value = _round(r, j, low, high, inv, uniforms[k - start])
                 if want_decoded:
                     decoded[k] = scale * value
             i = end
@@ -198,10 +238,10 @@ if HAVE_NUMBA:
 
     def _encode_search_kernel(bits):
         @_kernel
-        def kernel(c0, c1, x, norms, levels, first, count, bucket, seed, out, decoded, want_decoded):
+        def kernel(c0, c1, x, norms, inv_norms, levels, invs, first, count, bucket, seed, out, decoded, want_decoded):
             total = 0
             for c in range(c0, c1):
-                total += _encode_search_chunk_one(c, x, norms, levels, first, count,
+                total += _encode_search_chunk_one(c, x, norms, inv_norms, levels, invs, first, count,
                                                   bucket, bits, seed, out, decoded, want_decoded)
             return total
         return kernel
@@ -301,17 +341,20 @@ def search_table(levels):
 
 
 def _compare_tables(levels, bits):
-    """The arrays of :func:`_interval_by_compares` and of the decode kernel's selects, padded
-    to ``2**bits`` levels."""
+    """The arrays of :func:`_interval_by_compares` (``first`` = L_0, L_1 and the first interval's
+    inverse width; ``lows``, ``highs``, ``invs``) and of the decode kernel's selects, padded to
+    ``2**bits`` levels."""
     L = np.asarray(levels, dtype=np.float32)
+    inv = inverse_widths(L)
     size = 2**bits
     lows = np.full(max(size - 2, 2), 2.0, dtype=np.float32)  # 2.0 is above every r: never counted
-    highs = lows.copy()
+    highs, invs = lows.copy(), lows.copy()
     lows[: L.size - 2] = L[1:-1]
     highs[: L.size - 2] = L[2:]
+    invs[: L.size - 2] = inv[1:]
     values = np.full(size, L[-1], dtype=np.float32)
     values[: L.size] = L
-    return L[0], L[1], lows, highs, values
+    return np.array([L[0], L[1], inv[0]], dtype=np.float32), lows, highs, invs, values
 
 
 def levelset_encode(x, norms, levels, bucket, bits, seed, want_decoded, force_torch=False, table=None, out=None):
@@ -339,12 +382,14 @@ def levelset_encode(x, norms, levels, bucket, bits, seed, want_decoded, force_to
     out = padded(nbytes) if out is None else check_spare(out, nbytes)
     decoded = np.empty(n if want_decoded else 0, dtype=np.float32)
     tail = (bucket, np.uint64(seed), out, decoded, bool(want_decoded))
+    head = (x.numpy(), norms.numpy(), inverse_norms(norms.numpy()))
     if bits <= UNROLL_BITS:
-        first_low, first_high, lows, highs, _ = _compare_tables(levels.numpy(), bits)
-        run_chunks(_encode_small_chunks[bits], n, (x.numpy(), norms.numpy(), first_low, first_high, lows, highs) + tail)
+        first, lows, highs, invs, _ = _compare_tables(levels.numpy(), bits)
+        run_chunks(_encode_small_chunks[bits], n, head + (first, lows, highs, invs) + tail)
     else:
         first, count = search_table(levels.numpy()) if table is None else table
-        run_chunks(_encode_search_chunks[bits], n, (x.numpy(), norms.numpy(), levels.numpy(), first, count) + tail)
+        L = levels.numpy()
+        run_chunks(_encode_search_chunks[bits], n, head + (L, inverse_widths(L), first, count) + tail)
     return torch.from_numpy(out[:nbytes]), (torch.from_numpy(decoded) if want_decoded else None)
 
 
