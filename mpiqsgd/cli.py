@@ -187,7 +187,7 @@ def run_bench_codec(args):
     print(f"{r['codec']}  numel={r['numel']:,}  median of {r['repeats']}  ({r['machine']['processor']}, "
           f"{r['machine']['torch_threads']} threads, {r['machine']['device']})")
     print(f"  encode {r['encode_GBps']:.3f} GB/s   decode {r['decode_GBps']:.3f} GB/s   "
-          f"memcpy {r['memcpy_GBps']:.3f} GB/s")
+          f"memcpy {r['memcpy_GBps']:.3f} GB/s   (decode into a new array: {r['decode_new_GBps']:.3f} GB/s)")
     print(f"  {r['bytes_per_coordinate']:.4f} bytes/coordinate ({r['compression_vs_fp32']:.2f}x smaller than fp32)")
     sym = r["symbols"]
     if sym:
@@ -201,7 +201,7 @@ def run_bench_codec(args):
     for row in r["scaling"] or []:
         print(f"  {row['threads']:3d} threads: encode {row['encode_GBps']:.3f} GB/s ({row['encode_vs_memcpy']:.2f}x)"
               f"   decode {row['decode_GBps']:.3f} GB/s ({row['decode_vs_memcpy']:.2f}x)"
-              f"   memcpy {row['memcpy_GBps']:.3f} GB/s")
+              f"   memcpy {row['memcpy_GBps']:.3f} GB/s   new array {row['decode_new_GBps']:.3f} GB/s")
     mem = r["memory"]
     if mem and mem["encode_peak_extra_bytes"] is not None:
         print(f"  peak extra memory: encode {mem['encode_extra_vs_fp32']:.2f}x, "

@@ -100,3 +100,32 @@ def test_codecs_checking_through_their_norms_refuse_non_finite_values_into_a_buf
     out = np.empty((codec.encoded_nbytes(x.numel()) or 4096) + wire.SLACK, dtype=np.uint8)
     with pytest.raises(NonFiniteError, match="refusing to encode a gradient with 2 NaN/Inf value"):
         codec.encode(x, make_generator(0), out=out)
+
+
+DECODE_INTO = [("fp32", {}), ("fp16", {}), ("sign", {}), ("qsgd", {}), ("qsgd", {"bits": 8, "bucket": 100}),
+               ("qsgd-elias", {}), ("qsgd", {"encoding": "entropy"}), ("nuqsgd", {}), ("terngrad", {}),
+               ("alq", {"bits": 6}), ("amq", {"encoding": "entropy"}),
+               ("qsgd", {"rounding": "nearest", "error_feedback": True})]
+
+
+@pytest.mark.parametrize("name,params", DECODE_INTO)
+@pytest.mark.parametrize("force_torch", [False, True])
+def test_decoding_into_a_buffer_gives_the_same_values_in_that_buffer(name, params, force_torch):
+    codec = make_codec(name, **params)
+    x = torch.randn(70_001, generator=torch.Generator().manual_seed(3))
+    message = codec.encode(x, make_generator(1))
+    codec.base.force_torch = force_torch  # the torch ops decode elsewhere, and are copied in
+    expect = codec.decode(message)
+    out = torch.full((x.numel(),), float("nan"))  # stale contents: every value must be written
+    for _ in range(2):
+        got = codec.decode(message, out=out)
+        assert got is out and torch.equal(out, expect)
+    assert torch.equal(decode(message, out=torch.empty(x.numel())), expect)  # the module-level decode
+
+
+def test_decode_into_a_wrong_buffer_is_refused():
+    codec = make_codec("qsgd")
+    message = codec.encode(torch.randn(100), make_generator(0))
+    for bad in (torch.empty(99), torch.empty(100, dtype=torch.float64), torch.empty(200)[::2], np.empty(100)):
+        with pytest.raises(ConfigError, match="decode\\(out=\\) needs a contiguous float32 tensor of 100 values"):
+            codec.decode(message, out=bad)

@@ -173,13 +173,14 @@ def codec_for(header):
     return codec
 
 
-def decode(message, device="cpu", numel=None):
+def decode(message, device="cpu", numel=None, out=None):
     """Decode any mpiqsgd message by its header.
 
     Args:
         message: a bytes-like object.
         device: where the decoded tensor goes.
         numel: the number of values the receiver expects; another count is refused.
+        out: a float32 tensor to decode into, as for :meth:`Codec.decode`.
 
     Returns:
         a finite float32 tensor of the header's ``numel`` values.
@@ -188,4 +189,4 @@ def decode(message, device="cpu", numel=None):
         DecodeError: truncated, corrupted, foreign or hostile bytes (see :mod:`mpiqsgd.wire`).
     """
     header, payload = wire.unframe(message, numel)
-    return codec_for(header)._decode_payload(header["numel"], payload, device)
+    return codec_for(header)._decode_payload(header["numel"], payload, device, out)

@@ -156,9 +156,11 @@ class Codec:
         """
         raise NotImplementedError
 
-    def _dequantize(self, payload, numel):
+    def _dequantize(self, payload, numel, out=None):
         """Return the float32 values of a payload (a uint8 tensor of the exact length, or for a
         variable-length code at least :meth:`min_payload_nbytes`; the codec checks the rest).
+        ``out``: None, or a checked float32 tensor of ``numel`` values: a codec that decodes
+        into it returns it; any other tensor returned is copied into it.
 
         Raise :class:`DecodeError` for values no encoder produces.
         """
@@ -242,7 +244,7 @@ class Codec:
         """Encode ``x`` into a self-describing message (see :meth:`encode_decode`)."""
         return self._encode(x, rng, False, out)[0]
 
-    def decode(self, message, device="cpu", numel=None):
+    def decode(self, message, device="cpu", numel=None, out=None):
         """Decode a message produced by a codec with the same parameters.
 
         The values may share memory with ``message`` when it is a writable buffer (a
@@ -250,10 +252,15 @@ class Codec:
 
         Args:
             numel: the number of values the receiver expects (any, when None).
+            out: a contiguous float32 tensor of the message's ``numel`` values on ``device`` to
+                decode into (reused from call to call, its pages stay mapped: a fresh 100 MB
+                array costs page faults and the kernel's zeroing of every page); the return
+                value is then ``out``.
 
         Raises:
             DecodeError: the bytes are invalid, were encoded with other parameters, or hold
                 another number of values than ``numel``.
+            ConfigError: ``out`` is not a float32 tensor of that many values on ``device``.
         """
         header, payload = wire.unframe(message, numel)
         if header["codec"] != self.name or header["params"] != self.params:
@@ -261,9 +268,9 @@ class Codec:
                 f"message was encoded with {header['codec']} {header['params']}, "
                 f"but this codec is {self.name} {self.params}"
             )
-        return self._decode_payload(header["numel"], payload, device)
+        return self._decode_payload(header["numel"], payload, device, out)
 
-    def _decode_payload(self, numel, payload, device):
+    def _decode_payload(self, numel, payload, device, out=None):
         expected = self.payload_nbytes(numel)
         if expected is None:
             least = self.min_payload_nbytes(numel)
@@ -275,11 +282,25 @@ class Codec:
             raise DecodeError(
                 f"{self.name}: payload of {len(payload)} bytes, but numel={numel} needs {expected}"
             )
+        if out is not None:
+            _check_out(self.name, out, numel, device)
         if numel == 0:
             if len(payload):
                 raise DecodeError(f"{self.name}: {len(payload)} payload bytes for numel=0")
-            return torch.zeros(0, dtype=torch.float32, device=device)
+            return torch.zeros(0, dtype=torch.float32, device=device) if out is None else out
         # A received message (a writable buffer) is decoded in place; read-only bytes are copied.
         array = np.frombuffer(payload, dtype=np.uint8)
         buf = torch.from_numpy(array if array.flags.writeable else array.copy()).to(device)
-        return self._dequantize(buf, numel)
+        values = self._dequantize(buf, numel, out)
+        if out is None or values is out:
+            return values
+        return out.copy_(values)
+
+
+def _check_out(codec, out, numel, device):
+    if not (isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.is_contiguous()
+            and out.numel() == numel and out.device == torch.device(device)):
+        what = (f"a {out.dtype} tensor of {out.numel()} values on {out.device}" if isinstance(out, torch.Tensor)
+                else type(out).__name__)
+        raise ConfigError(f"{codec}: decode(out=) needs a contiguous float32 tensor of {numel} values on "
+                          f"{torch.device(device)}; got {what}")

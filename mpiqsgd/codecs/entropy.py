@@ -382,7 +382,7 @@ def _parse(data, n, n_symbols, codec):
     return g, used, counts, pos
 
 
-def decode(stream, n, n_symbols, scales, bucket, table, codec):
+def decode(stream, n, n_symbols, scales, bucket, table, codec, out=None):
     """Decode a stream of ``n >= 1`` coordinates into float32 values.
 
     Args:
@@ -390,6 +390,8 @@ def decode(stream, n, n_symbols, scales, bucket, table, codec):
         n_symbols, table: the codec's symbol count and float32 value of each symbol.
         scales: float32 ndarray, one finite non-negative scale per bucket of ``bucket``.
         codec: name for error messages.
+        out: a float32 ndarray of ``n`` to decode into (zeroed here first), or None for new,
+            lazily zeroed memory. Returned either way.
 
     Raises:
         DecodeError: any field, count or word that no encoder writes.
@@ -399,7 +401,10 @@ def decode(stream, n, n_symbols, scales, bucket, table, codec):
     m = used.size
     table = np.ascontiguousarray(table, dtype=np.float32)
     values = table[used]
-    out = np.zeros(n, dtype=np.float32)  # lazily zeroed: +0.0 values are not written
+    if out is None:
+        out = np.zeros(n, dtype=np.float32)  # lazily zeroed: +0.0 values are not written
+    else:
+        out.fill(0.0)
     if m == 1:
         if pos != data.size:
             raise DecodeError(f"{codec}: invalid entropy stream: bytes after a one-symbol model")

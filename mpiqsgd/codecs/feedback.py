@@ -74,11 +74,11 @@ class ErrorFeedback(Codec):
     def header_bytes(self, numel):
         return self.inner.header_bytes(numel)
 
-    def decode(self, message, device="cpu", numel=None):
-        return self.inner.decode(message, device, numel)
+    def decode(self, message, device="cpu", numel=None, out=None):
+        return self.inner.decode(message, device, numel, out)
 
-    def _decode_payload(self, numel, payload, device):
-        return self.inner._decode_payload(numel, payload, device)
+    def _decode_payload(self, numel, payload, device, out=None):
+        return self.inner._decode_payload(numel, payload, device, out)
 
     def local_stats(self, flat):
         return self.inner.local_stats(flat)

@@ -27,11 +27,11 @@ class _Float(Codec):
             raise NonFiniteError(f"{self.name}: gradient values exceed the {self.dtype} range")
         return cast.view(torch.uint8), cast.to(torch.float32)
 
-    def _dequantize(self, payload, numel):
+    def _dequantize(self, payload, numel, out=None):
         values = payload.view(self.dtype)
         if not all_finite(values):
             raise DecodeError(f"{self.name}: payload holds NaN or Inf")
-        return values.to(torch.float32)
+        return values.to(torch.float32) if out is None else out.copy_(values)  # fp16: converted in the copy
 
 
 class FP32(_Float):

@@ -44,8 +44,8 @@ except ImportError:  # pragma: no cover - numba is a declared dependency
     numba = None
 
 __all__ = ["draw_seed", "uniform", "level_encode", "level_decode", "sign_decode", "use_numba", "parallel_ok",
-           "run_chunks", "fill_uniforms", "ByWidth", "padded", "place_scales", "check_spare", "bucket_norms",
-           "CHUNK", "SPARE", "HAVE_NUMBA"]
+           "run_chunks", "fill_uniforms", "ByWidth", "padded", "place_scales", "check_spare", "host_array",
+           "decode_target", "bucket_norms", "CHUNK", "SPARE", "HAVE_NUMBA"]
 
 HAVE_NUMBA = numba is not None
 
@@ -164,6 +164,11 @@ def padded(nbytes):
     """An uninitialized uint8 buffer of ``nbytes`` plus :data:`SPARE` bytes: the CPU kernels
     store whole groups, so the last group may spill past the packed length (callers cut it off)."""
     return np.empty(nbytes + SPARE, dtype=np.uint8)
+
+
+def host_array(out):
+    """The numpy view of ``out`` when it is a CPU tensor for a numba kernel to write into, else None."""
+    return out.numpy() if out is not None and out.device.type == "cpu" and HAVE_NUMBA else None
 
 
 def place_scales(into, scales):
@@ -557,22 +562,33 @@ def level_encode(x, scale, unit, bucket, bits, levels, seed, stochastic, want_de
     return torch.from_numpy(out[:nbytes]), (torch.from_numpy(decoded) if want_decoded else None)
 
 
-def level_decode(packed, unit, bucket, bits, levels, n, force_torch=False):
-    """Unpack codes and return (float32 values, number of codes with a level above ``levels``)."""
+def level_decode(packed, unit, bucket, bits, levels, n, force_torch=False, out=None):
+    """Unpack codes and return (float32 values, number of codes with a level above ``levels``);
+    the values are ``out`` (a float32 CPU tensor of ``n``), when given, on the numba path."""
     if not use_numba(packed.device, force_torch):
         return _decode_torch(packed, unit, bucket, bits, levels, n)
-    out = np.empty(n, dtype=np.float32)
-    bad = run_chunks(_level_decode_chunks[bits], n, (packed.numpy(), unit.numpy(), bucket, levels, out))
-    return torch.from_numpy(out), bad
+    values, target = decode_target(out, n)
+    bad = run_chunks(_level_decode_chunks[bits], n, (packed.numpy(), unit.numpy(), bucket, levels, target))
+    return values, bad
 
 
-def sign_decode(packed, scales, bucket, n, force_torch=False):
-    """Values of ``n`` packed sign bits (1 = negative) times their bucket's scale."""
+def sign_decode(packed, scales, bucket, n, force_torch=False, out=None):
+    """Values of ``n`` packed sign bits (1 = negative) times their bucket's scale (``out`` as for
+    :func:`level_decode`)."""
     if not use_numba(packed.device, force_torch):
         from .bits import unpack
 
         values = scales.repeat_interleave(bucket)[:n]
         return torch.where(unpack(packed, n, 1).bool(), -values, values)
-    out = np.empty(n, dtype=np.float32)
-    run_chunks(_sign_chunks, n, (packed.numpy(), scales.numpy(), bucket, out))
-    return torch.from_numpy(out)
+    values, target = decode_target(out, n)
+    run_chunks(_sign_chunks, n, (packed.numpy(), scales.numpy(), bucket, target))
+    return values
+
+
+def decode_target(out, n):
+    """(the tensor a numba decoder returns, the float32 array it writes): ``out`` and its numpy
+    view when given, else a new array of ``n``."""
+    if out is not None:
+        return out, out.numpy()
+    target = np.empty(n, dtype=np.float32)
+    return torch.from_numpy(target), target

@@ -256,22 +256,24 @@ class LevelSet(Codec):
                                                      table.size)).to(norms.device)
         return torch.cat([norms.view(torch.uint8), packed]), decoded
 
-    def _dequantize(self, payload, numel):
+    def _dequantize(self, payload, numel, out=None):
         n_buckets = -(-numel // self.bucket)
         norms = finite_scales(payload, n_buckets, self.method)
         if self.encoding == "entropy":
-            out = entropy.decode(payload[4 * n_buckets:].cpu().numpy(), numel, self.table.size, norms.cpu().numpy(),
-                                 min(self.bucket, numel), self.table, self.method)
-            return torch.from_numpy(out).to(payload.device)
+            target = kernels.host_array(out)
+            values = entropy.decode(payload[4 * n_buckets:].cpu().numpy(), numel, self.table.size,
+                                    norms.cpu().numpy(), min(self.bucket, numel), self.table, self.method, target)
+            return out if target is not None else torch.from_numpy(values).to(payload.device)
         # min(): the same buckets; nothing is sized by a bucket larger than the message
         values, bad = levelset_decode(payload[4 * n_buckets:], norms, self._levels_on(payload.device),
-                                      min(self.bucket, numel), self.bits, numel, self.force_torch)
+                                      min(self.bucket, numel), self.bits, numel, self.force_torch, out=out)
         if bad:
             raise DecodeError(f"{self.method}: {bad} level code(s) >= K={self.table.size} in payload")
         return values
 
-    def decode(self, message, device="cpu", numel=None):
-        """Decode a message encoded with the same parameters and the same level table.
+    def decode(self, message, device="cpu", numel=None, out=None):
+        """Decode a message encoded with the same parameters and the same level table (``out``
+        as for :meth:`Codec.decode`).
 
         Raises:
             DecodeError: invalid bytes, other parameters, or another level table (e.g.
@@ -289,7 +291,7 @@ class LevelSet(Codec):
                     f"{_describe(theirs)}, but this codec holds table #{table_id(self.levels_bytes)} "
                     f"{_describe(self.levels_bytes)}; the levels changed (fit or load) between "
                     "encoding and decoding")
-        return super().decode(message, device, numel)
+        return super().decode(message, device, numel, out)
 
 
 def _describe(levels_bytes):

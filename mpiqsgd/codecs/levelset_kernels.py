@@ -15,7 +15,7 @@ implementations give the same bytes and values.
 import numpy as np
 import torch
 
-from .kernels import HAVE_NUMBA, check_spare, padded, run_chunks, uniform, use_numba
+from .kernels import HAVE_NUMBA, check_spare, decode_target, padded, run_chunks, uniform, use_numba
 
 if HAVE_NUMBA:
     import numba
@@ -393,11 +393,12 @@ def levelset_encode(x, norms, levels, bucket, bits, seed, want_decoded, force_to
     return torch.from_numpy(out[:nbytes]), (torch.from_numpy(decoded) if want_decoded else None)
 
 
-def levelset_decode(packed, norms, levels, bucket, bits, n, force_torch=False):
-    """Unpack codes; return (float32 values, number of codes >= K)."""
+def levelset_decode(packed, norms, levels, bucket, bits, n, force_torch=False, out=None):
+    """Unpack codes; return (float32 values, number of codes >= K); the values are ``out`` when
+    given, on the numba path (:func:`~mpiqsgd.codecs.kernels.level_decode`)."""
     if not use_numba(packed.device, force_torch):
         return _decode_torch(packed, norms, levels, bucket, bits, n)
-    out = np.empty(n, dtype=np.float32)
+    result, out = decode_target(out, n)
     if bits <= UNROLL_BITS:
         values = _compare_tables(levels.numpy(), bits)[4]
         bad = run_chunks(_decode_small_chunks[bits], n, (packed.numpy(), norms.numpy(), values, levels.numel(),
@@ -405,4 +406,4 @@ def levelset_decode(packed, norms, levels, bucket, bits, n, force_torch=False):
     else:
         bad = run_chunks(_decode_search_chunks[bits], n, (packed.numpy(), norms.numpy(), levels.numpy(), bucket,
                                                          out))
-    return torch.from_numpy(out), bad
+    return result, bad

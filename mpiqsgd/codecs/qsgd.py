@@ -222,29 +222,31 @@ class QSGD(Codec):
         code_symbol, table = self._symbols
         return torch.from_numpy(entropy.encode(packed.cpu().numpy(), numel, self.bits, code_symbol, table.size))
 
-    def _dequantize(self, payload, numel):
+    def _dequantize(self, payload, numel, out=None):
         n_buckets = -(-numel // self.bucket)
         # A norm near FLT_MAX would round its top value s * (norm / s) to inf.
         unit = finite_scales(payload, n_buckets, self.name, max_norm(self.levels)) / self.levels
         bucket = min(self.bucket, numel)  # the same buckets; kernels never size anything by a hostile bucket
         if self.encoding == "elias":
-            return self._elias_decode(payload[4 * n_buckets:], unit, numel, bucket)
+            return self._elias_decode(payload[4 * n_buckets:], unit, numel, bucket, out)
         if self.encoding == "entropy":
-            table = self._symbols[1]
-            out = entropy.decode(payload[4 * n_buckets:].cpu().numpy(), numel, table.size, unit.cpu().numpy(),
-                                 bucket, table, self.name)
-            return torch.from_numpy(out).to(unit.device)
+            table, target = self._symbols[1], kernels.host_array(out)
+            values = entropy.decode(payload[4 * n_buckets:].cpu().numpy(), numel, table.size, unit.cpu().numpy(),
+                                    bucket, table, self.name, target)
+            return out if target is not None else torch.from_numpy(values).to(unit.device)
         values, bad = kernels.level_decode(payload[4 * n_buckets:], unit, bucket,
-                                           self.bits, self.levels, numel, self.force_torch)
+                                           self.bits, self.levels, numel, self.force_torch, out)
         if bad:
             raise DecodeError(f"{self.name}: {bad} level index(es) above s={self.levels} in payload")
         return values
 
-    def _elias_decode(self, stream, unit, numel, bucket):
+    def _elias_decode(self, stream, unit, numel, bucket, out):
+        target = kernels.host_array(out)
         # Lazily zeroed: only the pages of non-zero coordinates are touched, so a short stream
-        # claiming many zeros costs memory only when its values are read.
-        out = np.zeros(numel, dtype=np.float32)
-        err = elias.decode_stream(stream.cpu().numpy(), unit.cpu().numpy(), bucket, self.levels, numel, out, False)
+        # claiming many zeros costs memory only when its values are read. A given `out` is zeroed.
+        values = np.zeros(numel, dtype=np.float32) if target is None else target
+        err = elias.decode_stream(stream.cpu().numpy(), unit.cpu().numpy(), bucket, self.levels, numel, values,
+                                  target is not None)
         if err:
             raise DecodeError(f"{self.name}: invalid elias stream: {elias.ERRORS[err]}")
-        return torch.from_numpy(out).to(unit.device)
+        return out if target is not None else torch.from_numpy(values).to(unit.device)

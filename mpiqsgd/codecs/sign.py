@@ -54,9 +54,9 @@ class Sign(Codec):
             decoded = kernels.sign_decode(packed, scales, self.bucket, x.numel(), self.force_torch)
         return torch.cat([scales.view(torch.uint8), packed]), decoded
 
-    def _dequantize(self, payload, numel):
+    def _dequantize(self, payload, numel, out=None):
         n_buckets = -(-numel // self.bucket)
         scales = finite_scales(payload, n_buckets, self.name)
         # min(): the same buckets; nothing is sized by a bucket larger than the message
         return kernels.sign_decode(payload[4 * n_buckets:], scales, min(self.bucket, numel), numel,
-                                   self.force_torch)
+                                   self.force_torch, out)
