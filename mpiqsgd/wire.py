@@ -145,7 +145,7 @@ def frame_into(out, header_bytes, payload):
 def seal(out, header_bytes, payload_nbytes):
     """Frame a payload that was written in place: ``out[PREFIX_BYTES + len(header_bytes):]``
     holds its ``payload_nbytes`` bytes; write the prefix (checksum included) and the header
-    before it. Returns the message as :func:`frame_into` does."""
+    before it. Returns the message as :func:`frame_into` does (a read-only view of ``out``)."""
     start = PREFIX_BYTES + len(header_bytes)
     end = start + payload_nbytes
     view = _writable(out, end, "seal")

@@ -92,14 +92,15 @@ def test_kernels_refuse_an_output_without_the_spare_bytes():
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_codecs_checking_through_their_norms_refuse_non_finite_values_into_a_buffer(name, bad):
     """The norms are the finiteness check: every NaN/Inf is found and counted, even beside a bucket
-    whose float32 sum of squares overflows, and nothing is left half-written as a message."""
+    whose float32 sum of squares would overflow, before anything is written into the buffer."""
     codec = make_codec(name, bucket=64)
     x = torch.randn(1000)
-    x[3] = 3e30  # bucket 0 overflows in float32 (recomputed in float64)
+    x[3] = 3e30  # bucket 0's squares overflow float32 (the norms sum in float64)
     x[500], x[999] = bad, bad
-    out = np.empty((codec.encoded_nbytes(x.numel()) or 4096) + wire.SLACK, dtype=np.uint8)
+    out = np.full((codec.encoded_nbytes(x.numel()) or 4096) + wire.SLACK, 0x5A, dtype=np.uint8)
     with pytest.raises(NonFiniteError, match="refusing to encode a gradient with 2 NaN/Inf value"):
         codec.encode(x, make_generator(0), out=out)
+    assert bool((out == 0x5A).all())
 
 
 DECODE_INTO = [("fp32", {}), ("fp16", {}), ("sign", {}), ("qsgd", {}), ("qsgd", {"bits": 8, "bucket": 100}),
@@ -126,6 +127,7 @@ def test_decoding_into_a_buffer_gives_the_same_values_in_that_buffer(name, param
 def test_decode_into_a_wrong_buffer_is_refused():
     codec = make_codec("qsgd")
     message = codec.encode(torch.randn(100), make_generator(0))
-    for bad in (torch.empty(99), torch.empty(100, dtype=torch.float64), torch.empty(200)[::2], np.empty(100)):
-        with pytest.raises(ConfigError, match="decode\\(out=\\) needs a contiguous float32 tensor of 100 values"):
+    for bad in (torch.empty(99), torch.empty(100, dtype=torch.float64), torch.empty(200)[::2], np.empty(100),
+                torch.empty(10, 10), torch.empty(100, requires_grad=True)):
+        with pytest.raises(ConfigError, match="decode\\(out=\\) needs a flat contiguous float32 tensor of 100"):
             codec.decode(message, out=bad)

@@ -379,9 +379,10 @@ def test_numba_uniforms_equal_the_torch_ones(start, m):
     def fill(seed, start, m, u):
         kernels.fill_uniforms(seed, start, m, u)
 
-    u = np.full(m + 1, -1.0, dtype=np.float32)
+    u = np.full(m + 2, -1.0, dtype=np.float32)
     fill(np.uint64(987654321), start, m, u)
     assert torch.equal(torch.from_numpy(u[:m]), kernels.uniform(987654321, start + m)[start:])
+    assert u[m + m % 2] == -1.0  # nothing written past m rounded up to even
 
 
 def test_error_feedback_state_includes_the_inner_codec_state():

@@ -252,10 +252,11 @@ class Codec:
 
         Args:
             numel: the number of values the receiver expects (any, when None).
-            out: a contiguous float32 tensor of the message's ``numel`` values on ``device`` to
-                decode into (reused from call to call, its pages stay mapped: a fresh 100 MB
+            out: a flat contiguous float32 tensor of the message's ``numel`` values on ``device``
+                to decode into (reused from call to call, its pages stay mapped: a fresh 100 MB
                 array costs page faults and the kernel's zeroing of every page); the return
-                value is then ``out``.
+                value is then ``out``. Bytes found invalid while decoding raise DecodeError
+                with ``out`` partly written.
 
         Raises:
             DecodeError: the bytes are invalid, were encoded with other parameters, or hold
@@ -298,9 +299,14 @@ class Codec:
 
 
 def _check_out(codec, out, numel, device):
-    if not (isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.is_contiguous()
-            and out.numel() == numel and out.device == torch.device(device)):
-        what = (f"a {out.dtype} tensor of {out.numel()} values on {out.device}" if isinstance(out, torch.Tensor)
-                else type(out).__name__)
-        raise ConfigError(f"{codec}: decode(out=) needs a contiguous float32 tensor of {numel} values on "
-                          f"{torch.device(device)}; got {what}")
+    """Refuse an ``out`` the kernels cannot write as a flat array of ``numel`` values (numba does not
+    check bounds: a 2-D or strided tensor would be written past its end)."""
+    device = torch.device(device)
+    if not (isinstance(out, torch.Tensor) and out.dtype == torch.float32 and out.dim() == 1
+            and out.is_contiguous() and out.numel() == numel and not out.requires_grad
+            and out.device.type == device.type and (device.index is None or out.device.index == device.index)):
+        what = (f"a {out.dtype} tensor of shape {tuple(out.shape)} on {out.device}"
+                f"{' (strided)' if not out.is_contiguous() else ''}{' requiring grad' if out.requires_grad else ''}"
+                if isinstance(out, torch.Tensor) else type(out).__name__)
+        raise ConfigError(f"{codec}: decode(out=) needs a flat contiguous float32 tensor of {numel} values on "
+                          f"{device} (not requiring grad); got {what}")

@@ -45,7 +45,7 @@ except ImportError:  # pragma: no cover - numba is a declared dependency
 
 __all__ = ["draw_seed", "uniform", "level_encode", "level_decode", "sign_decode", "use_numba", "parallel_ok",
            "run_chunks", "fill_uniforms", "ByWidth", "padded", "place_scales", "check_spare", "host_array",
-           "decode_target", "bucket_norms", "CHUNK", "SPARE", "HAVE_NUMBA"]
+           "decode_target", "bucket_norms", "CHUNK", "HAVE_NUMBA"]
 
 HAVE_NUMBA = numba is not None
 
@@ -157,13 +157,11 @@ def _pool():
     return _POOL[0]
 
 
-SPARE = wire.SLACK  # bytes past the packed length that the CPU kernels may store into
-
-
 def padded(nbytes):
-    """An uninitialized uint8 buffer of ``nbytes`` plus :data:`SPARE` bytes: the CPU kernels
-    store whole groups, so the last group may spill past the packed length (callers cut it off)."""
-    return np.empty(nbytes + SPARE, dtype=np.uint8)
+    """An uninitialized uint8 buffer of ``nbytes`` plus :data:`mpiqsgd.wire.SLACK` bytes: the CPU
+    kernels store whole groups, so the last group may spill past the packed length (callers cut
+    it off)."""
+    return np.empty(nbytes + wire.SLACK, dtype=np.uint8)
 
 
 def host_array(out):
@@ -181,8 +179,8 @@ def place_scales(into, scales):
 
 def check_spare(out, nbytes):
     """``out`` checked to hold ``nbytes`` plus the spare bytes (numba does not check bounds)."""
-    if out.dtype != np.uint8 or out.ndim != 1 or out.size < nbytes + SPARE:
-        raise ValueError(f"kernel output needs a flat uint8 array of {nbytes + SPARE} bytes; "
+    if out.dtype != np.uint8 or out.ndim != 1 or not out.flags.c_contiguous or out.size < nbytes + wire.SLACK:
+        raise ValueError(f"kernel output needs a flat contiguous uint8 array of {nbytes + wire.SLACK} bytes; "
                          f"got {out.dtype} of shape {out.shape}")
     return out
 
@@ -264,7 +262,8 @@ if HAVE_NUMBA:
     @numba.njit(inline="always")
     def fill_uniforms(seed, start, m, u):
         """``u[k]`` = the uniform of coordinate ``start + k`` for ``k < m`` (``start`` even; ``u``
-        holds at least ``m + 1`` values): one splitmix64 hash per pair of coordinates."""
+        holds at least ``m`` rounded up to even values, and that many are written): one
+        splitmix64 hash per pair of coordinates."""
         pair = np.uint64(start // 2 + 1)
         for j in range((m + 1) // 2):
             z = seed + (pair + np.uint64(j)) * _G

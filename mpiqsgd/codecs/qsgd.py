@@ -79,9 +79,8 @@ def checked_norms(x, bucket, norm, codec, limit=FLT_MAX, force_torch=False):
         return norms
     if not all_finite(x):
         raise non_finite_error(codec, x)
-    # Rounding is monotone and ``limit`` a float32 value: a norm rounds above it only if it lies above.
+    b = int((norms > limit).nonzero()[0, 0])  # x is finite: a norm above the limit, not NaN
     exact = bucket_norms(x.double(), bucket, norm)  # the torch ops, kept in float64 for the message
-    b = int((exact > limit).nonzero()[0, 0])
     raise NonFiniteError(
         f"{codec}: bucket {b} has a {norm} norm of {float(exact[b]):.3g}, beyond what a float32 scale "
         f"carries ({limit:.4g}); the largest value to encode is {float(x.abs().max()):.3g}. Values this "
