@@ -30,6 +30,8 @@ def one_thread(results, key):
 
 
 def one_thread_cell(results, what):
+    if any(r["scaling"] is None for r in results):  # a GPU run: no CPU thread scaling
+        return "-"
     return f"{one_thread(results, what + '_GBps'):.2f} ({one_thread(results, what + '_vs_memcpy'):.2f}×)"
 
 
