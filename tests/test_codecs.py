@@ -326,13 +326,18 @@ def test_error_feedback_with_non_contractive_qsgd_really_diverges():
 
 
 @pytest.mark.parametrize("params", [{}, {"bits": 2, "bucket": 7}, {"bits": 8, "bucket": 1000},
-                                    {"rounding": "nearest", "bits": 3}, {"norm": "max", "bits": 5}])
+                                    {"rounding": "nearest", "bits": 3}, {"norm": "max", "bits": 5},
+                                    {"bits": 4, "bucket": 16384}, {"bits": 3, "bucket": 1},
+                                    {"norm": "max", "bits": 8, "bucket": 64, "rounding": "nearest"}])
 @pytest.mark.parametrize("n", [1, 9, 1000, 40_001, 300_000])
 def test_cpu_kernel_and_torch_kernel_give_the_same_bytes(params, n):
     # The numba CPU kernel and the torch ops used on GPUs are one algorithm: same seed, same bytes.
+    # Buckets that divide the kernels' chunk take the fused norms-and-codes kernel (512, 16384, 1, 64).
     fast, ref = QSGD(**params), QSGD(**params)
     ref.force_torch = True
     x = vec(n, seed=n) ** 3
+    x[: n // 4] = 0.0  # zero buckets: scale 0
+    x[n // 4: n // 3] *= 1e-38  # tiny buckets: levels / norm overflows, sent as zeros
     m1, d1 = fast.encode_decode(x, make_generator(4, 1, 2))
     m2, d2 = ref.encode_decode(x, make_generator(4, 1, 2))
     assert m1 == m2

@@ -45,7 +45,7 @@ except ImportError:  # pragma: no cover - numba is a declared dependency
 
 __all__ = ["draw_seed", "uniform", "level_encode", "level_decode", "sign_decode", "use_numba", "parallel_ok",
            "run_chunks", "fill_uniforms", "ByWidth", "padded", "place_scales", "check_spare", "host_array",
-           "decode_target", "bucket_norms", "CHUNK", "HAVE_NUMBA"]
+           "decode_target", "bucket_norms", "fused_level_encode", "CHUNK", "HAVE_NUMBA"]
 
 HAVE_NUMBA = numba is not None
 
@@ -370,40 +370,48 @@ if HAVE_NUMBA:
 
     # -- bucket norms -----------------------------------------------------------------------
 
-    # Sums may be reordered (fastmath reassoc only: no other relaxation), so that they vectorize;
+    # The norms' sums may be reordered (fastmath reassoc, nothing else), so that they vectorize;
     # in float64, a reordering moves a float32 norm by one ulp only where the sum lies within its
-    # float64 rounding error of a float32 rounding boundary.
-    _reduce_kernel = numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
+    # float64 rounding error of a float32 rounding boundary. The flag is on this function's
+    # instructions only (it is called, not inlined, by numba): the quantizers that call it keep
+    # strict IEEE arithmetic, as their bytes must equal the torch ops'.
+    @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
+    def write_norm(seg, seg_bits, kind, norms, norms_bits, b):
+        """Write bucket ``b``'s float32 norm of ``seg`` (``seg_bits``: the same values as int32) for
+        ``kind`` (:data:`NORM_KINDS`) into ``norms`` (``norms_bits``: its int32 view); return whether
+        the bucket is finite (its float64 sum, or its maximum's bits)."""
+        if kind == 1:
+            # |x| as the bits without the sign: integers ordered as the floats, NaN and Inf above
+            # every finite value, so the maximum is exact, vectorizes, and keeps them.
+            top = np.int32(0)
+            for k in range(seg_bits.size):  # indices from 0: no negative-index wraparound (gathers)
+                a = seg_bits[k] & np.int32(0x7FFFFFFF)
+                top = a if a > top else top
+            norms_bits[b] = top
+            return top < np.int32(0x7F800000)
+        total = 0.0
+        if kind == 0:
+            for k in range(seg.size):
+                v = np.float64(seg[k])
+                total += v * v
+            norms[b] = np.float32(np.sqrt(total))
+        else:
+            for k in range(seg.size):
+                total += np.float64(abs(seg[k]))
+            norms[b] = np.float32(total / seg.size)
+        return total < np.inf  # finite float32 values never overflow a float64 sum; NaN fails too
 
-    def _norm_kernel(kind):
-        """Kernel of :func:`bucket_norms` for one norm (``NORM_KINDS``), a closure constant."""
-        @_reduce_kernel
-        def kernel(b0, b1, x, bucket, out):
-            n = x.size
-            bits, out_bits = x.view(np.int32), out.view(np.int32)
-            for b in range(b0, b1):
-                start = b * bucket
-                stop = min(n, start + bucket)
-                if kind == 1:
-                    # |x| as the bits without the sign: integers ordered as the floats, NaN and Inf
-                    # above every finite value, so the maximum is exact, vectorizes, and keeps them.
-                    seg_bits = bits[start:stop]  # indices from 0: no negative-index wraparound (gathers)
-                    top = np.int32(0)
-                    for k in range(seg_bits.size):
-                        a = seg_bits[k] & np.int32(0x7FFFFFFF)
-                        top = a if a > top else top
-                    out_bits[b] = top
-                else:
-                    seg = x[start:stop]
-                    total = 0.0
-                    for k in range(seg.size):
-                        v = np.float64(seg[k]) if kind == 0 else np.float64(abs(seg[k]))
-                        total += v * v if kind == 0 else v
-                    out[b] = np.float32(np.sqrt(total)) if kind == 0 else np.float32(total / (stop - start))
-            return 0
-        return kernel
+    @_kernel
+    def _norm_chunks(b0, b1, x, bucket, kind, out):
+        """Kernel of :func:`bucket_norms`: buckets ``b0..b1-1``."""
+        n = x.size
+        bits, out_bits = x.view(np.int32), out.view(np.int32)
+        for b in range(b0, b1):
+            start = b * bucket
+            stop = min(n, start + bucket)
+            write_norm(x[start:stop], bits[start:stop], kind, out, out_bits, b)
+        return 0
 
-    _norm_kernels = ByWidth(_norm_kernel)
 
     # -- QSGD: sign and level ---------------------------------------------------------------
 
@@ -423,28 +431,36 @@ if HAVE_NUMBA:
         return -val if code >> sign_shift else val
 
     @numba.njit(inline="always")
-    def _level_encode_chunk_one(c, x, scale, unit, bucket, bits, levels, seed, stochastic, out, decoded,
-                            want_decoded):
-        start, stop = chunk_range(c, x.size)
-        codes = np.empty(CHUNK, dtype=np.uint8)
+    def _level_segment(xs, cs, us, s, u, top, stochastic, sign_shift, ds, want_decoded):
+        """Codes of one bucket's run of coordinates ``xs`` (scale ``s``, level step ``u``; uniforms
+        ``us``) into ``cs``, and their decoded values into ``ds`` when wanted."""
+        for k in range(xs.size):
+            cs[k] = _level(xs[k], s, top, us[k] if stochastic else np.float32(0.0), stochastic, sign_shift)
+        if want_decoded:
+            level_mask = np.uint8((1 << sign_shift) - 1)
+            for k in range(xs.size):
+                ds[k] = _level_value(cs[k], u, level_mask, sign_shift)
+
+    @numba.njit(inline="always")
+    def _chunk_buffers(start, stop, seed, stochastic):
+        """A chunk's code buffer and its uniforms (empty unless stochastic)."""
         uniforms = np.empty(CHUNK if stochastic else 0, dtype=np.float32)
         if stochastic:
             fill_uniforms(seed, start, stop - start, uniforms)
-        top = np.float32(levels)
-        sign_shift = bits - 1
-        level_mask = np.uint8((1 << sign_shift) - 1)
+        return np.empty(CHUNK, dtype=np.uint8), uniforms
+
+    @numba.njit(inline="always")
+    def _level_encode_chunk_one(c, x, scale, unit, bucket, bits, levels, seed, stochastic, out, decoded,
+                                want_decoded):
+        start, stop = chunk_range(c, x.size)
+        codes, uniforms = _chunk_buffers(start, stop, seed, stochastic)
         i = start
         while i < stop:
             b, end = bucket_segment(i, stop, bucket)
-            s, u = scale[b], unit[b]
-            xs, cs = x[i:end], codes[i - start:end - start]
-            us = uniforms[i - start:end - start] if stochastic else uniforms
-            for k in range(xs.size):
-                cs[k] = _level(xs[k], s, top, us[k] if stochastic else np.float32(0.0), stochastic, sign_shift)
-            if want_decoded:
-                ds = decoded[i:end]
-                for k in range(xs.size):
-                    ds[k] = _level_value(cs[k], u, level_mask, sign_shift)
+            _level_segment(x[i:end], codes[i - start:end - start],
+                           uniforms[i - start:end - start] if stochastic else uniforms, scale[b], unit[b],
+                           np.float32(levels), stochastic, bits - 1, decoded[i:end] if want_decoded else decoded,
+                           want_decoded)
             i = end
         pack_chunk(codes, start, stop, bits, out)
         return 0
@@ -458,6 +474,41 @@ if HAVE_NUMBA:
                                                  levels, seed, stochastic, out, decoded, want_decoded)
             return total
         return kernel
+
+    def _fused_encode_kernel(key):
+        """QSGD's norms and codes in one pass over each chunk (``key`` = width | kind << 4): a
+        bucket's norm is summed while its values are in cache, then they are quantized. For
+        buckets that divide :data:`CHUNK`. Returns the number of buckets whose norm is not
+        finite or above ``limit`` (their codes are left unset: the caller raises)."""
+        bits, kind = key & 15, key >> 4
+
+        @_kernel
+        def kernel(c0, c1, x, bucket, levels, limit, seed, stochastic, norms, out, decoded, want_decoded):
+            bad = 0
+            x_bits, norms_bits = x.view(np.int32), norms.view(np.int32)
+            top = np.float32(levels)
+            for c in range(c0, c1):
+                start, stop = chunk_range(c, x.size)
+                codes, uniforms = _chunk_buffers(start, stop, seed, stochastic)
+                for i in range(start, stop, bucket):
+                    end = min(stop, i + bucket)
+                    b = i // bucket
+                    if not write_norm(x[i:end], x_bits[i:end], kind, norms, norms_bits, b) or \
+                            not norms[b] <= limit:
+                        bad += 1
+                        continue
+                    # as the torch ops compute them: levels / norm is (1 / norm) * levels there
+                    s = (np.float32(1.0) / norms[b]) * top
+                    s = s if s < np.float32(np.inf) else np.float32(0.0)  # a zero or tiny bucket: zeros
+                    _level_segment(x[i:end], codes[i - start:end - start],
+                                   uniforms[i - start:end - start] if stochastic else uniforms, s, norms[b] / top,
+                                   top, stochastic, bits - 1, decoded[i:end] if want_decoded else decoded,
+                                   want_decoded)
+                pack_chunk(codes, start, stop, bits, out)
+            return bad
+        return kernel
+
+    _fused_encode_chunks = ByWidth(_fused_encode_kernel)
 
     _level_encode_chunks = ByWidth(_level_encode_kernel)
 
@@ -526,7 +577,7 @@ def bucket_norms(x, bucket, norm):
     n = x.numel()
     count = -(-n // bucket)
     out = np.empty(count, dtype=np.float32)
-    run_chunks(_norm_kernels[NORM_KINDS[norm]], n, (x.numpy(), bucket, out), units=count)
+    run_chunks(_norm_chunks, n, (x.numpy(), bucket, NORM_KINDS[norm], out), units=count)
     return torch.from_numpy(out)
 
 
@@ -559,6 +610,28 @@ def level_encode(x, scale, unit, bucket, bits, levels, seed, stochastic, want_de
     run_chunks(_level_encode_chunks[bits], n, (x.numpy(), scale.numpy(), unit.numpy(), bucket, levels,
                                               np.uint64(seed), bool(stochastic), out, decoded, bool(want_decoded)))
     return torch.from_numpy(out[:nbytes]), (torch.from_numpy(decoded) if want_decoded else None)
+
+
+def fused_level_encode(x, bucket, norm, bits, levels, limit, seed, stochastic, want_decoded, out=None):
+    """:func:`level_encode` with QSGD's bucket norms computed in the same pass (numba, CPU), for a
+    ``bucket`` that divides :data:`CHUNK`: the norms are :func:`bucket_norms`' and the scales
+    those of :class:`~mpiqsgd.codecs.qsgd.QSGD`'s torch ops (``levels / norm``, 0 where that
+    overflows), so the bytes are the same; ``limit`` bounds a norm.
+
+    Returns:
+        (float32 norms tensor, packed uint8 tensor, decoded tensor or None, number of buckets with a
+        NaN/Inf value or a norm above ``limit``: when not 0, the codes are not all written).
+    """
+    n = x.numel()
+    nbytes = (n * bits + 7) // 8
+    out = padded(nbytes) if out is None else check_spare(out, nbytes)
+    norms = np.empty(-(-n // bucket), dtype=np.float32)
+    decoded = np.empty(n if want_decoded else 0, dtype=np.float32)
+    bad = run_chunks(_fused_encode_chunks[bits | NORM_KINDS[norm] << 4], n,
+                     (x.numpy(), bucket, levels, np.float32(limit), np.uint64(seed), bool(stochastic), norms, out,
+                      decoded, bool(want_decoded)))
+    return (torch.from_numpy(norms), torch.from_numpy(out[:nbytes]),
+            torch.from_numpy(decoded) if want_decoded else None, bad)
 
 
 def level_decode(packed, unit, bucket, bits, levels, n, force_torch=False, out=None):
