@@ -134,14 +134,19 @@ def test_levelset_qsgd_has_the_qsgd_codec_distribution():
 @pytest.mark.parametrize("name,params", [("nuqsgd", {"bits": 1}), ("nuqsgd", {"bits": 3, "bucket": 7}),
                                          ("nuqsgd", {"bits": 8, "bucket": 1000}), ("terngrad", {}),
                                          ("nuqsgd-zero", {"bits": 7, "bucket": 100}),
-                                         ("alq", {"bits": 5, "bucket": 512}), ("amq-n", {"bits": 6})])
+                                         ("alq", {"bits": 5, "bucket": 512}), ("amq-n", {"bits": 6}),
+                                         ("nuqsgd", {"bits": 3}), ("alq", {"bits": 4, "bucket": 512}),
+                                         ("nuqsgd", {"bits": 2, "bucket": 16384}),
+                                         ("terngrad", {"clip_sigma": 2.0, "bucket": 64})])
 @pytest.mark.parametrize("n", [1, 9, 1000, 300_000])
 def test_cpu_kernel_and_torch_kernel_give_the_same_bytes(name, params, n):
+    """Buckets dividing the kernels' chunk with at most 4 bits take the fused norms-and-codes kernel."""
     fast = make_codec(name, **params)
     ref = make_codec(name, **params)
     ref.force_torch = True
     x = vec(n, seed=n) ** 3
     x[: n // 3] = 0.0  # a zero bucket or two
+    x[n // 3: n // 3 + n // 10] *= 1e19  # L2 norms beyond float32 (clamped to its maximum)
     m1, d1 = fast.encode_decode(x, make_generator(4, 1, 2))
     m2, d2 = ref.encode_decode(x, make_generator(4, 1, 2))
     assert m1 == m2

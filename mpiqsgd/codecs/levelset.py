@@ -65,13 +65,14 @@ import numpy as np
 import torch
 
 from .. import wire
-from ..errors import ConfigError, DecodeError
+from ..errors import ConfigError, DecodeError, NonFiniteError
 from . import fits, gradstats, histogram
 from . import leveltables as tables
 from . import bits as bitpack
 from . import entropy, kernels
 from .base import Codec, check_choice, check_int
-from .levelset_kernels import levelset_decode, levelset_encode, normalized, search_table
+from .levelset_kernels import (UNROLL_BITS, fused_levelset_encode, levelset_decode, levelset_encode, normalized,
+                               search_table)
 from .buckets import bucket_rows, safe_norms
 from .qsgd import finite_scales
 
@@ -242,14 +243,28 @@ class LevelSet(Codec):
     def _quantize(self, x, rng, want_decoded, into=None):
         if self.clip_sigma is not None:
             x = self._clip(x)
-        norms = safe_norms(x, self.bucket, self.norm, self.method, self.force_torch)
         in_place = into is not None and kernels.use_numba(x.device, self.force_torch)  # only dense codes have an `into`
-        codes = kernels.place_scales(into, norms) if in_place else None
-        packed, decoded = levelset_encode(x, norms, self._levels_on(x.device), self.bucket, self.bits,
-                                          kernels.draw_seed(rng), want_decoded, self.force_torch, self._search,
-                                          out=codes)
-        if in_place:
-            return into, decoded
+        seed = kernels.draw_seed(rng)
+        if (self.clip_sigma is None and kernels.use_numba(x.device, self.force_torch) and self.bits <= UNROLL_BITS
+                and kernels.CHUNK % self.bucket == 0):
+            # norms and codes in one pass: each bucket is read from memory once
+            n_buckets = -(-x.numel() // self.bucket)
+            norms, packed, decoded, bad = fused_levelset_encode(
+                x, self.norm, self._levels_on(x.device), self.bucket, self.bits, seed, want_decoded,
+                out=into[4 * n_buckets:] if in_place else None)
+            if bad:
+                safe_norms(x, self.bucket, self.norm, self.method)  # raises the cause
+                raise NonFiniteError(f"{self.method}: {bad} bucket(s) with NaN/Inf values")
+            if in_place:
+                kernels.place_scales(into, norms)
+                return into, decoded
+        else:
+            norms = safe_norms(x, self.bucket, self.norm, self.method, self.force_torch)
+            codes = kernels.place_scales(into, norms) if in_place else None
+            packed, decoded = levelset_encode(x, norms, self._levels_on(x.device), self.bucket, self.bits, seed,
+                                              want_decoded, self.force_torch, self._search, out=codes)
+            if in_place:
+                return into, decoded
         if self.encoding == "entropy":
             code_symbol, table = entropy.levelset_symbols(self.bits, self.table)
             packed = torch.from_numpy(entropy.encode(packed.cpu().numpy(), x.numel(), self.bits, code_symbol,

@@ -15,15 +15,16 @@ implementations give the same bytes and values.
 import numpy as np
 import torch
 
-from .kernels import HAVE_NUMBA, check_spare, decode_target, padded, run_chunks, uniform, use_numba
+from .kernels import NORM_KINDS, HAVE_NUMBA, check_spare, decode_target, padded, run_chunks, uniform, use_numba
 
 if HAVE_NUMBA:
     import numba
 
-    from .kernels import CHUNK, ByWidth, _kernel, bucket_segment, chunk_range, fill_uniforms, pack_chunk, unpack_chunk
+    from .kernels import (CHUNK, ByWidth, _kernel, bucket_segment, chunk_range, fill_uniforms, pack_chunk,
+                          unpack_chunk, write_norm)
 
-__all__ = ["levelset_encode", "levelset_decode", "search_table", "normalized", "inverse_norms", "inverse_widths",
-           "CELLS"]
+__all__ = ["levelset_encode", "fused_levelset_encode", "levelset_decode", "search_table", "normalized",
+           "inverse_norms", "inverse_widths", "CELLS"]
 
 UNROLL_BITS = 4  # up to 2**4 levels the CPU kernels compare with each level in turn (vectorized)
 
@@ -83,6 +84,7 @@ def _decode_torch(packed, norms, levels, bucket, bits, n):
 
 if HAVE_NUMBA:
     _INF = np.float32(np.inf)
+    _FLT_MAX = np.float32(np.finfo(np.float32).max)
 
     @numba.njit(inline="always")
     def _normalized(v, scale, inv):
@@ -132,33 +134,64 @@ if HAVE_NUMBA:
         return np.uint8(j + np.int32(up)), high if up else low
 
     @numba.njit(inline="always")
-    def _encode_small(c, x, norms, inv_norms, first, lows, highs, invs, bucket, bits, seed, out, decoded,
-                      want_decoded):
-        start, stop = chunk_range(c, x.size)
-        codes = np.empty(CHUNK, dtype=np.uint8)
+    def _small_segment(xs, cs, us, scale, inv_norm, head, lows, highs, invs, ds, want_decoded):
+        """Codes (and decoded values, when wanted) of one bucket's run of coordinates."""
+        if want_decoded:
+            for k in range(xs.size):
+                r = _normalized(xs[k], scale, inv_norm)
+                j, low, high, inv = _interval_by_compares(r, head, lows, highs, invs)
+                cs[k], value = _round(r, j, low, high, inv, us[k])
+                ds[k] = scale * value
+        else:
+            for k in range(xs.size):
+                r = _normalized(xs[k], scale, inv_norm)
+                j, low, high, inv = _interval_by_compares(r, head, lows, highs, invs)
+                cs[k] = _round(r, j, low, high, inv, us[k])[0]
+
+    @numba.njit(inline="always")
+    def _chunk_start(c, n, seed):
+        start, stop = chunk_range(c, n)
         uniforms = np.empty(CHUNK, dtype=np.float32)
         fill_uniforms(seed, start, stop - start, uniforms)
+        return start, stop, np.empty(CHUNK, dtype=np.uint8), uniforms
+
+    @numba.njit(inline="always")
+    def _encode_small(c, x, norms, inv_norms, first, lows, highs, invs, bucket, bits, seed, out, decoded,
+                      want_decoded):
+        start, stop, codes, uniforms = _chunk_start(c, x.size, seed)
         head = (first[0], first[1], first[2])  # scalars, loaded once
         i = start
         while i < stop:
             b, end = bucket_segment(i, stop, bucket)
-            xs, cs, scale, inv_norm = x[i:end], codes[i - start:end - start], norms[b], inv_norms[b]
-            us = uniforms[i - start:end - start]
-            if want_decoded:
-                ds = decoded[i:end]
-                for k in range(xs.size):
-                    r = _normalized(xs[k], scale, inv_norm)
-                    j, low, high, inv = _interval_by_compares(r, head, lows, highs, invs)
-                    cs[k], value = _round(r, j, low, high, inv, us[k])
-                    ds[k] = scale * value
-            else:
-                for k in range(xs.size):
-                    r = _normalized(xs[k], scale, inv_norm)
-                    j, low, high, inv = _interval_by_compares(r, head, lows, highs, invs)
-                    cs[k] = _round(r, j, low, high, inv, us[k])[0]
+            _small_segment(x[i:end], codes[i - start:end - start], uniforms[i - start:end - start], norms[b],
+                           inv_norms[b], head, lows, highs, invs, decoded[i:end] if want_decoded else decoded,
+                           want_decoded)
             i = end
         pack_chunk(codes, start, stop, bits, out)
         return 0
+
+    @numba.njit(inline="always")
+    def _encode_small_fused(c, x, x_bits, kind, first, lows, highs, invs, bucket, bits, seed, norms, norms_bits,
+                            out, decoded, want_decoded):
+        """:func:`_encode_small` computing each bucket's norm (as :func:`safe_norms`: an L2 norm
+        beyond float32 clamped to its maximum) while the bucket is in cache; ``bucket`` divides
+        :data:`CHUNK`. Returns the number of buckets holding NaN or Inf (codes left unset)."""
+        start, stop, codes, uniforms = _chunk_start(c, x.size, seed)
+        head = (first[0], first[1], first[2])
+        bad = 0
+        for i in range(start, stop, bucket):
+            end = min(stop, i + bucket)
+            b = i // bucket
+            if not write_norm(x[i:end], x_bits[i:end], kind, norms, norms_bits, b):
+                bad += 1
+                continue
+            scale = min(norms[b], _FLT_MAX)
+            norms[b] = scale
+            inv_norm = np.float32(1.0) / scale if scale > 0 else np.float32(0.0)  # inverse_norms
+            _small_segment(x[i:end], codes[i - start:end - start], uniforms[i - start:end - start], scale, inv_norm,
+                           head, lows, highs, invs, decoded[i:end] if want_decoded else decoded, want_decoded)
+        pack_chunk(codes, start, stop, bits, out)
+        return bad
 
     @numba.njit(inline="always")
     def _t1(a):
@@ -214,6 +247,29 @@ if HAVE_NUMBA:
         return kernel
 
     _encode_small_chunks = ByWidth(_encode_small_kernel)
+
+    def _encode_fused_kernel(bits):
+        @_kernel
+        def kernel(c0, c1, x, kind, first, lows, highs, invs, bucket, seed, norms, out, decoded, want_decoded):
+            x_bits, norms_bits = x.view(np.int32), norms.view(np.int32)
+            bad = 0
+            for c in range(c0, c1):
+                if bits == 1:
+                    bad += _encode_small_fused(c, x, x_bits, kind, first, _t1(lows), _t1(highs), _t1(invs), bucket,
+                                               bits, seed, norms, norms_bits, out, decoded, want_decoded)
+                elif bits == 2:
+                    bad += _encode_small_fused(c, x, x_bits, kind, first, _t2(lows), _t2(highs), _t2(invs), bucket,
+                                               bits, seed, norms, norms_bits, out, decoded, want_decoded)
+                elif bits == 3:
+                    bad += _encode_small_fused(c, x, x_bits, kind, first, _t6(lows), _t6(highs), _t6(invs), bucket,
+                                               bits, seed, norms, norms_bits, out, decoded, want_decoded)
+                else:
+                    bad += _encode_small_fused(c, x, x_bits, kind, first, _t14(lows), _t14(highs), _t14(invs),
+                                               bucket, bits, seed, norms, norms_bits, out, decoded, want_decoded)
+            return bad
+        return kernel
+
+    _encode_fused_chunks = ByWidth(_encode_fused_kernel)
 
     @numba.njit(inline="always")
     def _encode_search_chunk_one(c, x, norms, inv_norms, levels, invs, first, count, bucket, bits, seed, out, decoded,
@@ -391,6 +447,27 @@ def levelset_encode(x, norms, levels, bucket, bits, seed, want_decoded, force_to
         L = levels.numpy()
         run_chunks(_encode_search_chunks[bits], n, head + (L, inverse_widths(L), first, count) + tail)
     return torch.from_numpy(out[:nbytes]), (torch.from_numpy(decoded) if want_decoded else None)
+
+
+def fused_levelset_encode(x, norm, levels, bucket, bits, seed, want_decoded, out=None):
+    """:func:`levelset_encode` with the bucket norms (:func:`~mpiqsgd.codecs.buckets.safe_norms`)
+    computed in the same pass: numba, CPU, ``bits <= UNROLL_BITS`` and a ``bucket`` dividing
+    :data:`~mpiqsgd.codecs.kernels.CHUNK`; the same bytes.
+
+    Returns:
+        (float32 norms tensor, packed uint8 tensor, decoded tensor or None, number of buckets holding
+        NaN or Inf: when not 0, the codes are not all written).
+    """
+    n = x.numel()
+    nbytes = (n * bits + 7) // 8
+    out = padded(nbytes) if out is None else check_spare(out, nbytes)
+    norms = np.empty(-(-n // bucket), dtype=np.float32)
+    decoded = np.empty(n if want_decoded else 0, dtype=np.float32)
+    first, lows, highs, invs, _ = _compare_tables(levels.numpy(), bits)
+    bad = run_chunks(_encode_fused_chunks[bits], n, (x.numpy(), NORM_KINDS[norm], first, lows, highs, invs, bucket,
+                                                    np.uint64(seed), norms, out, decoded, bool(want_decoded)))
+    return (torch.from_numpy(norms), torch.from_numpy(out[:nbytes]),
+            torch.from_numpy(decoded) if want_decoded else None, bad)
 
 
 def levelset_decode(packed, norms, levels, bucket, bits, n, force_torch=False, out=None):
