@@ -25,7 +25,7 @@ class _Float(Codec):
         # costs what the frame's copy does: the payload is left to it.)
         if self.dtype is not torch.float32 and not all_finite(cast):
             raise NonFiniteError(f"{self.name}: gradient values exceed the {self.dtype} range")
-        return cast.view(torch.uint8), cast.to(torch.float32)
+        return cast.view(torch.uint8), (cast.to(torch.float32) if want_decoded else None)
 
     def _dequantize(self, payload, numel, out=None):
         values = payload.view(self.dtype)

@@ -25,9 +25,14 @@ Level codes are packed as in :mod:`mpiqsgd.codecs.bits`: groups of 8 codes form 
 little-endian word of ``bits`` bytes.
 
 The CPU kernels split a message into chunks of :data:`CHUNK` coordinates (a thread's
-unit of work). A chunk is processed in two vectorizable passes over a small code
-buffer that stays in L1: codes of each bucket segment (one scale per segment, so no
-division per coordinate), then the packing of 8-code groups by shifts and masks.
+unit of work). A chunk is processed in vectorizable passes over a small code buffer that
+stays in L1: codes of each bucket segment (one scale per segment, so no division per
+coordinate), then the packing of 8-code groups by shifts and masks. Where the bucket
+divides :data:`CHUNK` (QSGD's 512, the level sets' 8192), the bucket's norm is summed
+first, in the same pass (:func:`fused_level_encode`; the level sets' likewise): the
+bucket is read from memory once, then quantized from cache. Measured on the 2-core VM,
+25M coordinates, 4-bit QSGD, 2 threads: the norms' own pass took 3-7 ms of a 28 ms
+encode, the fused encode 18 ms.
 """
 
 import threading
