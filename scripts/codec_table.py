@@ -1,7 +1,7 @@
 """The README's codec table from runs of ``mpiqsgd bench codec --all --json``.
 
     mpiqsgd bench codec --all --json > run1.json   # repeat for more runs
-    python scripts/codec_table.py run1.json [run2.json ...]
+    python scripts/codec_table.py run1.json [run2.json ...]   # or .json.gz
 
 Each speed cell is the median over the runs of each run's median (of its repeats), with the
 range of every repeat of every run in brackets, and the ratio to memcpy timed in the same
@@ -11,6 +11,7 @@ as GB/s and × memcpy. Sizes and variance come from the first run (they are seed
 every run).
 """
 
+import gzip
 import json
 import statistics
 import sys
@@ -36,7 +37,7 @@ def one_thread_cell(results, what):
 
 
 def main(paths):
-    runs = [json.load(open(p)) for p in paths]
+    runs = [json.load(gzip.open(p, "rt") if p.endswith(".gz") else open(p)) for p in paths]
     machine = runs[0]["machine"]
     print(f"{len(runs)} run(s) of `mpiqsgd bench codec --all`, {runs[0]['numel']:,} coordinates, median of "
           f"{runs[0]['repeats']} repeats each; {machine.get('cpu_model') or machine['processor']}, "
