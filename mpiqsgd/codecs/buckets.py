@@ -51,7 +51,8 @@ def bucket_norms(x, bucket, norm="l2", force_torch=False):
     threads (torch's own threads, spinning after a reduction, slowed the quantization kernel
     that follows by a quarter); the torch ops sum in another order, so an L2 norm may differ
     in its last bit where the float64 sum lies within its rounding error of a float32
-    rounding boundary (a chance of about 1e-7 per bucket of 512).
+    rounding boundary (an estimate from the sum's rounding error over a float32 ulp: about 1e-7
+    per bucket of 512).
     """
     if x.dtype == torch.float32 and x.numel() and kernels.use_numba(x.device, force_torch):
         return kernels.bucket_norms(x.contiguous(), bucket, norm)

@@ -5,7 +5,7 @@ counter-based uniforms, the packing of code groups, the chunked serial/parallel
 driver, the bucket norms' kernel and the choice between numba and torch (:func:`use_numba`).
 
 Encoders write their payload in place where they can: into the send buffer the exchange
-reuses (``out`` of :func:`level_encode`, after the scales :func:`place_scales` wrote), so
+reuses (``out`` of :func:`level_encode` at :func:`codes_slot`, the scales by :func:`place_scales`), so
 neither a payload allocation nor the frame's copy happens on the hot path.
 
 Both implementations produce the same bytes for the same input and seed. Their
@@ -28,7 +28,7 @@ The CPU kernels split a message into chunks of :data:`CHUNK` coordinates (a thre
 unit of work). A chunk is processed in vectorizable passes over a small code buffer that
 stays in L1: codes of each bucket segment (one scale per segment, so no division per
 coordinate), then the packing of 8-code groups by shifts and masks. Where the bucket
-divides :data:`CHUNK` (QSGD's 512, the level sets' 8192), the bucket's norm is summed
+divides :data:`CHUNK` (:func:`one_pass`; QSGD's 512, the level sets' 8192), the bucket's norm is summed
 first, in the same pass (:func:`fused_level_encode`; the level sets' likewise): the
 bucket is read from memory once, then quantized from cache. Measured on the 2-core VM,
 25M coordinates, 4-bit QSGD, 2 threads: the norms' own pass took 3-7 ms of a 28 ms
@@ -49,8 +49,8 @@ except ImportError:  # pragma: no cover - numba is a declared dependency
     numba = None
 
 __all__ = ["draw_seed", "uniform", "level_encode", "level_decode", "sign_decode", "use_numba", "parallel_ok",
-           "run_chunks", "fill_uniforms", "ByWidth", "padded", "place_scales", "check_spare", "host_array",
-           "decode_target", "bucket_norms", "fused_level_encode", "CHUNK", "HAVE_NUMBA"]
+           "run_chunks", "fill_uniforms", "ByWidth", "padded", "codes_slot", "place_scales", "one_pass",
+           "check_spare", "host_array", "decode_target", "bucket_norms", "fused_level_encode", "CHUNK", "HAVE_NUMBA"]
 
 HAVE_NUMBA = numba is not None
 
@@ -174,12 +174,22 @@ def host_array(out):
     return out.numpy() if out is not None and out.device.type == "cpu" and HAVE_NUMBA else None
 
 
+def codes_slot(into, numel, bucket):
+    """Where the packed codes go inside a payload buffer ``into`` (a uint8 ndarray of float32
+    bucket scales, then codes; see :meth:`~mpiqsgd.codecs.base.Codec._quantize`), or None."""
+    return None if into is None else into[4 * (-(-numel // bucket)):]
+
+
 def place_scales(into, scales):
     """Write the float32 bucket ``scales`` at the start of a payload buffer ``into`` (a uint8
-    ndarray) and return the rest of it, where a kernel packs the codes."""
-    head = 4 * scales.numel()
-    into[:head].view(np.float32)[:] = scales.numpy()
-    return into[head:]
+    ndarray), before the codes of :func:`codes_slot`."""
+    into[:4 * scales.numel()].view(np.float32)[:] = scales.numpy()
+
+
+def one_pass(bucket):
+    """Whether the CPU kernels compute ``bucket``'s norms in the same pass as its codes: buckets
+    that divide :data:`CHUNK` (a chunk holds whole buckets)."""
+    return CHUNK % bucket == 0
 
 
 def check_spare(out, nbytes):

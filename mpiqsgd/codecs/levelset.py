@@ -243,28 +243,23 @@ class LevelSet(Codec):
     def _quantize(self, x, rng, want_decoded, into=None):
         if self.clip_sigma is not None:
             x = self._clip(x)
-        in_place = into is not None and kernels.use_numba(x.device, self.force_torch)  # only dense codes have an `into`
         seed = kernels.draw_seed(rng)
-        if (self.clip_sigma is None and kernels.use_numba(x.device, self.force_torch) and self.bits <= UNROLL_BITS
-                and kernels.CHUNK % self.bucket == 0):
-            # norms and codes in one pass: each bucket is read from memory once
-            n_buckets = -(-x.numel() // self.bucket)
+        cpu = kernels.use_numba(x.device, self.force_torch)
+        codes = kernels.codes_slot(into, x.numel(), self.bucket) if cpu else None  # only dense codes have an `into`
+        if cpu and self.clip_sigma is None and self.bits <= UNROLL_BITS and kernels.one_pass(self.bucket):
+            # norms and codes in one pass: each bucket read once
             norms, packed, decoded, bad = fused_levelset_encode(
-                x, self.norm, self._levels_on(x.device), self.bucket, self.bits, seed, want_decoded,
-                out=into[4 * n_buckets:] if in_place else None)
+                x, self.norm, self._levels_on(x.device), self.bucket, self.bits, seed, want_decoded, codes)
             if bad:
                 safe_norms(x, self.bucket, self.norm, self.method)  # raises the cause
                 raise NonFiniteError(f"{self.method}: {bad} bucket(s) with NaN/Inf values")
-            if in_place:
-                kernels.place_scales(into, norms)
-                return into, decoded
         else:
             norms = safe_norms(x, self.bucket, self.norm, self.method, self.force_torch)
-            codes = kernels.place_scales(into, norms) if in_place else None
             packed, decoded = levelset_encode(x, norms, self._levels_on(x.device), self.bucket, self.bits, seed,
                                               want_decoded, self.force_torch, self._search, out=codes)
-            if in_place:
-                return into, decoded
+        if codes is not None:
+            kernels.place_scales(into, norms)
+            return into, decoded
         if self.encoding == "entropy":
             code_symbol, table = entropy.levelset_symbols(self.bits, self.table)
             packed = torch.from_numpy(entropy.encode(packed.cpu().numpy(), x.numel(), self.bits, code_symbol,

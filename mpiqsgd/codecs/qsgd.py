@@ -197,30 +197,25 @@ class QSGD(Codec):
     def _quantize(self, x, rng, want_decoded, into=None):
         seed = kernels.draw_seed(rng) if self.stochastic else 0
         limit = max_norm(self.levels)
-        in_place = into is not None and kernels.use_numba(x.device, self.force_torch)  # only dense codes have an `into`
-        n_buckets = -(-x.numel() // self.bucket)
-        if kernels.use_numba(x.device, self.force_torch) and kernels.CHUNK % self.bucket == 0:
-            # norms and codes in one pass: each bucket is read from memory once
+        cpu = kernels.use_numba(x.device, self.force_torch)
+        codes = kernels.codes_slot(into, x.numel(), self.bucket) if cpu else None  # only dense codes have an `into`
+        if cpu and kernels.one_pass(self.bucket):  # norms and codes in one pass: each bucket read once
             norms, packed, decoded, bad = kernels.fused_level_encode(
-                x, self.bucket, self.norm, self.bits, self.levels, limit, seed, self.stochastic, want_decoded,
-                out=into[4 * n_buckets:] if in_place else None)
+                x, self.bucket, self.norm, self.bits, self.levels, limit, seed, self.stochastic, want_decoded, codes)
             if bad:
                 checked_norms(x, self.bucket, self.norm, self.name, limit, self.force_torch)  # raises the cause
                 raise NonFiniteError(f"{self.name}: {bad} bucket norm(s) not finite or above {limit:.4g}")
-            if in_place:
-                kernels.place_scales(into, norms)
-                return into, decoded
         else:
             norms = checked_norms(x, self.bucket, self.norm, self.name, limit, self.force_torch)
             scale = self.levels / norms
             # A zero bucket, or one so small that levels / norm overflows, is sent as zeros.
             scale = torch.where(torch.isfinite(scale), scale, torch.zeros_like(scale))
-            codes = kernels.place_scales(into, norms) if in_place else None
             packed, decoded = kernels.level_encode(
                 x, scale, norms / self.levels, self.bucket, self.bits, self.levels, seed, self.stochastic,
                 want_decoded, self.force_torch, out=codes)
-            if in_place:
-                return into, decoded
+        if codes is not None:
+            kernels.place_scales(into, norms)
+            return into, decoded
         if self.encoding != "dense":
             packed = self._elias(packed, x.numel()) if self.encoding == "elias" else self._entropy(packed, x.numel())
             if want_decoded:
