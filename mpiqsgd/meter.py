@@ -146,6 +146,11 @@ class Meter:
             if self.tracer is not None:
                 self.tracer.add(self.step, phase, name or phase, start, end, args)
 
+    def trace(self, category, name, start, end, **args):
+        """Put an interval timed elsewhere (``perf_counter`` seconds) in the trace; counts nothing."""
+        if self.tracer is not None:
+            self.tracer.add(self.step, category, name, start, end, args)
+
     @contextmanager
     def span(self, name, category="span", **args):
         """A traced block that adds to no counter (a bucket's exchange, a checkpoint)."""

@@ -9,7 +9,10 @@ different phases never match each other.
 
 ``allreduce_sum`` (the fp32 baseline) is one ``MPI.Allreduce``; MPI does not say
 what it sends, so each rank records the nominal bandwidth-optimal cost
-``floor(2 (n-1) / n * 4 numel)`` bytes with destination -1.
+``floor(2 (n-1) / n * 4 numel)`` bytes with destination -1. ``allreduce_array`` (a numpy
+array in place, ``op`` sum or max: the decode-free allreduce's integer words and shared scales)
+is counted the same way, ``floor(2 (n-1) / n * nbytes)``. :meth:`Transport.pipeline` starts the
+allreduces of an array's pieces as a producer hands them in (:class:`AllreducePipeline`).
 
 Small control traffic (meters, statistics, initial parameters) goes through
 ``allgather_bytes`` / ``bcast_bytes`` and is recorded only when given a phase.
@@ -65,13 +68,16 @@ POLL_MAX_SLEEP = 500e-6  # ... up to this: a waiting rank costs about 1/1000 of 
 WAITS = ("backoff", "spin")
 FIRST_STEP_FACTOR = 10  # step 0 compiles kernels on every rank: allow it more time
 
-__all__ = ["Transport", "MPITransport", "LocalGroup", "LocalTransport", "Poller", "world", "abort_if_parallel",
-           "allreduce_nbytes", "WAITS"]
+__all__ = ["Transport", "MPITransport", "LocalGroup", "LocalTransport", "Poller", "AllreducePipeline", "world",
+           "abort_if_parallel", "allreduce_nbytes", "WAITS", "REDUCE_OPS"]
+
+REDUCE_OPS = ("sum", "max")
 
 
-def allreduce_nbytes(numel, n):
-    """Nominal bytes one rank sends in a bandwidth-optimal allreduce of ``numel`` float32."""
-    return 2 * (n - 1) * 4 * numel // n if n > 1 else 0
+def allreduce_nbytes(numel, n, itemsize=4):
+    """Nominal bytes one rank sends in a bandwidth-optimal allreduce of ``numel`` items of ``itemsize``
+    bytes (float32 by default)."""
+    return 2 * (n - 1) * itemsize * numel // n if n > 1 else 0
 
 
 class Poller:
@@ -156,6 +162,52 @@ class Transport:
         header = wire.header_nbytes(buf) if framed else 0
         self.meter.record(phase, self.rank, dest, header, nbytes - header, fp32_bytes)
         return nbytes
+
+    def _record_allreduce(self, array, phase, fp32_numel):
+        """Record an allreduce of ``array`` at its nominal cost (and the fp32 allreduce of
+        ``fp32_numel`` values it stands for); return the nominal bytes."""
+        nominal = allreduce_nbytes(array.nbytes, self.size, itemsize=1)
+        if self.size > 1:
+            self.meter.record(phase, self.rank, -1, 0, nominal, allreduce_nbytes(fp32_numel, self.size))
+        return nominal
+
+    def allreduce_array(self, array, op="sum", phase="allreduce", fp32_numel=0):
+        """Reduce a contiguous numpy ``array`` over all ranks in place (``op``: "sum" or "max");
+        counted at the nominal cost of its bytes, standing for an fp32 allreduce of ``fp32_numel``."""
+        raise NotImplementedError
+
+    def pipeline(self, op, phase):
+        """An :class:`AllreducePipeline` over this transport (allreduces in the caller's thread)."""
+        return AllreducePipeline(self, op, phase)
+
+
+class AllreducePipeline:
+    """In-place allreduces of the pieces of one array, in order, each started as soon as the
+    producer hands it in, so that encoding piece k+1 overlaps piece k on the wire.
+
+    Use: ``put(piece, fp32_numel)`` for each piece (a contiguous numpy view; not touched again
+    until it is done), ``close()``, then ``for k in pipeline.done(): ...`` yields the index of
+    each piece whose sum is complete. This base class reduces each piece when it is put (no
+    overlap: simulated ranks, MPI libraries without thread support); :class:`MPITransport`'s
+    runs the allreduces in a driver thread. Collective: every rank puts the same pieces in the
+    same order.
+    """
+
+    def __init__(self, transport, op, phase):
+        if op not in REDUCE_OPS:
+            raise ConfigError(f"transport: allreduce op must be one of {', '.join(REDUCE_OPS)}; got {op!r}")
+        self.transport, self.op, self.phase = transport, op, phase
+        self.count = 0
+
+    def put(self, piece, fp32_numel):
+        self.transport.allreduce_array(piece, self.op, self.phase, fp32_numel)
+        self.count += 1
+
+    def close(self):
+        pass
+
+    def done(self):
+        yield from range(self.count)
 
 class MPITransport(Transport):
     """Transport over an mpi4py communicator.
@@ -305,6 +357,27 @@ class MPITransport(Transport):
                                f"the other ranks in the '{phase}' allreduce")
         return torch.from_numpy(host).to(tensor.device)
 
+    def _mpi_args(self, array, op):
+        if op not in REDUCE_OPS:
+            raise ConfigError(f"transport: allreduce op must be one of {', '.join(REDUCE_OPS)}; got {op!r}")
+        return array, getattr(self._MPI, op.upper())  # mpi4py types the buffer from the array's dtype
+
+    def allreduce_array(self, array, op="sum", phase="allreduce", fp32_numel=0):
+        nominal = self._record_allreduce(array, phase, fp32_numel)
+        if self.size > 1:
+            buf, mpi_op = self._mpi_args(array, op)
+            with self.meter.time("communicate", name="allreduce", message=phase, bytes=nominal):
+                self._collective(self.comm.Iallreduce, self.comm.Allreduce, f"the other ranks in the '{phase}' "
+                                 "allreduce", self._MPI.IN_PLACE, buf, op=mpi_op)
+        return array
+
+    def pipeline(self, op, phase):
+        """Allreduces started and finished by a driver thread (the only thread calling MPI while the
+        pipeline runs), where the MPI library allows a second thread; else in the caller's thread."""
+        if self.size == 1 or self._MPI.Query_thread() < self._MPI.THREAD_SERIALIZED:
+            return AllreducePipeline(self, op, phase)
+        return _DrivenPipeline(self, op, phase)
+
     def allgather_bytes(self, buf, phase=None):
         """Every rank's ``buf`` (any lengths), in rank order; counted and timed only when ``phase`` is given."""
         data = _as_bytes_array(buf)
@@ -342,6 +415,86 @@ class MPITransport(Transport):
             blocking(*args, **kwargs)
         else:
             self._wait(nonblocking(*args, **kwargs), what)
+
+
+class _DrivenPipeline(AllreducePipeline):
+    """:class:`AllreducePipeline` whose ``MPI_Iallreduce`` calls are started and tested by one driver
+    thread (polling with the transport's back-off, so that a waiting rank yields its core), while
+    the producer encodes the next piece. The consumer's time waiting in :meth:`done` is
+    ``communicate``; each piece's allreduce is a span of the trace on the driver's thread.
+    """
+
+    def __init__(self, transport, op, phase):
+        super().__init__(transport, op, phase)
+        self._todo, self._finished = queue.Queue(), queue.Queue()
+        self._error = None
+        self._thread = threading.Thread(target=self._drive, name="mpiqsgd-allreduce", daemon=True)
+        self._thread.start()
+
+    def put(self, piece, fp32_numel):
+        nominal = self.transport._record_allreduce(piece, self.phase, fp32_numel)
+        self._todo.put((self.count, piece, nominal))
+        self.count += 1
+
+    def close(self):
+        self._todo.put(None)
+
+    def _drive(self):
+        t = self.transport
+        in_flight, closed, sleep = [], False, POLL_FIRST_SLEEP
+        try:
+            while not closed or in_flight:
+                progressed = False
+                while True:  # start every piece handed in
+                    try:
+                        item = self._todo.get_nowait() if in_flight or closed else self._todo.get(timeout=0.05)
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        closed = True
+                        break
+                    k, piece, nominal = item
+                    buf, mpi_op = t._mpi_args(piece, self.op)
+                    in_flight.append((k, t.comm.Iallreduce(t._MPI.IN_PLACE, buf, op=mpi_op), time.perf_counter(),
+                                      nominal))
+                    progressed = True
+                for entry in list(in_flight):
+                    k, request, start, nominal = entry
+                    if request.Test():
+                        in_flight.remove(entry)
+                        t.meter.trace("communicate", "allreduce", start, time.perf_counter(), message=self.phase,
+                                      piece=k, bytes=nominal)
+                        self._finished.put(k)
+                        progressed = True
+                    elif t.comm_timeout is not None and time.perf_counter() - start > t._timeout():
+                        raise CommTimeout(f"waited {time.perf_counter() - start:.0f} s for the other ranks in "
+                                          f"piece {k} of the '{self.phase}' allreduce (rank {t.rank}, step "
+                                          f"{t.meter.step}): a rank is stopped, hung or gone")
+                if in_flight and not progressed:
+                    time.sleep(sleep)
+                    sleep = min(2 * sleep, POLL_MAX_SLEEP)
+                elif progressed:
+                    sleep = POLL_FIRST_SLEEP
+        except BaseException as exc:  # handed to the consumer
+            self._error = exc
+        finally:
+            self._finished.put(None)
+
+    def done(self):
+        t = self.transport
+        remaining = self.count
+        try:
+            while remaining:
+                with t.meter.time("communicate", name="wait", message=self.phase):
+                    k = self._finished.get()
+                if k is None:
+                    raise self._error or RuntimeError("allreduce pipeline ended early")
+                remaining -= 1
+                yield k
+        finally:
+            self._thread.join()
+            if self._error is not None:
+                raise self._error
 
 
 class LocalGroup:
@@ -477,6 +630,19 @@ class LocalTransport(Transport):
         for t in total[1:]:
             acc += t
         return acc.to(tensor.device)
+
+    def allreduce_array(self, array, op="sum", phase="allreduce", fp32_numel=0):
+        """Reduce in rank order (sums of integers and maxima are exact: the bits MPI gives)."""
+        if op not in REDUCE_OPS:
+            raise ConfigError(f"transport: allreduce op must be one of {', '.join(REDUCE_OPS)}; got {op!r}")
+        nominal = self._record_allreduce(array, phase, fp32_numel)
+        with self.meter.time("communicate", name="allreduce", message=phase, bytes=nominal):
+            values = self.group.exchange(self.rank, array.copy())
+        reduce = np.add if op == "sum" else np.maximum
+        array[...] = values[0]
+        for v in values[1:]:
+            reduce(array, v, out=array)
+        return array
 
     def allgather_bytes(self, buf, phase=None):
         data = bytes(memoryview(buf).cast("B"))

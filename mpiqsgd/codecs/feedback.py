@@ -93,12 +93,22 @@ class ErrorFeedback(Codec):
             (message, decoded float32 tensor) as :meth:`Codec.encode_decode` (``out`` likewise).
         """
         flat = x.detach().reshape(-1).to(torch.float32)
-        e = self.residuals.get(key)
-        p = flat if e is None or e.shape != flat.shape else flat + e.to(flat.device)
+        p = self.compensate(flat, key)
         message, decoded = self.inner.encode_decode(p, rng, out=out)
-        self.residuals[key] = p - decoded
-        check_residual(self.inner, self.residuals[key], flat, key)
+        self.update(key, p, decoded, flat)
         return message, decoded
+
+    def compensate(self, flat, key="grad"):
+        """``flat`` plus the residual of ``key`` (``flat`` itself where there is none yet): what to
+        quantize. For callers that quantize by other means (the decode-free allreduce)."""
+        e = self.residuals.get(key)
+        return flat if e is None or e.shape != flat.shape else flat + e.to(flat.device)
+
+    def update(self, key, compensated, decoded, flat):
+        """Keep ``compensated - decoded`` as the residual of ``key`` (``flat``: this call's input,
+        for the divergence check)."""
+        self.residuals[key] = compensated - decoded
+        check_residual(self.inner, self.residuals[key], flat, key)
 
     def encode(self, x, rng=None, key="grad", out=None):
         return self.encode_decode(x, rng, key, out)[0]

@@ -8,9 +8,12 @@ ps         push to rank 0, mean, pull (fp32 or encoded)     worker E; root (n-1)
 ring       reduce-scatter + allgather of encoded chunks     ~2 (n-1)/n * E
 scatter    direct scatter-reduce + direct allgather         ~2 (n-1)/n * E
 allgather  ring allgather of encoded gradients, decode all  (n-1) * E
+intsum     MPI Allreduce of QSGD levels on shared scales,   ~2 (n-1)/n * I
+           summed as packed integers (no rank decodes)
 =========  ===============================================  ==========================
 
-E is the codec's encoded size of the whole gradient, F that of fp32. Each module's
+E is the codec's encoded size of the whole gradient, F that of fp32, I that of the summable
+code (:mod:`mpiqsgd.codecs.summable`: fields wide enough for the sum over n ranks). Each module's
 docstring gives the exact formula; ``Aggregator.sent_nbytes`` computes it (None for a
 variable-length codec such as ``qsgd-elias``, whose messages the meter still counts).
 """
@@ -20,12 +23,13 @@ from ..errors import ConfigError
 from .allgather import Allgather
 from .allreduce import Allreduce
 from .base import Aggregator, chunk_bounds, mean_of, sum_of
+from .intsum import IntSum
 from .ps import ParameterServer
 from .ring import Ring, Scatter
 
 __all__ = ["Aggregator", "TOPOLOGIES", "DOWNLINKS", "make_aggregator", "chunk_bounds", "mean_of", "sum_of"]
 
-TOPOLOGIES = {cls.name: cls for cls in (Allreduce, ParameterServer, Ring, Scatter, Allgather)}
+TOPOLOGIES = {cls.name: cls for cls in (Allreduce, ParameterServer, Ring, Scatter, Allgather, IntSum)}
 DOWNLINKS = ("fp32", "codec")
 
 
@@ -49,11 +53,16 @@ def make_aggregator(name, transport, codec, seed=0, **options):
         codec: the codec (ignored by nothing: ``allreduce`` insists on fp32).
         seed: base seed of codec randomness.
         **options: topology options (``ps``: ``downlink``, ``server_error_feedback``,
-            ``dedicated``); ``None`` values are dropped.
+            ``dedicated``; ``intsum``: ``piece_numel``); ``None`` values are dropped.
     """
     if name not in TOPOLOGIES:
         raise ConfigError(f"unknown topology {name!r}; choose one of: {', '.join(TOPOLOGIES)}")
     options = {k: v for k, v in options.items() if v is not None}
+    if name == "intsum":
+        unknown = sorted(set(options) - {"piece_numel"})
+        if unknown:
+            raise ConfigError(f"topology 'intsum' takes no option {', '.join(unknown)} (only piece_numel)")
+        return IntSum(transport, codec, seed=seed, **options)
     if options and name != "ps":
         raise ConfigError(f"topology {name!r} takes no options ({', '.join(sorted(options))} are for ps)")
     if name == "ps":

@@ -3,13 +3,15 @@
 Every rank runs every test in the same order; no test skips on some ranks only.
 """
 
+import numpy as np
 import pytest
 import torch
 
-from mpiqsgd.codecs import make_codec
+from mpiqsgd.codecs import make_codec, summable
+from mpiqsgd.codecs.buckets import bucket_norms
 from mpiqsgd.meter import Meter
 from mpiqsgd.topology import make_aggregator
-from mpiqsgd.transport import MPITransport
+from mpiqsgd.transport import LocalGroup, MPITransport
 
 NUMELS = [1, 3, 1000, 4099]
 
@@ -61,6 +63,9 @@ QUANTIZED = [
     ("scatter", "sign", {"error_feedback": True}, {}),
     ("allgather", "qsgd", {"bits": 3}, {}),
     ("allgather", "fp16", {}, {}),
+    ("intsum", "qsgd", {}, {}),
+    ("intsum", "qsgd", {"bits": 2, "bucket": 128}, {"piece_numel": 1000}),
+    ("intsum", "qsgd-inf", {"rounding": "nearest", "error_feedback": True}, {}),
 ]
 
 
@@ -161,6 +166,37 @@ def test_variable_length_codec_is_bit_identical_and_counted(t, topology, options
     job = t.meter.job_totals(t)
     assert job["sent"]["bytes"] == sum(job["sent_by_rank"].values())
     assert sum(job["received_by_rank"].values()) == job["sent"]["bytes"]
+
+
+@pytest.mark.parametrize("levels", [1, 7, 15, 127])
+def test_integer_allreduce_sums_every_field_exactly(t, levels):
+    layout = summable.SummableLayout(levels, t.size)
+    numel, bucket = 7001, 256
+    g = grads(t.size, numel)
+    norms = torch.stack([bucket_norms(x, bucket) for x in g]).max(0).values
+    scale, unit = summable.bucket_scales(norms, levels)
+    words = [np.empty(layout.n_words(numel), np.uint64) for _ in range(t.size)]
+    for r in range(t.size):  # every rank's contribution, to know the exact sum
+        summable.encode_words(g[r], scale, unit, bucket, layout, 100 + r, True, words[r], 0, layout.n_chunks(numel))
+    total = t.allreduce_array(words[t.rank].copy(), "sum", "test")
+    shifts = np.arange(layout.per_word, dtype=np.uint64) * np.uint64(layout.width)
+    mask = np.uint64((1 << layout.width) - 1)
+    fields = [((w[:, None] >> shifts) & mask).reshape(-1)[:numel].astype(np.int64) for w in words + [total]]
+    assert np.array_equal(fields[-1], sum(fields[:-1]))
+
+
+@pytest.mark.parametrize("piece_numel", [0, 3000])
+def test_intsum_equals_its_simulation_bitwise(t, piece_numel):
+    numel = 20_011
+    g = grads(t.size, numel)
+    codec = dict(bits=3, error_feedback=True, rounding="nearest")
+    agg = make_aggregator("intsum", t, make_codec("qsgd", **codec), seed=9, piece_numel=piece_numel)
+    real = [agg.aggregate(g[t.rank].clone(), step=s) for s in range(2)]
+    group = LocalGroup(t.size)
+    sim = group.run(lambda lt: [a.aggregate(g[lt.rank].clone(), step=s) for a in
+                                [make_aggregator("intsum", lt, make_codec("qsgd", **codec), seed=9)] for s in range(2)],
+                    group.transports())
+    assert all(torch.equal(a, b) for a, b in zip(real, sim[t.rank]))
 
 
 def test_ring_sends_about_two_n_minus_one_over_n_of_the_encoded_size(t):
