@@ -25,8 +25,9 @@ every rank. A sum cannot be checked contribution by contribution, so :func:`unpa
 every field of the result against ``2 s p`` and every word's unused top bits against 0: a rank
 that sent a field above ``2 s`` shows up there when the sum overflows (not when it does not).
 
-The kernels work on whole chunks of :data:`WORDS_PER_CHUNK` words, the unit of the pipeline's
-pieces and of the kernels' threads. Uniforms are :mod:`mpiqsgd.codecs.kernels`' counter-based
+The kernels work on whole chunks of about :data:`CHUNK_NUMEL` coordinates (an even number of
+words: :func:`words_per_chunk`), the unit of the pipeline's pieces and of the kernels' threads;
+a chunk's fields stay in L1 between quantizing and packing. Uniforms are :mod:`mpiqsgd.codecs.kernels`' counter-based
 ones (coordinate i draws the uniform i of the seed), so a piece encodes the same wherever it
 starts. The torch reference (:func:`encode_reference`, :func:`sum_reference`) defines the same
 values and serves tests and hosts without numba.
@@ -41,9 +42,16 @@ from . import kernels
 from .kernels import HAVE_NUMBA
 
 __all__ = ["SummableLayout", "field_width", "encode_words", "unpack_mean", "bucket_scales", "encode_reference",
-           "sum_reference", "WORDS_PER_CHUNK"]
+           "sum_reference", "words_per_chunk", "CHUNK_NUMEL"]
 
-WORDS_PER_CHUNK = 2048  # even: a chunk starts at an even coordinate, as the uniforms' pairs need
+CHUNK_NUMEL = 1 << 14  # coordinates a kernel chunk holds, about (kernels.CHUNK, for the same reasons)
+
+
+def words_per_chunk(width):
+    """Words a chunk of ``width``-bit fields holds: an even number (a chunk starts at an even
+    coordinate, as the uniforms' pairs need) near :data:`CHUNK_NUMEL` coordinates."""
+    per_word = 64 // width
+    return 2 * -(-CHUNK_NUMEL // (2 * per_word))
 
 
 def field_width(levels, ranks):
@@ -56,6 +64,7 @@ class SummableLayout:
 
     Attributes:
         levels: QSGD's s. ranks: p. width: bits a field. per_word: fields a word.
+        n_chunk_words: words a kernel chunk holds.
         top: the largest valid field of a sum, ``2 s p``.
     """
 
@@ -65,13 +74,14 @@ class SummableLayout:
         if self.width > 32:
             raise ValueError(f"summable code: {ranks} ranks at s={levels} need {self.width}-bit fields (at most 32)")
         self.per_word = 64 // self.width
+        self.n_chunk_words = words_per_chunk(self.width)
         self.top = 2 * self.levels * self.ranks
 
     def n_words(self, numel):
         return -(-numel // self.per_word)
 
     def n_chunks(self, numel):
-        return -(-self.n_words(numel) // WORDS_PER_CHUNK)
+        return -(-self.n_words(numel) // self.n_chunk_words)
 
     def nbytes(self, numel):
         """Bytes of one rank's words for ``numel`` coordinates."""
@@ -79,13 +89,13 @@ class SummableLayout:
 
     def chunk_coords(self, c0, c1, numel):
         """Coordinates [start, stop) of chunks ``c0..c1-1``."""
-        per_chunk = WORDS_PER_CHUNK * self.per_word
+        per_chunk = self.n_chunk_words * self.per_word
         return min(numel, c0 * per_chunk), min(numel, c1 * per_chunk)
 
     def chunk_words(self, c0, c1, numel):
         """Words [start, stop) of chunks ``c0..c1-1``."""
         n = self.n_words(numel)
-        return min(n, c0 * WORDS_PER_CHUNK), min(n, c1 * WORDS_PER_CHUNK)
+        return min(n, c0 * self.n_chunk_words), min(n, c1 * self.n_chunk_words)
 
     def __repr__(self):
         return f"SummableLayout(levels={self.levels}, ranks={self.ranks}, width={self.width}, per_word={self.per_word})"
@@ -218,17 +228,19 @@ if HAVE_NUMBA:
 
     def _encode_kernel(width):
         """Quantize-and-pack chunks; ``width`` (and so the fields a word) a closure constant, so the
-        packing unrolls with immediate shifts."""
+        packing unrolls with immediate shifts. Fields are bytes (2 s <= 254) until packed."""
         per_word = 64 // width
+        chunk_words = words_per_chunk(width)
+        per_chunk = chunk_words * per_word
 
         @_kernel
         def kernel(c0, c1, x, scale, unit, bucket, levels, seed, stochastic, words, decoded, want):
             n = x.size
             n_words = words.size
             top = np.float32(levels)
-            per_chunk = WORDS_PER_CHUNK * per_word
-            fields = np.zeros(per_chunk, dtype=np.uint64)
-            u = np.empty(per_chunk if stochastic else 0, dtype=np.float32)
+            offset = np.int32(levels)
+            fields = np.zeros(per_chunk, dtype=np.uint8)
+            u = np.zeros(per_chunk, dtype=np.float32)
             zero = np.float32(0.0)
             for c in range(c0, c1):
                 start = c * per_chunk
@@ -239,28 +251,30 @@ if HAVE_NUMBA:
                 while i < stop:
                     b, end = kernels.bucket_segment(i, stop, bucket)
                     s = scale[b]
-                    for k in range(i - start, end - start):
-                        v = x[start + k]
+                    xs, fs, us = x[i:end], fields[i - start:end - start], u[i - start:end - start]
+                    for k in range(xs.size):
+                        v = xs[k]
                         r = min(abs(v) * s, top)
                         if stochastic:
                             lower = np.floor(r)
-                            level = np.int64(lower) + np.int64(u[k] < r - lower)
+                            level = np.int32(lower) + np.int32(us[k] < r - lower)
                         else:
-                            level = np.int64(np.rint(r))
-                        fields[k] = np.uint64((-level if v < zero else level) + levels)
+                            level = np.int32(np.rint(r))
+                        fs[k] = np.uint8(offset - level if v < zero else offset + level)
                     if want:
                         un = unit[b]
-                        for k in range(i - start, end - start):
-                            decoded[start + k] = np.float32(np.int64(fields[k]) - levels) * un
+                        ds = decoded[i:end]
+                        for k in range(xs.size):
+                            ds[k] = np.float32(np.int32(fs[k]) - offset) * un
                     i = end
-                g0 = c * WORDS_PER_CHUNK
-                g1 = min(n_words, g0 + WORDS_PER_CHUNK)
+                g0 = c * chunk_words
+                g1 = min(n_words, g0 + chunk_words)
                 for k in range(stop - start, (g1 - g0) * per_word):
-                    fields[k] = np.uint64(0)
+                    fields[k] = np.uint8(0)
                 for g in range(g1 - g0):
                     acc = np.uint64(0)
                     for f in range(per_word):
-                        acc |= fields[g * per_word + f] << np.uint64(f * width)
+                        acc |= np.uint64(fields[g * per_word + f]) << np.uint64(f * width)
                     words[g0 + g] = acc
             return 0
         return kernel
@@ -268,6 +282,8 @@ if HAVE_NUMBA:
     def _unpack_kernel(width):
         """Unpack, check and scale chunks of summed words; ``width`` a closure constant."""
         per_word = 64 // width
+        chunk_words = words_per_chunk(width)
+        per_chunk = chunk_words * per_word
         used = width * per_word
 
         @_kernel
@@ -275,33 +291,34 @@ if HAVE_NUMBA:
             n = out.size
             n_words = words.size
             mask = np.uint64((1 << width) - 1)
-            per_chunk = WORDS_PER_CHUNK * per_word
-            fields = np.empty(per_chunk, dtype=np.int64)
+            fields = np.zeros(per_chunk, dtype=np.int32)
+            off = np.int32(offset)
             bad = 0
             for c in range(c0, c1):
-                g0 = c * WORDS_PER_CHUNK
-                g1 = min(n_words, g0 + WORDS_PER_CHUNK)
+                g0 = c * chunk_words
+                g1 = min(n_words, g0 + chunk_words)
                 high = np.uint64(0)
                 for g in range(g1 - g0):
                     w = words[g0 + g]
                     if used < 64:
                         high |= w >> np.uint64(used)
                     for f in range(per_word):
-                        fields[g * per_word + f] = np.int64((w >> np.uint64(f * width)) & mask)
+                        fields[g * per_word + f] = np.int32((w >> np.uint64(f * width)) & mask)
                 bad += np.int64(high != np.uint64(0))
                 start = c * per_chunk
                 stop = min(n, start + per_chunk)
+                most = np.int32(0)
+                for k in range(stop - start):
+                    most = max(most, fields[k])
+                bad += np.int64(most > top)
                 i = start
-                most = np.int64(0)
                 while i < stop:
                     b, end = kernels.bucket_segment(i, stop, bucket)
                     mu = mean_unit[b]
-                    for k in range(i - start, end - start):
-                        field = fields[k]
-                        most = max(most, field)
-                        out[start + k] = np.float32(field - offset) * mu
+                    fs, os = fields[i - start:end - start], out[i:end]
+                    for k in range(fs.size):
+                        os[k] = np.float32(fs[k] - off) * mu
                     i = end
-                bad += np.int64(most > top)
             return bad
         return kernel
 

@@ -77,7 +77,7 @@ class IntSum(Aggregator):
     def _pieces(self, numel):
         """Chunk ranges [(c0, c1), ...] of the pipeline's pieces."""
         n_chunks = self.layout.n_chunks(numel)
-        per_chunk = summable.WORDS_PER_CHUNK * self.layout.per_word
+        per_chunk = self.layout.n_chunk_words * self.layout.per_word
         step = n_chunks if self.piece_numel <= 0 else max(1, round(self.piece_numel / per_chunk))
         return [(c, min(n_chunks, c + step)) for c in range(0, n_chunks, step)] or [(0, 0)]
 
