@@ -59,7 +59,7 @@ from pathlib import Path
 from .errors import MpiqsgdError
 
 __all__ = ["ClusterError", "Spec", "Cluster", "parse_rate", "parse_bytes", "parse_seconds", "default_burst_bytes",
-           "preflight", "setup_commands", "hostfile_text", "mpiexec_argv", "job_env", "enter_main",
+           "preflight", "setup_commands", "parse_enter_args", "hostfile_text", "mpiexec_argv", "job_env", "enter_main",
            "add_cluster_args", "run_cluster"]
 
 STATE_ROOT = Path("/run/mpiqsgd/cluster")
@@ -184,7 +184,7 @@ class Spec:
         return self.n_nodes * self.ranks_per_node
 
 
-def preflight(is_root=None, which=shutil.which, sys_module=Path("/sys/module")):
+def preflight(is_root=None, which=shutil.which, sys_module=Path("/sys/module"), modprobe=None):
     """Refuse early, saying why, where this machine cannot build a cluster; returns ``(ip, tc)`` paths.
 
     Bridge support is checked by ``/sys/module/bridge`` only where that exists; else the
@@ -199,7 +199,7 @@ def preflight(is_root=None, which=shutil.which, sys_module=Path("/sys/module")):
     if missing:
         raise ClusterError(f"no {' or '.join(repr(t) for t in missing)} on PATH: install iproute2 "
                            "(apt-get install iproute2)")
-    if sys_module.exists() and not (sys_module / "bridge").exists() and not _modprobe("bridge"):
+    if sys_module.exists() and not (sys_module / "bridge").exists() and not (modprobe or _modprobe)("bridge"):
         raise ClusterError("the kernel has no bridge support (no /sys/module/bridge and modprobe bridge failed): "
                            "load it (modprobe bridge) or use a kernel with CONFIG_BRIDGE")
     return tools["ip"], tools["tc"]
@@ -497,6 +497,18 @@ def _libc():
     return ctypes.CDLL(None, use_errno=True)
 
 
+def parse_enter_args(argv):
+    """``(host, argv to exec)`` of the launcher's arguments (see :func:`enter_main`)."""
+    direct = argv[:1] == ["--exec"]
+    args = list(argv[1:] if direct else argv)
+    while not direct and args and args[0].startswith("-"):  # ssh options Hydra adds (-x: no X forwarding)
+        args = args[1:]
+    if len(args) < 2:
+        raise ClusterError(f"usage: enter [--exec] HOST COMMAND...; got {argv}")
+    host, words = args[0], args[1:]
+    return host, words if direct else ["/bin/sh", "-c", " ".join(words)]
+
+
 def enter_main(state_dir, argv):
     """Run a command inside a host of the cluster at ``state_dir``; never returns.
 
@@ -507,13 +519,10 @@ def enter_main(state_dir, argv):
     ``MPIQSGD_NODE_INDEX``.
     """
     state = json.loads((Path(state_dir) / "state.json").read_text())
-    direct = argv[:1] == ["--exec"]
-    args = argv[1:] if direct else list(argv)
-    while not direct and args and args[0].startswith("-"):  # ssh options Hydra adds (-x: no X forwarding)
-        args = args[1:]
-    if len(args) < 2:
-        sys.exit(f"mpiqsgd cluster enter: usage: enter [--exec] HOST COMMAND...; got {argv}")
-    host, command = args[0], args[1:]
+    try:
+        host, command = parse_enter_args(argv)
+    except ClusterError as exc:
+        sys.exit(f"mpiqsgd cluster enter: {exc}")
     hosts = {"head": -1, **{f"node{i}": i for i in range(state["n_nodes"])}}
     if host not in hosts:
         sys.exit(f"mpiqsgd cluster enter: no host {host!r} in cluster {state['name']} (hosts: {', '.join(hosts)})")
@@ -522,8 +531,6 @@ def enter_main(state_dir, argv):
     socket.sethostname(host)
     if hosts[host] >= 0:
         os.environ["MPIQSGD_NODE_INDEX"] = str(hosts[host])
-    if not direct:
-        command = ["/bin/sh", "-c", " ".join(command)]
     try:
         os.execvp(command[0], command)
     except OSError as exc:
@@ -540,11 +547,10 @@ def add_cluster_args(p):
         q.add_argument("--nodes", type=int, required=required, help="number of nodes")
         q.add_argument("--rate", required=required, help="each node's link rate in each direction, tc style "
                                                          "(1gbit, 100mbit, 10gbit)")
-        q.add_argument("--ranks-per-node", type=int, default=1, help="MPI ranks (or per-node copies) per node "
-                                                                     "(default 1)")
+        q.add_argument("--ranks-per-node", type=int, help="MPI ranks (or per-node copies) per node (default 1)")
         q.add_argument("--burst", help="tbf bucket, tc style (256kb, 1mb; default 2 ms at the rate, >= 64kb)")
-        q.add_argument("--latency", default="50ms", help="tbf queue latency (default 50ms)")
-        q.add_argument("--subnet", default=Spec.subnet, help=f"private IPv4 subnet inside the cluster "
+        q.add_argument("--latency", help="tbf queue latency (default 50ms)")
+        q.add_argument("--subnet", help=f"private IPv4 subnet inside the cluster "
                                                               f"(default {Spec.subnet})")
 
     r = sub.add_parser("run", help="build a cluster, run a command on it, remove it (or run on one built by up)")
@@ -566,9 +572,9 @@ def add_cluster_args(p):
 
 def spec_from_args(args, name):
     rate = parse_rate(args.rate)
-    return Spec(name=name, n_nodes=args.nodes, rate_bps=rate, ranks_per_node=args.ranks_per_node,
+    return Spec(name=name, n_nodes=args.nodes, rate_bps=rate, ranks_per_node=args.ranks_per_node or 1,
                 burst_bytes=parse_bytes(args.burst) if args.burst else 0,
-                latency_seconds=parse_seconds(args.latency), subnet=args.subnet)
+                latency_seconds=parse_seconds(args.latency or "50ms"), subnet=args.subnet or Spec.subnet)
 
 
 def describe(spec):
@@ -587,8 +593,12 @@ def _program(args):
     return words if args.per_node else launch_program(words, sys.executable)
 
 
+class _Stopped(BaseException):
+    """SIGTERM or SIGHUP while a cluster exists: unwind through its removal, then exit 128 + signal."""
+
+
 def _raise_on_signal(signum, frame):
-    raise SystemExit(128 + signum)
+    raise _Stopped(signum)
 
 
 def run_cluster(args):
@@ -607,8 +617,12 @@ def run_cluster(args):
         return 0
     if c == "up":
         cluster = Cluster(spec_from_args(args, args.name))
-        signal.signal(signal.SIGTERM, _raise_on_signal)
-        cluster.create(owner_pid=None)
+        for s in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, _raise_on_signal)
+        try:
+            cluster.create(owner_pid=None)
+        except _Stopped as stop:
+            return 128 + stop.args[0]
         print(f"mpiqsgd {describe(cluster.spec)}; up. Run with `python -m mpiqsgd cluster run --name "
               f"{args.name} -- CMD`, remove with `python -m mpiqsgd cluster down --name {args.name}`",
               file=sys.stderr)
@@ -616,8 +630,11 @@ def run_cluster(args):
     program = _program(args)
     mpiexec = None if args.per_node else hydra_mpiexec()
     if args.nodes is None:
-        if args.rate is not None:
-            raise ClusterError("--rate without --nodes: give both to build a cluster, neither to use one built by up")
+        given = [f"--{k.replace('_', '-')}" for k in ("rate", "ranks_per_node", "burst", "latency", "subnet")
+                 if getattr(args, k) is not None]
+        if given:
+            raise ClusterError(f"{', '.join(given)} without --nodes: give --nodes and --rate to build a cluster, "
+                               "no shape flags to use the one `up` built")
         cluster = Cluster.attach(args.name or "mpiqsgd", mpiexec)
         job = cluster.run_per_node if args.per_node else cluster.run
         return job(program, args.timeout)
@@ -634,6 +651,10 @@ def run_cluster(args):
     except KeyboardInterrupt:
         print(f"mpiqsgd cluster: interrupted; removed {spec.name}", file=sys.stderr)
         return 130
+    except _Stopped as stop:
+        print(f"mpiqsgd cluster: stopped by {signal.Signals(stop.args[0]).name}; removed {spec.name}",
+              file=sys.stderr)
+        return 128 + stop.args[0]
 
 
 def _alive(pid):
