@@ -3,8 +3,8 @@
     mpiexec -n 4 python scripts/bench_ddp.py --model resnet20 --batch-size 32 [--hooks none,fp16,powersgd1,powersgd2]
 
 Launched by mpiexec only to start the processes: ranks come from the launcher's environment
-(PMI_RANK/PMI_SIZE of MPICH, OMPI_COMM_WORLD_* of Open MPI) and torch.distributed connects
-them over TCP (gloo) at 127.0.0.1 (--port). For each hook, every repeat times one step of
+(PMI_RANK/PMI_SIZE of MPICH, OMPI_COMM_WORLD_* of Open MPI, else RANK/WORLD_SIZE) and torch.distributed
+connects them over TCP (gloo) at $MASTER_ADDR, else 127.0.0.1 (--port). For each hook, every repeat times one step of
 the model alone (forward, backward, SGD: no communication) and one DDP step, each started
 by a barrier and timed on the slowest rank; the medians and their difference are printed
 as one JSON line per hook. PowerSGD starts compressing at step 2 (its default waits 1,000
@@ -28,7 +28,8 @@ from mpiqsgd.train.models import build_model
 
 
 def env_rank():
-    for rank, size in (("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE")):
+    for rank, size in (("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+                       ("RANK", "WORLD_SIZE")):
         if rank in os.environ:
             return int(os.environ[rank]), int(os.environ[size])
     return 0, 1
@@ -66,7 +67,8 @@ def main():
     rank, size = env_rank()
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // size))
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=rank, world_size=size)
+    addr = os.environ.get("MASTER_ADDR", "127.0.0.1")  # `mpiqsgd cluster run`: its first node
+    dist.init_process_group("gloo", init_method=f"tcp://{addr}:{args.port}", rank=rank, world_size=size)
     x, y = _step_inputs(args.model, args.batch_size, args.seed, rank, "cpu")
     loss_fn = torch.nn.functional.cross_entropy
     for hook in args.hooks.split(","):
