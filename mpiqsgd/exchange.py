@@ -52,9 +52,8 @@ import threading
 import torch
 
 from .codecs.base import all_finite
-from .codecs.fp import FP32
 from .errors import ConfigError, NonFiniteError
-from .topology import make_aggregator
+from .topology import make_aggregator, make_fp32_aggregator
 
 __all__ = ["GradientExchange", "DistributedOptimizer", "Bucket", "make_buckets", "broadcast_parameters",
            "parameter_checksum"]
@@ -145,7 +144,7 @@ class GradientExchange:
         self.uncompressed = [p for p in self.params if p.numel() < min_compress_numel]
         self.buckets = make_buckets(self.params, bucket_mb, min_compress_numel)
         self.aggregator = make_aggregator(topology, transport, codec, seed=seed, **options)
-        self.fp32 = make_aggregator(topology, transport, FP32(), seed=seed, **options)
+        self.fp32 = make_fp32_aggregator(topology, transport, seed=seed, **options)
         self.numel = {"compressed": sum(p.numel() for p in self.compressed),
                       "uncompressed": sum(p.numel() for p in self.uncompressed)}
         self.adaptive = codec.base if codec.adaptive else None

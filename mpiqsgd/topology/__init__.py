@@ -19,6 +19,7 @@ variable-length codec such as ``qsgd-elias``, whose messages the meter still cou
 """
 
 from ..codecs import ErrorFeedback
+from ..codecs.fp import FP32
 from ..errors import ConfigError
 from .allgather import Allgather
 from .allreduce import Allreduce
@@ -27,7 +28,8 @@ from .intsum import IntSum
 from .ps import ParameterServer
 from .ring import Ring, Scatter
 
-__all__ = ["Aggregator", "TOPOLOGIES", "DOWNLINKS", "make_aggregator", "chunk_bounds", "mean_of", "sum_of"]
+__all__ = ["Aggregator", "TOPOLOGIES", "DOWNLINKS", "make_aggregator", "make_fp32_aggregator", "chunk_bounds",
+           "mean_of", "sum_of"]
 
 TOPOLOGIES = {cls.name: cls for cls in (Allreduce, ParameterServer, Ring, Scatter, Allgather, IntSum)}
 DOWNLINKS = ("fp32", "codec")
@@ -72,3 +74,12 @@ def make_aggregator(name, transport, codec, seed=0, **options):
         down = _downlink_codec(codec, options.pop("downlink", "fp32"), options.pop("server_error_feedback", False))
         return ParameterServer(transport, codec, seed=seed, down_codec=down, **options)
     return TOPOLOGIES[name](transport, codec, seed=seed, **options)
+
+
+def make_fp32_aggregator(name, transport, seed=0, **options):
+    """The aggregator of the fp32 buffers that travel beside a codec's (small tensors such as biases):
+    the same topology with the fp32 codec, or MPI's fp32 allreduce beside ``intsum`` (whose integer
+    sum takes QSGD codecs only)."""
+    if name == "intsum":
+        return make_aggregator("allreduce", transport, FP32(), seed=seed)
+    return make_aggregator(name, transport, FP32(), seed=seed, **options)
