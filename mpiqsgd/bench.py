@@ -36,6 +36,7 @@ from .codecs.levelset import LevelSet
 from .codecs.qsgd import QSGD
 from .machine import machine_info
 from .topology import make_aggregator
+from .trace import Tracer, write_trace
 
 __all__ = ["bench_codec", "bench_codec_all", "ALL_CODECS", "symbol_stats", "bench_exchange", "bench_step",
            "bench_link", "peak_extra_bytes"]
@@ -349,8 +350,11 @@ def _median_max(transport, seconds):
     return float(np.median(table.max(axis=0))), table.max(axis=0).tolist()
 
 
-def bench_exchange(transport, codec, topology, numel, repeats=5, seed=0, device="cpu", **options):
+def bench_exchange(transport, codec, topology, numel, repeats=5, seed=0, device="cpu", trace=None, **options):
     """Time one topology against fp32 allreduce on every rank's random gradient.
+
+    Args:
+        trace: a path: write the Chrome trace of the candidate's last repeat there (rank 0).
 
     Returns:
         JSON-ready dict (meaningful on every rank; print it on rank 0).
@@ -366,6 +370,8 @@ def bench_exchange(transport, codec, topology, numel, repeats=5, seed=0, device=
     candidates = [("allreduce", FP32(), {}), (topology, codec, options)]
     for label, (name, cod, opts) in zip(("baseline", "candidate"), candidates):
         agg = make_aggregator(name, transport, cod, seed=seed, **opts)
+        if trace and label == "candidate":
+            transport.meter.tracer = Tracer(rank, lambda step: step == repeats)
         seconds = []
         for rep in range(repeats + 1):
             transport.meter.reset()
@@ -379,6 +385,9 @@ def bench_exchange(transport, codec, topology, numel, repeats=5, seed=0, device=
                        "seconds_per_repeat": series, "sent_bytes_this_rank": sent["bytes"],
                        "sent_bytes_formula": agg.sent_nbytes(numel, rank),
                        "phase_seconds_this_rank": dict(transport.meter.seconds), "result": result}
+    if trace:
+        write_trace(transport.meter, transport, trace)
+        transport.meter.tracer = None
     exact = runs["baseline"].pop("result")
     if dedicated:
         exact = exact * (n / (n - 1))

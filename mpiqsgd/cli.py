@@ -107,6 +107,7 @@ def build_parser():
     be.add_argument("--device", default="cpu")
     be.add_argument("--wait", default="backoff", choices=["backoff", "spin"], help="how ranks wait for messages")
     be.add_argument("--json", action="store_true")
+    be.add_argument("--trace", metavar="FILE", help="write the Chrome trace of the topology's last repeat here")
     be.add_argument("--sweep", action="store_true",
                     help="instead: ping-pong and sendrecv of 1 KB .. --max-mb between ranks 0 and 1, with the "
                          "latency-bandwidth fit that `mpiqsgd report --link-model` reads")
@@ -250,7 +251,7 @@ def run_bench_exchange(args):
     _positive("repeats", args.repeats)
     transport = world(args.wait)
     result = bench_exchange(transport, codec_from_args(args), args.topology, args.numel, args.repeats,
-                            args.seed, args.device, **topology_options(args))
+                            args.seed, args.device, trace=args.trace, **topology_options(args))
     if not _text_on_root(transport, result, args.json):
         return
     r = result

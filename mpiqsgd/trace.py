@@ -97,7 +97,8 @@ class Tracer:
             tid = 1 if comm else 0
             while tid in taken:
                 tid += 2
-            found = self.threads[ident] = (tid, "communication" if comm else "training")
+            name = "communication" if comm else "training" if tid == 0 else threading.current_thread().name
+            found = self.threads[ident] = (tid, name)
         return found[0]
 
     def add(self, step, category, name, start, end, args):
