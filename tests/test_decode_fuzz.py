@@ -293,7 +293,7 @@ def hostile_message(rng):
                 raw_header = msgpack.packb(header, use_bin_type=True).replace(
                     msgpack.packb("@@NEST@@"), _nested(depth))
         elif kind == 10:  # amplification: many values claimed for the bytes sent
-            header["numel"], payload = _amplify(rng, codec, payload)
+            payload = _amplify(rng, codec, header, payload)
         else:
             payload = _mutate_payload(rng, payload, codec, numel)
     if raw_header is None:
@@ -301,13 +301,16 @@ def hostile_message(rng):
     return codec, wire.frame(raw_header, payload), header.get("numel")
 
 
-def _amplify(rng, codec, payload):
-    """(numel, payload): a claim at or past MAX_VALUES_PER_BYTE for this payload or, for the entropy code,
-    the issue's one-symbol stream that agrees with its claim (symbol 0: the lowest level, never +0.0)."""
-    claim = rng.choice([PER_BYTE * len(payload), PER_BYTE * len(payload) + 1, 2**26, wire.MAX_NUMEL])
+def _amplify(rng, codec, header, payload):
+    """Claim (in ``header``) as many values as MAX_VALUES_PER_BYTE allows for the payload returned, or more;
+    for the entropy code, half the time the issue's message: one bucket of up to 2^30, its scale and a
+    one-symbol stream that agrees with the claim (symbol 0: the lowest level, never +0.0)."""
     if getattr(codec, "encoding", "dense") == "entropy" and rng.random() < 0.5:
-        payload = np.float32(1).tobytes() + bytes([0, 0, 0]) + varint(claim)
-    return claim, payload
+        header["numel"] = rng.choice([2**20, 2**26, wire.MAX_NUMEL])
+        header["params"]["bucket"] = rng.choice([2**30, wire.MAX_VARIABLE_BUCKET])
+        return np.float32(1).tobytes() + bytes([0, 0, 0]) + varint(header["numel"])
+    header["numel"] = rng.choice([PER_BYTE * len(payload), PER_BYTE * len(payload) + 1, 2**26, wire.MAX_NUMEL])
+    return payload
 
 
 def wire_names():
@@ -661,8 +664,7 @@ def test_values_per_byte_rule_applies_only_without_an_expected_size():
     assert wire.unframe(empty)[0]["numel"] == 0
 
 
-ISSUE_PARAMS = {"bits": 4, "levels": 7, "bucket": 2**30, "norm": "l2", "rounding": "stochastic",
-                "encoding": "entropy"}
+ISSUE_PARAMS = {"bits": 4, "levels": 7, "norm": "l2", "rounding": "stochastic", "encoding": "entropy"}
 
 
 def issue_message(numel, bucket=2**30):
