@@ -29,15 +29,25 @@ A valid CRC proves only that the bytes arrived as sent, not that the sender was 
 - ``0 <= numel <= MAX_NUMEL`` (2^31 coordinates, 8 GiB of decoded float32): a sender
   refuses to frame more (:func:`pack_header`), a receiver refuses to decode more;
 - codecs take ``bucket <= MAX_BUCKET`` (2^30) and their decoders allocate by ``numel``,
-  never by ``bucket`` (a bucket of 2^30 over numel 1 is one bucket of 1); the Elias code
-  caps its bucket lower (:data:`mpiqsgd.codecs.qsgd.ELIAS_MAX_BUCKET`).
+  never by ``bucket`` (a bucket of 2^30 over numel 1 is one bucket of 1);
+- a receiver that states no expected size gets at most ``MAX_VALUES_PER_BYTE`` (2^14)
+  values per payload byte: ``numel <= MAX_VALUES_PER_BYTE * P`` or a :class:`DecodeError`
+  naming the limit, before anything is allocated.
 
-Dense codecs' payload length is a pure function of ``numel``, so a short message cannot
-claim a large output. A variable-length (Elias) message can legitimately describe many
-zeros in a few bytes (one bit per all-zero bucket); its decoder writes only the non-zero
-coordinates into lazily zeroed memory, and a receiver that knows the length it expects
-passes it (``unframe(message, numel=n)``) so that a message of any other length is refused
-before decoding.
+The last rule bounds what any decoder may produce per byte received: a message of ``B``
+bytes decodes to at most ``2^14 B`` float32 values (64 KiB per byte; a 126-byte message to
+at most 8 MiB) with at most ``4 B + 4 MiB`` of working memory (copies of the payload, the
+entropy decoder's tables and chunks). Dense codecs' payload length is a pure function of
+``numel`` (at least 1 bit per value), far inside it. A variable-length message can
+legitimately describe many values in a few bytes (an all-zero or constant bucket costs its
+4-byte scale and a few bits), so every variable-length encoding caps its bucket at
+``MAX_VARIABLE_BUCKET`` = ``4 * MAX_VALUES_PER_BYTE`` (2^16) coordinates: the bucket
+scales alone then give every message an encoder writes at least one payload byte per 2^14
+values, and the rule refuses none of them (``tests/test_decode_fuzz.py`` proves both). A
+receiver that knows the length it expects passes it (``unframe(message, numel=n)``,
+``decode(message, numel=n)``): a message of any other length is refused before decoding,
+and the codec's own minimum payload for ``n`` values applies instead of the ratio (see
+``docs/decoding.md``).
 """
 
 import reprlib
@@ -56,6 +66,8 @@ __all__ = [
     "MAX_HEADER_BYTES",
     "MAX_NUMEL",
     "MAX_BUCKET",
+    "MAX_VALUES_PER_BYTE",
+    "MAX_VARIABLE_BUCKET",
     "describe",
     "pack_header",
     "checksum",
@@ -74,6 +86,11 @@ PREFIX_BYTES = _PREFIX.size
 MAX_HEADER_BYTES = 4096
 MAX_NUMEL = 1 << 31  # coordinates one message may claim
 MAX_BUCKET = 1 << 30  # coordinates per bucket a codec accepts
+# Values a message may decode to per payload byte when the receiver states no expected size.
+MAX_VALUES_PER_BYTE = 1 << 14
+# Coordinates per bucket of a variable-length encoding: its 4-byte scale per bucket keeps every
+# message within MAX_VALUES_PER_BYTE.
+MAX_VARIABLE_BUCKET = 4 * MAX_VALUES_PER_BYTE
 # Bytes past a message's end that a buffer to encode into in place must also have: the codec
 # kernels store whole 8-code groups, so the last group may reach 7 bytes beyond the payload.
 SLACK = 8
@@ -176,7 +193,8 @@ def unframe(message, numel=None):
     Args:
         message: a bytes-like object.
         numel: the number of values the receiver expects, if it knows; a header claiming
-            another number is refused before anything is decoded.
+            another number is refused before anything is decoded. When None, a header may
+            claim at most ``MAX_VALUES_PER_BYTE`` values per payload byte.
 
     Returns:
         (header dict, payload memoryview).
@@ -210,9 +228,22 @@ def unframe(message, numel=None):
     except Exception as exc:  # msgpack raises several unrelated types
         raise DecodeError(f"unreadable message header ({type(exc).__name__}: {exc})") from exc
     _check_header(header)
-    if numel is not None and header["numel"] != numel:
+    payload = body[hlen:]
+    if numel is None:
+        _check_ratio(header["numel"], len(payload))
+    elif header["numel"] != numel:
         raise DecodeError(f"message holds {header['numel']} values, the receiver expects {numel}")
-    return header, body[hlen:]
+    return header, payload
+
+
+def _check_ratio(numel, payload_nbytes):
+    """Refuse a header claiming more values than ``MAX_VALUES_PER_BYTE`` per payload byte."""
+    if numel > MAX_VALUES_PER_BYTE * payload_nbytes:
+        raise DecodeError(
+            f"message claims {numel} values in a payload of {payload_nbytes} bytes, more than the "
+            f"{MAX_VALUES_PER_BYTE} values per payload byte (wire.MAX_VALUES_PER_BYTE) that any encoder writes "
+            "and that a receiver decodes without an expected size; a receiver that knows how many values it "
+            "expects passes that count (decode(message, numel=n)) and the codec's own checks apply instead")
 
 
 def _check_header(header):

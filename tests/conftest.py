@@ -16,3 +16,12 @@ def vec(n, seed=0, dist="normal"):
     if dist == "heavy":
         return torch.randn(n, generator=g) ** 3
     return torch.rand(n, generator=g) - 0.3
+
+
+def varint(value):
+    """An unsigned LEB128 varint: how the entropy stream writes its counts."""
+    out = bytearray()
+    while value >= 128:
+        out.append(value & 127 | 128)
+        value >>= 7
+    return bytes(out + bytes([value]))

@@ -7,6 +7,10 @@ sender, so headers and payloads are checked on their own (:mod:`mpiqsgd.wire`).
 import os
 import random
 import struct
+import subprocess
+import sys
+import tracemalloc
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -14,8 +18,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+from conftest import varint
 from mpiqsgd import wire
-from mpiqsgd.codecs import CODECS as CODEC_NAMES, codec_for, decode, make_codec, make_generator
+from mpiqsgd.codecs import CODECS as CODEC_NAMES, ENCODINGS, codec_for, decode, make_codec, make_generator
 from mpiqsgd.codecs import kernels, levelset, qsgd
 from mpiqsgd.errors import ConfigError, DecodeError, MpiqsgdError
 
@@ -99,12 +104,12 @@ def test_appended_bytes():
         assert_decode_error(message + b"\x00")
 
 
-@pytest.mark.parametrize("header,payload,match", [
-    ({"codec": "lz4", "numel": 1, "params": {}}, b"", "unknown codec"),
+@pytest.mark.parametrize("header,payload,match", [  # a payload byte: a claim of no more than 2^14 values
+    ({"codec": "lz4", "numel": 1, "params": {}}, b"\0", "unknown codec"),
     ({"codec": "qsgd", "numel": 10, "params": {"bits": 0, "levels": 0, "bucket": 8, "norm": "l2",
-                                              "rounding": "stochastic"}}, b"", "invalid qsgd parameters"),
-    ({"codec": "qsgd", "numel": 10, "params": {"bits": 4}}, b"", "invalid qsgd parameters"),
-    ({"codec": "qsgd", "numel": 10, "params": {"bogus": 1}}, b"", "invalid qsgd parameters"),
+                                              "rounding": "stochastic"}}, b"\0", "invalid qsgd parameters"),
+    ({"codec": "qsgd", "numel": 10, "params": {"bits": 4}}, b"\0", "invalid qsgd parameters"),
+    ({"codec": "qsgd", "numel": 10, "params": {"bogus": 1}}, b"\0", "invalid qsgd parameters"),
     ({"codec": "fp32", "numel": 2**62, "params": {}}, b"\0" * 8, "cap"),
     ({"codec": "fp32", "numel": 3, "params": {}}, b"\0" * 8, "payload of 8 bytes"),
     ({"codec": "fp32", "numel": -1, "params": {}}, b"", "negative numel"),
@@ -156,7 +161,9 @@ FLT_MAX = float(np.finfo(np.float32).max)
 
 def hostile_codecs():
     """Every codec name, at a small bucket, at its widest and narrowest settings; every encoding."""
-    out = []
+    out = [make_codec("qsgd-elias", bits=2, bucket=wire.MAX_VARIABLE_BUCKET),
+           make_codec("qsgd-inf", bits=2, bucket=wire.MAX_VARIABLE_BUCKET, encoding="entropy"),
+           make_codec("nuqsgd", bits=2, bucket=wire.MAX_VARIABLE_BUCKET, encoding="entropy")]
     for name in CODEC_NAMES:
         if name in ENTROPY_NAMES:
             out += [make_codec(name, bits=8, bucket=8, encoding="entropy"),
@@ -254,7 +261,7 @@ def hostile_message(rng):
     header = {"codec": header["codec"], "numel": header["numel"], "params": dict(header["params"])}
     raw_header = None
     for _ in range(rng.randint(1, 3)):
-        kind = rng.randrange(10)
+        kind = rng.randrange(11)
         if raw_header is not None:  # the header is final: only the payload may change
             kind = 9
         params = header["params"] if isinstance(header["params"], dict) else {}
@@ -285,11 +292,25 @@ def hostile_message(rng):
                 header[where] = "@@NEST@@"
                 raw_header = msgpack.packb(header, use_bin_type=True).replace(
                     msgpack.packb("@@NEST@@"), _nested(depth))
+        elif kind == 10:  # amplification: many values claimed for the bytes sent
+            payload = _amplify(rng, codec, header, payload)
         else:
             payload = _mutate_payload(rng, payload, codec, numel)
     if raw_header is None:
         raw_header = msgpack.packb(header, use_bin_type=True)
     return codec, wire.frame(raw_header, payload), header.get("numel")
+
+
+def _amplify(rng, codec, header, payload):
+    """Claim (in ``header``) as many values as MAX_VALUES_PER_BYTE allows for the payload returned, or more;
+    for the entropy code, half the time the issue's message: one bucket of up to 2^30, its scale and a
+    one-symbol stream that agrees with the claim (symbol 0: the lowest level, never +0.0)."""
+    if getattr(codec, "encoding", "dense") == "entropy" and rng.random() < 0.5:
+        header["numel"] = rng.choice([2**20, 2**26, wire.MAX_NUMEL])
+        header["params"]["bucket"] = rng.choice([2**30, wire.MAX_VARIABLE_BUCKET])
+        return np.float32(1).tobytes() + bytes([0, 0, 0]) + varint(header["numel"])
+    header["numel"] = rng.choice([PER_BYTE * len(payload), PER_BYTE * len(payload) + 1, 2**26, wire.MAX_NUMEL])
+    return payload
 
 
 def wire_names():
@@ -389,7 +410,8 @@ def test_numel_above_the_cap_is_refused_before_allocating():
         decode(message)
     with pytest.raises(ConfigError, match="MAX_NUMEL"):
         wire.pack_header("fp32", wire.MAX_NUMEL + 1, {})
-    assert wire.unframe(wire.frame(wire.pack_header("fp32", wire.MAX_NUMEL, {}), b""))[0]["numel"] == wire.MAX_NUMEL
+    at_cap = wire.frame(wire.pack_header("fp32", wire.MAX_NUMEL, {}), b"")  # the receiver's count: no ratio rule
+    assert wire.unframe(at_cap, numel=wire.MAX_NUMEL)[0]["numel"] == wire.MAX_NUMEL
 
 
 def test_expected_numel():
@@ -489,3 +511,213 @@ def test_hostile_entropy_streams_with_valid_crc():
             tracemalloc.stop()
         assert peak <= 4 * max(0, claimed) + (1 << 20), (trial, peak, claimed)
     assert outcomes["refused"] > 800 and outcomes["decoded"] > 300, outcomes  # seeded: 0 mutations ~ 1 in 4
+
+
+# -- amplification: what decoding without an expected size may allocate ----------------------
+
+PER_BYTE = wire.MAX_VALUES_PER_BYTE
+WORKING_BYTES = 4 << 20  # docs/decoding.md: the decoders' working set, beyond 4 bytes per message byte
+
+
+def peak_bound(message):
+    """docs/decoding.md's bound on what decoding ``message`` without an expected size allocates: 4 bytes
+    per value, at most MAX_VALUES_PER_BYTE values per payload byte, plus the working set."""
+    payload_nbytes = len(message) - wire.header_nbytes(message)
+    return 4 * PER_BYTE * payload_nbytes + 4 * len(message) + WORKING_BYTES
+
+
+def traced_peak(fn):
+    """(fn(), the peak bytes allocated while it ran as tracemalloc sees them: numpy arrays, the decoded
+    values of the variable-length codes among them; torch's own allocations are not traced)."""
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        result = fn()
+        return result, tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
+def every_codec(buckets=(None, 1, 16, wire.MAX_VARIABLE_BUCKET, wire.MAX_VARIABLE_BUCKET + 1, wire.MAX_BUCKET),
+                bits=(None, 2, 8)):
+    """Every codec name with every encoding it takes, at every bucket and width of those given it accepts."""
+    out = {}
+    for name in CODEC_NAMES:
+        for encoding in (None,) + ENCODINGS:
+            for bucket in buckets:
+                for width in bits:
+                    try:
+                        codec = make_codec(name, bucket=bucket, encoding=encoding, bits=width)
+                    except ConfigError:
+                        continue
+                    out[(name, repr(codec))] = codec
+    return list(out.values())
+
+
+VARIABLE_CODECS = [c for c in every_codec(buckets=(16, wire.MAX_VARIABLE_BUCKET), bits=(2,)) if not c.fixed_size]
+
+
+def label(codec):
+    return f"{getattr(codec, 'method', codec.name)}-{codec.norm}-{codec.encoding}-{codec.bucket}"
+
+
+def test_variable_length_codecs_cover_every_variable_encoding():
+    assert {c.encoding for c in VARIABLE_CODECS} == set(ENCODINGS) - {"dense"}
+    assert {c.bucket for c in VARIABLE_CODECS} == {16, wire.MAX_VARIABLE_BUCKET}
+    assert len(VARIABLE_CODECS) >= 20, [label(c) for c in VARIABLE_CODECS]
+
+
+def test_no_encoder_writes_more_values_per_byte_than_a_receiver_decodes():
+    """The bound refuses nothing an encoder writes: the fewest payload bytes any codec's message of numel
+    values may have (min_payload_nbytes, which decoding checks) hold at most MAX_VALUES_PER_BYTE values each,
+    for every codec, encoding, bucket and numel up to MAX_NUMEL; the variable-length codes come close."""
+    densest = 0.0
+    codecs = every_codec()
+    assert len(codecs) > 100
+    for codec in codecs:
+        b = codec.bucket or 8
+        for numel in (0, 1, 2, b - 1, b, b + 1, 7 * b + 3, 2**20, 2**26 + 1, wire.MAX_NUMEL):
+            least = codec.min_payload_nbytes(numel)
+            assert numel <= PER_BYTE * least, (codec, numel, least)
+            densest = max(densest, numel / max(least, 1))
+    assert densest > 0.96 * PER_BYTE, densest  # the bound is not loose either: Elias at 2^16 reaches 15887
+
+
+@pytest.mark.parametrize("codec", VARIABLE_CODECS, ids=label)
+def test_extreme_inputs_decode_without_an_expected_size(codec):
+    """The shortest messages an encoder writes (all zeros; a constant, one level everywhere under the
+    max norm; one spike) decode without an expected size, to the encoder's values, within the bound."""
+    n = 16 * codec.bucket + 1
+    spike = torch.zeros(n)
+    spike[n // 3] = -3.0
+    for x in (torch.zeros(n), torch.ones(n), -torch.ones(n), spike, torch.zeros(1), torch.full((1,), 2.0)):
+        message, expected = codec.encode_decode(x, make_generator(0))
+        payload_nbytes = len(message) - wire.header_nbytes(message)
+        assert x.numel() <= PER_BYTE * payload_nbytes
+        for decoder in (decode, codec.decode):
+            out, peak = traced_peak(lambda: decoder(message))
+            assert torch.equal(out.view(torch.int32), expected.view(torch.int32))
+            assert 4 * x.numel() <= peak <= peak_bound(message), (peak, len(message))
+
+
+def _amplified(codec, message):
+    """The amplification family of one valid message: its payload under larger claims and, for the entropy
+    code, the issue's one-symbol stream of one bucket scale that agrees with each claim."""
+    header, payload = wire.unframe(message)
+    payload = bytes(payload)
+    n = header["numel"]
+    claims = [c for c in (n + 1, 2 * n + 1, PER_BYTE * len(payload), PER_BYTE * len(payload) + 1, 2**26,
+                          wire.MAX_NUMEL) if c <= wire.MAX_NUMEL]  # the cap refuses more, first
+    out = [reframe({**header, "numel": c}, payload) for c in claims]
+    if codec.encoding == "entropy":
+        for c in claims[2:]:  # the issue's family: one scale, one symbol, the claim
+            out.append(reframe({**header, "numel": c}, np.float32(1).tobytes() + bytes([0, 0, 0]) + varint(c)))
+        c = 2**20 + 1  # every bucket's scale: a valid message (as a constant under the max norm), decoded
+        scales = np.ones(-(-c // codec.bucket), dtype="<f4").tobytes()
+        out.append(reframe({**header, "numel": c}, scales + bytes([0, 0, 0]) + varint(c)))
+    return out
+
+
+@pytest.mark.parametrize("codec", VARIABLE_CODECS, ids=label)
+def test_amplification_is_refused_or_within_the_bound(codec):
+    """Every variable-length code: messages claiming many values for few bytes are refused, those past
+    MAX_VALUES_PER_BYTE before anything is allocated, and what decodes allocates within the bound."""
+    decoded = 0
+    for x in (torch.zeros(16 * codec.bucket + 1), torch.ones(5)):
+        for message in _amplified(codec, codec.encode(x, make_generator(0))):
+            claimed = msgpack.unpackb(message[wire.PREFIX_BYTES:wire.header_nbytes(message)])["numel"]
+            payload_nbytes = len(message) - wire.header_nbytes(message)
+            for decoder in (decode, codec.decode):
+                outcome, peak = traced_peak(lambda: check_hostile(decoder, message, claimed))
+                assert peak <= peak_bound(message), (label(codec), claimed, payload_nbytes, peak)
+                if claimed > PER_BYTE * payload_nbytes:
+                    assert outcome == "refused" and peak < 64 << 10, (claimed, peak)
+                    with pytest.raises(DecodeError, match=r"MAX_VALUES_PER_BYTE.*numel=n"):
+                        decoder(message)
+                decoded += outcome == "decoded"
+    assert decoded >= 2 * (codec.encoding == "entropy"), decoded  # the valid one-symbol stream decodes
+
+
+def test_hostile_messages_stay_within_the_peak_bound():
+    """Seeded: the hostile families (amplification among them) allocate at most the documented bound."""
+    rng = random.Random(31337)
+    outcomes = {"refused": 0, "decoded": 0}
+    for trial in range(600):
+        codec, message, claimed = hostile_message(rng)
+        for decoder in (decode, codec.decode):
+            outcome, peak = traced_peak(lambda: check_hostile(decoder, message, claimed))
+            assert peak <= peak_bound(message), (trial, label(codec), claimed, len(message), peak)
+            outcomes[outcome] += 1
+    assert outcomes["refused"] > 400 and outcomes["decoded"] > 20, outcomes
+
+
+def test_values_per_byte_rule_applies_only_without_an_expected_size():
+    payload = b"\0" * 10
+    at_limit = wire.frame(wire.pack_header("qsgd", PER_BYTE * 10, {}), payload)
+    assert wire.unframe(at_limit)[0]["numel"] == PER_BYTE * 10
+    over = wire.frame(wire.pack_header("qsgd", PER_BYTE * 10 + 1, {}), payload)
+    with pytest.raises(DecodeError, match=f"{PER_BYTE * 10 + 1} values in a payload of 10 bytes.*"
+                                          r"wire.MAX_VALUES_PER_BYTE.*decode\(message, numel=n\)"):
+        wire.unframe(over)
+    assert wire.unframe(over, numel=PER_BYTE * 10 + 1)[0]["numel"] == PER_BYTE * 10 + 1  # the receiver's count
+    empty = wire.frame(wire.pack_header("fp32", 0, {}), b"")
+    assert wire.unframe(empty)[0]["numel"] == 0
+
+
+ISSUE_PARAMS = {"bits": 4, "levels": 7, "norm": "l2", "rounding": "stochastic", "encoding": "entropy"}
+
+
+def issue_message(numel, bucket=2**30):
+    """Issue 23's reproduction: one used symbol (level +7, scale 1), numel claimed, about 126 bytes."""
+    header = {"codec": "qsgd", "numel": numel, "params": {**ISSUE_PARAMS, "bucket": bucket}}
+    return reframe(header, np.float32(1).tobytes() + bytes([0, 0, 14]) + varint(numel))
+
+
+@pytest.mark.parametrize("bucket", [2**30, wire.MAX_VARIABLE_BUCKET])
+def test_issue_reproduction_is_refused_before_allocating(bucket):
+    message = issue_message(2**26, bucket)
+    assert len(message) <= 126
+    _, peak = traced_peak(lambda: _refused(decode, message, r"claims 67108864 values.*MAX_VALUES_PER_BYTE.*numel="))
+    assert peak < 64 << 10, peak
+    # The receiver's own count replaces the ratio rule; the codec's checks still refuse it, allocating nothing.
+    match = "invalid qsgd parameters" if bucket == 2**30 else "needs at least 4100"
+    _, peak = traced_peak(lambda: _refused(lambda m: decode(m, numel=2**26), message, match))
+    assert peak < 64 << 10, peak
+
+
+def _refused(decoder, message, match):
+    with pytest.raises(DecodeError, match=match):
+        decoder(message)
+
+
+CHILD = """
+import resource, sys
+from mpiqsgd.codecs import decode
+from mpiqsgd.errors import DecodeError
+messages = [bytes.fromhex(arg) for arg in sys.argv[1:]]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for message in messages:
+    try:
+        decode(message)
+        print("decoded")
+    except DecodeError:
+        print("refused")
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in KiB is Linux's")
+def test_issue_reproduction_peak_rss_in_a_fresh_process():
+    """The issue measured +305 MiB of peak RSS: a fresh process measures the peak that tracemalloc cannot see
+    (torch's allocations, pages the kernel commits)."""
+    import mpiqsgd
+
+    root = str(Path(mpiqsgd.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    messages = [issue_message(2**26), issue_message(2**28), issue_message(2**26, wire.MAX_VARIABLE_BUCKET)]
+    run = subprocess.run([sys.executable, "-c", CHILD, *(m.hex() for m in messages)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    *outcomes, grown = run.stdout.split()
+    assert outcomes == ["refused"] * 3
+    assert int(grown) < 8 << 20, f"peak RSS grew by {int(grown) >> 20} MiB"

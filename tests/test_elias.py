@@ -165,7 +165,9 @@ def test_bad_streams_are_decode_errors():
             decode(reframe({**params, "bucket": bucket}, numel, payload_))
     with pytest.raises(DecodeError, match="payload bytes for numel=0"):
         decode(reframe(params, 0, b"\0"))
-    with pytest.raises(DecodeError, match="needs at least"):
+    with pytest.raises(DecodeError, match="needs at least"):  # the receiver's count: the codec's minimum applies
+        decode(reframe(params, 10**9, payload[:norms]), numel=10**9)
+    with pytest.raises(DecodeError, match="MAX_VALUES_PER_BYTE"):  # no count: more values per byte than allowed
         decode(reframe(params, 10**9, payload[:norms]))
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import vec
+from conftest import varint, vec
 from mpiqsgd import wire
 from mpiqsgd.codecs import bits as bitpack
 from mpiqsgd.codecs import codec_for, codec_from_flags, decode, entropy, make_codec, make_generator
@@ -148,6 +148,14 @@ def test_params_round_trip_and_headers():
     assert "encoding" not in make_codec("nuqsgd").params  # dense headers unchanged
 
 
+@pytest.mark.parametrize("name", ["qsgd", "qsgd-inf", "nuqsgd", "alq"])
+def test_bucket_is_capped_so_messages_stay_within_the_decode_ratio(name):
+    assert make_codec(name, bucket=wire.MAX_VARIABLE_BUCKET, encoding="entropy").bucket == 2**16
+    with pytest.raises(ConfigError, match="entropy encoding takes bucket <= 65536 .*MAX_VALUES_PER_BYTE"):
+        make_codec(name, bucket=wire.MAX_VARIABLE_BUCKET + 1, encoding="entropy")
+    assert make_codec(name, bucket=wire.MAX_BUCKET).bucket == 2**30  # the dense code keeps its range
+
+
 @pytest.mark.parametrize("codec,encoding,match", [
     ("sign", "entropy", "applies only to"), ("fp32", "dense", "applies only to"),
     ("nuqsgd", "elias", "elias applies only to"), ("qsgd-elias", "entropy", "fixes the encoding"),
@@ -168,14 +176,6 @@ def test_flag_builds_each_encoding():
 def stream_message(codec, numel, stream, scale=1.0):
     scales = np.full(-(-numel // codec.bucket), scale, dtype="<f4").tobytes()
     return wire.frame(codec.header_bytes(numel), scales + bytes(stream))
-
-
-def varint(v):
-    out = bytearray()
-    while v >= 128:
-        out.append(v & 127 | 128)
-        v >>= 7
-    return bytes(out + bytes([v]))
 
 
 def valid_stream(codec, x, seed=0):
@@ -282,7 +282,7 @@ def test_short_stream_of_zeros_does_not_commit_its_claimed_length():
 
 def test_bucket_above_numel_sizes_nothing():
     for name in ("qsgd", "nuqsgd"):
-        codec = make_codec(name, bucket=2**30, encoding="entropy")
+        codec = make_codec(name, bucket=wire.MAX_VARIABLE_BUCKET, encoding="entropy")
         message = codec.encode(torch.tensor([0.5, -2.0, 1.0]), make_generator(0))
         out = decode(message)
         assert out.numel() == 3 and bool(torch.isfinite(out).all())

@@ -18,6 +18,15 @@ caller probes for attributes:
   (adaptive level sets refit their table from statistics merged across ranks);
 - :attr:`Codec.base`: the codec whose wire format the messages have (itself, or the codec
   an :class:`~mpiqsgd.codecs.feedback.ErrorFeedback` compensates).
+
+Decoding untrusted bytes: a receiver that states no expected size decodes at most
+:data:`~mpiqsgd.wire.MAX_VALUES_PER_BYTE` (2^14) values per payload byte
+(:func:`mpiqsgd.wire.unframe` refuses more before anything is allocated), so every codec
+keeps ``min_payload_nbytes(numel) * MAX_VALUES_PER_BYTE >= numel``: dense codecs spend at
+least a bit per value; a variable-length encoding, which may code a bucket of zeros in a few
+bits, takes a bucket of at most :data:`~mpiqsgd.wire.MAX_VARIABLE_BUCKET` (2^16)
+coordinates (:func:`check_bucket`), whose 4-byte scale is then at least a byte per 2^14
+values. ``docs/decoding.md`` has the whole bound.
 """
 
 import numpy as np
@@ -26,7 +35,7 @@ import torch
 from .. import wire
 from ..errors import ConfigError, DecodeError, NonFiniteError
 
-__all__ = ["Codec", "make_generator", "check_choice", "check_int", "all_finite", "non_finite_error"]
+__all__ = ["Codec", "make_generator", "check_choice", "check_int", "check_bucket", "all_finite", "non_finite_error"]
 
 
 def all_finite(t):
@@ -72,6 +81,18 @@ def check_int(codec, name, value, lo, hi=None):
         bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
         raise ConfigError(f"{codec}: {name} must be {bound}; got {value}")
     return int(value)
+
+
+def check_bucket(codec, bucket, encoding):
+    """``bucket`` checked for ``encoding``: at most :data:`~mpiqsgd.wire.MAX_BUCKET` for the dense code,
+    at most :data:`~mpiqsgd.wire.MAX_VARIABLE_BUCKET` for a variable-length one (whose messages must
+    stay within :data:`~mpiqsgd.wire.MAX_VALUES_PER_BYTE`: see the module docstring)."""
+    bucket = check_int(codec, "bucket", bucket, 1, wire.MAX_BUCKET)
+    if encoding != "dense" and bucket > wire.MAX_VARIABLE_BUCKET:
+        raise ConfigError(f"{codec}: {encoding} encoding takes bucket <= {wire.MAX_VARIABLE_BUCKET} (one 4-byte scale "
+                          f"per bucket keeps its messages within wire.MAX_VALUES_PER_BYTE = {wire.MAX_VALUES_PER_BYTE} "
+                          f"values per byte); got {bucket}")
+    return bucket
 
 
 class Codec:

@@ -33,7 +33,11 @@ task merged last. It gives the bytes of the sequential reference :func:`encode_c
 when installed, else the same functions in Python), which stays beside it; a test compares
 them.
 Decoding validates every field against the bucket and the stream: a truncated,
-overlong or corrupted stream is an error code, never a read past the buffer.
+overlong or corrupted stream is an error code, never a read past the buffer. An all-zero
+bucket costs 1 bit, so the codec caps the bucket (:data:`mpiqsgd.wire.MAX_VARIABLE_BUCKET`,
+2^16): with its 4-byte norm, every message holds a payload byte per 2^14 coordinates at
+least, within what a receiver decodes without an expected size
+(:data:`mpiqsgd.wire.MAX_VALUES_PER_BYTE`).
 """
 
 import numpy as np

@@ -46,7 +46,11 @@ counts are those sent, that the coder ends empty and that the padding indices ar
 stream that fails any of these is a :class:`DecodeError`. Memory: the tables are at most
 4096 tuples, the coder works in chunks of :data:`DECODE_CHUNK` tuples, the values go into
 lazily zeroed memory and tuples whose coordinates all decode to +0.0 are not written (a
-short stream of a near-certain zero symbol commits no pages for them).
+short stream of a near-certain zero symbol commits no pages for them). A one-symbol model
+codes any number of coordinates in a few bytes, so the codecs cap the bucket of this
+encoding (:data:`mpiqsgd.wire.MAX_VARIABLE_BUCKET`): their 4-byte scales keep a message at
+a payload byte per :data:`mpiqsgd.wire.MAX_VALUES_PER_BYTE` values, the most a receiver
+decodes without an expected size.
 
 Speed: ``constriction`` holds the GIL while it codes, so the coding is one thread per
 process. The histogram runs on numba's threads; encoding overlaps the coder of one chunk

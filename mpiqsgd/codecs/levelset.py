@@ -56,7 +56,8 @@ The last bucket may be short; its norm covers only its own coordinates.
 
 With ``encoding="entropy"`` (the params gain ``"encoding": "entropy"``) the norms are
 followed by the stream of :mod:`mpiqsgd.codecs.entropy` (the codes ``0..K-1`` as symbols):
-variable length, at least ``4 * n_buckets + 4`` bytes, the same quantization and values.
+variable length, at least ``4 * n_buckets + 4`` bytes, the same quantization and values; bucket
+at most 65536 (:data:`mpiqsgd.wire.MAX_VARIABLE_BUCKET`, as for QSGD's variable-length codes).
 """
 
 import zlib
@@ -70,7 +71,7 @@ from . import fits, gradstats, histogram
 from . import leveltables as tables
 from . import bits as bitpack
 from . import entropy, kernels
-from .base import Codec, check_choice, check_int
+from .base import Codec, check_bucket, check_choice, check_int
 from .levelset_kernels import (UNROLL_BITS, fused_levelset_encode, levelset_decode, levelset_encode, normalized,
                                search_table)
 from .buckets import bucket_rows, safe_norms
@@ -156,7 +157,8 @@ class LevelSet(Codec):
             only their own table.
         clip_sigma: clip each coordinate to ``+-clip_sigma * std`` of its bucket before
             quantizing (TernGrad uses 2.5); biased; encoder-side only, not in the header.
-        encoding: ``"dense"`` bit packing (default) or ``"entropy"`` (rANS, variable length).
+        encoding: ``"dense"`` bit packing (default) or ``"entropy"`` (rANS, variable length;
+            bucket at most 65536).
     """
 
     name = "levelset"
@@ -170,7 +172,7 @@ class LevelSet(Codec):
             entropy.check_available(method)
         default_bits, fixed_norm, _ = METHODS[method]
         self.bits = check_int(method, "bits", default_bits if bits is None else bits, 1, 8)
-        self.bucket = check_int(method, "bucket", bucket, 1, wire.MAX_BUCKET)
+        self.bucket = check_bucket(method, bucket, encoding)
         if norm is None:  # measured: max-norm buckets give adaptive levels half the variance (README)
             norm = fixed_norm or ("max" if method in ADAPTIVE else "l2")
         self.norm = check_choice(method, "norm", norm, NORMS)

@@ -32,6 +32,10 @@ With ``encoding="entropy"`` (``"encoding": "entropy"`` in the params) the norms 
 by the stream of :mod:`mpiqsgd.codecs.entropy`: the signed levels (``2 s + 1`` symbols, level
 0 one symbol) coded by rANS with their counts in the message; variable length, at least
 ``4 * n_buckets + 4`` bytes; the same quantization and decoded values (level 0 as +0.0).
+
+Both variable-length encodings take ``bucket <= 65536`` (:data:`mpiqsgd.wire.MAX_VARIABLE_BUCKET`):
+the norms alone then spend a payload byte per 16384 coordinates, the most a receiver that
+states no expected size decodes (:data:`mpiqsgd.wire.MAX_VALUES_PER_BYTE`).
 """
 
 import functools
@@ -40,19 +44,17 @@ import math
 import numpy as np
 import torch
 
-from .. import wire
 from ..errors import ConfigError, DecodeError, NonFiniteError
 from . import bits as bitpack
 from . import elias, entropy, kernels
 from .buckets import bucket_norms
-from .base import Codec, all_finite, check_choice, check_int, non_finite_error
+from .base import Codec, all_finite, check_bucket, check_choice, check_int, non_finite_error
 
 __all__ = ["QSGD", "bits_for_levels", "bucket_norms", "checked_norms", "finite_scales", "max_norm"]
 
 ROUNDINGS = ("stochastic", "nearest")
 NORMS = ("l2", "max")
 ENCODINGS = ("dense", "elias", "entropy")
-ELIAS_MAX_BUCKET = 1 << 16  # bounds what a short sparse message can make a receiver allocate
 
 
 def bits_for_levels(levels):
@@ -124,8 +126,8 @@ class QSGD(Codec):
         norm: ``"l2"`` (QSGD) or ``"max"`` (QSGD-inf).
         rounding: ``"stochastic"`` (unbiased, default) or ``"nearest"``.
         encoding: ``"dense"`` bit packing (default, fixed length), ``"elias"``
-            (the paper's sparse code, variable length; bucket at most 65536) or ``"entropy"``
-            (rANS with the symbol counts in the message, variable length).
+            (the paper's sparse code) or ``"entropy"`` (rANS with the symbol counts in the
+            message); both variable length, with bucket at most 65536.
     """
 
     name = "qsgd"
@@ -148,13 +150,11 @@ class QSGD(Codec):
             levels = 2 ** (bits - 1) - 1
         self.bits = bits
         self.levels = levels
-        self.bucket = check_int(self.name, "bucket", bucket, 1, wire.MAX_BUCKET)
+        self.encoding = check_choice(self.name, "encoding", encoding, ENCODINGS)
+        self.bucket = check_bucket(self.name, bucket, encoding)
         self.norm = check_choice(self.name, "norm", norm, NORMS)
         self.rounding = check_choice(self.name, "rounding", rounding, ROUNDINGS)
         self.stochastic = rounding == "stochastic"
-        self.encoding = check_choice(self.name, "encoding", encoding, ENCODINGS)
-        if encoding == "elias" and self.bucket > ELIAS_MAX_BUCKET:
-            raise ConfigError(f"{self.name}: elias encoding takes bucket <= {ELIAS_MAX_BUCKET}; got {self.bucket}")
         if encoding == "entropy":
             entropy.check_available(self.name)
             self._symbols = entropy.qsgd_symbols(self.bits, self.levels)
