@@ -9,14 +9,15 @@ from mpiqsgd.codecs import make_codec
 from mpiqsgd.exchange import DistributedOptimizer, GradientExchange
 
 # (topology, codec name, codec params, topology options): every topology, and a stochastic,
-# an error-feedback and an adaptive codec.
+# an error-feedback and an adaptive codec (intsum: QSGD codecs only).
 CASES = [("allreduce", "fp32", {}, {})] + [
     (topology, codec, params, options)
     for topology, options in (("ps", {"downlink": "codec"}), ("ring", {}), ("scatter", {}), ("allgather", {}))
     for codec, params in (("qsgd", {"bits": 4, "bucket": 64}),
                           ("qsgd", {"bits": 2, "rounding": "nearest", "error_feedback": True}),
                           ("alq", {"bits": 3, "bucket": 256}))
-]
+] + [("intsum", "qsgd", {"bits": 4, "bucket": 64}, {}),
+     ("intsum", "qsgd", {"bits": 2, "rounding": "nearest", "error_feedback": True}, {})]
 BUCKET_MB = 0.004  # 4 KB: the model below makes 3 buckets
 
 
