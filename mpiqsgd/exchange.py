@@ -38,6 +38,12 @@ aggregators. Only one thread calls the transport at a time (MPI needs
 do not overlap: the refit needs the whole gradient before the first bucket is encoded.
 The meter's ``wait`` phase is the time the training thread waits in ``finish``.
 
+Gradient accumulation (``backward_passes_per_step=k``): the hooks count each parameter's
+gradients since the last exchange (passes inside :meth:`GradientExchange.no_sync` are not
+counted); a bucket is complete after the k-th, and a (k+1)-th raises :class:`ConfigError`
+instead of leaving a gradient out. :class:`DistributedOptimizer` is a ``torch.optim.Optimizer``
+(docs/pytorch.md: schedulers, closures, clipping after ``synchronize()``, GradScaler, checkpoints).
+
 Adaptive codecs (ALQ, AMQ and their -N variants) refit their levels at the steps of
 the schedule (by default 0, 100, 2000, then every 10,000): every rank computes
 sufficient statistics of its whole compressed gradient (registration order), they are
@@ -131,6 +137,8 @@ class GradientExchange:
         adapt_every: ... and every this many steps (0: never again).
         bucket_mb: gradient bucket size in MB (0: one bucket).
         overlap: aggregate buckets in a communication thread while backward runs.
+        backward_passes_per_step: backward passes whose summed gradients one exchange sends
+            (gradient accumulation); one more before the exchange raises :class:`ConfigError`.
         **options: topology options (``ps``: downlink, server_error_feedback, dedicated).
     """
 
