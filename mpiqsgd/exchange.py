@@ -38,6 +38,12 @@ aggregators. Only one thread calls the transport at a time (MPI needs
 do not overlap: the refit needs the whole gradient before the first bucket is encoded.
 The meter's ``wait`` phase is the time the training thread waits in ``finish``.
 
+Gradient accumulation (``backward_passes_per_step=k``): the hooks count each parameter's
+gradients since the last exchange (passes inside :meth:`GradientExchange.no_sync` are not
+counted); a bucket is complete after the k-th, and a (k+1)-th raises :class:`ConfigError`
+instead of leaving a gradient out. :class:`DistributedOptimizer` is a ``torch.optim.Optimizer``
+(docs/pytorch.md: schedulers, closures, clipping after ``synchronize()``, GradScaler, checkpoints).
+
 Adaptive codecs (ALQ, AMQ and their -N variants) refit their levels at the steps of
 the schedule (by default 0, 100, 2000, then every 10,000): every rank computes
 sufficient statistics of its whole compressed gradient (registration order), they are
@@ -45,9 +51,11 @@ allgathered (phase ``adapt``, counted), merged in rank order, and every rank fit
 same levels from the same merged statistics, so all ranks hold bit-identical tables.
 """
 
+import contextlib
 import io
 import queue
 import threading
+import weakref
 
 import torch
 
@@ -128,31 +136,117 @@ class GradientExchange:
         adapt_every: ... and every this many steps (0: never again).
         bucket_mb: gradient bucket size in MB (0: one bucket).
         overlap: aggregate buckets in a communication thread while backward runs.
+        backward_passes_per_step: backward passes whose summed gradients one exchange sends
+            (gradient accumulation); one more before the exchange raises :class:`ConfigError`.
         **options: topology options (``ps``: downlink, server_error_feedback, dedicated).
     """
 
     def __init__(self, parameters, transport, codec, topology="scatter", seed=0, min_compress_numel=0,
                  warmup_steps=0, adapt_at=(0, 100, 2000), adapt_every=10000, bucket_mb=0, overlap=False,
-                 **options):
-        self.params = [p for p in parameters if p.requires_grad]
-        if not self.params:
+                 backward_passes_per_step=1, **options):
+        params = [p for p in parameters if p.requires_grad]
+        if not params:
             raise ConfigError("GradientExchange: no parameters that require gradients")
         self.transport = transport
         self.codec = codec
         self.warmup_steps = warmup_steps
-        self.compressed = [p for p in self.params if p.numel() >= min_compress_numel]
-        self.uncompressed = [p for p in self.params if p.numel() < min_compress_numel]
-        self.buckets = make_buckets(self.params, bucket_mb, min_compress_numel)
+        self.min_compress_numel = min_compress_numel
+        self.bucket_mb = bucket_mb
         self.aggregator = make_aggregator(topology, transport, codec, seed=seed, **options)
         self.fp32 = make_fp32_aggregator(topology, transport, seed=seed, **options)
-        self.numel = {"compressed": sum(p.numel() for p in self.compressed),
-                      "uncompressed": sum(p.numel() for p in self.uncompressed)}
         self.adaptive = codec.base if codec.adaptive else None
         self.adapt_at = set(adapt_at)
         self.adapt_every = adapt_every
         self.seed = seed
         self.refits = []  # {"step", "won", "psi"} of each refit (the guarantee's log)
+        self.backward_passes_per_step = backward_passes_per_step
+        # Gradient arrivals per parameter since the last exchange, counted by post-accumulate-grad
+        # hooks: they say when a bucket is complete (overlap) and catch a backward pass beyond
+        # backward_passes_per_step, whose gradient would otherwise miss the exchange (or be summed
+        # into the next one) without a word.
+        self._lock = threading.Lock()
+        self._arrivals = {}
+        self._counting = True  # False inside no_sync()
+        self._hooks, self._hooked = [], set()
+        self._set_params(params)
         self.overlap = _Overlap(self) if overlap else None
+
+    @property
+    def backward_passes_per_step(self):
+        """Backward passes whose gradients one exchange sums (gradient accumulation); buckets leave after the last."""
+        return self._passes
+
+    @backward_passes_per_step.setter
+    def backward_passes_per_step(self, k):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ConfigError(f"backward_passes_per_step must be an integer >= 1; got {k!r}")
+        self._passes = k
+
+    def _set_params(self, params):
+        self.params = list(params)
+        self._ids = {id(p) for p in self.params}
+        self.compressed = [p for p in self.params if p.numel() >= self.min_compress_numel]
+        self.uncompressed = [p for p in self.params if p.numel() < self.min_compress_numel]
+        self.buckets = make_buckets(self.params, self.bucket_mb, self.min_compress_numel)
+        self.numel = {"compressed": sum(p.numel() for p in self.compressed),
+                      "uncompressed": sum(p.numel() for p in self.uncompressed)}
+        ref = weakref.ref(self)  # an exchange that is dropped stops counting
+
+        def on_grad(param):
+            exchange = ref()
+            if exchange is not None:
+                exchange._on_grad(param)
+
+        for p in params:
+            if id(p) not in self._hooked:
+                self._hooks.append(p.register_post_accumulate_grad_hook(on_grad))
+                self._hooked.add(id(p))
+
+    def add_parameters(self, parameters):
+        """Exchange ``parameters`` too from the next step on (a layer unfrozen, a new param group).
+
+        Every rank must add the same parameters in the same order. The buckets are rebuilt:
+        error-feedback residuals of buckets whose length changes restart from zero.
+        """
+        new = [p for p in parameters if id(p) not in self._ids]
+        if not new:
+            return
+        if self.overlap is not None and self.overlap.pending:
+            raise ConfigError("GradientExchange.add_parameters between begin() and finish(): add them between steps")
+        self._set_params(self.params + new)
+        if self.overlap is not None:
+            self.overlap.rebucket()
+
+    def _on_grad(self, param):
+        """A post-accumulate-grad hook: count the arrival; a bucket whose last gradient is in leaves (overlap)."""
+        if not self._counting:
+            return
+        k = self.backward_passes_per_step
+        with self._lock:
+            n = self._arrivals.get(id(param), 0) + 1
+            if n > k:
+                raise ConfigError(
+                    f"backward pass {n} since the last exchange, but backward_passes_per_step={k}: the exchange "
+                    f"would miss this gradient. Call step() (or GradientExchange.finish) after every {k} backward "
+                    "pass(es), raise backward_passes_per_step=, or run the extra passes inside no_sync() (or an "
+                    "earlier GradientExchange over the same parameters was not close()d)")
+            self._arrivals[id(param)] = n
+        if n == k and self.overlap is not None:
+            self.overlap._on_grad(param)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Backward passes inside this block accumulate gradients locally and are not counted (DDP's
+        ``no_sync``): the exchange after the block sends their sum."""
+        before, self._counting = self._counting, False
+        try:
+            yield
+        finally:
+            self._counting = before
+
+    def _reset_arrivals(self):
+        with self._lock:
+            self._arrivals.clear()
 
     def compresses_at(self, step):
         """Whether ``step`` sends the compressed buffers through the codec (after the warm-up steps)."""
@@ -195,8 +289,10 @@ class GradientExchange:
                 self.fp32.aggregate(flat_u, step, bucket.index) if flat_u is not None else None)
 
     def begin(self, step):
-        """Stamp ``step`` on the meter and arm the exchange before its backward (overlap only)."""
+        """Stamp ``step`` on the meter, start counting backward passes anew and arm the exchange
+        before its backward (overlap only)."""
         self.transport.begin_step(step)  # the step's compute is counted (and traced) as this step's
+        self._reset_arrivals()
         if self.overlap is not None:
             self.overlap.begin(step, arm=not self.adapts_at(step))
 
@@ -204,7 +300,10 @@ class GradientExchange:
         """Replace every parameter's ``.grad`` by its mean over ranks (collective).
 
         With overlap, waits for the buckets that :meth:`begin` armed (and sends those whose
-        gradients never arrived); without, aggregates every bucket now.
+        gradients never arrived); without, aggregates every bucket now. A parameter without a
+        gradient on this rank (an unused branch) contributes zeros and receives the mean, as
+        DDP's ``find_unused_parameters=True`` does; one that no longer requires a gradient
+        (frozen after construction) keeps its ``.grad``.
         """
         if self.adapts_at(step):
             self.adapt(_flatten(self.compressed), step)
@@ -218,6 +317,11 @@ class GradientExchange:
                 _unflatten(mean_c, bucket.compressed)
             if mean_u is not None:
                 _unflatten(mean_u, bucket.uncompressed)
+        self._reset_arrivals()
+
+    def pending(self, step):
+        """Whether :meth:`begin` armed ``step`` and :meth:`finish` has not yet completed it (overlap only)."""
+        return self.overlap is not None and self.overlap.pending and self.overlap.step == step
 
     def synchronize(self, step):
         """:meth:`finish` for a step that was never armed: aggregate every bucket now (collective)."""
@@ -226,9 +330,12 @@ class GradientExchange:
         self.finish(step)
 
     def close(self):
-        """Stop the communication thread (overlap only)."""
+        """Stop the communication thread (overlap only) and remove the gradient hooks."""
         if self.overlap is not None:
             self.overlap.close()
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks, self._hooked = [], set()
 
     def _stateful(self):
         for name, agg in (("compressed", self.aggregator), ("uncompressed", self.fp32)):
@@ -265,6 +372,9 @@ def _unflatten(flat, params):
     offset = 0
     for p in params:
         n = p.numel()
+        if not p.requires_grad:
+            offset += n
+            continue
         if p.grad is None:
             p.grad = torch.empty_like(p)
         p.grad.copy_(flat[offset:offset + n].view_as(p))
@@ -272,10 +382,10 @@ def _unflatten(flat, params):
 
 
 class _Overlap:
-    """The communication thread of a :class:`GradientExchange` and the hooks that feed it.
+    """The communication thread of a :class:`GradientExchange`, fed by its gradient hooks.
 
-    State per step: ``remaining[i]`` counts the parameters of bucket ``i`` whose gradient
-    has not arrived; ``flats[i]`` holds bucket ``i``'s copied buffers once complete;
+    State per step: ``remaining[i]`` counts the parameters of bucket ``i`` whose last
+    gradient of the step (backward pass ``backward_passes_per_step``) has not arrived; ``flats[i]`` holds bucket ``i``'s copied buffers once complete;
     ``next_index`` is the first bucket not yet handed to the thread. The thread takes
     ``(bucket, flats)`` jobs from a queue in index order and appends each bucket's means
     to ``results``; ``None`` stops it.
@@ -284,23 +394,25 @@ class _Overlap:
     def __init__(self, exchange):
         exchange.transport.require_threads()
         self.exchange = exchange
-        self.bucket_of = {}
-        for bucket in exchange.buckets:
-            for p in bucket.params:
-                self.bucket_of[id(p)] = bucket.index
-                p.register_post_accumulate_grad_hook(self._on_grad)
         self.lock = threading.Lock()
         self.jobs = queue.Queue()
         self.done = queue.Queue()
         self.armed = False
+        self.pending = False  # begun and not yet finished
         self.step = None
         self.thread = None
         self.early = 0  # buckets of the last step handed over during backward (before finish)
+        self.rebucket()
+
+    def rebucket(self):
+        """Map each parameter to its bucket (after the exchange's buckets were rebuilt)."""
+        self.bucket_of = {id(p): bucket.index for bucket in self.exchange.buckets for p in bucket.params}
 
     def begin(self, step, arm):
         with self.lock:
             self.step = step
             self.armed = arm
+            self.pending = True
             self.remaining = [len(b.params) for b in self.exchange.buckets]
             self.flats = [None] * len(self.exchange.buckets)
             self.next_index = 0
@@ -343,11 +455,12 @@ class _Overlap:
                 return
 
     def finish(self, step):
-        if self.step != step:
+        if self.step != step or not self.pending:
             raise ConfigError(f"GradientExchange.finish({step}) without begin({step}) (last begun: {self.step})")
         buckets = self.exchange.buckets
         with self.lock:
             self.armed = False
+            self.pending = False
             for i in range(self.next_index, len(buckets)):
                 if self.flats[i] is None:
                     self.flats[i] = _bucket_flats(buckets[i])
@@ -369,41 +482,208 @@ class _Overlap:
             self.thread = None
 
 
-class DistributedOptimizer:
-    """Wrap a torch optimizer: ``step()`` first averages gradients through ``exchange``.
+class DistributedOptimizer(torch.optim.Optimizer):
+    """A torch optimizer whose ``step()`` first averages the gradients across ranks through ``exchange``.
+
+    ``DistributedOptimizer(opt, exchange)`` returns an instance of a subclass of
+    ``type(opt)`` built at run time (Horovod's design), sharing ``opt``'s parameter groups,
+    state, defaults and hooks: it is an ``Optimizer`` and a ``type(opt)``, so LR schedulers,
+    ``torch.amp.GradScaler``, ``zero_grad(set_to_none=...)``, ``add_param_group`` and
+    checkpoints work as with ``opt`` (use it instead of ``opt`` from then on). Per step:
+
+    1. ``zero_grad()`` zeroes the gradients and arms the exchange (with overlap, buckets
+       leave as their gradients are ready in the last declared backward pass);
+    2. ``backward()``, ``backward_passes_per_step`` times (gradient accumulation); passes
+       inside :meth:`no_sync` are not counted; one more pass stops with :class:`ConfigError`;
+    3. optionally :meth:`synchronize`: ``.grad`` now holds the mean over ranks (clip it here);
+    4. ``step(closure=None)``: the exchange (unless :meth:`synchronize` did it), then the
+       wrapped optimizer's update. With a closure, every evaluation of it is exchanged.
+
+    Under ``GradScaler.step`` (fp16) the exchange sees the unscaled fp32 gradients, and a
+    step with NaN/Inf on any rank is skipped on every rank (one 1-byte allgather, phase
+    ``nonfinite``); each rank's scaler keeps its own scale. Parameters of the optimizer that
+    require gradients but are not in the exchange (a layer unfrozen, ``add_param_group``)
+    are added to it (:meth:`GradientExchange.add_parameters`).
 
     Args:
-        optimizer: any ``torch.optim.Optimizer`` over the same parameters.
+        optimizer: any ``torch.optim.Optimizer`` over (a subset of) the exchange's parameters.
         exchange: a :class:`GradientExchange`.
+        backward_passes_per_step: backward passes whose summed gradients one step exchanges
+            (None: the exchange's ``backward_passes_per_step``, 1 by default).
+        skip_non_finite: agree across ranks before every exchange whether any gradient holds
+            NaN/Inf, and if so skip the step everywhere (needed with ``GradScaler`` when
+            calling :meth:`synchronize` yourself; automatic under ``GradScaler.step``).
+
+    Attributes:
+        steps: optimizer steps taken (seeds the codecs; kept in :meth:`state_dict`).
+        skipped: whether the last exchange was skipped for NaN/Inf.
     """
 
-    def __init__(self, optimizer, exchange):
-        self.optimizer = optimizer
+    # GradScaler.step then calls step() itself with ``grad_scale`` / ``found_inf`` set instead of
+    # skipping it on the ranks that found Inf: all ranks must take part in the exchange.
+    _step_supports_amp_scaling = True
+
+    def __new__(cls, optimizer=None, exchange=None, *args, **kwargs):
+        if cls is not DistributedOptimizer:  # copy.deepcopy, pickle: the state comes after
+            return super().__new__(cls)
+        if isinstance(optimizer, DistributedOptimizer):
+            raise ConfigError("DistributedOptimizer: optimizer= is already a DistributedOptimizer")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(f"DistributedOptimizer: optimizer= must be a torch.optim.Optimizer; "
+                              f"got {type(optimizer).__name__}")
+        obj = object.__new__(_distributed_class(type(optimizer)))
+        obj.__dict__.update(optimizer.__dict__)  # Optimizer.__init__ already ran on these
+        return obj
+
+    def __init__(self, optimizer, exchange, backward_passes_per_step=None, skip_non_finite=False):
+        if not isinstance(exchange, GradientExchange):
+            raise ConfigError(f"DistributedOptimizer: exchange= must be a GradientExchange; "
+                              f"got {type(exchange).__name__}")
+        if backward_passes_per_step is not None:
+            exchange.backward_passes_per_step = backward_passes_per_step
+        if skip_non_finite and exchange.overlap is not None:
+            raise ConfigError(_AMP_OVERLAP)
         self.exchange = exchange
+        self.skip_non_finite = skip_non_finite
         self.steps = 0
-
-    def zero_grad(self, set_to_none=True):
-        """Zero the gradients and arm the exchange for the coming backward (overlap)."""
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-        self.exchange.begin(self.steps)
-
-    def step(self):
-        if self.exchange.overlap is not None and self.exchange.overlap.step == self.steps:
-            self.exchange.finish(self.steps)
-        else:
-            self.exchange.synchronize(self.steps)
-        self.optimizer.step()
-        self.steps += 1
+        self.skipped = False
+        self._synchronized = False
+        self._track_parameters()
 
     @property
-    def param_groups(self):
-        return self.optimizer.param_groups
+    def backward_passes_per_step(self):
+        return self.exchange.backward_passes_per_step
+
+    def no_sync(self):
+        """Context manager: backward passes inside it accumulate locally and are not counted (DDP's ``no_sync``)."""
+        return self.exchange.no_sync()
+
+    def zero_grad(self, set_to_none=True):
+        """Zero the gradients and arm the exchange for the coming backward passes (overlap)."""
+        super().zero_grad(set_to_none=set_to_none)
+        self.exchange.begin(self.steps)
+        self._synchronized = False
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        if "exchange" in self.__dict__:  # not while the wrapped optimizer's __init__ adds its groups
+            self._track_parameters()
+
+    def _track_parameters(self):
+        """Add the parameters that require gradients and are missing from the exchange (same on every rank)."""
+        missing = [p for group in self.param_groups for p in group["params"]
+                   if p.requires_grad and id(p) not in self.exchange._ids]
+        if missing:
+            self.exchange.add_parameters(missing)
+
+    def synchronize(self):
+        """Finish this step's exchange now (collective): ``.grad`` holds the mean over ranks, for
+        clipping or inspection; the next ``step()`` only updates. With ``GradScaler``, call
+        ``scaler.unscale_(opt)`` first (and pass ``skip_non_finite=True``)."""
+        if self._synchronized:
+            raise ConfigError("DistributedOptimizer.synchronize() twice in one step: call step() in between")
+        self._exchange(None, self.skip_non_finite)
+        self._synchronized = True
+
+    def _exchange(self, grad_scale, check_finite):
+        ex = self.exchange
+        self._track_parameters()
+        self.skipped = False
+        if check_finite:
+            if ex.overlap is not None:
+                raise ConfigError(_AMP_OVERLAP)
+            grads = list({id(p): p.grad for group in self.param_groups for p in group["params"]
+                          if p.grad is not None}.values())
+            if grad_scale is not None and grads:  # GradScaler.step without unscale_: unscale as it would
+                torch._foreach_mul_(grads, grad_scale.double().reciprocal().float().to(grads[0].device))
+            bad = not all(all_finite(g) for g in grads)
+            flags = ex.transport.allgather_bytes(bytes([bad]), phase="nonfinite")
+            if any(flag != b"\x00" for flag in flags):
+                self.skipped = True  # on every rank: the gradients stay local, the update is skipped
+                ex._reset_arrivals()
+                return
+        if ex.pending(self.steps):
+            ex.finish(self.steps)
+        else:
+            ex.synchronize(self.steps)
+
+    def step(self, closure=None):
+        """Exchange the gradients (unless :meth:`synchronize` did), then the wrapped optimizer's update.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (as for any torch optimizer);
+                the gradients of every evaluation are exchanged before the update uses them.
+        """
+        grad_scale = getattr(self, "grad_scale", None)  # set by GradScaler.step around this call
+        amp = "found_inf" in self.__dict__
+        if self._synchronized and self.exchange._arrivals:
+            raise ConfigError("backward() after synchronize() in the same step: its gradient would never be "
+                              "exchanged; call synchronize() after the last backward pass")
+        try:
+            if closure is not None:
+                if self._synchronized:
+                    raise ConfigError("step(closure) after synchronize(): the closure recomputes the gradients; "
+                                      "call one or the other")
+
+                def evaluate():
+                    with torch.enable_grad():
+                        loss = closure()
+                    self._exchange(None, self.skip_non_finite)
+                    return loss
+
+                return self._update(evaluate)
+            if self._synchronized:
+                if grad_scale is not None:
+                    raise ConfigError("GradScaler.step after synchronize() without scaler.unscale_(optimizer) "
+                                      "first: the exchange averaged scaled gradients")
+            else:
+                self._exchange(grad_scale, amp or self.skip_non_finite)
+            return None if self.skipped else self._update(None)
+        finally:
+            self._synchronized = False
+            self.steps += 1
+
+    def _update(self, closure):
+        # The wrapped update must not see GradScaler's attributes: the gradients are unscaled and
+        # checked already, and a fused optimizer would unscale them a second time.
+        saved = {k: self.__dict__.pop(k) for k in ("grad_scale", "found_inf") if k in self.__dict__}
+        try:
+            return super().step(closure) if closure is not None else super().step()
+        finally:
+            self.__dict__.update(saved)
 
     def state_dict(self):
-        return {"optimizer": self.optimizer.state_dict(), "exchange": self.exchange.state_dict(),
-                "steps": self.steps}
+        """The wrapped optimizer's state dict plus ``"mpiqsgd"``: the exchange's codec state
+        (error-feedback residuals, adaptive levels) and :attr:`steps`."""
+        state = super().state_dict()
+        state["mpiqsgd"] = {"exchange": self.exchange.state_dict(), "steps": self.steps}
+        return state
 
-    def load_state_dict(self, state):
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.exchange.load_state_dict(state["exchange"], self.exchange.params[0].device)
-        self.steps = state["steps"]
+    def load_state_dict(self, state_dict):
+        """Restore :meth:`state_dict` (a plain optimizer's state dict restores the optimizer alone)."""
+        state_dict = dict(state_dict)
+        ours = state_dict.pop("mpiqsgd", None)
+        super().load_state_dict(state_dict)
+        if ours is not None:
+            self.exchange.load_state_dict(ours["exchange"], self.exchange.params[0].device)
+            self.steps = ours["steps"]
+
+
+# Optimizer.__setstate__ (copy.deepcopy) wraps an unhooked step in the profiler's step hooks; the
+# wrapped optimizer's step that ours calls already runs them, once.
+DistributedOptimizer.step.hooked = True
+
+_AMP_OVERLAP = ("GradScaler (and skip_non_finite=True) need the exchange to see unscaled gradients, but overlap=True "
+                "sends buckets during backward, while they are still scaled: build the GradientExchange with "
+                "overlap=False")
+
+_CLASSES = {}
+
+
+def _distributed_class(base):
+    """``DistributedOptimizer`` mixed into ``base`` (one class per optimizer class, as Horovod builds)."""
+    cls = _CLASSES.get(base)
+    if cls is None:
+        cls = _CLASSES[base] = type(base.__name__, (DistributedOptimizer, base),
+                                    {"__module__": __name__, "__qualname__": f"DistributedOptimizer[{base.__name__}]"})
+    return cls

@@ -1,6 +1,7 @@
 """The peer: torch DDP on gloo, timed like ``mpiqsgd bench step`` (same models, batch, ranks, link).
 
-    mpiexec -n 4 python scripts/bench_ddp.py --model resnet20 --batch-size 32 [--hooks none,fp16,powersgd1,powersgd2]
+    mpiexec -n 4 python scripts/bench_ddp.py --model resnet20 --batch-size 32 \
+        [--hooks none,fp16,powersgd1,powersgd2,mpiqsgd-qsgd4]
 
 Launched by mpiexec only to start the processes: ranks come from the launcher's environment
 (PMI_RANK/PMI_SIZE of MPICH, OMPI_COMM_WORLD_* of Open MPI, else RANK/WORLD_SIZE) and torch.distributed
@@ -9,6 +10,10 @@ the model alone (forward, backward, SGD: no communication) and one DDP step, eac
 by a barrier and timed on the slowest rank; the medians and their difference are printed
 as one JSON line per hook. PowerSGD starts compressing at step 2 (its default waits 1,000
 steps) and is warmed up before timing; it runs with one DDP bucket (see ``main``).
+
+``mpiqsgd-<codec><bits>`` (e.g. ``mpiqsgd-qsgd4``) is :func:`mpiqsgd.ddp.mpiqsgd_hook` with that
+codec (tensors under ``--min-compress-numel`` elements as fp32), on DDP's own buckets; its row
+adds the bytes one rank sent per step, as mpiqsgd's meter counts them.
 """
 
 import argparse
@@ -23,6 +28,8 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mpiqsgd.bench import _step_inputs
+from mpiqsgd.codecs import make_codec
+from mpiqsgd.ddp import MpiqsgdState, mpiqsgd_hook
 from mpiqsgd.machine import machine_info
 from mpiqsgd.train.models import build_model
 
@@ -35,12 +42,23 @@ def env_rank():
     return 0, 1
 
 
-def register(model, hook):
+def mpiqsgd_codec(hook):
+    """``mpiqsgd-qsgd4`` -> make_codec("qsgd", bits=4); ``mpiqsgd-sign`` -> make_codec("sign")."""
+    spec = hook.removeprefix("mpiqsgd-")
+    name, bits = spec.rstrip("0123456789"), spec[len(spec.rstrip("0123456789")):]
+    return make_codec(name, bits=int(bits) if bits else None)
+
+
+def register(model, hook, min_compress_numel=1024):
     if hook == "none":
         return None
     if hook == "fp16":
         model.register_comm_hook(None, default_hooks.fp16_compress_hook)
         return None
+    if hook.startswith("mpiqsgd-"):
+        state = MpiqsgdState(None, mpiqsgd_codec(hook), min_compress_numel=min_compress_numel)
+        model.register_comm_hook(state, mpiqsgd_hook)
+        return state
     rank = int(hook.removeprefix("powersgd"))
     state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=rank, start_powerSGD_iter=2)
     model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
@@ -57,7 +75,8 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="resnet20")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--hooks", default="none,fp16,powersgd1,powersgd2")
+    p.add_argument("--hooks", default="none,fp16,powersgd1,powersgd2,mpiqsgd-qsgd4")
+    p.add_argument("--min-compress-numel", type=int, default=1024)  # mpiqsgd hooks: smaller tensors go as fp32
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
@@ -82,7 +101,7 @@ def main():
             ddp = DDP(wrapped, bucket_cap_mb=1 << 20)
         else:
             ddp = DDP(wrapped)
-        register(ddp, hook)
+        state = register(ddp, hook, args.min_compress_numel)
         opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (alone, ddp)]
         alone_s, step_s = [], []
         for rep in range(args.warmup + args.repeats):
@@ -97,6 +116,8 @@ def main():
             if rep >= args.warmup:
                 alone_s.append(times[0])
                 step_s.append(times[1])
+            if rep == args.warmup - 1 and isinstance(state, MpiqsgdState):
+                state.meter.reset()
         alone_s, step_s = slowest(alone_s), slowest(step_s)
         if rank == 0:
             a, s = statistics.median(alone_s), statistics.median(step_s)
@@ -104,6 +125,9 @@ def main():
                               "batch_size": args.batch_size, "repeats": args.repeats, "compute_seconds": a,
                               "step_seconds": s, "overhead_seconds": s - a, "overhead_vs_compute": (s - a) / a,
                               "compute_seconds_per_repeat": alone_s, "step_seconds_per_repeat": step_s,
+                              **({"sent_bytes_per_step": state.meter.sent()["bytes"] // args.repeats,
+                                  "min_compress_numel": args.min_compress_numel}
+                                 if isinstance(state, MpiqsgdState) else {}),
                               "machine": machine_info()}), flush=True)
     dist.destroy_process_group()
 

@@ -182,3 +182,12 @@ def test_mpi_stop_and_resume_equals_uninterrupted_simulation(tmp_path):
     assert json.loads(resumed.stdout)["steps"] == json.loads(sim.stdout)["steps"] == 32
     for a, b in zip(final_states(tmp_path / "mpi", 2), final_states(tmp_path / "sim", 2)):
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_distributed_optimizer_accumulation_under_mpiexec(n):
+    proc = launch(n, "-m", "mpi4py", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+                  "tests/mpi/mpi_optimizer.py")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert " failed" not in out and out.count(" passed") >= n
