@@ -20,9 +20,15 @@ codec's encoded size of the compressed part, or the longest message when variabl
 :meth:`mpiqsgd.transport.MPITransport.allreduce_sum` counts it). Warm-up steps send the whole
 bucket that way.
 
-Collectives: ``allgather`` (every codec). The decode-free integer sum through
-``all_reduce`` (the cluster-time topology) is to be added as a second entry of
-:data:`COLLECTIVES`, chosen with ``collective=``.
+Collectives (``collective=``): ``allgather`` (every codec, as above) and ``intsum``, the
+decode-free integer sum of :mod:`mpiqsgd.topology.intsum` (codecs ``qsgd`` and ``qsgd-inf``,
+dense, error feedback allowed): an ``all_reduce(MAX)`` of the compressed part's float32 bucket
+norms (phase ``scales``), then one ``all_reduce(SUM)`` of the QSGD levels packed with headroom
+for the sum (:mod:`mpiqsgd.codecs.summable`, phase ``intsum``), unpacked once into the mean: no
+rank decodes the others' messages. Its words travel as int64 (torch.distributed has no uint64
+sum): two's-complement addition gives the uint64 sum's bits. Bytes per rank, nominal as for
+any allreduce: ``floor(2 (n-1)/n * 4 ceil(m / bucket)) + floor(2 (n-1)/n * 8 ceil(m / K))`` for
+``m`` compressed coordinates and ``K`` fields a word.
 """
 
 import numpy as np
@@ -30,8 +36,10 @@ import torch
 import torch.distributed as dist
 
 from . import wire
-from .codecs import make_generator
-from .errors import ConfigError
+from .codecs import make_generator, summable
+from .codecs.kernels import draw_seed
+from .codecs.qsgd import checked_norms, max_norm
+from .errors import ConfigError, DecodeError
 from .meter import Meter
 from .topology.base import mean_of
 from .transport import allreduce_nbytes
@@ -67,6 +75,8 @@ class MpiqsgdState:
                               "mpiqsgd.GradientExchange")
         if collective not in COLLECTIVES:
             raise ConfigError(f"MpiqsgdState: collective= must be one of {', '.join(COLLECTIVES)}; got {collective!r}")
+        if collective == "intsum":
+            summable.check_codec(codec, "MpiqsgdState(collective='intsum')")
         if min_compress_numel < 0 or warmup_steps < 0:
             raise ConfigError(f"MpiqsgdState: min_compress_numel= and warmup_steps= must be >= 0; got "
                               f"{min_compress_numel} and {warmup_steps}")
@@ -202,23 +212,88 @@ def _allgather(state, bucket, step):
 
     if flat_u is not None:
         summed = flat_u.clone()
-        nominal = allreduce_nbytes(summed.numel(), n)
-        if n > 1:
-            meter.record("allreduce", rank, -1, 0, nominal, nominal)
+        _record_allreduce(meter, "allreduce", rank, n, 4 * summed.numel(), summed.numel())
         futures.append(dist.all_reduce(summed, group=group, async_op=True).get_future())
         finish.append(lambda: summed.div_(n))
 
-    def combine(_):
-        parts = [f() for f in finish]
-        if flat_c is None or flat_u is None:
-            return parts[0].to(buffer.device, buffer.dtype).view_as(buffer)
-        mean_c, mean_u = parts
-        out = torch.empty(buffer.numel(), dtype=torch.float32, device=buffer.device)
-        out[mask] = mean_c.to(buffer.device)
-        out[~mask] = mean_u
-        return out.to(buffer.dtype).view_as(buffer)
+    return torch.futures.collect_all(futures).then(lambda _: _combine(buffer, mask, flat_c, flat_u, finish))
 
-    return torch.futures.collect_all(futures).then(combine)
+
+def _combine(buffer, mask, flat_c, flat_u, finish):
+    """The averaged bucket from the finished parts (compressed, then fp32), where the bucket had them."""
+    parts = [f() for f in finish]
+    if flat_c is None or flat_u is None:
+        return parts[0].to(buffer.device, buffer.dtype).view_as(buffer)
+    mean_c, mean_u = parts
+    out = torch.empty(buffer.numel(), dtype=torch.float32, device=buffer.device)
+    out[mask] = mean_c.to(buffer.device)
+    out[~mask] = mean_u
+    return out.to(buffer.dtype).view_as(buffer)
+
+
+def _intsum(state, bucket, step):
+    group, codec, meter = state.process_group, state.codec, state._meter()
+    n, rank = state.size, state.rank
+    buffer, index = bucket.buffer(), bucket.index()
+    mask, flat_c, flat_u = _split(state, bucket, step)
+    futures, finish = [], []
+
+    if flat_c is not None:
+        base = codec.base
+        feedback = codec if codec is not base else None
+        key = "grad" if index == 0 else (index, "grad")
+        layout = summable.SummableLayout(base.levels, n)
+        x = flat_c.detach().to("cpu", torch.float32).contiguous()
+        m = x.numel()
+        with meter.time("encode", bucket=index, numel=m, name="scales"):
+            p = feedback.compensate(x, key).contiguous() if feedback else x
+            norms = checked_norms(p, base.bucket, base.norm, base.name, max_norm(base.levels)).contiguous()
+        shared = norms.to(buffer.device)
+        _record_allreduce(meter, "scales", rank, n, shared.numel() * 4, 0)
+        with meter.time("communicate", name="allreduce", message="scales"):
+            dist.all_reduce(shared, op=dist.ReduceOp.MAX, group=group)
+        norms = shared.cpu()
+        scale, unit = summable.bucket_scales(norms, base.levels)
+        rng = make_generator(state.seed, rank, step, stream=index)
+        seed = draw_seed(rng) if base.stochastic else 0
+        words = np.empty(layout.n_words(m), dtype=np.uint64)
+        own = np.empty(m, dtype=np.float32) if feedback else None
+        with meter.time("encode", bucket=index, numel=m):
+            summable.encode_words(p, scale, unit, base.bucket, layout, seed, base.stochastic, words, 0,
+                                  layout.n_chunks(m), own)
+        if feedback:
+            feedback.update(key, p, torch.from_numpy(own), x)
+        summed = torch.from_numpy(words.view(np.int64)).to(buffer.device)
+        _record_allreduce(meter, "intsum", rank, n, words.nbytes, m)
+        futures.append(dist.all_reduce(summed, group=group, async_op=True).get_future())
+
+        def finish_c():
+            total = summed.cpu().numpy().view(np.uint64)
+            out = np.empty(m, dtype=np.float32)
+            with meter.time("decode", bucket=index, numel=m):
+                bad = summable.unpack_mean(total, (unit / n).numpy(), base.bucket, layout, out, 0, layout.n_chunks(m))
+            if bad:
+                i = summable.first_bad_field(total, layout, m) or 0
+                raise DecodeError(f"mpiqsgd_hook: the summed levels of bucket {i // base.bucket} of DDP bucket {index} "
+                                  f"exceed what {n} ranks can send ({layout.top} in {layout.width}-bit fields): a rank "
+                                  "sent codes no encoder of this job writes")
+            return torch.from_numpy(out)
+
+        finish.append(finish_c)
+
+    if flat_u is not None:
+        summed_u = flat_u.clone()
+        _record_allreduce(meter, "allreduce", rank, n, 4 * summed_u.numel(), summed_u.numel())
+        futures.append(dist.all_reduce(summed_u, group=group, async_op=True).get_future())
+        finish.append(lambda: summed_u.div_(n))
+
+    return torch.futures.collect_all(futures).then(lambda _: _combine(buffer, mask, flat_c, flat_u, finish))
+
+
+def _record_allreduce(meter, phase, rank, n, nbytes, fp32_numel):
+    """Count an allreduce of ``nbytes`` at its nominal cost, standing for ``fp32_numel`` fp32 values."""
+    if n > 1:
+        meter.record(phase, rank, -1, 0, allreduce_nbytes(nbytes, n, itemsize=1), allreduce_nbytes(fp32_numel, n))
 
 
 def _right(rank, n):
@@ -226,5 +301,5 @@ def _right(rank, n):
     return [(rank + 1) % n] * (n - 1)
 
 
-# collective name -> function (state, bucket, step) -> Future; "allreduce" (integer sum) to come.
-COLLECTIVES = {"allgather": _allgather}
+# collective name -> function (state, bucket, step) -> Future
+COLLECTIVES = {"allgather": _allgather, "intsum": _intsum}

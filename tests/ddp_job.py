@@ -1,8 +1,9 @@
 """DDP + mpiqsgd_hook on gloo, run under torchrun by tests/test_ddp.py.
 
 Each rank trains a few steps with the hook, records every bucket it handed over and got back,
-then replays all ranks' buckets through mpiqsgd's own ``allgather`` topology (a LocalGroup of
-threads) and checks: the same means bit for bit, the same bytes counted, replicas identical.
+then replays all ranks' buckets through mpiqsgd's own topology of the same pattern (``allgather``
+or ``intsum``, a LocalGroup of threads) and checks: the same means bit for bit, the same bytes
+counted, replicas identical.
 Prints ``ok <case> rank <r>`` per passed case.
 """
 
@@ -15,13 +16,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from mpiqsgd.codecs import make_codec
 from mpiqsgd.ddp import MpiqsgdState, mpiqsgd_hook
 from mpiqsgd.topology.allgather import Allgather
+from mpiqsgd.topology.intsum import IntSum
 from mpiqsgd.transport import LocalGroup
 
-CASES = {  # name -> (codec name, codec params, min_compress_numel, warmup_steps)
-    "qsgd4": ("qsgd", {"bits": 4, "bucket": 64}, 50, 1),
-    "ef-nearest": ("qsgd", {"bits": 2, "rounding": "nearest", "error_feedback": True}, 0, 0),
-    "elias": ("qsgd-elias", {"bits": 4}, 50, 0),
+CASES = {  # name -> (codec name, codec params, min_compress_numel, warmup_steps, collective)
+    "qsgd4": ("qsgd", {"bits": 4, "bucket": 64}, 50, 1, "allgather"),
+    "ef-nearest": ("qsgd", {"bits": 2, "rounding": "nearest", "error_feedback": True}, 0, 0, "allgather"),
+    "elias": ("qsgd-elias", {"bits": 4}, 50, 0, "allgather"),
+    "intsum4": ("qsgd", {"bits": 4, "bucket": 64}, 50, 1, "intsum"),
+    "intsum-ef": ("qsgd", {"bits": 2, "rounding": "nearest", "error_feedback": True}, 0, 0, "intsum"),
 }
+TOPOLOGY = {"allgather": Allgather, "intsum": IntSum}  # what each collective must equal
 STEPS = 4
 
 
@@ -32,11 +37,11 @@ def net():
 
 
 def train(case, compiled=False):
-    codec, params, min_numel, warmup = CASES[case]
+    codec, params, min_numel, warmup, collective = CASES[case]
     # DDP's optimizer for compiled models wants the first bucket (1 MB) no larger than the others
     model = DDP(net()) if compiled else DDP(net(), bucket_cap_mb=0.004)
     state = MpiqsgdState(None, make_codec(codec, **params), seed=3, min_compress_numel=min_numel,
-                         warmup_steps=warmup)
+                         warmup_steps=warmup, collective=collective)
     seen = {}
 
     def hook(state, bucket):
@@ -63,12 +68,12 @@ def train(case, compiled=False):
 
 
 def replay(case, everyone):
-    """Every rank's buckets through mpiqsgd's allgather topology: {(step, index): mean} and bytes, by rank."""
-    codec, params, min_numel, warmup = CASES[case]
+    """Every rank's buckets through mpiqsgd's topology: {(step, index): mean} and bytes, by rank."""
+    codec, params, min_numel, warmup, collective = CASES[case]
     group = LocalGroup(len(everyone))
 
     def work(t):
-        agg = Allgather(t, make_codec(codec, **params), seed=3)
+        agg = TOPOLOGY[collective](t, make_codec(codec, **params), seed=3)
         means = {}
         for key in sorted(everyone[t.rank]):
             step, index = key
@@ -77,7 +82,7 @@ def replay(case, everyone):
             buffer, numels, _ = everyone[t.rank][key]
             mask = torch.cat([torch.full((n,), n >= min_numel) for n in numels])
             means[key] = agg.aggregate(buffer[mask], step, stream=index)
-        return means, t.meter.by_phase["allgather"]["bytes"]
+        return means, t.meter.by_phase[collective]["bytes"]
 
     return group.run(work, group.transports())
 
@@ -90,7 +95,7 @@ def check(case, compiled=False):
     replicas = [None] * n
     dist.all_gather_object(replicas, [p.detach() for p in model.parameters()])
     assert all(torch.equal(a, b) for r in replicas for a, b in zip(r, replicas[0])), "replicas differ"
-    codec, params, min_numel, warmup = CASES[case]
+    codec, params, min_numel, warmup, collective = CASES[case]
     means, sent = replay(case, everyone)[rank]
     assert compiled or len({index for _, index in seen}) > 1, "expected several DDP buckets"
     for key, (buffer, numels, out) in seen.items():
@@ -98,10 +103,10 @@ def check(case, compiled=False):
         if key[0] < warmup:
             assert torch.allclose(out, sum(e[key][0] for e in everyone) / n, atol=1e-6), f"warm-up {key}"
             continue
-        assert torch.equal(out[mask], means[key]), f"bucket {key}: not the allgather topology's mean"
+        assert torch.equal(out[mask], means[key]), f"bucket {key}: not the {collective} topology's mean"
         if not bool(mask.all()):
             assert torch.allclose(out[~mask], sum(e[key][0][~mask] for e in everyone) / n, atol=1e-6)
-    counted = state.meter.by_phase["allgather"]["bytes"]
+    counted = state.meter.by_phase[collective]["bytes"]
     if make_codec(codec, **params).fixed_size:
         assert counted == sent > 0, f"hook counted {counted} bytes, the allgather topology {sent}"
     else:

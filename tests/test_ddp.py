@@ -30,11 +30,13 @@ def torchrun(n, *args, timeout=300):
 def test_state_refuses_what_the_hook_cannot_do():
     with pytest.raises(ConfigError, match=r"codec= .* is adaptive"):
         MpiqsgdState(None, make_codec("alq"))
-    with pytest.raises(ConfigError, match=r"collective= must be one of allgather; got 'allreduce'"):
+    with pytest.raises(ConfigError, match=r"collective= must be one of allgather, intsum; got 'allreduce'"):
         MpiqsgdState(None, make_codec("qsgd"), collective="allreduce")
+    with pytest.raises(ConfigError, match=r"collective='intsum'\) sums QSGD levels"):
+        MpiqsgdState(None, make_codec("sign"), collective="intsum")
     with pytest.raises(ConfigError, match="min_compress_numel= and warmup_steps= must be >= 0"):
         MpiqsgdState(None, make_codec("qsgd"), min_compress_numel=-1)
-    assert list(COLLECTIVES) == ["allgather"]
+    assert list(COLLECTIVES) == ["allgather", "intsum"]
 
 
 def test_state_dict_round_trip():
@@ -46,11 +48,12 @@ def test_state_dict_round_trip():
     assert other.step == 7 and other.codec.residuals[(1, "grad")].sum() == 3
 
 
-def test_ddp_hook_under_torchrun_matches_mpiqsgd_allgather():
-    proc = torchrun(2, "tests/ddp_job.py", "qsgd4,ef-nearest,elias")
+def test_ddp_hook_under_torchrun_matches_mpiqsgd_allgather_and_intsum():
+    cases = ("qsgd4", "ef-nearest", "elias", "intsum4", "intsum-ef")
+    proc = torchrun(2, "tests/ddp_job.py", ",".join(cases))
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
-    for case in ("qsgd4", "ef-nearest", "elias"):
+    for case in cases:
         assert out.count(f"ok {case} rank") == 2, out[-3000:]
 
 

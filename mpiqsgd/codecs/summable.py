@@ -38,10 +38,11 @@ import math
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from . import kernels
 from .kernels import HAVE_NUMBA
 
-__all__ = ["SummableLayout", "field_width", "encode_words", "unpack_mean", "bucket_scales", "encode_reference",
+__all__ = ["SummableLayout", "check_codec", "field_width", "encode_words", "unpack_mean", "bucket_scales", "encode_reference",
            "sum_reference", "words_per_chunk", "CHUNK_NUMEL"]
 
 CHUNK_NUMEL = 1 << 14  # coordinates a kernel chunk holds, about (kernels.CHUNK, for the same reasons)
@@ -52,6 +53,18 @@ def words_per_chunk(width):
     coordinate, as the uniforms' pairs need) near :data:`CHUNK_NUMEL` coordinates."""
     per_word = 64 // width
     return 2 * -(-CHUNK_NUMEL // (2 * per_word))
+
+
+def check_codec(codec, who):
+    """The QSGD codec (dense encoding) under ``codec``'s error feedback, whose levels a summable code
+    adds; a :class:`~mpiqsgd.errors.ConfigError` naming ``who`` for any other codec."""
+    from .qsgd import QSGD
+
+    base = codec.base
+    if not isinstance(base, QSGD) or base.encoding != "dense":
+        raise ConfigError(f"{who} sums QSGD levels as integers: it takes codec qsgd or qsgd-inf with the dense "
+                          f"encoding (error feedback allowed); got {codec!r}")
+    return base
 
 
 def field_width(levels, ranks):

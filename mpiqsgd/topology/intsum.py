@@ -43,7 +43,7 @@ import torch
 
 from ..codecs import summable
 from ..codecs.kernels import draw_seed
-from ..codecs.qsgd import QSGD, checked_norms, max_norm
+from ..codecs.qsgd import checked_norms, max_norm
 from ..errors import ConfigError, DecodeError
 from ..transport import allreduce_nbytes
 from .base import Aggregator
@@ -64,11 +64,10 @@ class IntSum(Aggregator):
     name = "intsum"
 
     def __init__(self, transport, codec, seed=0, piece_numel=PIECE_NUMEL):
-        base = codec.base
-        if not isinstance(base, QSGD) or base.encoding != "dense":
-            raise ConfigError(f"topology 'intsum' sums QSGD levels as integers: it takes codec qsgd or qsgd-inf with "
-                              f"the dense encoding (error feedback allowed); got {codec!r}. Use scatter, ring or "
-                              "allgather for other codecs")
+        try:
+            base = summable.check_codec(codec, "topology 'intsum'")
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}. Use scatter, ring or allgather for other codecs") from None
         super().__init__(transport, codec, seed)
         self.layout = summable.SummableLayout(base.levels, transport.size)
         self.piece_numel = int(piece_numel)
