@@ -24,7 +24,10 @@ case $scenario in
     ;;
   switch)
     in_ns() { echo "in_ns: the hub scenario only (scenario=$scenario)" >&2; return 2; }
-    mpi_run() { local n=$1; shift; python -m mpiqsgd cluster run --nodes "$n" --rate "$rate" ${burst:+--burst "$burst"} -- "$@"; }
+    mpi_run() {
+      local n=$1; shift
+      python -m mpiqsgd cluster run --nodes "$n" --rate "$rate" ${burst:+--burst "$burst"} -- "$@"
+    }
     ;;
   *) echo "scenario=$scenario: want hub or switch" >&2; exit 2 ;;
 esac
