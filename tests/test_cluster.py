@@ -148,7 +148,8 @@ def _why_no_cluster():
     return None
 
 
-needs_cluster = pytest.mark.skipif(_why_no_cluster() is not None, reason=str(_why_no_cluster()))
+_WHY_NOT = _why_no_cluster()
+needs_cluster = pytest.mark.skipif(_WHY_NOT is not None, reason=str(_WHY_NOT))
 
 
 def _netns():
