@@ -41,6 +41,7 @@ Nothing here imports MPI.
 """
 
 import argparse
+import contextlib
 import ctypes
 import ipaddress
 import json
@@ -282,7 +283,7 @@ class Cluster:
     def __init__(self, spec, mpiexec=None):
         self.spec = spec
         self.mpiexec = mpiexec
-        self.created = []  # namespaces this object created (only these are deleted)
+        self.created = []  # namespaces this object created or claimed (only these are deleted)
         self.made_state_dir = False
 
     # -- life cycle
@@ -300,6 +301,9 @@ class Cluster:
             raise ClusterError(f"cluster {spec.name!r} exists already ({', '.join(taken) or spec.state_dir}): "
                                f"remove it with `python -m mpiqsgd cluster down --name {spec.name}` or choose "
                                "another --name")
+        # None of these names existed a moment ago and they carry this cluster's name: claim
+        # them all now, so that an interrupt between creating one and noting it cannot leak it.
+        self.created = list(spec.namespaces)
         try:
             spec.state_dir.mkdir(parents=True)
             self.made_state_dir = True
@@ -309,8 +313,6 @@ class Cluster:
                 if proc.returncode != 0:
                     raise ClusterError(f"could not build {what}: `{shlex.join(argv)}` said: "
                                        f"{proc.stderr.strip()}{_hint(what, proc.stderr)}")
-                if argv[1:3] == ["netns", "add"]:
-                    self.created.append(argv[3])
             (spec.state_dir / "hosts").write_text(hostfile_text(spec))
             enter = spec.state_dir / "enter"
             enter.write_text(_enter_script(spec))
@@ -336,7 +338,7 @@ class Cluster:
         fields = {k: state[k] for k in ("name", "n_nodes", "rate_bps", "ranks_per_node", "burst_bytes",
                                         "latency_seconds", "subnet")}
         cluster = cls(Spec(**fields), mpiexec)
-        cluster.created = [ns for ns in state["namespaces"]]
+        cluster.created = list(state["namespaces"])
         cluster.made_state_dir = True
         return cluster
 
@@ -601,6 +603,23 @@ def _raise_on_signal(signum, frame):
     raise _Stopped(signum)
 
 
+@contextlib.contextmanager
+def _removed_on_signals(name):
+    """Turn SIGTERM and SIGHUP into an exception (and Ctrl-C into exit 130) while a cluster is built or used."""
+    handlers = {s: signal.signal(s, _raise_on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    except KeyboardInterrupt:
+        print(f"mpiqsgd cluster: interrupted; removed {name}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except _Stopped as stop:
+        print(f"mpiqsgd cluster: stopped by {signal.Signals(stop.args[0]).name}; removed {name}", file=sys.stderr)
+        raise SystemExit(128 + stop.args[0]) from None
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
 def run_cluster(args):
     """``mpiqsgd cluster ...``."""
     c = args.cluster_command
@@ -617,12 +636,8 @@ def run_cluster(args):
         return 0
     if c == "up":
         cluster = Cluster(spec_from_args(args, args.name))
-        for s in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(s, _raise_on_signal)
-        try:
+        with _removed_on_signals(args.name):
             cluster.create(owner_pid=None)
-        except _Stopped as stop:
-            return 128 + stop.args[0]
         print(f"mpiqsgd {describe(cluster.spec)}; up. Run with `python -m mpiqsgd cluster run --name "
               f"{args.name} -- CMD`, remove with `python -m mpiqsgd cluster down --name {args.name}`",
               file=sys.stderr)
@@ -641,20 +656,10 @@ def run_cluster(args):
     if args.rate is None:
         raise ClusterError("--nodes needs --rate (e.g. --rate 1gbit)")
     spec = spec_from_args(args, args.name or f"mpiqsgd-{os.getpid()}")
-    for s in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, _raise_on_signal)
     print(f"mpiqsgd {describe(spec)}", file=sys.stderr, flush=True)
-    try:
-        with Cluster(spec, mpiexec) as cluster:
-            job = cluster.run_per_node if args.per_node else cluster.run
-            return job(program, args.timeout)
-    except KeyboardInterrupt:
-        print(f"mpiqsgd cluster: interrupted; removed {spec.name}", file=sys.stderr)
-        return 130
-    except _Stopped as stop:
-        print(f"mpiqsgd cluster: stopped by {signal.Signals(stop.args[0]).name}; removed {spec.name}",
-              file=sys.stderr)
-        return 128 + stop.args[0]
+    with _removed_on_signals(spec.name), Cluster(spec, mpiexec) as cluster:
+        job = cluster.run_per_node if args.per_node else cluster.run
+        return job(program, args.timeout)
 
 
 def _alive(pid):

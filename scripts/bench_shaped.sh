@@ -4,7 +4,7 @@
 # Runs `mpiqsgd bench exchange` for several codecs and topologies inside the shaped
 # namespace of scripts/shaped_link.sh, each timed against fp32 MPI_Allreduce in the same run.
 #
-# Usage: sudo bash scripts/bench_shaped.sh [RANKS] [NUMEL] [RATE] [OUT_DIR] [ONLY]
+# Usage: [scenario=hub|switch] sudo -E bash scripts/bench_shaped.sh [RANKS] [NUMEL] [RATE] [OUT_DIR] [ONLY]
 #   ONLY=qsgd4: just the 4-bit QSGD rows (ring, scatter; dense and entropy-coded) with 3 repeats (large NUMEL)
 set -euo pipefail
 ranks=${1:-4}; numel=${2:-5000000}; rate=${3:-1gbit}; out=${4:-runs/bench-shaped}; only=${5:-}
@@ -13,7 +13,7 @@ mkdir -p "$out"
 source "$(dirname "$0")/shaped_link.sh"
 bench() {
   name=$1; shift
-  in_ns mpiexec -n "$ranks" python -m mpi4py -m mpiqsgd bench exchange \
+  mpi_run "$ranks" python -m mpi4py -m mpiqsgd bench exchange \
     --numel "$numel" --repeats "$repeats" --json "$@" > "$out/$name.json"
   python - "$out/$name.json" "$name" <<'PY'
 import json, sys
@@ -27,7 +27,7 @@ print(f"{sys.argv[2]:<22} {c['median_seconds']*1e3:9.1f} ms (range {min(c['secon
       + " ".join(f"{k} {v:.0f}" for k, v in sorted(ph.items())))
 PY
 }
-echo "rate $rate, $ranks ranks, numel $numel (fp32 $((numel * 4)) bytes), medians of $repeats"
+echo "$scenario, rate $rate, $ranks ranks, numel $numel (fp32 $((numel * 4)) bytes), medians of $repeats"
 if [ "$only" = qsgd4 ]; then
   bench ring-qsgd4     --topology ring --codec qsgd --bits 4
   bench scatter-qsgd4  --topology scatter --codec qsgd --bits 4

@@ -3,7 +3,7 @@
 # (gloo; no hook, fp16, PowerSGD ranks 1 and 2) on the same model, batch, ranks and link,
 # each against its compute-only step timed in the same run (scripts/shaped_link.sh).
 #
-# Usage: sudo bash scripts/bench_step_shaped.sh [MODEL] [RATE] [RANKS] [REPEATS] [OUT_DIR]
+# Usage: [scenario=hub|switch] sudo -E bash scripts/bench_step_shaped.sh [MODEL] [RATE] [RANKS] [REPEATS] [OUT_DIR]
 #   e.g. resnet20 100mbit 4, alexnet 1gbit 4
 set -euo pipefail
 model=${1:-resnet20}; rate=${2:-100mbit}; ranks=${3:-4}; repeats=${4:-10}
@@ -12,11 +12,11 @@ mkdir -p "$out"
 source "$(dirname "$0")/shaped_link.sh"
 step() {
   name=$1; shift
-  in_ns mpiexec -n "$ranks" python -m mpi4py -m mpiqsgd bench step --model "$model" --batch-size 32 \
+  mpi_run "$ranks" python -m mpi4py -m mpiqsgd bench step --model "$model" --batch-size 32 \
     --repeats "$repeats" --json "$@" > "$out/$name.json"
   python "$(dirname "$0")/step_table.py" "$out/$name.json" "$name"
 }
-echo "model $model, rate $rate, $ranks ranks, batch 32, medians of $repeats (slowest rank per repeat)"
+echo "$scenario: model $model, rate $rate, $ranks ranks, batch 32, medians of $repeats (slowest rank per repeat)"
 step fp32-allreduce        --topology allreduce --codec fp32
 step qsgd4-ring            --topology ring --codec qsgd --bits 4
 step qsgd4-scatter         --topology scatter --codec qsgd --bits 4
@@ -29,6 +29,6 @@ step qsgd4-ring-entropy    --topology ring --codec qsgd --bits 4 --encoding entr
 step qsgd4-scatter-entropy --topology scatter --codec qsgd --bits 4 --encoding entropy
 step qsgd4-scatter-entropy-b1-ovl --topology scatter --codec qsgd --bits 4 --encoding entropy --bucket-mb 1 --overlap
 step qsgd8-scatter-entropy --topology scatter --codec qsgd --bits 8 --encoding entropy
-in_ns mpiexec -n "$ranks" python "$(dirname "$0")/bench_ddp.py" --model "$model" --batch-size 32 \
+mpi_run "$ranks" python "$(dirname "$0")/bench_ddp.py" --model "$model" --batch-size 32 \
   --repeats "$repeats" > "$out/ddp.jsonl"
 python "$(dirname "$0")/step_table.py" "$out/ddp.jsonl" ddp

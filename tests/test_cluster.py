@@ -148,7 +148,8 @@ def _why_no_cluster():
     return None
 
 
-needs_cluster = pytest.mark.skipif(_why_no_cluster() is not None, reason=str(_why_no_cluster()))
+_WHY_NOT = _why_no_cluster()
+needs_cluster = pytest.mark.skipif(_WHY_NOT is not None, reason=str(_WHY_NOT))
 
 
 def _netns():
@@ -228,4 +229,29 @@ def test_an_interrupted_job_leaves_nothing_behind():
             proc.wait()
     assert proc.returncode == 130, out[-3000:]
     assert f"interrupted; removed {name}" in out
+    assert name not in _netns() and not (C.STATE_ROOT / name).exists()
+
+
+@needs_cluster
+def test_up_per_node_jobs_and_down(capfd):
+    # up and down as commands of their own; the rest in this process (no torch import each).
+    name = f"mpiqsgd-test-up-{os.getpid()}"
+    try:
+        up = cluster_cli("up", "--name", name, "--nodes", "2", "--ranks-per-node", "2", "--rate", "100mbit")
+        assert up.returncode == 0, up.stderr[-3000:]
+        assert f"{name}-node1" in _netns()
+        assert json.loads((C.STATE_ROOT / name / "state.json").read_text())["pid"] is None  # stays until down
+        capfd.readouterr()
+        assert main(["cluster", "up", "--name", name, "--nodes", "2", "--rate", "100mbit"]) == 2
+        assert f"cluster '{name}' exists already" in capfd.readouterr().err
+        assert main(["cluster", "run", "--name", name, "--per-node", "--", "sh", "-c",
+                     'echo "$(hostname) $RANK/$WORLD_SIZE $LOCAL_RANK $MPIQSGD_NODE_INDEX $MASTER_ADDR"']) == 0
+        assert sorted(capfd.readouterr().out.splitlines()) == [
+            "node0 0/4 0 0 10.77.0.1", "node0 1/4 1 0 10.77.0.1", "node1 2/4 0 1 10.77.0.1", "node1 3/4 1 1 10.77.0.1"]
+        assert main(["cluster", "run", "--name", name, "--per-node", "--", "sh", "-c", "exit $((RANK + 3))"]) == 3
+        assert main(["cluster", "list"]) == 0
+        assert f"{name}: 2 nodes x 2, 0.1 Gbit/s\n" in capfd.readouterr().out
+    finally:
+        down = cluster_cli("down", "--name", name)
+    assert down.returncode == 0, down.stderr[-3000:]
     assert name not in _netns() and not (C.STATE_ROOT / name).exists()
