@@ -31,15 +31,17 @@ CONFIGS = {  # name: bench exchange flags
 }
 
 
-def run(scenario, nodes, rate, numel, repeats, config, out):
+def run(scenario, nodes, rate, numel, repeats, config, out, threads=1):
     bench = ["bench", "exchange", "--numel", str(numel), "--repeats", str(repeats), "--json", *CONFIGS[config]]
     if scenario == "cluster":
         cmd = [sys.executable, "-m", "mpiqsgd", "cluster", "run", "--nodes", str(nodes), "--rate", rate, "--", *bench]
     else:
         inner = " ".join(["mpiexec", "-n", str(nodes), sys.executable, "-m", "mpi4py", "-m", "mpiqsgd", *bench])
         cmd = ["bash", "-c", f"rate={rate}; source scripts/shaped_link.sh; in_ns {inner}"]
+    # One thread a rank: the emulated nodes share this machine's cores (a rank alone on a real
+    # node would have its own); the ranks would otherwise each size their pool to the machine.
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          env=dict(os.environ, OMP_NUM_THREADS="1", NUMBA_NUM_THREADS=str(threads)))
     text = proc.stdout
     if proc.returncode != 0 or "{" not in text:
         raise SystemExit(f"{scenario} {nodes} {config} failed ({proc.returncode}):\n{proc.stdout[-3000:]}"
