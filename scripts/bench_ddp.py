@@ -1,7 +1,7 @@
 """The peer: torch DDP on gloo, timed like ``mpiqsgd bench step`` (same models, batch, ranks, link).
 
     mpiexec -n 4 python scripts/bench_ddp.py --model resnet20 --batch-size 32 \
-        [--hooks none,fp16,powersgd1,powersgd2,mpiqsgd-qsgd4]
+        [--hooks none,fp16,powersgd1,powersgd2,mpiqsgd-qsgd4,mpiqsgd-qsgd4-intsum]
 
 Launched by mpiexec only to start the processes: ranks come from the launcher's environment
 (PMI_RANK/PMI_SIZE of MPICH, OMPI_COMM_WORLD_* of Open MPI, else RANK/WORLD_SIZE) and torch.distributed
@@ -12,7 +12,8 @@ as one JSON line per hook. PowerSGD starts compressing at step 2 (its default wa
 steps) and is warmed up before timing; it runs with one DDP bucket (see ``main``).
 
 ``mpiqsgd-<codec><bits>`` (e.g. ``mpiqsgd-qsgd4``) is :func:`mpiqsgd.ddp.mpiqsgd_hook` with that
-codec (tensors under ``--min-compress-numel`` elements as fp32), on DDP's own buckets; its row
+codec (tensors under ``--min-compress-numel`` elements as fp32), on DDP's own buckets; with the
+suffix ``-intsum`` (``mpiqsgd-qsgd4-intsum``) through the decode-free integer sum; its row
 adds the bytes one rank sent per step, as mpiqsgd's meter counts them.
 """
 
@@ -43,10 +44,12 @@ def env_rank():
 
 
 def mpiqsgd_codec(hook):
-    """``mpiqsgd-qsgd4`` -> make_codec("qsgd", bits=4); ``mpiqsgd-sign`` -> make_codec("sign")."""
+    """(codec, collective): ``mpiqsgd-qsgd4`` -> make_codec("qsgd", bits=4) through ``allgather``;
+    ``mpiqsgd-sign`` -> make_codec("sign"); ``mpiqsgd-qsgd4-intsum`` -> the decode-free integer sum."""
     spec = hook.removeprefix("mpiqsgd-")
+    spec, collective = (spec.removesuffix("-intsum"), "intsum") if spec.endswith("-intsum") else (spec, "allgather")
     name, bits = spec.rstrip("0123456789"), spec[len(spec.rstrip("0123456789")):]
-    return make_codec(name, bits=int(bits) if bits else None)
+    return make_codec(name, bits=int(bits) if bits else None), collective
 
 
 def register(model, hook, min_compress_numel=1024):
@@ -56,7 +59,8 @@ def register(model, hook, min_compress_numel=1024):
         model.register_comm_hook(None, default_hooks.fp16_compress_hook)
         return None
     if hook.startswith("mpiqsgd-"):
-        state = MpiqsgdState(None, mpiqsgd_codec(hook), min_compress_numel=min_compress_numel)
+        codec, collective = mpiqsgd_codec(hook)
+        state = MpiqsgdState(None, codec, min_compress_numel=min_compress_numel, collective=collective)
         model.register_comm_hook(state, mpiqsgd_hook)
         return state
     rank = int(hook.removeprefix("powersgd"))
@@ -75,7 +79,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="resnet20")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--hooks", default="none,fp16,powersgd1,powersgd2,mpiqsgd-qsgd4")
+    p.add_argument("--hooks", default="none,fp16,powersgd1,powersgd2,mpiqsgd-qsgd4,mpiqsgd-qsgd4-intsum")
     p.add_argument("--min-compress-numel", type=int, default=1024)  # mpiqsgd hooks: smaller tensors go as fp32
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
