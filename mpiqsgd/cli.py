@@ -25,7 +25,7 @@ from pathlib import Path
 from . import __version__
 from .codecs import CODECS, ENCODINGS, codec_from_flags
 from .errors import MpiqsgdError
-from .topology import TOPOLOGIES
+from .topology import CHOICES, resolve_topology
 from .transport import abort_if_parallel
 
 __all__ = ["main", "build_parser", "add_codec_args", "codec_from_args"]
@@ -59,7 +59,8 @@ def codec_from_args(args):
 
 def add_topology_args(p):
     g = p.add_argument_group("topology")
-    g.add_argument("--topology", default="scatter", choices=list(TOPOLOGIES), help="aggregation (default scatter)")
+    g.add_argument("--topology", default="auto", choices=list(CHOICES),
+                   help="aggregation (default auto: intsum for qsgd, scatter for other codecs, allreduce for fp32)")
     g.add_argument("--downlink", choices=["fp32", "codec"], help="ps: what the server sends back (default fp32)")
     g.add_argument("--server-error-feedback", action="store_true", default=None,
                    help="ps: server-side error feedback on an encoded downlink")
@@ -250,7 +251,8 @@ def run_bench_exchange(args):
     _positive("numel", args.numel)
     _positive("repeats", args.repeats)
     transport = world(args.wait)
-    result = bench_exchange(transport, codec_from_args(args), args.topology, args.numel, args.repeats,
+    codec = codec_from_args(args)
+    result = bench_exchange(transport, codec, resolve_topology(args.topology, codec), args.numel, args.repeats,
                             args.seed, args.device, trace=args.trace, **topology_options(args))
     if not _text_on_root(transport, result, args.json):
         return
@@ -304,7 +306,8 @@ def run_bench_step(args):
     _positive("batch-size", args.batch_size)
     transport = world(args.wait)
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // transport.local_size))
-    result = bench_step(transport, args.model, codec_from_args(args), args.topology, args.batch_size,
+    codec = codec_from_args(args)
+    result = bench_step(transport, args.model, codec, resolve_topology(args.topology, codec), args.batch_size,
                         args.repeats, args.warmup, args.bucket_mb, args.overlap, args.min_compress_numel, args.seed,
                         args.device, **topology_options(args))
     if not _text_on_root(transport, result, args.json):

@@ -61,7 +61,7 @@ import torch
 
 from .codecs.base import all_finite
 from .errors import ConfigError, NonFiniteError
-from .topology import make_aggregator, make_fp32_aggregator
+from .topology import make_aggregator, make_fp32_aggregator, resolve_topology
 
 __all__ = ["GradientExchange", "DistributedOptimizer", "Bucket", "make_buckets", "broadcast_parameters",
            "parameter_checksum"]
@@ -128,7 +128,8 @@ class GradientExchange:
         parameters: iterable of tensors with ``.grad`` (the model's parameters).
         transport: a :class:`~mpiqsgd.transport.Transport`.
         codec: the codec of the compressed buffers (error feedback included).
-        topology: ``allreduce``, ``ps``, ``ring``, ``scatter`` or ``allgather``.
+        topology: ``auto`` (intsum for QSGD, scatter for other codecs, allreduce for fp32),
+            ``allreduce``, ``ps``, ``ring``, ``scatter``, ``allgather`` or ``intsum``.
         seed: base seed of codec randomness.
         min_compress_numel: tensors with fewer elements travel uncompressed (fp32).
         warmup_steps: steps before this one send everything uncompressed.
@@ -141,7 +142,7 @@ class GradientExchange:
         **options: topology options (``ps``: downlink, server_error_feedback, dedicated).
     """
 
-    def __init__(self, parameters, transport, codec, topology="scatter", seed=0, min_compress_numel=0,
+    def __init__(self, parameters, transport, codec, topology="auto", seed=0, min_compress_numel=0,
                  warmup_steps=0, adapt_at=(0, 100, 2000), adapt_every=10000, bucket_mb=0, overlap=False,
                  backward_passes_per_step=1, **options):
         params = [p for p in parameters if p.requires_grad]
@@ -152,6 +153,7 @@ class GradientExchange:
         self.warmup_steps = warmup_steps
         self.min_compress_numel = min_compress_numel
         self.bucket_mb = bucket_mb
+        topology = resolve_topology(topology, codec)
         self.aggregator = make_aggregator(topology, transport, codec, seed=seed, **options)
         self.fp32 = make_fp32_aggregator(topology, transport, seed=seed, **options)
         self.adaptive = codec.base if codec.adaptive else None

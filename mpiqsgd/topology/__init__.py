@@ -18,7 +18,7 @@ docstring gives the exact formula; ``Aggregator.sent_nbytes`` computes it (None 
 variable-length codec such as ``qsgd-elias``, whose messages the meter still counts).
 """
 
-from ..codecs import ErrorFeedback
+from ..codecs import ErrorFeedback, summable
 from ..codecs.fp import FP32
 from ..errors import ConfigError
 from .allgather import Allgather
@@ -28,10 +28,11 @@ from .intsum import IntSum
 from .ps import ParameterServer
 from .ring import Ring, Scatter
 
-__all__ = ["Aggregator", "TOPOLOGIES", "DOWNLINKS", "make_aggregator", "make_fp32_aggregator", "chunk_bounds",
-           "mean_of", "sum_of"]
+__all__ = ["Aggregator", "TOPOLOGIES", "CHOICES", "DOWNLINKS", "make_aggregator", "make_fp32_aggregator",
+           "resolve_topology", "chunk_bounds", "mean_of", "sum_of"]
 
 TOPOLOGIES = {cls.name: cls for cls in (Allreduce, ParameterServer, Ring, Scatter, Allgather, IntSum)}
+CHOICES = ("auto", *TOPOLOGIES)  # what --topology takes
 DOWNLINKS = ("fp32", "codec")
 
 
@@ -46,19 +47,38 @@ def _downlink_codec(codec, downlink="fp32", server_error_feedback=False):
     return ErrorFeedback(codec.base) if server_error_feedback else codec.base
 
 
+def resolve_topology(name, codec):
+    """The topology ``"auto"`` stands for with ``codec`` (other names are returned as they are).
+
+    By measurement on the emulated switched cluster (docs/benchmarks.md): ``intsum`` for QSGD
+    (qsgd, qsgd-inf, dense; error feedback or not), whose levels add without decoding;
+    ``allreduce`` for plain fp32; ``scatter`` for every other codec.
+    """
+    if name != "auto":
+        return name
+    if codec.name == "fp32" and codec.base is codec:
+        return "allreduce"
+    try:
+        summable.check_codec(codec, "auto")
+        return "intsum"
+    except ConfigError:
+        return "scatter"
+
+
 def make_aggregator(name, transport, codec, seed=0, **options):
     """Build a topology by name.
 
     Args:
-        name: one of :data:`TOPOLOGIES`.
+        name: one of :data:`TOPOLOGIES`, or ``"auto"`` (:func:`resolve_topology`).
         transport: a :class:`~mpiqsgd.transport.Transport`.
         codec: the codec (ignored by nothing: ``allreduce`` insists on fp32).
         seed: base seed of codec randomness.
         **options: topology options (``ps``: ``downlink``, ``server_error_feedback``,
             ``dedicated``; ``intsum``: ``piece_numel``); ``None`` values are dropped.
     """
+    name = resolve_topology(name, codec) if name == "auto" and codec is not None else name
     if name not in TOPOLOGIES:
-        raise ConfigError(f"unknown topology {name!r}; choose one of: {', '.join(TOPOLOGIES)}")
+        raise ConfigError(f"unknown topology {name!r}; choose one of: {', '.join(CHOICES)}")
     options = {k: v for k, v in options.items() if v is not None}
     if name == "intsum":
         unknown = sorted(set(options) - {"piece_numel"})

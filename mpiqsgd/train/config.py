@@ -14,7 +14,7 @@ from typing import Optional
 from .. import __version__
 from ..codecs import CODECS, ENCODINGS, codec_from_flags
 from ..errors import ConfigError
-from ..topology import TOPOLOGIES
+from ..topology import CHOICES, resolve_topology
 from ..trace import parse_steps
 from .models import MODELS
 
@@ -73,8 +73,8 @@ class TrainConfig:
     encoding: Optional[str] = knob(None, "qsgd/level sets: dense (default), elias (qsgd) or entropy (rANS)",
                                    list(ENCODINGS), "communication")
     error_feedback: bool = knob(False, "error feedback around the codec", group="communication")
-    topology: str = knob("scatter", "gradient aggregation (scatter: ring's bytes, half its error)", list(TOPOLOGIES),
-                         "communication")
+    topology: str = knob("auto", "gradient aggregation (auto: intsum for qsgd, scatter for other codecs, "
+                                 "allreduce for fp32)", list(CHOICES), "communication")
     downlink: Optional[str] = knob(None, "ps: fp32 (default) or codec", ["fp32", "codec"], "communication")
     server_error_feedback: bool = knob(False, "ps: server-side error feedback", group="communication")
     dedicated_server: bool = knob(False, "ps: rank 0 serves only, does not train", group="communication")
@@ -152,6 +152,9 @@ class TrainConfig:
             raise ConfigError("--weight-decay must be >= 0 and --momentum in [0, 1)")
         if self.nesterov and self.momentum == 0:
             raise ConfigError("--nesterov needs --momentum above 0")
+        codec = codec_from_flags(self.codec, self.bits, self.levels, self.bucket, self.rounding, self.clip_sigma,
+                                 self.error_feedback, self.norm, self.fit, self.encoding)
+        self.topology = resolve_topology(self.topology, codec)  # config.json records what ran
         ps_only = [f for f in ("downlink", "server_error_feedback", "dedicated_server") if getattr(self, f)]
         if ps_only and self.topology != "ps":
             names = ", ".join("--" + f.replace("_", "-") for f in ps_only)
@@ -162,8 +165,6 @@ class TrainConfig:
             raise ConfigError(f"--lr-decay-epochs must be finite numbers; got {self.lr_decay_epochs!r}")
         self.adapt_steps()
         parse_steps(self.trace_steps)
-        codec_from_flags(self.codec, self.bits, self.levels, self.bucket, self.rounding, self.clip_sigma,
-                         self.error_feedback, self.norm, self.fit, self.encoding)
         return self
 
     def adapt_steps(self):
