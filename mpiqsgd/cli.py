@@ -25,7 +25,7 @@ from pathlib import Path
 from . import __version__
 from .codecs import CODECS, ENCODINGS, codec_from_flags
 from .errors import MpiqsgdError
-from .topology import TOPOLOGIES
+from .topology import HIERARCHICAL_MODES, TOPOLOGIES
 from .transport import abort_if_parallel
 
 __all__ = ["main", "build_parser", "add_codec_args", "codec_from_args"]
@@ -65,6 +65,9 @@ def add_topology_args(p):
                    help="ps: server-side error feedback on an encoded downlink")
     g.add_argument("--dedicated-server", action="store_true", default=None,
                    help="ps: rank 0 only serves and does not train")
+    g.add_argument("--hierarchical", default="auto", choices=list(HIERARCHICAL_MODES),
+                   help="fp32 inside each node, the topology among one leader per node: auto (default: when the "
+                        "ranks span several nodes and some node holds several), on, off")
 
 
 def topology_options(args):
@@ -163,6 +166,12 @@ def _text_on_root(transport, result, as_json):
     return True
 
 
+def _say_layout(transport, result, as_json):
+    """Rank 0 says when the exchange is hierarchical (on stderr beside --json's stdout)."""
+    if transport.rank == 0 and result["layout"]:
+        print(f"mpiqsgd: {result['layout']}", file=sys.stderr if as_json else sys.stdout, flush=True)
+
+
 def _positive(name, value):
     if value < 1:
         raise MpiqsgdError(f"--{name} must be at least 1; got {value}")
@@ -251,7 +260,9 @@ def run_bench_exchange(args):
     _positive("repeats", args.repeats)
     transport = world(args.wait)
     result = bench_exchange(transport, codec_from_args(args), args.topology, args.numel, args.repeats,
-                            args.seed, args.device, trace=args.trace, **topology_options(args))
+                            args.seed, args.device, trace=args.trace, hierarchical=args.hierarchical,
+                            **topology_options(args))
+    _say_layout(transport, result, args.json)
     if not _text_on_root(transport, result, args.json):
         return
     r = result
@@ -306,7 +317,8 @@ def run_bench_step(args):
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // transport.local_size))
     result = bench_step(transport, args.model, codec_from_args(args), args.topology, args.batch_size,
                         args.repeats, args.warmup, args.bucket_mb, args.overlap, args.min_compress_numel, args.seed,
-                        args.device, **topology_options(args))
+                        args.device, hierarchical=args.hierarchical, **topology_options(args))
+    _say_layout(transport, result, args.json)
     if not _text_on_root(transport, result, args.json):
         return
     r = result
