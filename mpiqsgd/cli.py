@@ -273,6 +273,11 @@ def run_bench_exchange(args):
               f"{x['sent_bytes_this_rank']:>12,} bytes sent by rank 0")
     print(f"  speedup vs allreduce {r['speedup_vs_allreduce']:.2f}x, bytes {r['bytes_vs_allreduce']:.3f}x, "
           f"relative error vs exact mean {r['relative_error_vs_exact_mean']:.4f}")
+    if r["candidate"]["hierarchical"]:
+        base, cand = r["baseline"]["job_bytes_by_class"], r["candidate"]["job_bytes_by_class"]
+        print(f"  bytes per call, all ranks: inter-node {cand['inter']:,} (the flat fp32 allreduce, all counted as "
+              f"inter-node: {base['inter']:,}), "
+              f"intra-node {cand['intra']:,} (fp32, shared memory)")
 
 
 def run_bench_link(args):
