@@ -35,7 +35,7 @@ from .codecs.fp import FP32
 from .codecs.levelset import LevelSet
 from .codecs.qsgd import QSGD
 from .machine import machine_info
-from .topology import make_aggregator
+from .topology import Nodes, make_aggregator, wants_hierarchical
 from .trace import Tracer, write_trace
 
 __all__ = ["bench_codec", "bench_codec_all", "ALL_CODECS", "symbol_stats", "bench_exchange", "bench_step",
@@ -350,11 +350,14 @@ def _median_max(transport, seconds):
     return float(np.median(table.max(axis=0))), table.max(axis=0).tolist()
 
 
-def bench_exchange(transport, codec, topology, numel, repeats=5, seed=0, device="cpu", trace=None, **options):
+def bench_exchange(transport, codec, topology, numel, repeats=5, seed=0, device="cpu", trace=None,
+                   hierarchical="auto", **options):
     """Time one topology against fp32 allreduce on every rank's random gradient.
 
     Args:
         trace: a path: write the Chrome trace of the candidate's last repeat there (rank 0).
+        hierarchical: the candidate's ``auto``, ``on`` or ``off`` (:class:`~mpiqsgd.topology.Hierarchical`;
+            the baseline is always the flat fp32 ``MPI_Allreduce``).
 
     Returns:
         JSON-ready dict (meaningful on every rank; print it on rank 0).
@@ -367,9 +370,10 @@ def bench_exchange(transport, codec, topology, numel, repeats=5, seed=0, device=
     if dedicated and rank == 0:
         grad.zero_()  # the server contributes nothing; the reference mean is over the workers
     runs = {}
-    candidates = [("allreduce", FP32(), {}), (topology, codec, options)]
-    for label, (name, cod, opts) in zip(("baseline", "candidate"), candidates):
-        agg = make_aggregator(name, transport, cod, seed=seed, **opts)
+    nodes = Nodes(transport) if wants_hierarchical(transport, hierarchical, dedicated=dedicated) else None
+    candidates = [("allreduce", FP32(), {}, None), (topology, codec, options, nodes)]
+    for label, (name, cod, opts, layout) in zip(("baseline", "candidate"), candidates):
+        agg = make_aggregator(name, transport, cod, seed=seed, nodes=layout, **opts)
         if trace and label == "candidate":
             transport.meter.tracer = Tracer(rank, lambda step: step == repeats)
         seconds = []
@@ -380,8 +384,10 @@ def bench_exchange(transport, codec, topology, numel, repeats=5, seed=0, device=
             if rep:
                 seconds.append(t)
         sent = transport.meter.sent()
+        by_class = transport.meter.job_totals(transport)["by_class"]  # the last repeat's, all ranks
         median, series = _median_max(transport, seconds)
-        runs[label] = {"topology": name, "codec": repr(cod), "median_seconds": median,
+        runs[label] = {"topology": name, "hierarchical": layout is not None, "codec": repr(cod),
+                       "median_seconds": median, "job_bytes_by_class": {k: v["bytes"] for k, v in by_class.items()},
                        "seconds_per_repeat": series, "sent_bytes_this_rank": sent["bytes"],
                        "sent_bytes_formula": agg.sent_nbytes(numel, rank),
                        "phase_seconds_this_rank": dict(transport.meter.seconds), "result": result}
@@ -398,6 +404,9 @@ def bench_exchange(transport, codec, topology, numel, repeats=5, seed=0, device=
     return {
         "benchmark": "exchange",
         "n_ranks": n,
+        "n_nodes": transport.n_nodes,
+        "ranks_per_node": [transport.nodes.count(k) for k in range(transport.n_nodes)],
+        "layout": None if nodes is None else nodes.describe(topology),
         "numel": numel,
         "repeats": repeats,
         "baseline": runs["baseline"],
@@ -420,7 +429,7 @@ def _step_inputs(model_name, batch_size, seed, rank, device):
 
 
 def bench_step(transport, model_name, codec, topology, batch_size=32, repeats=10, warmup=3, bucket_mb=0.0,
-               overlap=False, min_compress_numel=1024, seed=0, device="cpu", **options):
+               overlap=False, min_compress_numel=1024, seed=0, device="cpu", hierarchical="auto", **options):
     """Time a training step (forward, backward, exchange, SGD) against the same step without exchange.
 
     Both are timed in the same run, alternating: each repeat runs one compute-only step
@@ -444,7 +453,7 @@ def bench_step(transport, model_name, codec, topology, batch_size=32, repeats=10
     alone_opt, full_opt = (torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in models)
     exchange = GradientExchange(models[1].parameters(), transport, codec, topology, seed=seed,
                                 min_compress_numel=min_compress_numel, bucket_mb=bucket_mb, overlap=overlap,
-                                adapt_at=(0,), **options)
+                                adapt_at=(0,), hierarchical=hierarchical, **options)
     x, y = _step_inputs(model_name, batch_size, seed, rank, device)
     loss_fn = torch.nn.functional.cross_entropy
 
@@ -486,6 +495,9 @@ def bench_step(transport, model_name, codec, topology, batch_size=32, repeats=10
         "batch_size": batch_size,
         "codec": repr(codec),
         "topology": topology,
+        "hierarchical": exchange.nodes is not None,
+        "layout": None if exchange.nodes is None else exchange.nodes.describe(topology),
+        "bytes_per_step_by_class": {k: v["bytes"] / repeats for k, v in job["by_class"].items()},
         "bucket_mb": bucket_mb,
         "n_buckets": len(exchange.buckets),
         "overlap": overlap,

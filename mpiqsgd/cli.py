@@ -25,7 +25,7 @@ from pathlib import Path
 from . import __version__
 from .codecs import CODECS, ENCODINGS, codec_from_flags
 from .errors import MpiqsgdError
-from .topology import CHOICES, resolve_topology
+from .topology import CHOICES, HIERARCHICAL_MODES, resolve_topology
 from .transport import abort_if_parallel
 
 __all__ = ["main", "build_parser", "add_codec_args", "codec_from_args"]
@@ -66,6 +66,9 @@ def add_topology_args(p):
                    help="ps: server-side error feedback on an encoded downlink")
     g.add_argument("--dedicated-server", action="store_true", default=None,
                    help="ps: rank 0 only serves and does not train")
+    g.add_argument("--hierarchical", default="auto", choices=list(HIERARCHICAL_MODES),
+                   help="fp32 inside each node, the topology among one leader per node: auto (default: when the "
+                        "ranks span several nodes and some node holds several), on, off")
 
 
 def topology_options(args):
@@ -164,6 +167,12 @@ def _text_on_root(transport, result, as_json):
     return True
 
 
+def _say_layout(transport, result, as_json):
+    """Rank 0 says when the exchange is hierarchical (on stderr beside --json's stdout)."""
+    if transport.rank == 0 and result["layout"]:
+        print(f"mpiqsgd: {result['layout']}", file=sys.stderr if as_json else sys.stdout, flush=True)
+
+
 def _positive(name, value):
     if value < 1:
         raise MpiqsgdError(f"--{name} must be at least 1; got {value}")
@@ -253,7 +262,9 @@ def run_bench_exchange(args):
     transport = world(args.wait)
     codec = codec_from_args(args)
     result = bench_exchange(transport, codec, resolve_topology(args.topology, codec), args.numel, args.repeats,
-                            args.seed, args.device, trace=args.trace, **topology_options(args))
+                            args.seed, args.device, trace=args.trace, hierarchical=args.hierarchical,
+                            **topology_options(args))
+    _say_layout(transport, result, args.json)
     if not _text_on_root(transport, result, args.json):
         return
     r = result
@@ -264,6 +275,11 @@ def run_bench_exchange(args):
               f"{x['sent_bytes_this_rank']:>12,} bytes sent by rank 0")
     print(f"  speedup vs allreduce {r['speedup_vs_allreduce']:.2f}x, bytes {r['bytes_vs_allreduce']:.3f}x, "
           f"relative error vs exact mean {r['relative_error_vs_exact_mean']:.4f}")
+    if r["candidate"]["hierarchical"]:
+        base, cand = r["baseline"]["job_bytes_by_class"], r["candidate"]["job_bytes_by_class"]
+        print(f"  bytes per call, all ranks: inter-node {cand['inter']:,} (the flat fp32 allreduce, all counted as "
+              f"inter-node: {base['inter']:,}), "
+              f"intra-node {cand['intra']:,} (fp32, shared memory)")
 
 
 def run_bench_link(args):
@@ -309,7 +325,8 @@ def run_bench_step(args):
     codec = codec_from_args(args)
     result = bench_step(transport, args.model, codec, resolve_topology(args.topology, codec), args.batch_size,
                         args.repeats, args.warmup, args.bucket_mb, args.overlap, args.min_compress_numel, args.seed,
-                        args.device, **topology_options(args))
+                        args.device, hierarchical=args.hierarchical, **topology_options(args))
+    _say_layout(transport, result, args.json)
     if not _text_on_root(transport, result, args.json):
         return
     r = result

@@ -44,6 +44,12 @@ counted); a bucket is complete after the k-th, and a (k+1)-th raises :class:`Con
 instead of leaving a gradient out. :class:`DistributedOptimizer` is a ``torch.optim.Optimizer``
 (docs/pytorch.md: schedulers, closures, clipping after ``synchronize()``, GradScaler, checkpoints).
 
+Nodes with several ranks (``hierarchical``): where the ranks span more than one node and some node
+holds several (``"auto"``, the default), both buffers go through
+:class:`~mpiqsgd.topology.Hierarchical`: fp32 to the node's leader, the topology among the
+leaders, fp32 back (``"on"`` forces it, ``"off"`` keeps every rank alike);
+:attr:`GradientExchange.nodes` is then the layout (None when flat).
+
 Adaptive codecs (ALQ, AMQ and their -N variants) refit their levels at the steps of
 the schedule (by default 0, 100, 2000, then every 10,000): every rank computes
 sufficient statistics of its whole compressed gradient (registration order), they are
@@ -61,7 +67,7 @@ import torch
 
 from .codecs.base import all_finite
 from .errors import ConfigError, NonFiniteError
-from .topology import make_aggregator, make_fp32_aggregator, resolve_topology
+from .topology import Nodes, make_aggregator, make_fp32_aggregator, resolve_topology, wants_hierarchical
 
 __all__ = ["GradientExchange", "DistributedOptimizer", "Bucket", "make_buckets", "broadcast_parameters",
            "parameter_checksum"]
@@ -139,12 +145,14 @@ class GradientExchange:
         overlap: aggregate buckets in a communication thread while backward runs.
         backward_passes_per_step: backward passes whose summed gradients one exchange sends
             (gradient accumulation); one more before the exchange raises :class:`ConfigError`.
+        hierarchical: ``auto`` (default: hierarchical where the ranks span several nodes and some
+            node holds several), ``on`` or ``off`` (see the module doc).
         **options: topology options (``ps``: downlink, server_error_feedback, dedicated).
     """
 
     def __init__(self, parameters, transport, codec, topology="auto", seed=0, min_compress_numel=0,
                  warmup_steps=0, adapt_at=(0, 100, 2000), adapt_every=10000, bucket_mb=0, overlap=False,
-                 backward_passes_per_step=1, **options):
+                 backward_passes_per_step=1, hierarchical="auto", **options):
         params = [p for p in parameters if p.requires_grad]
         if not params:
             raise ConfigError("GradientExchange: no parameters that require gradients")
@@ -154,8 +162,10 @@ class GradientExchange:
         self.min_compress_numel = min_compress_numel
         self.bucket_mb = bucket_mb
         topology = resolve_topology(topology, codec)
-        self.aggregator = make_aggregator(topology, transport, codec, seed=seed, **options)
-        self.fp32 = make_fp32_aggregator(topology, transport, seed=seed, **options)
+        hier = wants_hierarchical(transport, hierarchical, dedicated=bool(options.get("dedicated")))
+        self.nodes = Nodes(transport) if hier else None  # collective: every rank decides alike
+        self.aggregator = make_aggregator(topology, transport, codec, seed=seed, nodes=self.nodes, **options)
+        self.fp32 = make_fp32_aggregator(topology, transport, seed=seed, nodes=self.nodes, **options)
         self.adaptive = codec.base if codec.adaptive else None
         self.adapt_at = set(adapt_at)
         self.adapt_every = adapt_every

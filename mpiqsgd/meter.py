@@ -9,6 +9,11 @@ all ranks (the byte counts of a job); ``Meter.totals`` is one rank's, JSON-ready
 ``sizes`` is a histogram of message sizes per phase (power-of-two bins: the link
 projection of ``mpiqsgd report --link`` needs how many messages of which size).
 
+Link classes: a phase named ``node-*`` (the hierarchical exchange's ``node-reduce`` and
+``node-bcast``) moves bytes between ranks of one node (``intra``: shared memory); every other
+phase is ``inter`` (crosses the network, as every byte of a flat topology is assumed to).
+``by_class`` in :meth:`Meter.totals` and :func:`merge` sums the phases of each class.
+
 Spans: with a :class:`~mpiqsgd.trace.Tracer` attached (``meter.tracer``), every
 :meth:`Meter.time` block and :meth:`Meter.span` of a sampled step also becomes one
 event of the run's timeline (``trace.json``); without one the cost is one attribute
@@ -23,9 +28,23 @@ from dataclasses import dataclass
 
 import msgpack
 
-__all__ = ["Message", "Meter", "merge", "size_bin", "COUNT_FIELDS"]
+__all__ = ["Message", "Meter", "merge", "size_bin", "link_class", "COUNT_FIELDS", "LINK_CLASSES"]
 
 COUNT_FIELDS = ("messages", "bytes", "header_bytes", "payload_bytes", "fp32_bytes")
+LINK_CLASSES = ("intra", "inter")
+INTRA_PREFIX = "node-"
+
+
+def link_class(phase):
+    """``intra`` for a phase between the ranks of one node (``node-*``), else ``inter``."""
+    return "intra" if phase.startswith(INTRA_PREFIX) else "inter"
+
+
+def _by_class(by_phase):
+    out = {c: _zero() for c in LINK_CLASSES}
+    for phase, counts in by_phase.items():
+        _add(out[link_class(phase)], counts)
+    return out
 
 
 @dataclass(frozen=True)
@@ -182,6 +201,7 @@ class Meter:
             "sent": self.sent(),
             "by_phase": {k: dict(v) for k, v in sorted(self.by_phase.items())},
             "by_link": {k: dict(v) for k, v in sorted(self.by_link.items())},
+            "by_class": _by_class(self.by_phase),
             "seconds": dict(sorted(self.seconds.items())),
             "sizes": _sizes_json(self.sizes),
         }
@@ -191,7 +211,8 @@ def merge(per_rank):
     """Sum the :meth:`Meter.totals` of all ranks into job totals.
 
     Returns:
-        dict with ``sent`` (all ranks), ``by_phase``, ``by_link``, ``seconds`` and
+        dict with ``sent`` (all ranks), ``by_phase``, ``by_link``, ``by_class`` (``intra`` and
+        ``inter``, see :func:`link_class`), ``seconds`` and
         ``sizes`` (``{phase: {bin: [messages, bytes]}}``, see :func:`size_bin`) summed
         over ranks, ``per_rank`` (the inputs, by rank), and ``received_by_rank`` /
         ``sent_by_rank`` (bytes per rank; for a parameter server, rank 0's inbound and
@@ -221,6 +242,7 @@ def merge(per_rank):
         "sent": sent,
         "by_phase": {k: dict(v) for k, v in sorted(by_phase.items())},
         "by_link": {k: dict(v) for k, v in sorted(by_link.items())},
+        "by_class": _by_class(by_phase),
         "seconds": dict(sorted(seconds.items())),
         "sizes": _sizes_json(sizes),
         "sent_by_rank": {t["rank"]: t["sent"]["bytes"] for t in per_rank},

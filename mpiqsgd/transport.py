@@ -14,6 +14,13 @@ array in place, ``op`` sum or max: the decode-free allreduce's integer words and
 is counted the same way, ``floor(2 (n-1) / n * nbytes)``. :meth:`Transport.pipeline` starts the
 allreduces of an array's pieces as a producer hands them in (:class:`AllreducePipeline`).
 
+Sub-transports (:meth:`Transport.split`): the ranks of one color, a communicator of their own
+(``MPI_Comm_split``; a shared sub-group of a :class:`LocalGroup`), sharing the parent's meter,
+which records their messages under world ranks (``world_ranks``), so job totals stay per world
+rank. Nodes: ``nodes[r]`` is the node of rank ``r`` (0, 1, ... in order of first appearance), from
+the host names (``MPI.Get_processor_name()``, or ``MPIQSGD_HOST`` where set: tests force nodes per
+rank with it), or ``LocalGroup(size, ranks_per_node)``.
+
 Small control traffic (meters, statistics, initial parameters) goes through
 ``allgather_bytes`` / ``bcast_bytes`` and is recorded only when given a phase.
 
@@ -126,6 +133,8 @@ class Transport:
     Attributes:
         rank, size: this process's rank and the number of ranks.
         local_rank, local_size: this rank's index among the ranks of its node, and their number.
+        nodes: the node of every rank, in rank order (0, 1, ... by first appearance).
+        world_ranks: the world rank of every rank of a sub-transport (None: the ranks are world ranks).
         meter: the :class:`~mpiqsgd.meter.Meter` every sent message is recorded in.
 
     Message calls: ``send(buf, dest, phase, fp32_bytes)``, ``recv(source, phase)`` (a
@@ -140,7 +149,23 @@ class Transport:
     size = 1
     local_rank = 0
     local_size = 1
+    nodes = (0,)
+    world_ranks = None
     meter = None
+
+    @property
+    def n_nodes(self):
+        """How many nodes the ranks are on."""
+        return len(set(self.nodes))
+
+    def world_rank(self, rank):
+        """The world rank of ``rank`` of this transport (-1, a collective's destination, stays -1)."""
+        return rank if self.world_ranks is None or rank < 0 else self.world_ranks[rank]
+
+    def split(self, color):
+        """The sub-transport of the ranks that pass the same ``color`` (None: this rank joins none and
+        gets None), ranked as here, sharing this meter. Collective: every rank calls it."""
+        raise NotImplementedError
 
     def begin_step(self, step):
         """Stamp ``step`` on everything recorded from now on."""
@@ -160,7 +185,8 @@ class Transport:
     def _record(self, buf, dest, phase, fp32_bytes, framed=True):
         nbytes = len(memoryview(buf).cast("B"))
         header = wire.header_nbytes(buf) if framed else 0
-        self.meter.record(phase, self.rank, dest, header, nbytes - header, fp32_bytes)
+        self.meter.record(phase, self.world_rank(self.rank), self.world_rank(dest), header, nbytes - header,
+                          fp32_bytes)
         return nbytes
 
     def _record_allreduce(self, array, phase, fp32_numel):
@@ -168,7 +194,8 @@ class Transport:
         ``fp32_numel`` values it stands for); return the nominal bytes."""
         nominal = allreduce_nbytes(array.nbytes, self.size, itemsize=1)
         if self.size > 1:
-            self.meter.record(phase, self.rank, -1, 0, nominal, allreduce_nbytes(fp32_numel, self.size))
+            self.meter.record(phase, self.world_rank(self.rank), -1, 0, nominal,
+                              allreduce_nbytes(fp32_numel, self.size))
         return nominal
 
     def allreduce_array(self, array, op="sum", phase="allreduce", fp32_numel=0):
@@ -218,9 +245,10 @@ class MPITransport(Transport):
         wait: ``"backoff"`` (default: poll non-blocking calls, sleeping between polls) or
             ``"spin"`` (MPI's blocking calls).
         comm_timeout: seconds a wait may last before :class:`CommTimeout` (None: forever).
+        world_ranks: the world rank of each rank of ``comm`` (a sub-transport's; None: ``comm``'s ranks).
     """
 
-    def __init__(self, comm=None, meter=None, wait="backoff", comm_timeout=None):
+    def __init__(self, comm=None, meter=None, wait="backoff", comm_timeout=None, world_ranks=None):
         from mpi4py import MPI
 
         if wait not in WAITS:
@@ -235,13 +263,30 @@ class MPITransport(Transport):
             raise ConfigError(f"transport: comm_timeout must be positive and needs wait='backoff'; got "
                               f"{comm_timeout} with wait={wait!r}")
         self.comm_timeout = comm_timeout
+        self.world_ranks = None if world_ranks is None else list(world_ranks)
         # Ranks on this node: by host name, not MPI_COMM_TYPE_SHARED, which counts one rank
         # per "node" when MPI is told not to use shared memory (MPIR_CVAR_NOLOCAL, the
         # shaped-link benchmarks) and would hand every rank all the node's cores.
-        hosts = self.allgather_bytes(MPI.Get_processor_name().encode())
+        # MPIQSGD_HOST names the node instead (tests place ranks on nodes with it).
+        host = os.environ.get("MPIQSGD_HOST") or MPI.Get_processor_name()
+        hosts = self.allgather_bytes(host.encode())
+        order = list(dict.fromkeys(hosts))
+        self.nodes = tuple(order.index(h) for h in hosts)
         here = [r for r, h in enumerate(hosts) if h == hosts[self.rank]]
         self.local_size = len(here)  # ranks of this communicator on this node
         self.local_rank = here.index(self.rank)  # this rank's index among them (picks its GPU)
+
+    def split(self, color):
+        """``MPI_Comm_split`` by ``color`` (key: this rank), as an :class:`MPITransport` sharing this meter."""
+        MPI = self._MPI
+        comm = self.comm.Split(MPI.UNDEFINED if color is None else int(color), self.rank)
+        if comm == MPI.COMM_NULL:
+            return None
+        world_ranks = np.empty(comm.Get_size(), dtype=np.int64)
+        comm.Allgather([np.array([self.world_rank(self.rank)], dtype=np.int64), MPI.INT64_T],
+                       [world_ranks, MPI.INT64_T])
+        return MPITransport(comm, self.meter, "spin" if self.poller is None else "backoff", self.comm_timeout,
+                            world_ranks.tolist())
 
     def require_threads(self):
         """Exchanges in a communication thread need ``MPI_THREAD_SERIALIZED`` (one thread calls MPI at a time)."""
@@ -348,7 +393,7 @@ class MPITransport(Transport):
         n = self.size
         if n > 1:
             nominal = allreduce_nbytes(host.size, n)
-            self.meter.record(phase, self.rank, -1, 0, nominal, nominal)
+            self.meter.record(phase, self.world_rank(self.rank), -1, 0, nominal, nominal)
             with self.meter.time("communicate", name="allreduce", message=phase, bytes=nominal):
                 if self.poller is None:
                     self.comm.Allreduce(self._MPI.IN_PLACE, [host, self._MPI.FLOAT], op=self._MPI.SUM)
@@ -503,15 +548,42 @@ class LocalGroup:
     Runs the very code a real job runs (same topologies, same byte counting); only the
     wire is a ``queue.Queue`` per (source, dest, tag). If one rank fails, the others
     stop waiting and :meth:`run` re-raises the first error.
+
+    Args:
+        size: the number of ranks.
+        ranks_per_node: group the ranks into nodes of this many, in rank order (the last
+            node may hold fewer); None: all on one node.
     """
 
-    def __init__(self, size):
+    def __init__(self, size, ranks_per_node=None, _root=None):
+        if ranks_per_node is not None and not (isinstance(ranks_per_node, int) and ranks_per_node >= 1):
+            raise ConfigError(f"LocalGroup: ranks_per_node must be an integer >= 1 or None; got {ranks_per_node!r}")
         self.size = size
+        self.nodes = tuple(r // ranks_per_node if ranks_per_node else 0 for r in range(size))
         self._queues = {}
         self._lock = threading.Lock()
         self._barrier = threading.Barrier(size)
         self._slots = [None] * size
-        self.error = None
+        # Sub-groups (LocalTransport.split) share the root's error and are aborted with it.
+        self._root = self if _root is None else _root
+        self._subgroups = {}
+        self._error = None
+
+    @property
+    def error(self):
+        """The first failure of any rank (of this group or the group it was split from), or None."""
+        return self._root._error
+
+    def subgroup(self, key, nodes):
+        """The sub-group ``key`` of ranks on ``nodes`` (one entry a rank), created by the first of its ranks to ask."""
+        root = self._root
+        with root._lock:
+            sub = root._subgroups.get(key)
+            if sub is None:
+                sub = root._subgroups[key] = LocalGroup(len(nodes), _root=root)
+                order = list(dict.fromkeys(nodes))  # numbered by first appearance, as MPITransport does
+                sub.nodes = tuple(order.index(n) for n in nodes)
+            return sub
 
     def queue(self, source, dest, tag):
         with self._lock:
@@ -535,6 +607,16 @@ class LocalGroup:
     def transports(self, keep_messages=False):
         return [LocalTransport(self, r, Meter(r, keep_messages)) for r in range(self.size)]
 
+    def _abort(self, exc):
+        """Record the first failure and wake every rank waiting in this group or a sub-group."""
+        root = self._root
+        with root._lock:
+            if root._error is None:
+                root._error = exc
+            groups = [root, *root._subgroups.values()]
+        for group in groups:
+            group._barrier.abort()
+
     def run(self, fn, transports):
         """Call ``fn(transport)`` for every rank in its own thread; return the results by rank."""
         results = [None] * self.size
@@ -545,10 +627,7 @@ class LocalGroup:
             except _Aborted:
                 pass
             except BaseException as exc:  # first failure wins; wake everyone else
-                with self._lock:
-                    if self.error is None:
-                        self.error = exc
-                self._barrier.abort()
+                self._abort(exc)
 
         threads = [threading.Thread(target=target, args=(t,), name=f"rank{t.rank}") for t in transports]
         for th in threads:
@@ -567,12 +646,25 @@ class _Aborted(Exception):
 class LocalTransport(Transport):
     """One rank of a :class:`LocalGroup`; same methods, byte counting and timing as :class:`MPITransport`."""
 
-    def __init__(self, group, rank, meter=None):
+    def __init__(self, group, rank, meter=None, world_ranks=None):
         self.group = group
         self.rank = rank
         self.size = group.size
-        self.local_rank, self.local_size = rank, group.size
+        self.nodes = group.nodes
+        here = [r for r in range(self.size) if self.nodes[r] == self.nodes[rank]]
+        self.local_rank, self.local_size = here.index(rank), len(here)
+        self.world_ranks = None if world_ranks is None else list(world_ranks)
         self.meter = Meter(rank) if meter is None else meter
+        self._splits = 0  # split() calls so far: the same count names the same sub-group on every rank
+
+    def split(self, color):
+        colors = self.group.exchange(self.rank, color)
+        self._splits += 1
+        if color is None:
+            return None
+        members = [r for r, c in enumerate(colors) if c is not None and c == color]
+        sub = self.group.subgroup((id(self.group), self._splits, color), [self.nodes[r] for r in members])
+        return LocalTransport(sub, members.index(self.rank), self.meter, [self.world_rank(r) for r in members])
 
     def send(self, buf, dest, phase, fp32_bytes):
         nbytes = self._record(buf, dest, phase, fp32_bytes)
@@ -623,7 +715,7 @@ class LocalTransport(Transport):
         host = tensor.detach().to("cpu", torch.float32).contiguous().clone()
         if n > 1:
             nominal = allreduce_nbytes(host.numel(), n)
-            self.meter.record(phase, self.rank, -1, 0, nominal, nominal)
+            self.meter.record(phase, self.world_rank(self.rank), -1, 0, nominal, nominal)
         with self.meter.time("communicate", name="allreduce", message=phase, bytes=nominal if n > 1 else 0):
             total = self.group.exchange(self.rank, host)
         acc = total[0].clone()

@@ -191,3 +191,34 @@ def test_distributed_optimizer_accumulation_under_mpiexec(n):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     assert " failed" not in out and out.count(" passed") >= n
+
+
+@pytest.mark.parametrize("n", [4, 6])
+def test_hierarchical_under_mpiexec(n):
+    # 2 and 3 nodes of 2 ranks: tests/mpi/mpi_hierarchical.py names each rank's node itself.
+    proc = launch(n, "-m", "mpi4py", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+                  "tests/mpi/mpi_hierarchical.py")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert " failed" not in out and out.count(" passed") >= n
+
+
+def test_hierarchical_training_equals_simulation(tmp_path):
+    # 2 nodes x 2 ranks under mpiexec (Hydra's MPMD form: the second pair of ranks names its host
+    # nodeB) against --simulate 4 --ranks-per-node 2, bit for bit.
+    flags = [*TRAIN, "--codec", "qsgd", "--bits", "4", "--rounding", "nearest", "--error-feedback",
+             "--topology", "intsum", "--min-compress-numel", "100"]
+    job = ["-m", "mpi4py", "-m", "mpiqsgd", *flags, "--run-dir", str(tmp_path / "mpi")]
+    mpi = launch(2, *job, ":", "-n", "2", "-env", "MPIQSGD_HOST", "nodeB", sys.executable, *job, timeout=300)
+    assert mpi.returncode == 0, mpi.stderr[-4000:]
+    assert "hierarchical exchange: 2 nodes x 2 ranks (4 in all); fp32 inside each node, intsum among the 2" in mpi.stderr
+    sim = subprocess.run([sys.executable, "-m", "mpiqsgd", *flags, "--simulate", "4", "--ranks-per-node", "2",
+                          "--run-dir", str(tmp_path / "sim")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert sim.returncode == 0, sim.stderr[-4000:]
+    assert "hierarchical exchange: 2 nodes x 2 ranks" in sim.stderr
+    s_mpi, s_sim = json.loads(mpi.stdout), json.loads(sim.stdout)
+    assert s_mpi["total_bytes"] == s_sim["total_bytes"] > 0 and s_mpi["final_val_acc"] == s_sim["final_val_acc"]
+    for a, b in zip(final_states(tmp_path / "mpi", 4), final_states(tmp_path / "sim", 4)):  # BN buffers are per rank
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    comm = json.loads((tmp_path / "mpi" / "comm.json").read_text())
+    assert comm["by_class"]["intra"]["bytes"] > 0 and comm["by_class"]["inter"]["bytes"] > 0

@@ -12,6 +12,10 @@ intsum     MPI Allreduce of QSGD levels on shared scales,   ~2 (n-1)/n * I
            summed as packed integers (no rank decodes)
 =========  ===============================================  ==========================
 
+Hierarchical exchange (:mod:`~mpiqsgd.topology.hierarchical`, ``nodes=`` of :func:`make_aggregator`):
+any of these among one leader per node, fp32 inside the node (``node-reduce``, ``node-bcast``):
+a non-leader sends F, a leader (K - 1) F plus the topology's bytes on n_nodes ranks.
+
 E is the codec's encoded size of the whole gradient, F that of fp32, I that of the summable
 code (:mod:`mpiqsgd.codecs.summable`: fields wide enough for the sum over n ranks). Each module's
 docstring gives the exact formula; ``Aggregator.sent_nbytes`` computes it (None for a
@@ -24,12 +28,14 @@ from ..errors import ConfigError
 from .allgather import Allgather
 from .allreduce import Allreduce
 from .base import Aggregator, chunk_bounds, mean_of, sum_of
+from .hierarchical import HIERARCHICAL_MODES, Hierarchical, Nodes, wants_hierarchical
 from .intsum import IntSum
 from .ps import ParameterServer
 from .ring import Ring, Scatter
 
 __all__ = ["Aggregator", "TOPOLOGIES", "CHOICES", "DOWNLINKS", "make_aggregator", "make_fp32_aggregator",
-           "resolve_topology", "chunk_bounds", "mean_of", "sum_of"]
+           "resolve_topology", "chunk_bounds", "mean_of", "sum_of", "Hierarchical", "Nodes", "HIERARCHICAL_MODES",
+           "wants_hierarchical"]
 
 TOPOLOGIES = {cls.name: cls for cls in (Allreduce, ParameterServer, Ring, Scatter, Allgather, IntSum)}
 CHOICES = ("auto", *TOPOLOGIES)  # what --topology takes
@@ -65,7 +71,7 @@ def resolve_topology(name, codec):
         return "scatter"
 
 
-def make_aggregator(name, transport, codec, seed=0, **options):
+def make_aggregator(name, transport, codec, seed=0, nodes=None, **options):
     """Build a topology by name.
 
     Args:
@@ -73,10 +79,17 @@ def make_aggregator(name, transport, codec, seed=0, **options):
         transport: a :class:`~mpiqsgd.transport.Transport`.
         codec: the codec (ignored by nothing: ``allreduce`` insists on fp32).
         seed: base seed of codec randomness.
+        nodes: a :class:`Nodes` of ``transport``: the topology runs among the node leaders inside a
+            :class:`Hierarchical` exchange (None: flat, every rank alike).
         **options: topology options (``ps``: ``downlink``, ``server_error_feedback``,
             ``dedicated``; ``intsum``: ``piece_numel``); ``None`` values are dropped.
     """
     name = resolve_topology(name, codec) if name == "auto" and codec is not None else name
+    if nodes is not None:
+        if nodes.transport is not transport:
+            raise ConfigError("make_aggregator: nodes must be the Nodes of this transport")
+        wants_hierarchical(transport, "on", dedicated=bool(options.get("dedicated")))  # refuses a dedicated server
+        return Hierarchical(nodes, make_aggregator(name, nodes.shape, codec, seed=seed, **options), seed=seed)
     if name not in TOPOLOGIES:
         raise ConfigError(f"unknown topology {name!r}; choose one of: {', '.join(CHOICES)}")
     options = {k: v for k, v in options.items() if v is not None}
@@ -96,10 +109,10 @@ def make_aggregator(name, transport, codec, seed=0, **options):
     return TOPOLOGIES[name](transport, codec, seed=seed, **options)
 
 
-def make_fp32_aggregator(name, transport, seed=0, **options):
+def make_fp32_aggregator(name, transport, seed=0, nodes=None, **options):
     """The aggregator of the fp32 buffers that travel beside a codec's (small tensors such as biases):
     the same topology with the fp32 codec, or MPI's fp32 allreduce beside ``intsum`` (whose integer
     sum takes QSGD codecs only)."""
     if name == "intsum":
-        return make_aggregator("allreduce", transport, FP32(), seed=seed)
-    return make_aggregator(name, transport, FP32(), seed=seed, **options)
+        return make_aggregator("allreduce", transport, FP32(), seed=seed, nodes=nodes)
+    return make_aggregator(name, transport, FP32(), seed=seed, nodes=nodes, **options)

@@ -14,7 +14,7 @@ from typing import Optional
 from .. import __version__
 from ..codecs import CODECS, ENCODINGS, codec_from_flags
 from ..errors import ConfigError
-from ..topology import CHOICES, resolve_topology
+from ..topology import CHOICES, HIERARCHICAL_MODES, resolve_topology
 from ..trace import parse_steps
 from .models import MODELS
 
@@ -78,6 +78,9 @@ class TrainConfig:
     downlink: Optional[str] = knob(None, "ps: fp32 (default) or codec", ["fp32", "codec"], "communication")
     server_error_feedback: bool = knob(False, "ps: server-side error feedback", group="communication")
     dedicated_server: bool = knob(False, "ps: rank 0 serves only, does not train", group="communication")
+    hierarchical: str = knob("auto", "fp32 inside each node, the topology among one leader per node (auto: when "
+                                     "the ranks span several nodes and some node holds several)",
+                             list(HIERARCHICAL_MODES), "communication")
     min_compress_numel: int = knob(1024, "tensors smaller than this go uncompressed (fp32)", group="communication")
     bucket_mb: float = knob(0.0, "gradient bucket size in MB, filled in backward order (0: one bucket)",
                             group="communication")
@@ -98,6 +101,8 @@ class TrainConfig:
 
     # execution and output
     simulate: int = knob(0, "simulate N workers in this one process instead of MPI ranks", group="run")
+    ranks_per_node: int = knob(0, "with --simulate: group the workers into nodes of this many, in rank order (0: "
+                                  "one node); MPI ranks are grouped by host name", group="run")
     threads: Optional[int] = knob(None, "torch threads per rank (same value on both sides to compare runs bitwise)",
                                   group="run")
     device: str = knob("auto", "auto (GPU local_rank % n_gpus, else cpu), cpu, cuda, cuda:i", group="run")
@@ -133,7 +138,7 @@ class TrainConfig:
         if self.nvar_batches < 2:
             raise ConfigError(f"--nvar-batches must be at least 2; got {self.nvar_batches}")
         for name in ("eval_every", "check_sync_every", "adapt_every", "diag_every", "nvar_every", "checkpoint_every",
-                     "min_compress_numel", "uncompressed_warmup_steps", "simulate"):
+                     "min_compress_numel", "uncompressed_warmup_steps", "simulate", "ranks_per_node"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(self, name)}")
         if not 0 <= self.comm_timeout < float("inf"):
@@ -159,6 +164,9 @@ class TrainConfig:
         if ps_only and self.topology != "ps":
             names = ", ".join("--" + f.replace("_", "-") for f in ps_only)
             raise ConfigError(f"{names} only apply to --topology ps (this run uses --topology {self.topology})")
+        if self.ranks_per_node and not self.simulate:
+            raise ConfigError("--ranks-per-node groups simulated workers (--simulate N); MPI ranks are grouped by "
+                              "their host names (MPIQSGD_HOST overrides a rank's)")
         if self.warmup_epochs < 0 or self.lr_decay_factor <= 0:
             raise ConfigError("--warmup-epochs must be >= 0 and --lr-decay-factor above 0")
         if any(not math.isfinite(e) for e in self.decay_epochs()):

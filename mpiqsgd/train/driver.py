@@ -201,7 +201,9 @@ class Worker:
             self.model.parameters(), self.transport, codec, cfg.topology, seed=cfg.seed,
             min_compress_numel=cfg.min_compress_numel, warmup_steps=cfg.uncompressed_warmup_steps,
             adapt_at=cfg.adapt_steps(), adapt_every=cfg.adapt_every, bucket_mb=cfg.bucket_mb,
-            overlap=cfg.overlap, **options)
+            overlap=cfg.overlap, hierarchical=cfg.hierarchical, **options)
+        if self.exchange.nodes is not None and self.is_root:
+            print(f"[mpiqsgd] {self.exchange.nodes.describe(cfg.topology)}", file=sys.stderr, flush=True)
         self.rng = _RNG(cfg.seed, self.rank, device)
         self.aug = torch.Generator(device=device).manual_seed(
             int(np.random.SeedSequence([cfg.seed, self.rank, 11]).generate_state(1)[0]))
@@ -596,7 +598,7 @@ def _train(cfg, transport):
         _check_before_disk(cfg, len(train_set), cfg.simulate, 0)
         run_dir = _prepare_run_dir(cfg, cfg.simulate, True)
         shared = Shared(train_set, val, test, threading.Lock(), run_dir)
-        group = LocalGroup(cfg.simulate)
+        group = LocalGroup(cfg.simulate, cfg.ranks_per_node or None)
         return group.run(lambda t: run_worker(cfg, t, shared), group.transports())[0]
     if transport is None:
         from ..transport import world
