@@ -19,10 +19,10 @@ Message pattern (n ranks, one call of ``numel`` coordinates):
 
 Bytes per rank, nominal as for the fp32 allreduce (MPI chooses its algorithm; a
 bandwidth-optimal one sends ``2 (n-1) / n`` of the buffer): ``floor(2 (n-1)/n * 4 ceil(numel /
-bucket))`` for the scales plus ``floor(2 (n-1)/n * 8 W_k)`` for each piece of ``W_k`` words, about
-``2 (n-1)/n * numel * w / (8 K/w * w)`` in all: 4-bit QSGD (s = 7) costs 0.67 bytes a coordinate
-at 2 ranks (5-bit fields), 0.8 at 4 (6-bit), 0.89 at 8 (7-bit), against 4 for fp32. Nothing
-is sent with one rank.
+bucket))`` for the scales plus ``floor(2 (n-1)/n * 8 W_k)`` for each piece of ``W_k`` words (``W =
+ceil(numel / K)`` words in all, ``8 / K`` bytes a coordinate): with 4-bit QSGD (s = 7) a buffer of
+0.67 bytes a coordinate at 2 ranks (5-bit fields, K = 12), 0.8 at 4 (6-bit, K = 10), 0.89 at 8
+(7-bit, K = 9), against 4 for fp32. Nothing is sent with one rank.
 
 Error: every contribution is quantized once (like ``allgather``, not ``scatter``'s twice or
 ``ring``'s up to n times), with the shared norm, which is at least the rank's own: QSGD's
