@@ -1,9 +1,10 @@
 """Exchange benchmark on the emulated switched cluster (and, labelled, the shared-loopback hub).
 
-    python scripts/bench_cluster.py [--nodes 2,4,8] [--rate 1gbit] [--numel 25000000] [--repeats 3]
-                                    [--configs intsum,scatter,...] [--hub] [--out runs/bench-cluster]
+    python scripts/bench_cluster.py [--nodes 2,4,8] [--ranks-per-node 1] [--rate 1gbit] [--numel 25000000]
+                                    [--repeats 3] [--configs intsum,scatter,...] [--hub] [--out runs/bench-cluster]
 
-For each node count and configuration, one `mpiqsgd bench exchange` job (one rank per node)
+For each node count and configuration, one `mpiqsgd bench exchange` job (--ranks-per-node ranks
+on each node; several make the exchange hierarchical: fp32 inside a node)
 times the configuration against fp32 MPI_Allreduce in the same job, median of --repeats; the
 JSON of each job goes to OUT/<scenario>-<nodes>-<config>.json and a Markdown table of
 speedups (median, with the range over repeats as the fastest and slowest ratio), bytes and
@@ -31,12 +32,13 @@ CONFIGS = {  # name: bench exchange flags
 }
 
 
-def run(scenario, nodes, rate, numel, repeats, config, out, threads=1):
+def run(scenario, nodes, rate, numel, repeats, config, out, threads=1, per_node=1):
     bench = ["bench", "exchange", "--numel", str(numel), "--repeats", str(repeats), "--json", *CONFIGS[config]]
     if scenario == "cluster":
-        cmd = [sys.executable, "-m", "mpiqsgd", "cluster", "run", "--nodes", str(nodes), "--rate", rate, "--", *bench]
+        cmd = [sys.executable, "-m", "mpiqsgd", "cluster", "run", "--nodes", str(nodes), "--ranks-per-node",
+               str(per_node), "--rate", rate, "--", *bench]
     else:
-        inner = " ".join(["mpiexec", "-n", str(nodes), sys.executable, "-m", "mpi4py", "-m", "mpiqsgd", *bench])
+        inner = " ".join(["mpiexec", "-n", str(nodes * per_node), sys.executable, "-m", "mpi4py", "-m", "mpiqsgd", *bench])
         cmd = ["bash", "-c", f"rate={rate}; source scripts/shaped_link.sh; in_ns {inner}"]
     # One thread a rank: the emulated nodes share this machine's cores (a rank alone on a real
     # node would have its own); the ranks would otherwise each size their pool to the machine.
@@ -47,7 +49,7 @@ def run(scenario, nodes, rate, numel, repeats, config, out, threads=1):
         raise SystemExit(f"{scenario} {nodes} {config} failed ({proc.returncode}):\n{proc.stdout[-3000:]}"
                          f"{proc.stderr[-3000:]}")
     result = json.loads(text[text.index("{"):])
-    (out / f"{scenario}-{nodes}-{config}.json").write_text(json.dumps(result, indent=1))
+    (out / f"{scenario}-{nodes}x{per_node}-{config}.json").write_text(json.dumps(result, indent=1))
     return result
 
 
@@ -63,6 +65,7 @@ def row(result):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", default="2,4,8")
+    ap.add_argument("--ranks-per-node", type=int, default=1)
     ap.add_argument("--rate", default="1gbit")
     ap.add_argument("--numel", type=int, default=25_000_000)
     ap.add_argument("--repeats", type=int, default=3)
@@ -74,15 +77,16 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"rate {args.rate} per node, {args.numel:,} coordinates, median of {args.repeats} (range over repeats), "
              "each row timed against fp32 MPI_Allreduce in the same job; phases: rank 0's mean ms per call",
-             "", "| scenario | nodes | config | speedup vs fp32 | fp32 allreduce | config | bytes vs fp32 | rel. error "
+             "", "| scenario | nodes x ranks | config | speedup vs fp32 | fp32 allreduce | config | bytes vs fp32 | rel. error "
              "| rank 0 phases (ms) |", "|---|---|---|---|---|---|---|---|---|"]
     for scenario in ["cluster"] + (["hub"] if args.hub else []):
         for nodes in [int(n) for n in args.nodes.split(",")]:
             for config in args.configs.split(","):
-                cells = row(run(scenario, nodes, args.rate, args.numel, args.repeats, config, out))
-                lines.append(f"| {scenario} | {nodes} | {config} | " + " | ".join(cells) + " |")
+                cells = row(run(scenario, nodes, args.rate, args.numel, args.repeats, config, out,
+                                per_node=args.ranks_per_node))
+                lines.append(f"| {scenario} | {nodes}x{args.ranks_per_node} | {config} | " + " | ".join(cells) + " |")
                 print(lines[-1], flush=True)
-    (out / "table.md").write_text("\n".join(lines) + "\n")
+    (out / f"table-{args.ranks_per_node}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
