@@ -6,9 +6,9 @@
 For each node count and configuration, one `mpiqsgd bench exchange` job (--ranks-per-node ranks
 on each node; several make the exchange hierarchical: fp32 inside a node)
 times the configuration against fp32 MPI_Allreduce in the same job, median of --repeats; the
-JSON of each job goes to OUT/<scenario>-<nodes>-<config>.json and a Markdown table of
+JSON of each job goes to OUT/<scenario>-<nodes>x<ranks>-<config>.json and a Markdown table of
 speedups (median, with the range over repeats as the fastest and slowest ratio), bytes and
-relative error to OUT/table.md. --hub adds the same jobs with all ranks on one shaped
+relative error to OUT/table-<ranks>.md. --hub adds the same jobs with all ranks on one shaped
 loopback (scripts/shaped_link.sh), the scenario earlier figures were measured in.
 Needs root (network namespaces, tc).
 """
