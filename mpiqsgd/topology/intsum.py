@@ -97,13 +97,16 @@ class IntSum(Aggregator):
         out = torch.empty(numel, dtype=torch.float32)
         pieces = self._pieces(numel)
         pipeline = t.pipeline("sum", self.name)
-        for c0, c1 in pieces:
-            start, stop = layout.chunk_coords(c0, c1, numel)
-            with t.timed("encode", bucket=call.stream, numel=stop - start):
-                summable.encode_words(p, scale, unit, base.bucket, layout, seed, base.stochastic, words, c0, c1, own)
-            w0, w1 = layout.chunk_words(c0, c1, numel)
-            pipeline.put(words[w0:w1], stop - start)
-        pipeline.close()
+        try:
+            for c0, c1 in pieces:
+                start, stop = layout.chunk_coords(c0, c1, numel)
+                with t.timed("encode", bucket=call.stream, numel=stop - start):
+                    summable.encode_words(p, scale, unit, base.bucket, layout, seed, base.stochastic, words, c0, c1,
+                                          own)
+                w0, w1 = layout.chunk_words(c0, c1, numel)
+                pipeline.put(words[w0:w1], stop - start)
+        finally:
+            pipeline.close()  # the driver thread ends once what was put is done
         for k in pipeline.done():
             c0, c1 = pieces[k]
             start, stop = layout.chunk_coords(c0, c1, numel)
