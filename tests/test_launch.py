@@ -217,6 +217,30 @@ def test_dry_run_prints_the_command(capsys):
 
 
 @launches_jobs
+def test_slot_count_agrees_with_the_real_mpi(tmp_path):
+    # as many ranks as the launcher counts for a bare "localhost" line start without a flag;
+    # under Open MPI one more is refused, as the launcher says before it starts anything
+    mpi = check_site_mpi()
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("localhost\n")
+    hello = [sys.executable, "-c", "print('up')"]
+    n = cores()
+    fits = build_command(n, hello, mpi, hostfile=str(hostfile))
+    assert "--oversubscribe" not in fits.argv
+    proc = subprocess.run(fits.argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.split() == ["up"] * n, proc.stdout + proc.stderr
+    if mpi.implementation == "openmpi":
+        with pytest.raises(LaunchError, match="not enough slots"):
+            build_command(n + 1, hello, mpi, hostfile=str(hostfile))
+        over = build_command(n + 1, hello, mpi, hostfile=str(hostfile), oversubscribe=True).argv
+        proc = subprocess.run([a for a in over if a != "--oversubscribe"], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode != 0 and "not enough slots" in proc.stdout + proc.stderr
+        proc = subprocess.run(over, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and proc.stdout.split() == ["up"] * (n + 1), proc.stdout + proc.stderr
+
+
+@launches_jobs
 def test_real_launch_writes_per_rank_logs_and_a_failing_rank_ends_the_job(tmp_path):
     found = check_site_mpi()  # the launcher's own answer decides where the logs are
     script = tmp_path / "hello.py"
