@@ -187,7 +187,7 @@ def parse_hostfile(path):
 
 
 def hostfile_text(hosts, implementation):
-    """A hostfile for ``implementation``: ``host slots=N`` (Open MPI) or ``host:N`` (Hydra); ``host`` where N is None."""
+    """A hostfile for ``implementation``: ``host slots=N`` (Open MPI) or ``host:N`` (Hydra); ``host`` for N None."""
     if implementation == "openmpi":
         return "".join(f"{h} slots={n}\n" if n else f"{h}\n" for h, n in hosts)
     return "".join(f"{h}:{n}\n" if n else f"{h}\n" for h, n in hosts)
