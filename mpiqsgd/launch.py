@@ -7,15 +7,22 @@ Command built (MPICH / Intel MPI's Hydra, Open MPI 4 and 5):
    (``host``, ``host:N``, ``host slots=N``); a hostfile is passed as is when it is in
    the implementation's format, else converted (Open MPI ``host slots=N``, Hydra
    ``host:N``).
-3. Ranks beyond the slots (the hosts' slots, or this machine's cores): Open MPI refuses
-   ("not enough slots") unless ``--oversubscribe``; MPICH and Intel MPI place them anyway.
-   Either way the launcher says so.
+3. Slots are counted as each implementation documents them (:func:`count_slots`):
+   no hosts: this machine's cores (cores, not hardware threads: Open MPI's default);
+   ``-H host`` without ``:N``: 1; a hostfile line without a count: Open MPI gives that
+   node its number of cores (known here for this machine only), Hydra 1. Ranks beyond
+   the slots: Open MPI refuses ("not enough slots") unless ``--oversubscribe``; MPICH and
+   Intel MPI place them anyway. Either way the launcher says so.
 4. Open MPI run as root needs ``--allow-run-as-root``; it is added, and said.
 5. The program runs as ``python -m mpi4py -m mpiqsgd ...`` so that an exception on one
    rank aborts the job instead of leaving the others waiting.
 6. ``--log-dir DIR``: one stdout and one stderr file per rank, through the
    implementation's own options (Hydra ``-outfile-pattern``, Open MPI
-   ``--output-filename`` / ``--output dir=``).
+   ``--output-filename`` / ``--output dir=``); :func:`rank_log` names the files.
+7. Several programs in one job (MPMD, ``-n 1 a : -n 1 b``) through ``contexts``.
+
+:func:`job_command` is the launch the tests use: this machine, oversubscribed, as root,
+under whichever MPI is found, with no environment to set.
 
 Nothing here imports MPI.
 """
@@ -25,6 +32,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -32,8 +40,9 @@ from pathlib import Path
 
 from .errors import MpiqsgdError
 
-__all__ = ["MPIInfo", "Launch", "LaunchError", "detect", "find_mpiexec", "mpiexec_info", "parse_hosts",
-           "parse_hostfile", "hostfile_text", "build_command", "add_launch_args", "run_launch"]
+__all__ = ["MPIInfo", "Launch", "LaunchError", "detect", "find_mpiexec", "mpiexec_info", "cores", "parse_hosts",
+           "parse_hostfile", "hostfile_text", "count_slots", "build_command", "job_command", "rank_log",
+           "add_launch_args", "run_launch"]
 
 IMPLEMENTATIONS = ("mpich", "openmpi", "intel")
 # First words of a program that mean an mpiqsgd subcommand.
@@ -99,6 +108,36 @@ def mpiexec_info(path=None, timeout=20):
     return MPIInfo(path, *detect(text), text)
 
 
+def cores(cpus=None, sysfs="/sys/devices/system/cpu"):
+    """Cores this process may run on, hardware threads of one core counted once (as Open MPI counts slots).
+
+    Args:
+        cpus: CPU numbers (default: this process's affinity, else ``os.cpu_count()``).
+        sysfs: where the CPUs' ``topology/`` directories are.
+
+    Returns:
+        The number of distinct cores among ``cpus``; the number of CPUs where the
+        topology cannot be read.
+    """
+    if cpus is None:
+        try:
+            cpus = os.sched_getaffinity(0)
+        except AttributeError:  # not Linux
+            cpus = range(os.cpu_count() or 1)
+    siblings = set()
+    for cpu in cpus:
+        topology = Path(sysfs) / f"cpu{cpu}" / "topology"
+        for name in ("core_cpus_list", "thread_siblings_list"):
+            try:
+                siblings.add((topology / name).read_text().strip())
+                break
+            except OSError:
+                continue
+        else:
+            return max(1, len(cpus))
+    return max(1, len(siblings))
+
+
 def parse_hosts(spec):
     """``"a:4,b:2,c"`` -> ``[("a", 4), ("b", 2), ("c", 1)]``."""
     hosts = []
@@ -120,8 +159,9 @@ def parse_hostfile(path):
     """Hosts of a hostfile in any format: ``host``, ``host:N`` (Hydra) or ``host slots=N`` (Open MPI).
 
     Returns:
-        ``(hosts, format)``: ``[(host, slots)]`` and ``"openmpi"``, ``"mpich"`` or
-        ``"plain"`` (names only: every implementation reads it).
+        ``(hosts, format)``: ``[(host, slots)]``, slots None on a line without a count
+        (each implementation has its own default: :func:`count_slots`), and
+        ``"openmpi"``, ``"mpich"`` or ``"plain"`` (names only: every implementation reads it).
     """
     hosts, formats = [], set()
     for line in Path(path).read_text().splitlines():
@@ -129,7 +169,7 @@ def parse_hostfile(path):
         if not line:
             continue
         words = line.split()
-        m = re.search(r"\bslots=(\S+)", line)
+        m = re.search(r"\bslots\s*=\s*(\S+)", line)
         if m:
             hosts.append((words[0], _slots(m.group(1), line)))
             formats.add("openmpi")
@@ -138,7 +178,7 @@ def parse_hostfile(path):
             hosts.append((name, _slots(slots, line)))
             formats.add("mpich")
         else:
-            hosts.append((words[0], 1))
+            hosts.append((words[0], None))
     if not hosts:
         raise LaunchError(f"hostfile {path} names no host")
     if len(formats) > 1:
@@ -147,10 +187,59 @@ def parse_hostfile(path):
 
 
 def hostfile_text(hosts, implementation):
-    """A hostfile for ``implementation``: ``host slots=N`` (Open MPI) or ``host:N`` (Hydra)."""
+    """A hostfile for ``implementation``: ``host slots=N`` (Open MPI) or ``host:N`` (Hydra); ``host`` for N None."""
     if implementation == "openmpi":
-        return "".join(f"{h} slots={n}\n" for h, n in hosts)
-    return "".join(f"{h}:{n}\n" for h, n in hosts)
+        return "".join(f"{h} slots={n}\n" if n else f"{h}\n" for h, n in hosts)
+    return "".join(f"{h}:{n}\n" if n else f"{h}\n" for h, n in hosts)
+
+
+def _is_this_machine(host):
+    names = {"localhost", "127.0.0.1", "::1", socket.gethostname(), socket.gethostname().split(".")[0]}
+    return host in names or host.startswith("localhost.")
+
+
+def count_slots(hosts, implementation, local_cores, hostfile=False):
+    """The slots ``implementation`` gives ``hosts``, as its documentation says.
+
+    1. No hosts: this machine's cores (``local_cores``).
+    2. A host with a count (``-H host:N``, ``host:N``, ``host slots=N``): N.
+    3. ``-H host`` without ``:N``: 1 (Open MPI and Hydra alike).
+    4. A hostfile line without a count: Open MPI gives the node its number of cores
+       (``local_cores`` for this machine, unknown for another); Hydra (MPICH, Intel MPI) 1.
+
+    Returns:
+        ``(slots, unknown)``: the slots known, and the hosts whose count only Open MPI
+        knows (each has at least 1).
+    """
+    if not hosts:
+        return local_cores, []
+    slots, unknown = 0, []
+    for host, n in hosts:
+        if n is not None:
+            slots += n
+        elif implementation == "openmpi" and hostfile:
+            if _is_this_machine(host):
+                slots += local_cores
+            else:
+                unknown.append(host)
+        else:
+            slots += 1
+    return slots, unknown
+
+
+def rank_log(mpi, log_dir, rank, n_ranks, stream="stdout"):
+    """Where ``--log-dir`` puts one rank's ``stdout`` or ``stderr`` under ``mpi``: a path, or a glob pattern.
+
+    Hydra: ``DIR/rank-R.out`` / ``.err``. Open MPI: ``DIR/JOB/rank.R/stdout``, R left-filled
+    with zeros to the width of the largest rank; JOB is ``1`` under Open MPI 4 and the
+    job's name under 5 (a ``*`` here).
+    """
+    if stream not in ("stdout", "stderr"):
+        raise ValueError(f"stream is stdout or stderr, not {stream!r}")
+    if mpi.implementation == "openmpi":
+        job = "*" if (mpi.major or 0) >= 5 else "1"
+        return f"{log_dir}/{job}/rank.{rank:0{len(str(n_ranks - 1))}d}/{stream}"
+    return f"{log_dir}/rank-{rank}.{stream[3:]}"
 
 
 @dataclass
@@ -178,7 +267,7 @@ def _program(args, python):
 
 
 def build_command(n, program, mpi, hosts=None, hostfile=None, oversubscribe=False, log_dir=None, is_root=None,
-                  cpu_count=None, python=None, hostfile_out=None):
+                  local_cores=None, python=None, hostfile_out=None, contexts=()):
     """The launch of ``program`` on ``n`` ranks with ``mpi`` (an :class:`MPIInfo`); launches nothing.
 
     Args:
@@ -188,18 +277,22 @@ def build_command(n, program, mpi, hosts=None, hostfile=None, oversubscribe=Fals
         mpi: the implementation to build for.
         hosts: ``[(host, slots)]`` from ``-H``, or None.
         hostfile: a hostfile path, or None (not with ``hosts``).
-        oversubscribe: allow more ranks than slots.
+        oversubscribe: allow more ranks than slots (Open MPI gets ``--oversubscribe``
+            whenever this is set: the flag only permits, and a count of cores that
+            differs from Open MPI's then cannot refuse the job).
         log_dir: per-rank stdout/stderr files in this directory.
-        is_root, cpu_count: this machine's facts (default: asked from the OS).
+        is_root, local_cores: this machine's facts (default: asked from the OS, :func:`cores`).
         python: the interpreter for the ranks (default this one).
         hostfile_out: where a converted hostfile goes (default ``<log_dir or .>/hosts.<implementation>``).
+        contexts: further ``(n, program)`` started in the same job (MPMD: ``... : -n 1 b``).
 
     Raises:
         LaunchError: ranks exceed slots under Open MPI without ``oversubscribe``, bad hosts,
             an unknown implementation.
     """
-    if n < 1:
-        raise LaunchError(f"-n must be at least 1; got {n}")
+    for k in (n, *(k for k, _ in contexts)):
+        if k < 1:
+            raise LaunchError(f"-n must be at least 1; got {k}")
     if hosts and hostfile:
         raise LaunchError("give -H or --hostfile, not both")
     impl = mpi.implementation
@@ -207,7 +300,7 @@ def build_command(n, program, mpi, hosts=None, hostfile=None, oversubscribe=Fals
         raise LaunchError(f"{mpi.path} is neither MPICH, Open MPI nor Intel MPI (its --version said: "
                           f"{mpi.text.strip()[:200]!r}); pass --mpi mpich|openmpi|intel")
     is_root = (os.geteuid() == 0) if is_root is None else is_root
-    cpu_count = cpu_count or os.cpu_count() or 1
+    local_cores = local_cores or cores()
     launch = Launch([mpi.path, "-n", str(n)])
     argv, notes = launch.argv, launch.notes
 
@@ -230,20 +323,8 @@ def build_command(n, program, mpi, hosts=None, hostfile=None, oversubscribe=Fals
         else:
             argv += ["-H" if impl == "openmpi" else "-hosts", spec]
 
-    listed = hosts or file_hosts
-    slots = sum(s for _, s in listed) if listed else cpu_count
-    where = f"the {len(listed)} hosts' {slots} slots" if listed else f"this machine's {slots} cores"
-    if n > slots:
-        if impl == "openmpi":
-            if not oversubscribe:
-                raise LaunchError(f"{n} ranks exceed {where}: Open MPI refuses to start them ('not enough slots'). "
-                                  "Pass --oversubscribe (ranks then share cores and each runs slower), or give "
-                                  "more hosts or slots (-H host:slots,... or --hostfile)")
-            argv.append("--oversubscribe")
-            notes.append(f"{n} ranks on {where}: oversubscribed (--oversubscribe); ranks share cores")
-        else:
-            notes.append(f"{n} ranks on {where}: {'MPICH' if impl == 'mpich' else 'Intel MPI'} oversubscribes "
-                         "without a flag; ranks share cores and each runs slower")
+    _place(launch, n + sum(k for k, _ in contexts), impl, hosts or file_hosts, file_hosts is not None,
+           local_cores, oversubscribe)
     if impl == "openmpi" and is_root:
         argv.append("--allow-run-as-root")
         notes.append("running as root: Open MPI needs --allow-run-as-root (added)")
@@ -252,17 +333,55 @@ def build_command(n, program, mpi, hosts=None, hostfile=None, oversubscribe=Fals
         log_dir = str(log_dir)
         launch.dirs.append(log_dir)
         if impl == "openmpi":
-            if (mpi.major or 0) >= 5:
-                argv += ["--output", f"dir={log_dir}"]
-                notes.append(f"per-rank output under {log_dir}/<jobid>/rank.<r>/stdout and stderr")
-            else:
-                argv += ["--output-filename", log_dir]
-                notes.append(f"per-rank output under {log_dir}/1/rank.<r>/stdout and stderr")
+            five = (mpi.major or 0) >= 5
+            argv += ["--output", f"dir={log_dir}"] if five else ["--output-filename", log_dir]
+            notes.append(f"per-rank output under {log_dir}/{'<job>' if five else '1'}/rank.<r>/stdout and stderr")
         else:
             argv += ["-outfile-pattern", f"{log_dir}/rank-%r.out", "-errfile-pattern", f"{log_dir}/rank-%r.err"]
             notes.append(f"per-rank output in {log_dir}/rank-<r>.out and .err")
-    argv += _program(program, python or sys.executable)
+    python = python or sys.executable
+    argv += _program(program, python)
+    for k, more in contexts:
+        argv += [":", "-n", str(k), *_program(more, python)]
     return launch
+
+
+def _place(launch, n, impl, listed, from_hostfile, local_cores, oversubscribe):
+    """Count the slots; refuse, oversubscribe (Open MPI) or warn; and say so."""
+    slots, unknown = count_slots(listed, impl, local_cores, from_hostfile)
+    if not listed:
+        where = f"this machine's {slots} cores"
+    else:
+        where = f"the {len(listed) - len(unknown)} hosts' {slots} slots" if len(unknown) < len(listed) else ""
+        if unknown:
+            where += (" and " if where else "") + f"the cores of {', '.join(unknown)} (no slots= in the hostfile)"
+    if n <= slots + len(unknown):  # a host has at least one core: these fit
+        if impl == "openmpi" and oversubscribe:
+            launch.argv.append("--oversubscribe")
+        return
+    if impl != "openmpi":
+        launch.notes.append(f"{n} ranks on {where}: {'MPICH' if impl == 'mpich' else 'Intel MPI'} oversubscribes "
+                            "without a flag; ranks share cores and each runs slower")
+    elif oversubscribe:
+        launch.argv.append("--oversubscribe")
+        launch.notes.append(f"{n} ranks on {where}: oversubscribed (--oversubscribe); ranks share cores")
+    elif unknown:
+        launch.notes.append(f"{n} ranks on {where}: Open MPI refuses ('not enough slots') if those nodes have "
+                            "fewer cores; give their lines slots=N or pass --oversubscribe")
+    else:
+        raise LaunchError(f"{n} ranks exceed {where}: Open MPI refuses to start them ('not enough slots'). "
+                          "Pass --oversubscribe (ranks then share cores and each runs slower), or give "
+                          "more hosts or slots (-H host:slots,... or --hostfile)")
+
+
+def job_command(n, argv, mpi=None, contexts=()):
+    """``argv`` on ``n`` ranks of this machine (and ``contexts``, MPMD) under ``mpi``, default the one found.
+
+    The launch the tests use: oversubscribed and as root where the implementation needs
+    flags for that (Open MPI), ``argv`` run as given (it names its interpreter).
+    """
+    return build_command(n, list(argv), mpi or mpiexec_info(), oversubscribe=True,
+                         contexts=[(k, list(a)) for k, a in contexts])
 
 
 def add_launch_args(p):
@@ -287,7 +406,9 @@ def run_launch(args):
         mpi = mpiexec_info(args.mpiexec)
     hosts = parse_hosts(args.hosts) if args.hosts else None
     launch = build_command(args.n, program, mpi, hosts, args.hostfile, args.oversubscribe, args.log_dir)
-    for note in launch.notes:
+    found = (f"mpiexec is {mpi.path}, taken as {mpi.implementation} (--mpi)" if args.mpi
+             else f"mpiexec is {mpi.implementation} {mpi.version} ({mpi.path})")
+    for note in [found, *launch.notes]:
         print(f"mpiqsgd launch: {note}", file=sys.stderr)
     for path, text in launch.files.items():
         print(f"mpiqsgd launch: hostfile {path}:\n" + "".join(f"  {line}\n" for line in text.splitlines()),

@@ -1,11 +1,64 @@
 """Shared test helpers. Multi-rank tests live in tests/mpi (files mpi_*.py, collected only
-when named explicitly) and are launched under mpiexec by tests/test_mpi_launch.py."""
+when named explicitly) and are launched under mpiexec by tests/test_mpi_launch.py.
 
+Every launched job goes through :func:`mpi_run`, that is through ``mpiqsgd.launch`` (the
+MPI it finds, root and oversubscription flags as that MPI needs them), so the same tests
+run under MPICH, Open MPI 4/5 and Intel MPI with no environment to set. Such tests carry
+:func:`mpiexec_marks` (or :func:`launches_jobs`): ``pytest -m mpiexec`` runs only them. With
+``MPIQSGD_TEST_MPI=openmpi`` (or ``mpich``, ``intel``) they fail, instead of skipping, unless
+that MPI is the one found."""
+
+import functools
+import os
+import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 
+from mpiqsgd.launch import LaunchError, job_command, mpiexec_info
+
 ROOT = Path(__file__).resolve().parent.parent
+REQUIRED_MPI = os.environ.get("MPIQSGD_TEST_MPI")  # set by a CI leg that must run under that MPI
+
+
+@functools.lru_cache(maxsize=None)
+def site_mpi():
+    """The :class:`mpiqsgd.launch.MPIInfo` that ``mpiqsgd launch`` would use here, or None."""
+    try:
+        return mpiexec_info()
+    except LaunchError:
+        return None
+
+
+def check_site_mpi():
+    """The MPI found, after failing the test where ``MPIQSGD_TEST_MPI`` names another (or there is none)."""
+    mpi = site_mpi()
+    if REQUIRED_MPI:
+        found = f"{mpi.implementation} {mpi.version} ({mpi.path})" if mpi else "no mpiexec"
+        assert mpi is not None and mpi.implementation == REQUIRED_MPI, \
+            f"MPIQSGD_TEST_MPI={REQUIRED_MPI} but mpiqsgd.launch found {found}"
+    return mpi
+
+
+def mpiexec_marks():
+    """Marks of a test that launches jobs: ``mpiexec``, and a skip where no MPI is found (unless one is required)."""
+    return [pytest.mark.mpiexec, pytest.mark.skipif(not REQUIRED_MPI and site_mpi() is None,
+                                                    reason="no mpiexec found (pip install mpich, or a site MPI)")]
+
+
+def launches_jobs(test):
+    """Decorator form of :func:`mpiexec_marks` for a single test."""
+    for mark in mpiexec_marks():
+        test = mark(test)
+    return test
+
+
+def mpi_run(n, argv, timeout, contexts=()):
+    """Run ``argv`` on ``n`` ranks (and ``contexts``, ``[(n, argv)]`` for MPMD) from the repository root."""
+    launch = job_command(n, argv, check_site_mpi(), contexts)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run(launch.argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def vec(n, seed=0, dist="normal"):

@@ -1,18 +1,13 @@
 """Ranks started with different flags are refused at start-up, naming the flags (unit, then mpiexec MPMD)."""
 
-import os
-import shutil
-import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import launches_jobs, mpi_run
 from mpiqsgd.errors import ConfigError
 from mpiqsgd.train.config import RUN_LOCAL, TrainConfig, agreement_digest, check_agreement
-
-MPIEXEC = shutil.which("mpiexec")
 
 
 def digests(*configs, world_size=None):
@@ -73,16 +68,13 @@ TRAIN = ["-m", "mpi4py", "-m", "mpiqsgd", "train", "--dataset", "synthetic", "--
 
 def mpmd(*argvs, timeout=90):
     """``mpiexec -n 1 python ARGV0 : -n 1 python ARGV1 ...``: one rank per command line."""
-    cmd = [MPIEXEC]
-    for i, argv in enumerate(argvs):
-        cmd += [":"] * bool(i) + ["-n", "1", sys.executable, *argv]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    first, *more = [[sys.executable, *argv] for argv in argvs]
+    proc = mpi_run(1, first, timeout, contexts=[(1, argv) for argv in more])
     return proc, time.perf_counter() - start
 
 
-@pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec on PATH (pip install mpich)")
+@launches_jobs
 @pytest.mark.parametrize("flags,named", [
     ((["--topology", "ring"], ["--topology", "allgather"]), "--topology (rank 0 'ring', rank 1 'allgather')"),
     ((["--seed", "0"], ["--seed", "1"]), "--seed (rank 0 0, rank 1 1)"),
@@ -97,7 +89,7 @@ def test_ranks_with_different_flags_are_refused_under_mpiexec(tmp_path, flags, n
     assert seconds < 60
 
 
-@pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec on PATH (pip install mpich)")
+@launches_jobs
 def test_an_unwritable_run_directory_is_one_line_on_one_rank(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

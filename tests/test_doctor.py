@@ -2,13 +2,12 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, check_site_mpi, launches_jobs
 from mpiqsgd.doctor import findings, render
 
 MPICH_LIB = "MPICH Version:      5.0.2\nMPICH configure:    --with-device=ch4:ucx,ofi --with-pm=hydra:gforker\n"
@@ -84,12 +83,15 @@ def test_thread_level_below_multiple_is_a_warning():
                                         "multiple)")]
 
 
-@pytest.mark.skipif(shutil.which("mpiexec") is None, reason="no mpiexec on PATH (pip install mpich)")
+@launches_jobs
 def test_doctor_runs_a_real_ping_pong():
+    mpi = check_site_mpi()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-m", "mpiqsgd", "doctor", "--json", "--timeout", "120"], env=env,
                           capture_output=True, text=True, timeout=300)
     facts = json.loads(proc.stdout)
+    assert facts["mpiexec"] == {"path": mpi.path, "implementation": mpi.implementation, "version": mpi.version}
+    assert facts["mpi"]["implementation"] == mpi.implementation  # mpi4py's library is the launcher's MPI
     assert facts["mpi"]["mpi4py"] and facts["mpi"]["thread_provided"] in ("single", "funneled", "serialized",
                                                                           "multiple")
     pp = facts["ping_pong"]

@@ -1,16 +1,17 @@
 """mpiqsgd launch: implementation detection, the exact commands built (nothing launched), one real launch."""
 
+import glob
 import os
-import shutil
+import socket
 import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, check_site_mpi, launches_jobs
 from mpiqsgd.cli import main
-from mpiqsgd.launch import (LaunchError, MPIInfo, build_command, detect, hostfile_text, parse_hostfile,
-                            parse_hosts)
+from mpiqsgd.launch import (LaunchError, MPIInfo, build_command, cores, count_slots, detect, hostfile_text,
+                            job_command, parse_hostfile, parse_hosts, rank_log)
 
 VERSIONS = {
     "mpich": ("HYDRA build details:\n    Version:                                 4.1.2\n"
@@ -31,7 +32,7 @@ def mpi(kind):
 
 
 def cmd(kind, n=2, program=TRAIN, root=False, cores=8, **kw):
-    launch = build_command(n, program, mpi(kind), is_root=root, cpu_count=cores, python=PY, **kw)
+    launch = build_command(n, program, mpi(kind), is_root=root, local_cores=cores, python=PY, **kw)
     return launch.shell(), launch
 
 
@@ -69,6 +70,98 @@ def test_more_ranks_than_slots():
         cmd("openmpi5", n=3, hosts=[("a", 1), ("b", 1)])
 
 
+def test_open_mpi_oversubscribe_flag_whenever_asked():
+    # the flag only permits: a count of cores that differs from Open MPI's cannot refuse the job
+    assert cmd("openmpi4", n=2, cores=8, oversubscribe=True)[0] == f"mpiexec -n 2 --oversubscribe {RUN}"
+    assert cmd("mpich", n=2, cores=8, oversubscribe=True)[0] == f"mpiexec -n 2 {RUN}"
+
+
+def test_slots_counted_as_each_implementation_documents(tmp_path):
+    here = socket.gethostname()
+    bare = tmp_path / "bare.hosts"
+    bare.write_text(f"# comment\nlocalhost\n{here}  # this machine too\nnode01\n")
+    hosts, fmt = parse_hostfile(bare)
+    assert (hosts, fmt) == ([("localhost", None), (here, None), ("node01", None)], "plain")
+    # Open MPI: a bare hostfile line is that node's cores (known here for this machine only)
+    assert count_slots(hosts, "openmpi", 6, hostfile=True) == (12, ["node01"])
+    # Hydra (MPICH, Intel MPI): 1 per bare line
+    assert count_slots(hosts, "mpich", 6, hostfile=True) == (3, [])
+    assert count_slots(hosts, "intel", 6, hostfile=True) == (3, [])
+    # -H host without :N is 1 slot everywhere; counts are counts; no hosts: the cores
+    assert count_slots(parse_hosts("a,b:3"), "openmpi", 6) == (4, [])
+    assert count_slots([("a", 2), ("b", None)], "openmpi", 6, hostfile=True) == (2, ["b"])
+    assert count_slots(None, "openmpi", 6) == (6, [])
+    ompi_file = tmp_path / "o.hosts"
+    ompi_file.write_text("a slots=2\nb slots = 3\n")
+    assert parse_hostfile(ompi_file) == ([("a", 2), ("b", 3)], "openmpi")
+
+
+def test_bare_hostfile_lines_under_open_mpi_and_mpich(tmp_path):
+    remote, local = tmp_path / "remote.hosts", tmp_path / "local.hosts"
+    remote.write_text("node01\nnode02\n")
+    local.write_text("localhost\n")
+    # Open MPI gives node01 and node02 their cores: 8 ranks may fit, so no refusal, a note
+    line, launch = cmd("openmpi4", n=8, hostfile=remote)
+    assert line == f"mpiexec -n 8 --hostfile {remote} {RUN}"
+    assert launch.notes == ["8 ranks on the cores of node01, node02 (no slots= in the hostfile): Open MPI refuses "
+                            "('not enough slots') if those nodes have fewer cores; give their lines slots=N or "
+                            "pass --oversubscribe"]
+    assert cmd("openmpi4", n=2, hostfile=remote)[1].notes == []  # a node has at least one core
+    line, launch = cmd("openmpi5", n=8, hostfile=remote, oversubscribe=True)
+    assert line == f"mpiexec -n 8 --hostfile {remote} --oversubscribe {RUN}"
+    # this machine's bare line: its cores, as Open MPI counts them
+    assert cmd("openmpi4", n=4, cores=4, hostfile=local)[0] == f"mpiexec -n 4 --hostfile {local} {RUN}"
+    with pytest.raises(LaunchError, match=r"5 ranks exceed the 1 hosts' 4 slots.*not enough slots"):
+        cmd("openmpi4", n=5, cores=4, hostfile=local)
+    # Hydra: 1 slot per bare line, oversubscribed without a flag
+    line, launch = cmd("mpich", n=3, hostfile=remote)
+    assert line == f"mpiexec -n 3 -f {remote} {RUN}"
+    assert launch.notes == ["3 ranks on the 2 hosts' 2 slots: MPICH oversubscribes without a flag; ranks share "
+                            "cores and each runs slower"]
+
+
+def test_cores_count_hardware_threads_of_a_core_once(tmp_path):
+    def cpu(i, siblings, name="core_cpus_list"):
+        (tmp_path / f"cpu{i}" / "topology").mkdir(parents=True)
+        (tmp_path / f"cpu{i}" / "topology" / name).write_text(siblings + "\n")
+
+    for i, siblings in enumerate(["0,2", "1,3", "0,2", "1,3"]):  # 2 cores, 2 hardware threads each
+        cpu(i, siblings)
+    assert cores([0, 1, 2, 3], tmp_path) == 2
+    assert cores([0, 2], tmp_path) == 1  # only one core allowed to this process
+    cpu(4, "4", name="thread_siblings_list")  # older kernels
+    assert cores([0, 1, 4], tmp_path) == 3
+    assert cores([0, 9], tmp_path) == 2  # no topology for cpu9: count CPUs
+    assert 1 <= cores() <= os.cpu_count()
+
+
+def test_mpmd_contexts_and_the_tests_job_command():
+    line, _ = cmd("openmpi4", n=1, program=[PY, "a.py"], root=True, oversubscribe=True,
+                  contexts=[(1, [PY, "b.py", "-x"])])
+    assert line == f"mpiexec -n 1 --oversubscribe --allow-run-as-root {PY} a.py : -n 1 {PY} b.py -x"
+    line, _ = cmd("mpich", n=2, program=[PY, "a.py"], contexts=[(1, [PY, "b.py"]), (2, ["hostname"])], cores=2)
+    assert line == f"mpiexec -n 2 {PY} a.py : -n 1 {PY} b.py : -n 2 hostname"
+    with pytest.raises(LaunchError, match="3 ranks exceed this machine's 2 cores"):
+        cmd("openmpi5", n=2, cores=2, contexts=[(1, ["hostname"])])
+    with pytest.raises(LaunchError, match="at least 1"):
+        cmd("mpich", contexts=[(0, ["hostname"])])
+    # job_command runs argv as given (a .py script is not wrapped), oversubscribed as Open MPI needs
+    argv = job_command(3, ["python", "x.py"], mpi("openmpi4"), [(1, ["python", "y.py"])]).argv
+    assert argv[:3] == ["mpiexec", "-n", "3"] and "--oversubscribe" in argv
+    assert argv[argv.index("python"):] == ["python", "x.py", ":", "-n", "1", "python", "y.py"]
+    assert job_command(2, ["python", "x.py"], mpi("mpich")).argv == ["mpiexec", "-n", "2", "python", "x.py"]
+
+
+def test_rank_log_names_each_implementations_files():
+    assert rank_log(mpi("mpich"), "logs", 3, 4) == "logs/rank-3.out"
+    assert rank_log(mpi("intel"), "logs", 3, 4, "stderr") == "logs/rank-3.err"
+    assert rank_log(mpi("openmpi4"), "logs", 1, 2) == "logs/1/rank.1/stdout"
+    assert rank_log(mpi("openmpi4"), "logs", 3, 12, "stderr") == "logs/1/rank.03/stderr"
+    assert rank_log(mpi("openmpi5"), "logs", 0, 2) == "logs/*/rank.0/stdout"
+    with pytest.raises(ValueError):
+        rank_log(mpi("mpich"), "logs", 0, 2, "out")
+
+
 def test_hosts_flag():
     hosts = parse_hosts("node01:4,node02:4")
     assert hosts == [("node01", 4), ("node02", 4)] and parse_hosts("a,b:2") == [("a", 1), ("b", 2)]
@@ -85,7 +178,7 @@ def test_hostfiles_are_passed_or_converted(tmp_path):
     ompi, hydra = ROOT / "hostfiles" / "openmpi.hosts", ROOT / "hostfiles" / "mpich.hosts"
     assert parse_hostfile(ompi) == ([("node01", 4), ("node02", 4)], "openmpi")
     assert parse_hostfile(hydra) == ([("node01", 4), ("node02", 4)], "mpich")
-    assert parse_hostfile(ROOT / "hostfiles" / "localhost.hosts") == ([("localhost", 1)], "plain")
+    assert parse_hostfile(ROOT / "hostfiles" / "localhost.hosts") == ([("localhost", None)], "plain")
     assert cmd("openmpi4", n=8, hostfile=ompi)[0] == f"mpiexec -n 8 --hostfile {ompi} {RUN}"
     assert cmd("mpich", n=8, hostfile=hydra)[0] == f"mpiexec -n 8 -f {hydra} {RUN}"
     line, launch = cmd("mpich", n=8, hostfile=ompi, hostfile_out=tmp_path / "h")
@@ -123,25 +216,49 @@ def test_dry_run_prints_the_command(capsys):
     assert "not enough slots" in capsys.readouterr().err
 
 
-MPIEXEC = shutil.which("mpiexec")
+@launches_jobs
+def test_slot_count_agrees_with_the_real_mpi(tmp_path):
+    # as many ranks as the launcher counts for a bare "localhost" line start without a flag;
+    # under Open MPI one more is refused, as the launcher says before it starts anything
+    mpi = check_site_mpi()
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("localhost\n")
+    hello = [sys.executable, "-c", "print('up')"]
+    n = cores()
+    fits = build_command(n, hello, mpi, hostfile=str(hostfile))
+    assert "--oversubscribe" not in fits.argv
+    proc = subprocess.run(fits.argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.split() == ["up"] * n, proc.stdout + proc.stderr
+    if mpi.implementation == "openmpi":
+        with pytest.raises(LaunchError, match="not enough slots"):
+            build_command(n + 1, hello, mpi, hostfile=str(hostfile))
+        over = build_command(n + 1, hello, mpi, hostfile=str(hostfile), oversubscribe=True).argv
+        proc = subprocess.run([a for a in over if a != "--oversubscribe"], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode != 0 and "not enough slots" in proc.stdout + proc.stderr
+        proc = subprocess.run(over, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and proc.stdout.split() == ["up"] * (n + 1), proc.stdout + proc.stderr
 
 
-@pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec on PATH (pip install mpich)")
+@launches_jobs
 def test_real_launch_writes_per_rank_logs_and_a_failing_rank_ends_the_job(tmp_path):
+    found = check_site_mpi()  # the launcher's own answer decides where the logs are
     script = tmp_path / "hello.py"
     script.write_text("import sys\nfrom mpi4py import MPI\nc = MPI.COMM_WORLD\n"
                       "print(f'rank {c.Get_rank()} of {c.Get_size()}')\n"
                       "if 'fail' in sys.argv and c.Get_rank() == 1:\n    raise SystemExit('rank 1 fails')\n"
                       "c.Barrier()\n")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    launch = [sys.executable, "-m", "mpiqsgd", "launch", "-n", "2", "--mpiexec", MPIEXEC]
+    launch = [sys.executable, "-m", "mpiqsgd", "launch", "-n", "2", "--oversubscribe", "--mpiexec", found.path]
     logs = tmp_path / "logs"
     proc = subprocess.run(launch + ["--log-dir", str(logs), "--", str(script)], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    if "openmpi" not in proc.stdout:  # Hydra's file names
-        assert (logs / "rank-0.out").read_text() == "rank 0 of 2\n"
-        assert (logs / "rank-1.out").read_text() == "rank 1 of 2\n"
+    assert f"mpiexec is {found.implementation} {found.version} ({found.path})" in proc.stderr
+    for rank in (0, 1):
+        paths = glob.glob(rank_log(found, str(logs), rank, 2))
+        assert len(paths) == 1, (rank, sorted(p.relative_to(logs).as_posix() for p in logs.rglob("*")))
+        assert open(paths[0]).read() == f"rank {rank} of 2\n"
     proc = subprocess.run(launch + ["--", str(script), "fail"], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0 and "rank 1 fails" in proc.stdout + proc.stderr

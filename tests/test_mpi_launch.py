@@ -1,8 +1,9 @@
-"""Launch the multi-rank tests under real mpiexec, once per world size, under a timeout."""
+"""Launch the multi-rank tests under real mpiexec, once per world size, under a timeout.
+
+Jobs start through ``mpiqsgd.launch`` (conftest's ``mpi_run``): whichever MPI it finds, as
+root and oversubscribed, with no environment to set."""
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -10,17 +11,15 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, mpi_run, mpiexec_marks
 from mpiqsgd.train.checkpoint import read_state
 
-MPIEXEC = shutil.which("mpiexec")
-pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec on PATH (pip install mpich)")
+pytestmark = mpiexec_marks()
 
 
 def launch(n, *args, timeout=240):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [MPIEXEC, "-n", str(n), sys.executable, *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    """``python ARGS`` on ``n`` ranks of this machine; the finished process (output captured)."""
+    return mpi_run(n, [sys.executable, *args], timeout)
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5])
