@@ -203,12 +203,12 @@ def test_hierarchical_under_mpiexec(n):
 
 
 def test_hierarchical_training_equals_simulation(tmp_path):
-    # 2 nodes x 2 ranks under mpiexec (Hydra's MPMD form: the second pair of ranks names its host
-    # nodeB) against --simulate 4 --ranks-per-node 2, bit for bit.
+    # 2 nodes x 2 ranks under mpiexec (MPMD: the second pair of ranks names its host nodeB through
+    # env(1), which every MPI runs as a program) against --simulate 4 --ranks-per-node 2, bit for bit.
     flags = [*TRAIN, "--codec", "qsgd", "--bits", "4", "--rounding", "nearest", "--error-feedback",
              "--topology", "intsum", "--min-compress-numel", "100"]
     job = ["-m", "mpi4py", "-m", "mpiqsgd", *flags, "--run-dir", str(tmp_path / "mpi")]
-    mpi = launch(2, *job, ":", "-n", "2", "-env", "MPIQSGD_HOST", "nodeB", sys.executable, *job, timeout=300)
+    mpi = mpi_run(2, [sys.executable, *job], 300, contexts=[(2, ["env", "MPIQSGD_HOST=nodeB", sys.executable, *job])])
     assert mpi.returncode == 0, mpi.stderr[-4000:]
     assert "hierarchical exchange: 2 nodes x 2 ranks (4 in all); fp32 inside each node, intsum among the 2" in mpi.stderr
     sim = subprocess.run([sys.executable, "-m", "mpiqsgd", *flags, "--simulate", "4", "--ranks-per-node", "2",
