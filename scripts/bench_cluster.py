@@ -1,15 +1,16 @@
 """Exchange benchmark on the emulated switched cluster (and, labelled, the shared-loopback hub).
 
     python scripts/bench_cluster.py [--nodes 2,4,8] [--ranks-per-node 1] [--rate 1gbit] [--numel 25000000]
-                                    [--repeats 3] [--configs intsum,scatter,...] [--hub] [--out runs/bench-cluster]
+                                    [--repeats 3] [--configs intsum,scatter,...] [--scenarios cluster,hub]
+                                    [--out runs/bench-cluster]
 
 For each node count and configuration, one `mpiqsgd bench exchange` job (--ranks-per-node ranks
 on each node; several make the exchange hierarchical: fp32 inside a node)
 times the configuration against fp32 MPI_Allreduce in the same job, median of --repeats; the
 JSON of each job goes to OUT/<scenario>-<nodes>x<ranks>-<config>.json and a Markdown table of
 speedups (median, with the range over repeats as the fastest and slowest ratio), bytes and
-relative error to OUT/table-<ranks>.md. --hub adds the same jobs with all ranks on one shaped
-loopback (scripts/shaped_link.sh), the scenario earlier figures were measured in.
+relative error to OUT/table-<scenarios>-<ranks>.md. Scenario ``hub`` runs the same jobs with all ranks on one
+shaped loopback (scripts/shaped_link.sh), the scenario earlier figures were measured in.
 Needs root (network namespaces, tc).
 """
 
@@ -70,7 +71,8 @@ def main():
     ap.add_argument("--numel", type=int, default=25_000_000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--configs", default="intsum,scatter,ring,allgather,sign")
-    ap.add_argument("--hub", action="store_true", help="also the shared-loopback hub (labelled)")
+    ap.add_argument("--scenarios", default="cluster", help="cluster (switched, one link per node) and/or hub "
+                    "(one shared loopback, labelled)")
     ap.add_argument("--out", default="runs/bench-cluster")
     args = ap.parse_args()
     out = ROOT / args.out
@@ -79,14 +81,14 @@ def main():
              "each row timed against fp32 MPI_Allreduce in the same job; phases: rank 0's mean ms per call",
              "", "| scenario | nodes x ranks | config | speedup vs fp32 | fp32 allreduce | config | bytes vs fp32 | rel. error "
              "| rank 0 phases (ms) |", "|---|---|---|---|---|---|---|---|---|"]
-    for scenario in ["cluster"] + (["hub"] if args.hub else []):
+    for scenario in args.scenarios.split(","):
         for nodes in [int(n) for n in args.nodes.split(",")]:
             for config in args.configs.split(","):
                 cells = row(run(scenario, nodes, args.rate, args.numel, args.repeats, config, out,
                                 per_node=args.ranks_per_node))
                 lines.append(f"| {scenario} | {nodes}x{args.ranks_per_node} | {config} | " + " | ".join(cells) + " |")
                 print(lines[-1], flush=True)
-    (out / f"table-{args.ranks_per_node}.md").write_text("\n".join(lines) + "\n")
+    (out / f"table-{args.scenarios.replace(',', '-')}-{args.ranks_per_node}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
