@@ -46,7 +46,7 @@ from ..codecs.kernels import draw_seed
 from ..codecs.qsgd import checked_norms, max_norm
 from ..errors import ConfigError, DecodeError
 from ..transport import allreduce_nbytes
-from .base import Aggregator
+from .base import Aggregator, empty_like
 
 __all__ = ["IntSum", "PIECE_NUMEL"]
 
@@ -94,7 +94,7 @@ class IntSum(Aggregator):
         seed = draw_seed(call.rng) if base.stochastic else 0
         words = self._buffer(call.stream, layout.n_words(numel))
         own = np.empty(numel, dtype=np.float32) if feedback else None
-        out = torch.empty(numel, dtype=torch.float32)
+        out = empty_like(x)
         pieces = self._pieces(numel)
         pipeline = t.pipeline("sum", self.name)
         try:

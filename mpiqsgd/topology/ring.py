@@ -33,9 +33,8 @@ Bytes sent by rank r: ``sum_(k=1..n-1) E(c_(r+k)) + (n-1) E(c_r)``, about
 for another rank's forwarding, and two quantizations per element instead of up to n.
 """
 
-import torch
 
-from .base import Aggregator, chunk_bounds, sum_of
+from .base import Aggregator, chunk_bounds, empty_like, sum_of
 
 __all__ = ["Ring", "Scatter"]
 
@@ -69,7 +68,7 @@ class Ring(Aggregator):
         """Pass the owners' encoded chunks around the ring; every rank decodes every chunk."""
         t = self.transport
         n, r = t.size, t.rank
-        out = torch.empty_like(flat)
+        out = empty_like(flat)
         out[bounds[owned][0]:bounds[owned][1]] = decoded
         for k in range(n - 1):
             sent, c = (owned - k) % n, (owned - k - 1) % n
@@ -117,7 +116,7 @@ class Scatter(Ring):
         t.wait_sends(sends)
         message, decoded = call.encode_decode(self.codec, sum_of([parts[src] for src in range(n)]) / n, "owner")
         sends = [t.isend(message, dest, "allgather", 4 * own.numel()) for dest in others]
-        out = torch.empty_like(flat)
+        out = empty_like(flat)
         out[bounds[r][0]:bounds[r][1]] = decoded
         for source, message in t.recv_each([(r - k) % n for k in range(1, n)], "allgather"):
             start, end = bounds[source]
