@@ -112,7 +112,7 @@ class Poller:
             if timeout is not None and waited > timeout:
                 raise CommTimeout(f"waited {waited:.0f} s for {what() if what else 'a peer'}: that rank, or a "
                                   "rank it waits for in turn, is stopped, hung or gone (the earliest such message "
-                                  "names the first; raise --comm-timeout if it is only slow)")
+                                  "names the first; raise comm_timeout= (--comm-timeout) if it is only slow)")
             if waited > self.spin_seconds:
                 time.sleep(sleep)
                 sleep = min(2 * sleep, self.max_sleep)

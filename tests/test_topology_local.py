@@ -58,7 +58,7 @@ def test_one_rank_stochastic_is_seeded_by_seed_rank_and_step(t):
     (lambda t: make_aggregator("allreduce", t, make_codec("qsgd")), "sends plain fp32"),
     (lambda t: make_aggregator("ring", t, make_codec("qsgd"), downlink="codec"), "are for ps"),
     (lambda t: make_aggregator("ps", t, make_codec("qsgd"), downlink="int8"), "downlink must be"),
-    (lambda t: make_aggregator("ps", t, make_codec("qsgd"), server_error_feedback=True), "needs --downlink codec"),
+    (lambda t: make_aggregator("ps", t, make_codec("qsgd"), server_error_feedback=True), "needs downlink='codec'"),
     (lambda t: make_aggregator("ps", t, make_codec("qsgd"), dedicated=True), "at least 2 ranks"),
     (lambda t: make_aggregator("ring", t, make_codec("qsgd")).aggregate(torch.zeros(3, 3), 0), "1-D float32"),
     (lambda t: make_aggregator("ring", t, make_codec("qsgd")).aggregate(torch.zeros(3, dtype=torch.float64), 0),

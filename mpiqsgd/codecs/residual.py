@@ -80,5 +80,6 @@ def check_residual(codec, residual, x, key=None, step=None, ratio_limit=RESIDUAL
            and bound >= 1 else f"{codec!r} does not contract this residual")
     raise NonFiniteError(
         f"error feedback diverged{where}: {reason}; {why}, so error feedback accumulates instead of "
-        "correcting. Fix: nearest rounding (--rounding nearest), more bits (--bits 8), smaller buckets "
-        "(--bucket), a contractive codec (--codec sign), or no --error-feedback")
+        "correcting. Fix: nearest rounding (rounding='nearest'; --rounding nearest), more bits (bits=8; --bits 8), "
+        "smaller buckets (bucket=; --bucket), a contractive codec (make_codec('sign'); --codec sign), or "
+        "error_feedback=False (no --error-feedback)")

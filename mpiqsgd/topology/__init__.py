@@ -47,7 +47,8 @@ def _downlink_codec(codec, downlink="fp32", server_error_feedback=False):
     if downlink not in DOWNLINKS:
         raise ConfigError(f"ps: downlink must be one of {', '.join(DOWNLINKS)}; got {downlink!r}")
     if server_error_feedback and downlink != "codec":
-        raise ConfigError("ps: server-side error feedback needs --downlink codec")
+        raise ConfigError("ps: server_error_feedback=True needs downlink='codec' (--server-error-feedback needs "
+                          "--downlink codec)")
     if downlink == "fp32":
         return None
     return ErrorFeedback(codec.base) if server_error_feedback else codec.base

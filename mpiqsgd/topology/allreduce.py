@@ -21,8 +21,8 @@ class Allreduce(Aggregator):
 
     def __init__(self, transport, codec=None, seed=0):
         if codec is not None and (codec.name != "fp32" or codec.base is not codec):
-            raise ConfigError("topology 'allreduce' sends plain fp32; use --codec fp32 "
-                              "(or ps, ring, allgather for other codecs)")
+            raise ConfigError("topology 'allreduce' sends plain fp32; use make_codec('fp32') (--codec fp32) "
+                              "(or ps, ring, scatter, allgather, intsum for other codecs)")
         super().__init__(transport, codec or FP32(), seed)
 
     def _aggregate(self, flat, call):
