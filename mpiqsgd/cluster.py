@@ -388,7 +388,8 @@ class Cluster:
         return _wait([subprocess.Popen(argv, env=job_env(self.spec, env))], timeout)
 
     def run_per_node(self, program, timeout=None, env=None):
-        """Start ``program`` ranks_per_node times in every node (no MPI); returns the first nonzero status, or 0.
+        """Start ``program`` ranks_per_node times in every node (no MPI); returns the first nonzero status seen
+        (the lowest rank's among those that failed by the same poll), or 0.
 
         Each copy gets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``,
         ``MPIQSGD_NODE_INDEX`` and the rendezvous of :func:`job_env`. When one copy fails,
