@@ -397,7 +397,8 @@ class _Overlap:
     """The communication thread of a :class:`GradientExchange`, fed by its gradient hooks.
 
     State per step: ``remaining[i]`` counts the parameters of bucket ``i`` whose last
-    gradient of the step (backward pass ``backward_passes_per_step``) has not arrived; ``flats[i]`` holds bucket ``i``'s copied buffers once complete;
+    gradient of the step (backward pass ``backward_passes_per_step``) has not arrived; ``flats[i]`` holds
+    bucket ``i``'s copied buffers once complete;
     ``next_index`` is the first bucket not yet handed to the thread. The thread takes
     ``(bucket, flats)`` jobs from a queue in index order and appends each bucket's means
     to ``results``; ``None`` stops it.

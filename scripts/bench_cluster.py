@@ -39,7 +39,8 @@ def run(scenario, nodes, rate, numel, repeats, config, out, threads=1, per_node=
         cmd = [sys.executable, "-m", "mpiqsgd", "cluster", "run", "--nodes", str(nodes), "--ranks-per-node",
                str(per_node), "--rate", rate, "--", *bench]
     else:
-        inner = " ".join(["mpiexec", "-n", str(nodes * per_node), sys.executable, "-m", "mpi4py", "-m", "mpiqsgd", *bench])
+        inner = " ".join(["mpiexec", "-n", str(nodes * per_node), sys.executable, "-m", "mpi4py", "-m", "mpiqsgd",
+                          *bench])
         cmd = ["bash", "-c", f"rate={rate}; source scripts/shaped_link.sh; in_ns {inner}"]
     # One thread a rank: the emulated nodes share this machine's cores (a rank alone on a real
     # node would have its own); the ranks would otherwise each size their pool to the machine.
@@ -80,7 +81,8 @@ def main():
     lines = [f"rate {args.rate} per node, {args.numel:,} coordinates, median of {args.repeats} (range over repeats), "
              "each row timed against fp32 MPI_Allreduce in the same job; phases: rank 0's ms in the last repeat "
              "(intsum's overlap: their sum exceeds the exchange's time)",
-             "", "| scenario | nodes x ranks | config | speedup vs fp32 | fp32 allreduce | config | bytes vs fp32 | rel. error "
+             "", "| scenario | nodes x ranks | config | speedup vs fp32 | fp32 allreduce | config | bytes vs fp32 "
+             "| rel. error "
              "| rank 0 phases (ms) |", "|---|---|---|---|---|---|---|---|---|"]
     for scenario in args.scenarios.split(","):
         for nodes in [int(n) for n in args.nodes.split(",")]:

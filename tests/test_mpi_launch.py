@@ -210,7 +210,8 @@ def test_hierarchical_training_equals_simulation(tmp_path):
     job = ["-m", "mpi4py", "-m", "mpiqsgd", *flags, "--run-dir", str(tmp_path / "mpi")]
     mpi = mpi_run(2, [sys.executable, *job], 300, contexts=[(2, ["env", "MPIQSGD_HOST=nodeB", sys.executable, *job])])
     assert mpi.returncode == 0, mpi.stderr[-4000:]
-    assert "hierarchical exchange: 2 nodes x 2 ranks (4 in all); fp32 inside each node, intsum among the 2" in mpi.stderr
+    said = "hierarchical exchange: 2 nodes x 2 ranks (4 in all); fp32 inside each node, intsum among the 2"
+    assert said in mpi.stderr
     sim = subprocess.run([sys.executable, "-m", "mpiqsgd", *flags, "--simulate", "4", "--ranks-per-node", "2",
                           "--run-dir", str(tmp_path / "sim")], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert sim.returncode == 0, sim.stderr[-4000:]

@@ -42,7 +42,8 @@ from ..errors import ConfigError
 from . import kernels
 from .kernels import HAVE_NUMBA
 
-__all__ = ["SummableLayout", "check_codec", "field_width", "encode_words", "unpack_mean", "bucket_scales", "encode_reference",
+__all__ = ["SummableLayout", "check_codec", "field_width", "encode_words", "unpack_mean", "bucket_scales",
+           "encode_reference",
            "sum_reference", "words_per_chunk", "CHUNK_NUMEL"]
 
 CHUNK_NUMEL = 1 << 14  # coordinates a kernel chunk holds, about (kernels.CHUNK, for the same reasons)
