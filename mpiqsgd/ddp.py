@@ -210,12 +210,17 @@ def _allgather(state, bucket, step):
 
         finish.append(finish_c)
 
-    if flat_u is not None:
-        summed = flat_u.clone()
-        _record_allreduce(meter, "allreduce", rank, n, 4 * summed.numel(), summed.numel())
-        futures.append(dist.all_reduce(summed, group=group, async_op=True).get_future())
-        finish.append(lambda: summed.div_(n))
+    return _with_fp32_part(state, buffer, mask, flat_c, flat_u, futures, finish)
 
+
+def _with_fp32_part(state, buffer, mask, flat_c, flat_u, futures, finish):
+    """Start the ``all_reduce`` of the fp32 part (if any) beside the compressed part's collectives
+    (``futures``, finished by ``finish``); return the future of the averaged bucket."""
+    if flat_u is not None:
+        n, summed = state.size, flat_u.clone()
+        _record_allreduce(state._meter(), "allreduce", state.rank, n, 4 * summed.numel(), summed.numel())
+        futures.append(dist.all_reduce(summed, group=state.process_group, async_op=True).get_future())
+        finish.append(lambda: summed.div_(n))
     return torch.futures.collect_all(futures).then(lambda _: _combine(buffer, mask, flat_c, flat_u, finish))
 
 
@@ -281,13 +286,7 @@ def _intsum(state, bucket, step):
 
         finish.append(finish_c)
 
-    if flat_u is not None:
-        summed_u = flat_u.clone()
-        _record_allreduce(meter, "allreduce", rank, n, 4 * summed_u.numel(), summed_u.numel())
-        futures.append(dist.all_reduce(summed_u, group=group, async_op=True).get_future())
-        finish.append(lambda: summed_u.div_(n))
-
-    return torch.futures.collect_all(futures).then(lambda _: _combine(buffer, mask, flat_c, flat_u, finish))
+    return _with_fp32_part(state, buffer, mask, flat_c, flat_u, futures, finish)
 
 
 def _record_allreduce(meter, phase, rank, n, nbytes, fp32_numel):
