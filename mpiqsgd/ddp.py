@@ -147,7 +147,13 @@ def mpiqsgd_hook(state, bucket):
     if bucket.is_last():
         state.step += 1
     state._meter().step = step
-    return COLLECTIVES[state.collective](state, bucket, step)
+    mask, flat_c, flat_u = _split(state, bucket, step)
+    futures, finish = [], []
+    if flat_c is not None:
+        future, done = COLLECTIVES[state.collective](state, bucket.index(), step, flat_c, bucket.buffer().device)
+        futures.append(future)
+        finish.append(done)
+    return _with_fp32_part(state, bucket.buffer(), mask, flat_c, flat_u, futures, finish)
 
 
 def _split(state, bucket, step):
@@ -163,54 +169,49 @@ def _split(state, bucket, step):
     return mask, (flat[mask] if bool(mask.any()) else None), (flat[~mask] if not bool(mask.all()) else None)
 
 
-def _allgather(state, bucket, step):
+def _allgather(state, index, step, flat_c, device):
+    """Start the ``all_gather_into_tensor`` of a bucket's compressed part as one mpiqsgd message;
+    return (its future, the function that decodes the n messages into the part's mean)."""
     group, codec, meter = state.process_group, state.codec, state._meter()
     n, rank = state.size, state.rank
-    buffer, index = bucket.buffer(), bucket.index()
-    mask, flat_c, flat_u = _split(state, bucket, step)
-    futures, finish = [], []
-
-    if flat_c is not None:
-        rng = make_generator(state.seed, rank, step, stream=index)
-        with meter.time("encode", bucket=index, numel=flat_c.numel()):
-            message, own = codec.encode_decode(flat_c.cpu(), rng, key="grad" if index == 0 else (index, "grad"))
-        message = np.frombuffer(memoryview(message).cast("B"), dtype=np.uint8)
-        nbytes = message.size
-        if codec.fixed_size:
-            lengths = [nbytes] * n
-        else:  # pad to the longest message: all_gather_into_tensor takes equal sizes only
-            mine = torch.tensor([nbytes], dtype=torch.int64, device=buffer.device)
-            gathered = torch.empty(n, dtype=torch.int64, device=buffer.device)
-            for dest in _right(rank, n):
-                meter.record("lengths", rank, dest, 0, 8, 0)
-            with meter.time("communicate", name="allgather", message="lengths", bytes=8):
-                _all_gather_single(gathered, mine, group, async_op=False)
-            lengths = gathered.cpu().tolist()
-        padded = max(lengths)
-        send = torch.zeros(padded, dtype=torch.uint8)
-        send[:nbytes] = torch.from_numpy(message.copy())
-        send = send.to(buffer.device)
-        received = torch.empty(n * padded, dtype=torch.uint8, device=buffer.device)
-        header = wire.header_nbytes(message)
+    rng = make_generator(state.seed, rank, step, stream=index)
+    with meter.time("encode", bucket=index, numel=flat_c.numel()):
+        message, own = codec.encode_decode(flat_c.cpu(), rng, key="grad" if index == 0 else (index, "grad"))
+    message = np.frombuffer(memoryview(message).cast("B"), dtype=np.uint8)
+    nbytes = message.size
+    if codec.fixed_size:
+        lengths = [nbytes] * n
+    else:  # pad to the longest message: all_gather_into_tensor takes equal sizes only
+        mine = torch.tensor([nbytes], dtype=torch.int64, device=device)
+        gathered = torch.empty(n, dtype=torch.int64, device=device)
         for dest in _right(rank, n):
-            meter.record("allgather", rank, dest, header, padded - header, 4 * flat_c.numel())
-        futures.append(_all_gather_single(received, send, group, async_op=True).get_future())
+            meter.record("lengths", rank, dest, 0, 8, 0)
+        with meter.time("communicate", name="allgather", message="lengths", bytes=8):
+            _all_gather_single(gathered, mine, group, async_op=False)
+        lengths = gathered.cpu().tolist()
+    padded = max(lengths)
+    send = torch.zeros(padded, dtype=torch.uint8)
+    send[:nbytes] = torch.from_numpy(message.copy())
+    send = send.to(device)
+    received = torch.empty(n * padded, dtype=torch.uint8, device=device)
+    header = wire.header_nbytes(message)
+    for dest in _right(rank, n):
+        meter.record("allgather", rank, dest, header, padded - header, 4 * flat_c.numel())
+    future = _all_gather_single(received, send, group, async_op=True).get_future()
 
-        def finish_c():
-            data = received.cpu().numpy()
-            decoded = []
-            for src in range(n):
-                if src == rank:
-                    decoded.append(own)
-                    continue
-                start = src * padded
-                with meter.time("decode", bucket=index, bytes=lengths[src], numel=flat_c.numel()):
-                    decoded.append(codec.decode(data[start:start + lengths[src]], "cpu", flat_c.numel()))
-            return mean_of(decoded)
+    def finish_c():
+        data = received.cpu().numpy()
+        decoded = []
+        for src in range(n):
+            if src == rank:
+                decoded.append(own)
+                continue
+            start = src * padded
+            with meter.time("decode", bucket=index, bytes=lengths[src], numel=flat_c.numel()):
+                decoded.append(codec.decode(data[start:start + lengths[src]], "cpu", flat_c.numel()))
+        return mean_of(decoded)
 
-        finish.append(finish_c)
-
-    return _with_fp32_part(state, buffer, mask, flat_c, flat_u, futures, finish)
+    return future, finish_c
 
 
 def _with_fp32_part(state, buffer, mask, flat_c, flat_u, futures, finish):
@@ -236,57 +237,52 @@ def _combine(buffer, mask, flat_c, flat_u, finish):
     return out.to(buffer.dtype).view_as(buffer)
 
 
-def _intsum(state, bucket, step):
+def _intsum(state, index, step, flat_c, device):
+    """Agree on the compressed part's bucket norms, then start the ``all_reduce`` of its packed QSGD
+    levels; return (its future, the function that unpacks the sum into the part's mean)."""
     group, codec, meter = state.process_group, state.codec, state._meter()
     n, rank = state.size, state.rank
-    buffer, index = bucket.buffer(), bucket.index()
-    mask, flat_c, flat_u = _split(state, bucket, step)
-    futures, finish = [], []
+    base = codec.base
+    feedback = codec if codec is not base else None
+    key = "grad" if index == 0 else (index, "grad")
+    layout = summable.SummableLayout(base.levels, n)
+    x = flat_c.detach().to("cpu", torch.float32).contiguous()
+    m = x.numel()
+    with meter.time("encode", bucket=index, numel=m, name="scales"):
+        p = feedback.compensate(x, key).contiguous() if feedback else x
+        norms = checked_norms(p, base.bucket, base.norm, base.name, max_norm(base.levels)).contiguous()
+    shared = norms.to(device)
+    _record_allreduce(meter, "scales", rank, n, shared.numel() * 4, 0)
+    with meter.time("communicate", name="allreduce", message="scales"):
+        dist.all_reduce(shared, op=dist.ReduceOp.MAX, group=group)
+    norms = shared.cpu()
+    scale, unit = summable.bucket_scales(norms, base.levels)
+    rng = make_generator(state.seed, rank, step, stream=index)
+    seed = draw_seed(rng) if base.stochastic else 0
+    words = np.empty(layout.n_words(m), dtype=np.uint64)
+    own = np.empty(m, dtype=np.float32) if feedback else None
+    with meter.time("encode", bucket=index, numel=m):
+        summable.encode_words(p, scale, unit, base.bucket, layout, seed, base.stochastic, words, 0,
+                              layout.n_chunks(m), own)
+    if feedback:
+        feedback.update(key, p, torch.from_numpy(own), x)
+    summed = torch.from_numpy(words.view(np.int64)).to(device)
+    _record_allreduce(meter, "intsum", rank, n, words.nbytes, m)
+    future = dist.all_reduce(summed, group=group, async_op=True).get_future()
 
-    if flat_c is not None:
-        base = codec.base
-        feedback = codec if codec is not base else None
-        key = "grad" if index == 0 else (index, "grad")
-        layout = summable.SummableLayout(base.levels, n)
-        x = flat_c.detach().to("cpu", torch.float32).contiguous()
-        m = x.numel()
-        with meter.time("encode", bucket=index, numel=m, name="scales"):
-            p = feedback.compensate(x, key).contiguous() if feedback else x
-            norms = checked_norms(p, base.bucket, base.norm, base.name, max_norm(base.levels)).contiguous()
-        shared = norms.to(buffer.device)
-        _record_allreduce(meter, "scales", rank, n, shared.numel() * 4, 0)
-        with meter.time("communicate", name="allreduce", message="scales"):
-            dist.all_reduce(shared, op=dist.ReduceOp.MAX, group=group)
-        norms = shared.cpu()
-        scale, unit = summable.bucket_scales(norms, base.levels)
-        rng = make_generator(state.seed, rank, step, stream=index)
-        seed = draw_seed(rng) if base.stochastic else 0
-        words = np.empty(layout.n_words(m), dtype=np.uint64)
-        own = np.empty(m, dtype=np.float32) if feedback else None
-        with meter.time("encode", bucket=index, numel=m):
-            summable.encode_words(p, scale, unit, base.bucket, layout, seed, base.stochastic, words, 0,
-                                  layout.n_chunks(m), own)
-        if feedback:
-            feedback.update(key, p, torch.from_numpy(own), x)
-        summed = torch.from_numpy(words.view(np.int64)).to(buffer.device)
-        _record_allreduce(meter, "intsum", rank, n, words.nbytes, m)
-        futures.append(dist.all_reduce(summed, group=group, async_op=True).get_future())
+    def finish_c():
+        total = summed.cpu().numpy().view(np.uint64)
+        out = np.empty(m, dtype=np.float32)
+        with meter.time("decode", bucket=index, numel=m):
+            bad = summable.unpack_mean(total, (unit / n).numpy(), base.bucket, layout, out, 0, layout.n_chunks(m))
+        if bad:
+            i = summable.first_bad_field(total, layout, m) or 0
+            raise DecodeError(f"mpiqsgd_hook: the summed levels of bucket {i // base.bucket} of DDP bucket {index} "
+                              f"exceed what {n} ranks can send ({layout.top} in {layout.width}-bit fields): a rank "
+                              "sent codes no encoder of this job writes")
+        return torch.from_numpy(out)
 
-        def finish_c():
-            total = summed.cpu().numpy().view(np.uint64)
-            out = np.empty(m, dtype=np.float32)
-            with meter.time("decode", bucket=index, numel=m):
-                bad = summable.unpack_mean(total, (unit / n).numpy(), base.bucket, layout, out, 0, layout.n_chunks(m))
-            if bad:
-                i = summable.first_bad_field(total, layout, m) or 0
-                raise DecodeError(f"mpiqsgd_hook: the summed levels of bucket {i // base.bucket} of DDP bucket {index} "
-                                  f"exceed what {n} ranks can send ({layout.top} in {layout.width}-bit fields): a rank "
-                                  "sent codes no encoder of this job writes")
-            return torch.from_numpy(out)
-
-        finish.append(finish_c)
-
-    return _with_fp32_part(state, buffer, mask, flat_c, flat_u, futures, finish)
+    return future, finish_c
 
 
 def _record_allreduce(meter, phase, rank, n, nbytes, fp32_numel):
@@ -300,5 +296,5 @@ def _right(rank, n):
     return [(rank + 1) % n] * (n - 1)
 
 
-# collective name -> function (state, bucket, step) -> Future
+# collective name -> function (state, index, step, flat_c, device) -> (Future, finish)
 COLLECTIVES = {"allgather": _allgather, "intsum": _intsum}
