@@ -183,20 +183,12 @@ def test_mpi_stop_and_resume_equals_uninterrupted_simulation(tmp_path):
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-@pytest.mark.parametrize("n", [2, 3])
-def test_distributed_optimizer_accumulation_under_mpiexec(n):
-    proc = launch(n, "-m", "mpi4py", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-                  "tests/mpi/mpi_optimizer.py")
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-6000:]
-    assert " failed" not in out and out.count(" passed") >= n
-
-
-@pytest.mark.parametrize("n", [4, 6])
-def test_hierarchical_under_mpiexec(n):
-    # 2 and 3 nodes of 2 ranks: tests/mpi/mpi_hierarchical.py names each rank's node itself.
-    proc = launch(n, "-m", "mpi4py", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-                  "tests/mpi/mpi_hierarchical.py")
+@pytest.mark.parametrize("script,n", [
+    ("mpi_optimizer.py", 2), ("mpi_optimizer.py", 3),  # DistributedOptimizer's accumulation
+    ("mpi_hierarchical.py", 4), ("mpi_hierarchical.py", 6),  # 2 and 3 nodes of 2 ranks (each rank names its node)
+])
+def test_mpi_tests_under_mpiexec(script, n):
+    proc = launch(n, "-m", "mpi4py", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", f"tests/mpi/{script}")
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     assert " failed" not in out and out.count(" passed") >= n
