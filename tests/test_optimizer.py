@@ -241,8 +241,9 @@ def test_a_backward_pass_beyond_the_declared_ones_is_an_error(overlap):
 def test_the_issues_two_micro_batches_give_the_same_gradient_with_overlap():
     # the issue's report: with overlap the second micro-batch never reached the exchange
     def work(t, overlap):
-        torch.manual_seed(0)
-        net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+        with _INIT:  # simulated ranks are threads: one draws from the global RNG at a time
+            torch.manual_seed(0)
+            net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
         ex = GradientExchange(net.parameters(), t, make_codec("fp32"), "ring", bucket_mb=0.01, overlap=overlap)
         opt = DistributedOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), ex, backward_passes_per_step=2)
         opt.zero_grad()
