@@ -97,10 +97,6 @@ class SummableLayout:
     def n_chunks(self, numel):
         return -(-self.n_words(numel) // self.n_chunk_words)
 
-    def nbytes(self, numel):
-        """Bytes of one rank's words for ``numel`` coordinates."""
-        return 8 * self.n_words(numel)
-
     def chunk_coords(self, c0, c1, numel):
         """Coordinates [start, stop) of chunks ``c0..c1-1``."""
         per_chunk = self.n_chunk_words * self.per_word
