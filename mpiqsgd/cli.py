@@ -10,6 +10,7 @@ Commands:
     doctor           MPI, threads, GPUs and a 2-rank ping-pong, with a fix for each problem
     sweep            run an experiment grid (resumable), then write its report
     cluster          an emulated switched cluster on this machine (root): run a job on N shaped nodes
+    project          projected exchange and step time of each topology on 2 .. 1,024 nodes
 
 An uncaught exception on any rank aborts the whole MPI job (MPI_Abort) after printing
 the error, instead of leaving the other ranks waiting.
@@ -138,7 +139,7 @@ def build_parser():
     bs.set_defaults(func=run_bench_step)
 
     # Commands whose module brings its flags and its handler (stdlib imports only until run).
-    from . import cluster, doctor, launch, report, sweep
+    from . import cluster, doctor, launch, project, report, sweep
 
     for name, add_args, run, text in (
             ("report", report.add_report_args, report.run_report,
@@ -150,7 +151,9 @@ def build_parser():
             ("sweep", sweep.add_sweep_args, sweep.run_sweep,
              "run an experiment grid (resumable), then write its report"),
             ("cluster", cluster.add_cluster_args, cluster.run_cluster,
-             "an emulated switched cluster on this machine (root): run a job on N shaped nodes")):
+             "an emulated switched cluster on this machine (root): run a job on N shaped nodes"),
+            ("project", project.add_project_args, project.run_project,
+             "projected exchange and step time of each topology on 2 .. 1,024 nodes")):
         command = sub.add_parser(name, help=text)
         add_args(command)
         command.set_defaults(func=run)
