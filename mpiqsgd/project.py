@@ -282,7 +282,8 @@ class _Rank:
         nbytes = allreduce_nbytes(numel, p, itemsize)
         steps = 2 * math.ceil(math.log2(p))
         link = self.sc.link
-        t = steps * self.latency(nbytes / steps) + nbytes * (p if self.sc.hub else 1) / (link.beta * self.sc.payload_fraction)
+        on_link = nbytes * (p if self.sc.hub else 1) / (link.beta * self.sc.payload_fraction)
+        t = steps * self.latency(nbytes / steps) + on_link
         self.link += t
         self.bytes += nbytes
         self.messages += steps

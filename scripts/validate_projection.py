@@ -125,14 +125,16 @@ def main(argv=None):
           "cores; error = projected / measured - 1")
     print(f"{'scenario':<8} {'p':>3} {'R':>2} {'topology':<10} {'codec':<12} {'projected':>9} {'measured (range)':>22} "
           f"{'error':>7} {'slow':>5} {'no share':>8}  file")
-    key = (lambda r: (r["scenario"], r["ranks_per_node"], r["topology"] == "allreduce", r["topology"], r["nodes"],
-                      r["file"]))
+    def key(r):
+        return r["scenario"], r["ranks_per_node"], r["topology"] == "allreduce", r["topology"], r["nodes"], r["file"]
+
     for r in sorted(table, key=key):
         lo, hi = r["measured_range"]
         flag = "" if abs(r["error"]) <= TARGET else " *"
-        print(f"{r['scenario']:<8} {r['nodes']:>3} {r['ranks_per_node']:>2} {r['topology']:<10} {short(r['codec']):<12} "
-              f"{r['projected_seconds']:9.3f} {r['measured_seconds']:8.3f} ({lo:.3f}-{hi:.3f}) {100 * r['error']:+6.1f}%"
-              f"{flag:<2}{r['cpu_slowdown']:4.0f}x {r['projected_no_share_seconds']:8.3f}  "
+        print(f"{r['scenario']:<8} {r['nodes']:>3} {r['ranks_per_node']:>2} {r['topology']:<10} "
+              f"{short(r['codec']):<12} {r['projected_seconds']:9.3f} {r['measured_seconds']:8.3f} "
+              f"({lo:.3f}-{hi:.3f}) {100 * r['error']:+6.1f}%{flag:<2}"
+              f"{r['cpu_slowdown']:4.0f}x {r['projected_no_share_seconds']:8.3f}  "
               f"{'/'.join(Path(r['file']).parts[-2:])}")
     print(f"* outside +-{100 * TARGET:.0f}%")
     for line in skipped:
