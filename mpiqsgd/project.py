@@ -500,7 +500,7 @@ def format_tables(rows, sc, topologies):
 
 
 def plot(rows, sc, path, topologies):
-    """Step time against nodes (log x), one line per topology; ConfigError when matplotlib is missing."""
+    """Step time against nodes (log x and y), one line per topology; ConfigError when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -515,6 +515,7 @@ def plot(rows, sc, path, topologies):
         if pts:
             ax.plot(*zip(*pts), marker="o", label="fp32 allreduce" if name == "allreduce" else name)
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
     ax.set_xlabel("nodes")
     ax.set_ylabel("step seconds (projected)")
     ax.set_title(f"{sc.codec!r}"[:60] + f"\n{sc.numel:,} coords, {sc.link.label}{' hub' if sc.hub else ''}, "
