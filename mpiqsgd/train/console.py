@@ -33,7 +33,9 @@ def sig3(x):
 
 
 def human_bytes(n):
-    """``8.59 kB``, ``1.44 MB`` (powers of 1000)."""
+    """``12 B``, ``8.59 kB``, ``1.44 MB`` (powers of 1000)."""
+    if abs(n) < 999.5:
+        return f"{round(n)} B"
     for unit in ("B", "kB", "MB", "GB"):
         if abs(n) < 999.5:
             return f"{sig3(n)} {unit}"
@@ -47,7 +49,7 @@ def human_seconds(s):
         return f"{sig3(s * 1e3)} ms"
     if s < 99.95:
         return f"{sig3(s)} s"
-    if s < 5999.5:
+    if s < 3599.5:
         return f"{sig3(s / 60)} min"
     return f"{sig3(s / 3600)} h"
 
