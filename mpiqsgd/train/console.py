@@ -149,8 +149,8 @@ class Console:
     def first_step(self, after=SLOW_STEP_SECONDS):
         """Around a process's first step: if it runs past ``after`` seconds, say that kernels compile,
         and when it ends, how long it took."""
-        timer = threading.Timer(after, self.say, ("first step: compiling kernels (numba keeps them for the next "
-                                                  "runs) ...",))
+        timer = threading.Timer(after, self.say, ("first step: compiling kernels and warming up (numba caches "
+                                                  "the kernels for the next runs) ...",))
         timer.daemon = True
         began = time.perf_counter()
         timer.start()
@@ -185,8 +185,8 @@ class Console:
         ratio = s.get("compression_vs_fp32")
         smaller = f", {sig3(ratio)}x smaller than fp32" if ratio else ""
         warm = s.get("warmup_steps")
-        timing = (f"; phase timings in summary.json leave out the first {warm} step{'s' if warm != 1 else ''} "
-                  "(compilation)" if warm else "")
+        first = "the first step" if warm == 1 else f"the first {warm} steps"
+        timing = f"; phase timings in summary.json leave out {first} (compilation)" if warm else ""
         lines = [
             f"done: validation accuracy {100 * s['final_val_acc']:.1f}% (best {100 * s['best_val_acc']:.1f}%), "
             f"test {100 * s['test_acc']:.1f}%{target}",
