@@ -87,6 +87,8 @@ def build_parser():
     from .train.config import add_config_args
 
     add_config_args(tr)
+    tr.add_argument("--json", action="store_true", help="print the summary as JSON on stdout (the lines for a "
+                                                         "person go to stderr)")
     tr.set_defaults(func=run_train)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
@@ -343,11 +345,10 @@ def run_bench_step(args):
 
 def run_train(args):
     from .train.config import config_from_args
+    from .train.console import Console
     from .train.driver import train
 
-    summary = train(config_from_args(args))
-    if summary is not None:
-        print(json.dumps(summary, indent=1))
+    train(config_from_args(args), console=Console(as_json=args.json))
 
 
 def main(argv=None):

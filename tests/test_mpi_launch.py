@@ -110,7 +110,7 @@ def test_bench_exchange_json_counts_exact_bytes():
     assert 0 < result["relative_error_vs_exact_mean"] < 3
 
 
-TRAIN = ["train", "--dataset", "synthetic", "--synthetic-size", "1200", "--model", "tiny", "--epochs", "2",
+TRAIN = ["train", "--json", "--dataset", "synthetic", "--synthetic-size", "1200", "--model", "tiny", "--epochs", "2",
          "--batch-size", "32", "--lr", "0.05", "--no-progress", "--threads", "1", "--checkpoint-every", "1000",
          "--check-sync-every", "4"]
 

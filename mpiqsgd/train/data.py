@@ -64,6 +64,7 @@ __all__ = [
     "find_dataset",
     "load_dataset",
     "make_synthetic",
+    "load_source",
     "split_train_val",
     "subset",
     "to_tensor",
@@ -372,6 +373,7 @@ def load_image_folder(
     *,
     cache: bool = False,
     cache_dir: Optional[PathLike] = None,
+    say: Optional[Callable[[str], None]] = None,
 ) -> tuple[ImageArrays, ImageArrays]:
     """Loads an image-folder dataset: ``train/<class>/<image>`` and ``test/<class>/<image>``.
 
@@ -387,6 +389,7 @@ def load_image_folder(
             keyed by the source's absolute path, size and modification time. Processes
             that miss the cache together decode once: the others wait on a file lock.
         cache_dir: Cache folder; defaults to :func:`default_cache_dir`.
+        say: Called with one line before a cache miss is decoded (it takes a while).
 
     Returns:
         The ``(train, test)`` arrays.
@@ -403,9 +406,16 @@ def load_image_folder(
     if not cache:
         return _decode_image_folder(path, limit_per_class)
     file = _cache_file(path, _resolve_cache_dir(cache_dir), limit_per_class)
+    return _cached_image_folder(path, limit_per_class, file, say)
+
+
+def _cached_image_folder(path: Path, limit_per_class: Optional[int], file: Path,
+                         say: Optional[Callable[[str], None]]) -> tuple[ImageArrays, ImageArrays]:
     cached = _read_cache(file)
     if cached is not None:
         return cached
+    if say is not None:
+        say(f"preparing data: decoding the images of {path} into the cache {file} (once; the next runs read it)")
     with contextlib.ExitStack() as stack:
         # A cache folder that cannot hold a lock (read-only, no locking) only costs duplicate decoding.
         with contextlib.suppress(OSError, NotImplementedError):
@@ -765,12 +775,42 @@ def load_dataset(
         MpiqsgdError: Data not found or unreadable.
     """
     source = find_dataset(name, data_dir, download, cache_dir)
+    train, test, _ = load_source(source, cache_dir, synthetic_train=synthetic_train, synthetic_test=synthetic_test,
+                                 seed=seed)
+    return train, test
+
+
+def load_source(
+    source: DatasetSource,
+    cache_dir: Optional[PathLike] = None,
+    *,
+    synthetic_train: int = 10_000,
+    synthetic_test: int = 2_000,
+    seed: int = 0,
+    say: Optional[Callable[[str], None]] = None,
+) -> tuple[ImageArrays, ImageArrays, dict]:
+    """Loads a :func:`find_dataset` result, saying what it prepares, and tells what was read.
+
+    Args:
+        source: Where the data is.
+        cache_dir, synthetic_train, synthetic_test, seed: As in :func:`load_dataset`.
+        say: Called with one line before slow preparation (decoding images into the cache).
+
+    Returns:
+        ``(train, test, origin)``; ``origin`` is JSON-ready: ``dataset``, ``kind``, ``path``
+        (the folder or archive read, or ``"synthetic"``) and ``cache`` (the ``.npz`` of
+        decoded images, or None).
+    """
+    origin = {"dataset": source.name, "kind": source.kind, "path": "synthetic", "cache": None}
     if source.kind == "synthetic":
-        return make_synthetic(synthetic_train, synthetic_test, seed=seed)
+        return (*make_synthetic(synthetic_train, synthetic_test, seed=seed), origin)
     assert source.path is not None
+    origin["path"] = str(source.path)
     if source.kind == "cifar10-batches":
-        return load_cifar10_batches(source.path)
-    return load_image_folder(source.path, cache=True, cache_dir=cache_dir)
+        return (*load_cifar10_batches(source.path), origin)
+    file = _cache_file(source.path, _resolve_cache_dir(cache_dir), None)
+    origin["cache"] = os.path.abspath(file)
+    return (*_cached_image_folder(source.path, None, file, say), origin)
 
 
 # ------------------------------------------------------------------------- synthetic

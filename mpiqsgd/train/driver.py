@@ -42,6 +42,7 @@ from ..trace import Tracer, parse_steps, write_trace
 from . import data as D
 from .checkpoint import atomic_write_bytes, find_checkpoint, load_checkpoint, save_checkpoint, truncate_log
 from .config import agreement_digest, check_agreement
+from .console import Console
 from .models import build_model
 
 __all__ = ["train", "Worker", "run_worker", "load_data", "learning_rate", "count_correct"]
@@ -56,19 +57,21 @@ class Shared:
     test: D.ImageArrays
     lock: object
     run_dir: Path
+    console: Console
 
 
-def load_data(cfg):
-    """(train, val, test) arrays as the flags ask: split, subset."""
-    train, test = D.load_dataset(cfg.dataset, cfg.data_dir, cfg.download, synthetic_train=cfg.synthetic_size,
-                                 synthetic_test=max(1, cfg.synthetic_size // 5), seed=cfg.seed)
+def load_data(cfg, say=None):
+    """(train, val, test, origin) as the flags ask: split, subset; ``origin`` of :func:`~.data.load_source`."""
+    source = D.find_dataset(cfg.dataset, cfg.data_dir, cfg.download)
+    train, test, origin = D.load_source(source, synthetic_train=cfg.synthetic_size,
+                                        synthetic_test=max(1, cfg.synthetic_size // 5), seed=cfg.seed, say=say)
     if cfg.val_fraction > 0:
         train, val = D.split_train_val(train, cfg.val_fraction, seed=cfg.seed)
     else:
         val = test
     if cfg.train_subset is not None and cfg.train_subset < len(train):
         train = D.subset(train, cfg.train_subset, seed=cfg.seed)
-    return train, val, test
+    return train, val, test, origin
 
 
 def learning_rate(cfg, step, steps_per_epoch):
@@ -217,7 +220,8 @@ class Worker:
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
         self.st = {"step": 0, "last_eval": -1, "loss_sum": 0.0, "loss_count": 0, "wall": 0.0,
-                   "best_val": None, "target_step": None, "target_seconds": None, "history": []}
+                   "best_val": None, "target_step": None, "target_seconds": None, "history": [],
+                   "warmup_steps": 0, "warmup_seconds": {}}
         if cfg.resume:
             self.resume()
 
@@ -331,6 +335,7 @@ class Worker:
         """Collective: job byte totals and training loss from all ranks; rank 0 logs the accuracies."""
         st, transport, meter, shared, n, rank = self.st, self.transport, self.meter, self.shared, self.n, self.rank
         st["last_eval"] = st["step"]
+        trained = time.perf_counter()  # the console's seconds per step leave the evaluation out
         job = meter.job_totals(transport)
         losses = transport.allgather_bytes(np.array([st["loss_sum"], st["loss_count"]], np.float64).tobytes())
         pairs = np.stack([np.frombuffer(b, np.float64) for b in losses])
@@ -365,9 +370,10 @@ class Worker:
             st["target_step"], st["target_seconds"] = st["step"], wall
         with open(shared.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{train_loss:.3f}", val=f"{val:.3f}",
-                                 kB_step=f"{job['sent']['bytes'] / max(1, st['step']) / n / 1e3:.1f}")
+        (step0, bytes0), (time_step0, time0) = self.marks
+        shared.console.evaluation(row, self.cfg.epochs, (row["bytes_sent"] - bytes0) / max(1, st["step"] - step0) / n,
+                                  (trained - time0) / max(1, st["step"] - time_step0))
+        self.marks = (st["step"], row["bytes_sent"]), (st["step"], time.perf_counter())
         return job
 
     def checkpoint(self):
@@ -380,31 +386,42 @@ class Worker:
 
     def run(self):
         """Train to the end; return rank 0's summary (None elsewhere)."""
-        cfg, st = self.cfg, self.st
-        self.bar = None
+        cfg, st, console = self.cfg, self.st, self.shared.console
         if self.is_root and cfg.progress:
-            from tqdm import tqdm
-            self.bar = tqdm(total=self.total_steps, initial=st["step"], unit="step", dynamic_ncols=True, leave=True)
+            console.start_progress(self.total_steps, st["step"])
         self.started = time.perf_counter() - st["wall"]
+        last = st["history"][-1] if st["history"] else {"step": 0, "bytes_sent": 0}
+        self.marks = (last["step"], last["bytes_sent"]), (st["step"], time.perf_counter())
         try:
             self._loop()
         finally:
             self.exchange.close()
+            if self.is_root:
+                console.close_progress()
         if cfg.checkpoint_every and st["step"] % cfg.checkpoint_every != 0:
             self.checkpoint()
         job = self.evaluate() if st["last_eval"] != st["step"] else self.meter.job_totals(self.transport)
-        devices = self.transport.allgather_bytes(str(self.device).encode())
+        ranks = self.transport.allgather_bytes(json.dumps({"device": str(self.device),
+                                                           "warmup_seconds": st["warmup_seconds"]}).encode())
         write_trace(self.meter, self.transport, self.shared.run_dir / "trace.json")
-        if self.bar is not None:
-            self.bar.close()
         if not self.is_root:
             return None
-        return _finish(cfg, self.shared.run_dir, job, st, self.n, self.workers, self.steps_per_epoch,
-                       [d.decode() for d in devices], self.model, self.exchange)
+        summary = _finish(cfg, self.shared.run_dir, job, st, self.n, self.workers, self.steps_per_epoch,
+                          [json.loads(r) for r in ranks], self.model, self.exchange)
+        console.finish(summary, self.shared.run_dir)
+        return summary
+
+    def _timing_warmup_end(self):
+        """The step after which this process's phase timings count: its first step (kernels compile
+        and caches fill in it), or the first compressed one after ``--uncompressed-warmup-steps``,
+        leaving at least one step of the run timed."""
+        start = self.st["step"]
+        return max(start, min(max(start + 1, self.cfg.uncompressed_warmup_steps + 1), self.total_steps - 1))
 
     def _loop(self):
-        cfg, st, spe = self.cfg, self.st, self.steps_per_epoch
+        cfg, st, spe, console = self.cfg, self.st, self.steps_per_epoch, self.shared.console
         self.model.train()
+        warm_end, warm_from = self._timing_warmup_end(), (st["step"], dict(self.meter.seconds))
         while st["step"] < self.total_steps:
             epoch, first = divmod(st["step"], spe)
             order = torch.from_numpy(D.shard_indices(len(self.shared.train), max(self.worker, 0), self.workers,
@@ -412,9 +429,16 @@ class Worker:
             for b in range(first, spe):
                 if st["step"] >= self.total_steps:
                     break
-                self.step(order, b)
-                if self.bar is not None:
-                    self.bar.update(1)
+                first = self.is_root and st["step"] == warm_from[0]
+                with console.first_step() if first else contextlib.nullcontext():
+                    self.step(order, b)
+                if st["step"] == warm_end:  # phase timings from here on leave compilation out
+                    for phase, seconds in self.meter.seconds.items():
+                        st["warmup_seconds"][phase] = (st["warmup_seconds"].get(phase, 0.0) + seconds
+                                                       - warm_from[1].get(phase, 0.0))
+                    st["warmup_steps"] += warm_end - warm_from[0]
+                if self.is_root:
+                    console.step_done()
                 if cfg.check_sync_every and st["step"] % cfg.check_sync_every == 0:
                     self.check_sync()
                 if st["step"] % spe == 0 or (cfg.eval_every and st["step"] % cfg.eval_every == 0):
@@ -457,10 +481,18 @@ def _adaptation_cost(job, exchange, n, steps, wall):
             "levels": [float(v) for v in exchange.adaptive.levels]}
 
 
-def _finish(cfg, run_dir, job, st, n, workers, steps_per_epoch, devices, model, exchange):
+def _finish(cfg, run_dir, job, st, n, workers, steps_per_epoch, ranks, model, exchange):
     last = st["history"][-1]
     steps = st["step"]
     sent = job["sent"]
+    # Phase seconds of the warm-up steps (kernel compilation) apart; comm.json keeps the true totals.
+    warmup = {}
+    for rank in ranks:
+        for phase, seconds in rank["warmup_seconds"].items():
+            warmup[phase] = warmup.get(phase, 0.0) + seconds
+    for rank, totals in zip(ranks, job["per_rank"]):
+        totals["warmup_seconds"] = rank["warmup_seconds"]
+    job.update(warmup_steps=st["warmup_steps"], warmup_seconds=dict(sorted(warmup.items())))
     summary = {
         "final_val_acc": last["val_acc"],
         "best_val_acc": st["best_val"],
@@ -474,7 +506,9 @@ def _finish(cfg, run_dir, job, st, n, workers, steps_per_epoch, devices, model, 
         "bytes_per_step_per_rank": sent["bytes"] / max(1, steps) / n,
         "total_bytes": sent["bytes"],
         "compression_vs_fp32": sent["fp32_bytes"] / sent["bytes"] if sent["bytes"] else None,
-        "seconds_per_phase": {k: v / n for k, v in job["seconds"].items()},
+        "seconds_per_phase": {k: (v - warmup.get(k, 0.0)) / n for k, v in job["seconds"].items()},
+        "warmup_steps": st["warmup_steps"],
+        "warmup_seconds_per_phase": {k: v / n for k, v in job["warmup_seconds"].items()},
         "n_ranks": n,
         "n_workers": workers,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -483,7 +517,7 @@ def _finish(cfg, run_dir, job, st, n, workers, steps_per_epoch, devices, model, 
     atomic_write_bytes(run_dir / "comm.json", json.dumps(job, indent=1).encode())
     atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=1).encode())
     config = json.loads((run_dir / "config.json").read_text())
-    config["devices"] = devices
+    config["devices"] = [rank["device"] for rank in ranks]
     atomic_write_bytes(run_dir / "config.json", json.dumps(config, indent=1).encode())
     return summary
 
@@ -529,14 +563,15 @@ def _check_run_dir(cfg, run_dir, world_size):
         raise MpiqsgdError(f"--run-dir {run_dir} already holds a run ({', '.join(held)}); {hint}")
 
 
-def _prepare_run_dir(cfg, world_size, simulate):
-    """Check, then create the run directory and write its ``config.json``; return its path."""
+def _prepare_run_dir(cfg, world_size, simulate, data=None):
+    """Check, then create the run directory and write its ``config.json`` (``data``: where the
+    images came from); return its path."""
     run_dir = Path(cfg.run_dir) if cfg.run_dir else default_run_dir(cfg)
     if cfg.resume and not cfg.run_dir:
         run_dir = _source_run_dir(cfg.resume)
     _check_run_dir(cfg, run_dir, world_size)
     config = {"flags": cfg.to_dict(), "mpiqsgd": __version__, "world_size": world_size,
-              "simulated": bool(simulate), "machine": machine_info()}
+              "simulated": bool(simulate), "machine": machine_info(), "data": data}
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(run_dir / "config.json", json.dumps(config, indent=1).encode())
@@ -575,29 +610,33 @@ def _os_error(exc):
     return MpiqsgdError(f"I/O error on{where}: {exc.strerror or exc}")
 
 
-def train(cfg, transport=None):
+def train(cfg, transport=None, console=None):
     """Run ``cfg`` under MPI (one call per rank) or, with ``cfg.simulate``, as N threads here.
+
+    Args:
+        console: rank 0's :class:`~.console.Console` (default: lines for a person on stdout).
 
     Returns:
         the summary dict on rank 0 (and in a simulation), None on other ranks.
     """
     cfg.validate()
     try:
-        return _train(cfg, transport)
+        return _train(cfg, transport, console or Console())
     except OSError as exc:  # a full or read-only disk mid-run: one line, not a traceback
         raise _os_error(exc) from None
 
 
-def _train(cfg, transport):
+def _train(cfg, transport, console):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.simulate:
         from ..transport import LocalGroup
 
-        train_set, val, test = load_data(cfg)
+        train_set, val, test, origin = load_data(cfg, console.say)
         _check_before_disk(cfg, len(train_set), cfg.simulate, 0)
-        run_dir = _prepare_run_dir(cfg, cfg.simulate, True)
-        shared = Shared(train_set, val, test, threading.Lock(), run_dir)
+        run_dir = _prepare_run_dir(cfg, cfg.simulate, True, origin)
+        console.run_directory(run_dir)
+        shared = Shared(train_set, val, test, threading.Lock(), run_dir, console)
         group = LocalGroup(cfg.simulate, cfg.ranks_per_node or None)
         return group.run(lambda t: run_worker(cfg, t, shared), group.transports())[0]
     if transport is None:
@@ -605,11 +644,12 @@ def _train(cfg, transport):
 
         transport = world(cfg.wait, cfg.comm_timeout if cfg.comm_timeout and cfg.wait == "backoff" else None)
     _check_flags_agree(cfg, transport)
-    train_set, val, test = load_data(cfg)
+    train_set, val, test, origin = load_data(cfg, console.say if transport.rank == 0 else None)
     _check_before_disk(cfg, len(train_set), transport.size, transport.local_rank)
     run_dir = None
     if transport.rank == 0:
-        run_dir = _prepare_run_dir(cfg, transport.size, False)
+        run_dir = _prepare_run_dir(cfg, transport.size, False, origin)
+        console.run_directory(run_dir)
     run_dir = Path(transport.bcast_bytes(str(run_dir or "").encode()).decode())
-    shared = Shared(train_set, val, test, contextlib.nullcontext(), run_dir)
+    shared = Shared(train_set, val, test, contextlib.nullcontext(), run_dir, console)
     return run_worker(cfg, transport, shared)
