@@ -39,11 +39,11 @@ def label(row):
 
 
 def _styles(group):
-    """Per row (by id): colour, line style and marker; 20 colours, then the same dashed, markers cycling apart."""
+    """Per row (by id): colour, marker and line style; 10 colours and markers, then the same dashed, dotted..."""
     import matplotlib.pyplot as plt
 
-    return {id(r): dict(color=plt.cm.tab20(i % 20), ls=("-", "--", ":", "-.")[i // 20 % 4],
-                        marker=MARKERS[i % len(MARKERS)], markersize=4)
+    return {id(r): dict(color=plt.cm.tab10(i % 10), marker=MARKERS[i % len(MARKERS)], markersize=4,
+                        ls=("-", "--", ":", "-.")[i // 10 % 4])
             for i, r in enumerate(group.rows)}
 
 
@@ -69,7 +69,7 @@ def _accuracy_lines(ax, group, styles, x_of, with_labels=True):
             ax.plot(xs, [m["val_acc"] for m in run.metrics if m.get("val_acc") is not None], alpha=0.9,
                     label=label(row) if k == 0 and with_labels else None, **styles[id(row)])
     if group.target is not None:
-        ax.axhline(group.target, color="grey", lw=0.8, ls="--")
+        ax.axhline(group.target, color="grey", lw=0.8, ls="--", gid="target")
     ax.grid(alpha=0.3)
 
 
@@ -109,8 +109,8 @@ def results_figure(group):
             + [cell(r.stats[key], kind, notes) for _, key, kind in RESULT_COLUMNS] for r in group.rows]
     widest = max(len(row[0]) for row in text)
     height = max(3.6, 0.24 * len(group.rows) + 1.6 + 0.3 * len(notes.notes))
-    fig, (ax, tab) = plt.subplots(1, 2, figsize=(5.5 + 0.075 * widest + 4.5, height), layout="constrained",
-                                  gridspec_kw={"width_ratios": [5.5, 0.075 * widest + 4.5]})
+    fig, (ax, tab) = plt.subplots(1, 2, figsize=(5.5 + 0.06 * widest + 3.2, height), layout="constrained",
+                                  gridspec_kw={"width_ratios": [5.5, 0.06 * widest + 3.2]})
     _accuracy_lines(ax, group, styles, lambda m: m.get("wall_seconds"), with_labels=False)
     ax.set(xlabel="wall-clock seconds", ylabel="validation accuracy")
     tab.axis("off")

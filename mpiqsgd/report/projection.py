@@ -42,7 +42,7 @@ class Projection:
             headers += ["measured comm s/step", "measured wait s/step"]
             headers += [f"projected s/step {link.label}" for link in self.links]
         else:
-            headers += ["measured comm", "measured wait"] + [f"on {link.label}" for link in self.links]
+            headers += ["comm", "wait"] + [f"on {link.label}" for link in self.links]
         rows = []
         for run, p in self.rows:
             phases = run.summary.get("seconds_per_phase", {})
@@ -57,16 +57,17 @@ class Projection:
             cfg = configuration(run)
             rows.append([run.name, codec_label(cfg), cfg["topology"], cfg["ranks"]] + cells[:2] + measured
                         + cells[2:])
-        return Table(headers, rows, [False] * 3 + [True] * (len(headers) - 3), elide=[0, 2])
+        return Table(headers, rows, [False] * 3 + [True] * (len(headers) - 3), elide=[0, 1, 2])
 
-    def note(self):
+    def note(self, wide=True):
         where = "one link shared by all ranks" if self.shared else "its own link (one per rank)"
         which = "all ranks' messages" if self.shared else "the slowest rank (msgs/step, bytes/step are its own)"
         links = "; ".join(f"{link.label}: alpha {link.alpha * 1e6:.1f} us, beta {link.beta / 1e6:.3g} MB/s "
                           f"({link.beta * 8 / 1e6:.4g} Mbit/s)" for link in self.links)
         source = f" alpha/beta from {self.source}." if self.source else \
             " No --link-model: latency 0 unless given as RATE@LATENCY."
-        return PROJECTION_NOTE.format(where=where, which=which) + f" Links: {links}." + source
+        columns = "" if wide else " Columns comm and wait: measured seconds per step; on LINK: projected."
+        return PROJECTION_NOTE.format(where=where, which=which) + columns + f" Links: {links}." + source
 
     def sections(self, fmt="text", width=WIDTH):
         """Title, table, note and footnotes in ``fmt`` (``text``, ``wide`` or ``markdown``)."""
@@ -75,7 +76,7 @@ class Projection:
         table = self.table(notes, wide=fmt != "text")
         out = [("## " if md else "") + "Projected communication time per step (projection, alpha-beta model)",
                table.markdown() if md else table.text(width if fmt == "text" else None),
-               wrap(self.note(), None if md else width)]
+               wrap(self.note(fmt != "text"), None if md else width)]
         if notes.notes:
             out.append(notes.text(md, width))
         return out

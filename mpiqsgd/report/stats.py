@@ -49,7 +49,8 @@ class Row:
     runs: list
     stats: dict = field(default_factory=dict)
     phases: dict = field(default_factory=dict)
-    notes: str = ""
+    notes: str = ""  # the flags outside the shown columns that vary between rows: "k=v, ..."
+    extra: dict = field(default_factory=dict)  # the same as {flag: value}
     baseline: Optional["Row"] = None
     state: str = ""  # "" when its runs finished, else "interrupted at step N" / "incomplete at step N"
 
@@ -104,7 +105,7 @@ def _row_stats(row, target, phases):
     for r in runs:
         sent = (r.comm or {}).get("sent") or {}
         ratios.append(sent["fp32_bytes"] / sent["bytes"] if sent.get("bytes") else r.summary.get("compression_vs_fp32"))
-    s["compression_vs_fp32"] = Stat.of(ratios, "no bytes sent (one rank?)" if missing == "not in summary.json" else missing)
+    s["compression_vs_fp32"] = Stat.of(ratios, missing if "did not finish" in missing else "no bytes sent (one rank?)")
     for p in phases:
         row.phases[p] = Stat.of([r.summary.get("seconds_per_phase", {}).get(p, 0.0) / r.timed_steps
                                  if "seconds_per_phase" in r.summary else None for r in runs],
@@ -162,7 +163,8 @@ def build_group(runs, target=None):
     varying = sorted(k for k in set().union(*extras) if len({e.get(k) for e in extras}) > 1)
     phases = _phase_names(rows)
     for row, extra in zip(rows, extras):
-        row.notes = ", ".join(f"{k}={extra.get(k, '-')}" for k in varying)
+        row.extra = {k: extra.get(k, "-") for k in varying}
+        row.notes = ", ".join(f"{k}={v}" for k, v in row.extra.items())
         _row_stats(row, target, phases)
     for row in rows:
         row.baseline = _pick_baseline(row, rows)

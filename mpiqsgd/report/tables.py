@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import statistics
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -74,31 +75,48 @@ def config_table(group, notes):
     return Table(headers, rows, [False] * n_text + [True] * (len(headers) - n_text))
 
 
+def _unusual_ref(row, group, notes):
+    """`` [k]`` after a row whose hidden flags differ from most rows' (footnote: the flags), else ``""``."""
+    usual = {k: Counter(r.extra.get(k) for r in group.rows).most_common(1)[0][0] for k in row.extra}
+    odd = [f"{k}={v}" for k, v in row.extra.items() if v != usual[k]]
+    if not odd:
+        return ""
+    return " " + notes.ref(", ".join(odd) + " (the other rows: " +
+                           ", ".join(f"{k}={usual[k]}" for k, v in row.extra.items() if v != usual[k]) + ")")
+
+
 def compact_config_table(group, notes):
-    """``#``, model, ranks, codec, topology and :data:`COMPACT_COLUMNS`: what fits 120 columns."""
+    """``#``, model, ranks, codec, topology and :data:`COMPACT_COLUMNS`: what fits 120 columns.
+
+    The model column is left out when every row has the same model (the group's heading names it).
+    """
     buckets = {r.config["bucket"] for r in group.rows if r.config["bucket"] != "-"}
-    headers = ["#", "model", "ranks", "codec", "topology"] + [h for h, _, _ in COMPACT_COLUMNS]
+    model = len({r.config["model"] for r in group.rows}) > 1
+    headers = ["#"] + ["model"] * model + ["ranks", "codec", "topology"] + [h for h, _, _ in COMPACT_COLUMNS]
     rows = []
     for i, r in enumerate(group.rows, 1):
-        codec = codec_label(r.config, bucket=len(buckets) > 1)
-        codec += (" " + notes.ref(r.notes) if r.notes else "") + _state_ref(r, notes)
-        cells = [i, r.config["model"], r.config["ranks"], codec, r.config["topology"]]
+        codec = codec_label(r.config, bucket=len(buckets) > 1) + _unusual_ref(r, group, notes) + _state_ref(r, notes)
+        cells = [i] + [r.config["model"]] * model + [r.config["ranks"], codec, r.config["topology"]]
         cells += [cell(r.stats[key], kind, notes) for _, key, kind in COMPACT_COLUMNS]
-        if r.timings_include_compilation and r.stats["step_seconds"].mean is not None:
-            cells[-2] += " " + notes.ref(COMPILE_NOTE)
+        step = r.stats["step_seconds"]
+        if step.mean is not None:  # its spread over seeds is in --wide; here the column stays narrow
+            cells[-2] = quantity(step.mean, kind="seconds")
+            if r.timings_include_compilation:
+                cells[-2] += " " + notes.ref(COMPILE_NOTE)
         rows.append(cells)
-    return Table(headers, rows, [True] + [False] * 4 + [True] * len(COMPACT_COLUMNS), elide=[3, 4])
+    return Table(headers, rows, [True] + [False] * (3 + model) + [True] * len(COMPACT_COLUMNS),
+                 elide=[3 + model, 2 + model])
 
 
 def _per_epoch(run):
     return [m for m in run.metrics if abs(m["epoch"] - round(m["epoch"])) < 1e-9 and m["epoch"] > 0]
 
 
-def _qv_cell(run, notes):
+def _qv_cell(run, notes, median=True):
     qv = [v for _, v in run.quant_variance()]
     if not qv:
         return notes.mark("no quantization variance in diagnostics.jsonl")
-    return " / ".join(quantity(v) for v in (qv[0], statistics.median_low(qv), qv[-1]))
+    return " / ".join(quantity(v) for v in (qv[0], statistics.median_low(qv), qv[-1])[::1 if median else 2])
 
 
 def _run_stat(run, key, why="not in summary.json"):
@@ -131,7 +149,7 @@ def compact_run_table(group, notes):
     """One row per run, by configuration (``#`` of the configuration table): what fits 120 columns."""
     stopped = any(r.state for r in group.runs)
     headers = ["#", "run", "seed"] + (["state"] if stopped else [])
-    headers += ["epochs", "final val", "test", "bytes/step", "Q var first / median / last", "wall"]
+    headers += ["epochs", "final val", "test", "bytes/step", "Q var first / last", "wall"]
     rows = []
     for i, row in enumerate(group.rows, 1):
         for r in row.runs:
@@ -139,7 +157,7 @@ def compact_run_table(group, notes):
                 cell(_run_stat(r, "epochs"), "count", notes), cell(_run_stat(r, "final_val_acc"), "acc", notes),
                 cell(_run_stat(r, "test_acc"), "acc", notes),
                 cell(_run_stat(r, "bytes_per_step_per_rank"), "bytes", notes),
-                _qv_cell(r, notes), cell(_run_stat(r, "wall_seconds"), "seconds", notes)])
+                _qv_cell(r, notes, median=False), cell(_run_stat(r, "wall_seconds"), "seconds", notes)])
     return Table(headers, rows, [True, False, True] + [False] * stopped + [True] * 6, elide=[1])
 
 
@@ -192,7 +210,9 @@ class Report:
                 ct, rt = config_table(g, notes), run_table(g, notes)
             title = f"Group {i}: " if len(self.groups) > 1 else ""
             target = f"target validation accuracy {g.target:g}" if g.target is not None else "no target accuracy"
-            out.append(("## " if md else "") + wrap(f"{title}{g.description}; {target}", width))
+            models = {r.config["model"] for r in g.rows}
+            model = f"model {models.pop()}; " if fmt == "text" and len(models) == 1 else ""
+            out.append(("## " if md else "") + wrap(f"{title}{model}{g.description}; {target}", width))
             out.append(ct.markdown() if md else ct.text(width if fmt == "text" else None))
             out.append(("### " if md else "") + "Runs")
             out.append(rt.markdown() if md else rt.text(width if fmt == "text" else None))

@@ -101,7 +101,7 @@ class Table:
     headers: list
     rows: list
     numeric: list  # per column: right-align
-    elide: list = field(default_factory=list)  # indices of columns whose cells may lose their middle
+    elide: list = field(default_factory=list)  # columns whose cells may lose their middle, the first shrinks first
 
     def markdown(self):
         out = ["| " + " | ".join(self.headers) + " |",
@@ -113,13 +113,12 @@ class Table:
         """Fixed-width lines; with ``width``, the ``elide`` columns shrink (their cells' middles become …) to fit."""
         cells = [list(self.headers)] + [[str(c) for c in row] for row in self.rows]
         widths = [max(len(r[i]) for r in cells) for i in range(len(self.headers))]
-        floor = {i: max(8, len(self.headers[i])) for i in self.elide}
+        floor = {i: max(9, len(self.headers[i])) for i in self.elide}
         while width is not None and sum(widths) + 2 * (len(widths) - 1) > width:
             shrinkable = [i for i in self.elide if widths[i] > floor[i]]
             if not shrinkable:
                 break
-            widest = max(shrinkable, key=lambda i: widths[i])
-            widths[widest] -= 1
+            widths[shrinkable[0]] -= 1
         lines = []
         for j, r in enumerate(cells):
             r = [c if len(c) <= w else c[:(w - 1) // 2 + (w - 1) % 2] + ELLIPSIS + c[len(c) - (w - 1) // 2:]
