@@ -37,8 +37,8 @@ STAT_COLUMNS = (("final val", "final_val_acc", "acc"), ("best val", "best_val_ac
 COMPACT_COLUMNS = (("test acc", "test_acc", "acc"), ("to target", "seconds_to_target", "seconds"),
                    ("bytes/step", "bytes_per_step_per_rank", "bytes"), ("vs fp32", "compression_vs_fp32", "ratio"),
                    ("s/step", "step_seconds", "seconds"), ("speedup", "speedup", "ratio"))
-COMPILE_NOTE = ("timings include kernel compilation: the run's summary.json excludes no warm-up step (no "
-                "warmup_steps, or 0), so the first steps' compile time is in its seconds per step")
+COMPILE_NOTE = ("timings include kernel compilation (summary.json has no warmup_steps, or 0: the first steps' "
+                "compile time is in the seconds per step)")
 
 
 def _state_ref(row, notes):
@@ -161,15 +161,13 @@ def compact_run_table(group, notes):
     return Table(headers, rows, [True, False, True] + [False] * stopped + [True] * 6, elide=[1])
 
 
-LEGEND = ("Rows: one per configuration; runs differing only in --seed are averaged (mean ± sample std); an "
-          "interrupted run has a row of its own. Codec: bits where it has a choice, rounding when not stochastic, "
-          "+EF: error feedback (--wide: bits, bucket and rounding as the codec resolved them). Test acc: test "
-          "accuracy at the end. To target: wall-clock seconds to the first evaluation whose validation accuracy "
-          "reached the target (evaluations each epoch, or every --eval-every steps). Bytes/step: sent on the wire "
-          "per step by each rank, headers included; vs fp32: the fp32 bytes the messages stand for over the bytes "
-          "sent. S/step: the meter's seconds of one training step (its phases averaged over ranks, evaluation left "
-          "out, warm-up steps excluded where the run recorded them). Speedup: time to target of the fp32 row with "
-          "the same model and ranks (allreduce when there is one) over this row's.")
+LEGEND = ("Rows: one per configuration, seeds averaged (mean ± sample std), an interrupted run apart. "
+          "Codec: bits, rounding when not stochastic, +EF: error feedback. Test acc: at the end. "
+          "To target: wall-clock seconds until validation accuracy first reached the target. "
+          "Bytes/step: sent by each rank per step, headers included; vs fp32: compression against fp32. "
+          "S/step: one training step by the meter (mean over ranks; evaluation and warm-up steps left out). "
+          "Speedup: fp32's time to target (same model and ranks; allreduce first) over this row's. "
+          "--wide: every column.")
 WIDE_LEGEND = ("Rows: one per configuration; runs differing only in --seed are averaged (mean ± sample std); an "
                "interrupted run has a row of its own. bits/bucket/rounding as the codec resolved them (\"-\": does "
                "not apply). Accuracy: validation (final, best) and test at the end. To target: first evaluation "

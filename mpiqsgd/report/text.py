@@ -46,7 +46,7 @@ def quantity(mean, std=None, kind="count"):
     scale, unit = 1, ""
     for s, u in _UNITS.get(kind, ()):
         scale, unit = s, u
-        if abs(mean) / s < 999.5:
+        if abs(mean) / s < 999.5 and (mean or s == 1):  # zero in the base unit: "0 s", not "0 µs"
             break
     text = f"{mean:.3f}" if kind == "acc" else sig3(mean / scale)
     if std is not None:
