@@ -301,7 +301,7 @@ def test_printed_report_fits_120_columns_and_wide_keeps_every_column(tmp_path, c
 def test_format_markdown_and_csv(grid, tmp_path, capsys):
     assert main(["report", str(grid), "--target-acc", "0.5", "--format", "markdown"]) == 0
     md = capsys.readouterr().out
-    assert md.startswith("## ") and "| s/step compute |" in md.replace("s/step compute |", "s/step compute |")
+    assert md.startswith("## ") and "| s/step compute |" in md and "| val@3 |" in md
     out = tmp_path / "out"
     assert main(["report", str(grid), "--target-acc", "0.5", "--format", "csv", "--out", str(out), "--no-plots"]) == 0
     captured = capsys.readouterr()
@@ -326,6 +326,19 @@ def test_interrupted_run_is_listed_with_what_it_has(grid):
     for fmt in ("text", "wide", "markdown"):
         text = "\n".join(rep.sections(fmt))
         assert "interrupted at step 20 (q4-s2)" in text and "not a run directory" not in text
+
+
+def test_run_interrupted_before_its_first_evaluation_is_listed(grid, tmp_path):
+    d = write_run(grid, "q4-early", [0.35], [4], seed=3, epochs=3,
+                  summary_extra={"status": "interrupted", "interrupted_at_step": 7, "steps": 7, "final_val_acc": None,
+                                 "best_val_acc": None, "test_acc": None})
+    (d / "metrics.jsonl").unlink()
+    rep = R.build_report(R.find_runs([grid])[0], target=0.5)
+    text = "\n".join(rep.sections("text"))
+    assert "interrupted at step 7 (q4-early)" in text and max(map(len, text.splitlines())) <= 120
+    pytest.importorskip("matplotlib")
+    written, _ = R.write_report(rep, tmp_path / "out")
+    assert (tmp_path / "out" / "results.png").exists() and len(written) == 7
 
 
 def test_run_without_summary_is_incomplete_at_its_last_logged_step(grid):
