@@ -1,5 +1,6 @@
 """The alpha-beta link model: the fit, rates, and the projection of a hand-made comm.json."""
 
+import csv
 import json
 
 import numpy as np
@@ -9,6 +10,7 @@ from mpiqsgd.cli import main
 from mpiqsgd.errors import ConfigError
 from mpiqsgd.linkmodel import Link, fit, parse_link, parse_rate, project, sweep_sizes
 from mpiqsgd.meter import Meter, merge
+from mpiqsgd.report.text import quantity
 from test_report import write_run
 
 
@@ -76,11 +78,15 @@ def test_report_prints_the_projection(tmp_path, capsys):
     assert main(["report", str(tmp_path / "runs"), "--link", "8mbit,model", "--link-model", str(model),
                  "--out", str(out), "--no-plots"]) == 0
     text = capsys.readouterr().out
-    assert "PROJECTION, not a measurement" in text and "projected s/step 8mbit" in text
+    assert "PROJECTION, not a measurement" in text and "on 8mbit" in text
     steps = summary["steps"]
-    row = (out / "projection.csv").read_text().splitlines()
-    assert len(row) == 2
+    rows = list(csv.DictReader((out / "projection.csv").open()))
+    assert len(rows) == 1
     expect = (24 * 1e-3 + 80_800 / 1e6) / steps
-    assert f"{expect:.4g}" in text
-    assert "PROJECTION" in (out / "report.md").read_text()
+    assert float(rows[0]["projected_seconds_per_step_8mbit"]) == pytest.approx(expect)
+    assert quantity(expect, kind="seconds") in text
+    md = (out / "report.md").read_text()
+    assert "PROJECTION" in md and "projected s/step 8mbit" in md
+    assert main(["report", str(tmp_path / "runs"), "--link", "8mbit", "--wide"]) == 0
+    assert "projected s/step 8mbit" in capsys.readouterr().out
     assert main(["report", str(tmp_path / "runs"), "--link", "fast"]) == 2
