@@ -16,6 +16,14 @@ the step's communication time (a parameter server's rank 0). ``shared=True`` put
 rank's messages on one link instead (a hub, or the shaped loopback of
 ``scripts/shaped_link.sh``): ``T = sum over ranks``. It is a projection: it ignores
 compute overlap, congestion, protocol switches and waiting for slower ranks.
+
+Link classes: a hierarchical run's meter separates the bytes that stay inside a node
+(``intra``: the ``node-*`` phases, shared memory) from those that cross the network
+(``inter``). With an ``intra`` link the projection prices each class on its own link,
+``T_rank = T_inter(link) + T_intra(intra)``; the node's network link carries only the inter
+bytes (only a node's leader sends any). An allreduce's extra latencies are counted as
+inter. Without an ``intra`` link every byte is priced on the network link, as a flat
+topology's bytes all are.
 """
 
 import math
@@ -107,16 +115,23 @@ def parse_link(text, model=None):
     return Link(text.strip(), alpha, parse_rate(rate))
 
 
-def _rank_cost(totals, n_ranks):
-    """``(latencies, bytes)`` one rank's messages cost over the run, collectives as ``2 (n-1)`` messages."""
+def _rank_cost(totals, n_ranks, by_class=False):
+    """``(latencies, bytes)`` one rank's messages cost over the run, collectives as ``2 (n-1)`` messages.
+
+    With ``by_class``: ``{"inter": (latencies, bytes), "intra": (latencies, bytes)}`` from the
+    rank's ``by_class`` counts (the collectives' extra latencies counted as inter).
+    """
     messages, nbytes = totals["sent"]["messages"], totals["sent"]["bytes"]
-    for link, counts in totals.get("by_link", {}).items():
-        if link.endswith("->-1"):  # a collective recorded once with its nominal bytes
-            messages += counts["messages"] * (2 * (n_ranks - 1) - 1)
-    return messages, nbytes
+    extra = sum(counts["messages"] * (2 * (n_ranks - 1) - 1)  # a collective recorded once, nominal bytes
+                for link, counts in totals.get("by_link", {}).items() if link.endswith("->-1"))
+    if not by_class:
+        return messages + extra, nbytes
+    intra = totals.get("by_class", {}).get("intra", {"messages": 0, "bytes": 0})
+    return {"inter": (messages - intra["messages"] + extra, nbytes - intra["bytes"]),
+            "intra": (intra["messages"], intra["bytes"])}
 
 
-def project(comm, steps, links, shared=False):
+def project(comm, steps, links, shared=False, intra=None):
     """Projected communication seconds per step of a run on each of ``links``.
 
     Args:
@@ -124,21 +139,40 @@ def project(comm, steps, links, shared=False):
         steps: the run's training steps.
         links: :class:`Link` s.
         shared: all ranks share one link (else one link per rank, the slowest rank counts).
+        intra: a :class:`Link` for the bytes inside a node (``by_class`` ``intra``); None: every
+            byte on the network link.
 
     Returns:
         dict: ``messages_per_step`` and ``bytes_per_step`` of the rank that decides (or of
-        all ranks when shared), ``rank`` (None when shared), ``seconds_per_step`` by link label.
+        all ranks when shared; network bytes only when ``intra`` is given), ``rank`` (None when
+        shared), ``seconds_per_step`` by link label, and with ``intra`` also
+        ``intra_bytes_per_step`` (that rank's, or all ranks').
     """
     n = comm.get("n_ranks") or len(comm["per_rank"])
-    costs = {t["rank"]: _rank_cost(t, n) for t in comm["per_rank"]}
     steps = max(1, steps)
-    if shared:
-        msgs, nbytes = (sum(c[i] for c in costs.values()) for i in (0, 1))
-        return {"rank": None, "messages_per_step": msgs / steps, "bytes_per_step": nbytes / steps,
-                "seconds_per_step": {link.label: link.seconds(msgs, nbytes) / steps for link in links}}
+    if intra is None:
+        costs = {t["rank"]: {"inter": _rank_cost(t, n), "intra": (0, 0)} for t in comm["per_rank"]}
+    else:
+        costs = {t["rank"]: _rank_cost(t, n, by_class=True) for t in comm["per_rank"]}
+
+    def seconds(link, cost):
+        return link.seconds(*cost["inter"]) + (intra.seconds(*cost["intra"]) if intra is not None else 0.0)
+
+    def describe(cost):
+        out = {"messages_per_step": cost["inter"][0] / steps, "bytes_per_step": cost["inter"][1] / steps}
+        if intra is not None:
+            out["intra_bytes_per_step"] = cost["intra"][1] / steps
+        return out
+
+    if shared:  # one link carries every rank's network messages; each node's memory its own
+        total = {c: tuple(sum(v[c][i] for v in costs.values()) for i in (0, 1)) for c in ("inter", "intra")}
+        worst_intra = max((v["intra"] for v in costs.values()), key=lambda c: c[1])
+        return {"rank": None, **describe(total),
+                "seconds_per_step": {link.label: seconds(link, {"inter": total["inter"], "intra": worst_intra})
+                                     / steps for link in links}}
     out = {"seconds_per_step": {}}
     for link in links:
-        rank, (msgs, nbytes) = max(costs.items(), key=lambda kv: link.seconds(*kv[1]))
-        out["seconds_per_step"][link.label] = link.seconds(msgs, nbytes) / steps
-        out.update(rank=rank, messages_per_step=msgs / steps, bytes_per_step=nbytes / steps)
+        rank, cost = max(costs.items(), key=lambda kv: seconds(link, kv[1]))
+        out["seconds_per_step"][link.label] = seconds(link, cost) / steps
+        out.update(rank=rank, **describe(cost))
     return out

@@ -90,3 +90,45 @@ def test_report_prints_the_projection(tmp_path, capsys):
     assert main(["report", str(tmp_path / "runs"), "--link", "8mbit", "--wide"]) == 0
     assert "projected s/step 8mbit" in capsys.readouterr().out
     assert main(["report", str(tmp_path / "runs"), "--link", "fast"]) == 2
+
+
+def hierarchical_comm():
+    """2 nodes x 2 ranks, 10 steps: followers send 4000 B to their leader (node-reduce) and get 4000 B back
+    (node-bcast); the two leaders (ranks 0, 2) exchange 500 B compressed messages between nodes."""
+    meters = [Meter(r) for r in range(4)]
+    for _ in range(10):
+        for leader, follower in ((0, 1), (2, 3)):
+            meters[follower].record("node-reduce", follower, leader, 0, 4000, 4000)
+            meters[leader].record("node-bcast", leader, follower, 0, 4000, 4000)
+            meters[leader].record("reduce-scatter", leader, 2 - leader, 20, 480, 4000)
+    return json.loads(json.dumps(merge([m.totals() for m in meters])))
+
+
+def test_projection_prices_bytes_inside_a_node_on_their_own_link():
+    comm = hierarchical_comm()
+    net, shm = Link("net", 1e-4, 1e6), Link("shm", 0.0, 1e9)
+    flat = project(comm, 10, [net])  # every byte on the network link
+    assert flat["bytes_per_step"] == 4500 and flat["seconds_per_step"]["net"] == pytest.approx(2e-4 + 4500 / 1e6)
+    split = project(comm, 10, [net], intra=shm)
+    # a leader's network link carries its 500 B; its 4000 B to the follower move in memory
+    assert split["rank"] in (0, 2) and split["bytes_per_step"] == 500 and split["intra_bytes_per_step"] == 4000
+    assert split["seconds_per_step"]["net"] == pytest.approx(1e-4 + 500 / 1e6 + 4000 / 1e9)
+    # the same link for both classes is the projection without classes
+    same = project(comm, 10, [net], intra=net)
+    assert same["seconds_per_step"]["net"] == pytest.approx(flat["seconds_per_step"]["net"])
+    # one shared network link: both leaders' 500 B on it, the worst node's memory beside it
+    hub = project(comm, 10, [net], shared=True, intra=shm)
+    assert hub["bytes_per_step"] == 1000
+    assert hub["seconds_per_step"]["net"] == pytest.approx(2e-4 + 1000 / 1e6 + 4000 / 1e9)
+
+
+def test_report_prices_a_hierarchical_run_on_the_node_and_the_network(tmp_path, capsys):
+    d = write_run(tmp_path / "runs", "hier", [0.5], [10], ranks=4, topology="scatter")
+    (d / "comm.json").write_text(json.dumps(hierarchical_comm()))
+    assert main(["report", str(tmp_path / "runs"), "--link", "8mbit", "--intra-link", "8mbit", "--wide"]) == 0
+    same = capsys.readouterr().out
+    assert main(["report", str(tmp_path / "runs"), "--link", "8mbit", "--wide"]) == 0
+    shm = capsys.readouterr().out
+    assert "priced on 8mbit" in same.replace("\n", " ") and "priced on shm" in shm.replace("\n", " ")
+    # on 8 Mbit/s (1 MB/s): 4500 B per step when memory is as slow as the network; else 500 B + 4000 B at 6.8 GB/s
+    assert "4.50 ms" in same and "501 µs" in shm

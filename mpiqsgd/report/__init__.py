@@ -105,6 +105,10 @@ def add_report_args(p):
                         "replaces beta")
     p.add_argument("--link-shared", action="store_true",
                    help="project all ranks onto one shared link (a hub; the shaped loopback) instead of one each")
+    p.add_argument("--intra-link", metavar="RATE|shm", default="shm",
+                   help="with --link: the link of the bytes that stay inside a node (a hierarchical run's node-* "
+                        "phases); shm (default): shared memory at the memory-copy rate of `mpiqsgd project`'s "
+                        "built-in rates; or a rate like --link's")
 
 
 def _links(args):
@@ -126,11 +130,22 @@ def _links(args):
     return [parse_link(t, model) for t in text.split(",") if t.strip()], source
 
 
+def _intra_link(text):
+    """The :class:`~mpiqsgd.linkmodel.Link` of ``--intra-link``: ``shm`` (memory copy) or a rate."""
+    from ..linkmodel import Link, parse_link
+    from ..project import BUILTIN_RATES
+
+    if text.strip() == "shm":
+        return Link("shm", 0.0, BUILTIN_RATES["copy"][0] * 4)  # fp32 coordinates per second -> bytes
+    return parse_link(text)
+
+
 def run_report(args):
     """``mpiqsgd report``: print the report (text, Markdown or CSV); with ``--out`` also write files."""
     runs, skipped = find_runs(args.runs)
     links, source = _links(args)
-    report = build_report(runs, args.target_acc, skipped, links, args.link_shared, source)
+    intra = _intra_link(args.intra_link) if links else None
+    report = build_report(runs, args.target_acc, skipped, links, args.link_shared, source, intra)
     if args.format == "csv":
         print(to_csv(report.csv_rows()), end="")
     else:

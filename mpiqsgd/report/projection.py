@@ -26,14 +26,15 @@ class Projection:
     shared: bool
     source: Optional[str]
     rows: list  # (run, projection dict of linkmodel.project, or None when the run has no comm.json)
+    intra: Optional[object] = None  # the Link of bytes inside a node, or None
 
     @classmethod
-    def of(cls, runs, links, shared, source):
+    def of(cls, runs, links, shared, source, intra=None):
         from ..linkmodel import project
 
         return cls(links, shared, source,
-                   [(r, project(r.comm, r.steps, links, shared) if r.comm and r.comm.get("per_rank") else None)
-                    for r in runs])
+                   [(r, project(r.comm, r.steps, links, shared, intra) if r.comm and r.comm.get("per_rank")
+                     else None) for r in runs], intra)
 
     def table(self, notes, wide=True):
         """The projection table; ``wide`` spells its headers out (``projected s/step LINK``)."""
@@ -67,6 +68,10 @@ class Projection:
         source = f" alpha/beta from {self.source}." if self.source else \
             " No --link-model: latency 0 unless given as RATE@LATENCY."
         columns = "" if wide else " Columns comm and wait: measured seconds per step; on LINK: projected."
+        if self.intra is not None:
+            columns += (f" Bytes inside a node (a hierarchical run's node-* phases) are priced on {self.intra.label} "
+                        f"({self.intra.beta / 1e9:.3g} GB/s), the network link carries the rest; bytes/step: "
+                        "the network's.")
         return PROJECTION_NOTE.format(where=where, which=which) + columns + f" Links: {links}." + source
 
     def sections(self, fmt="text", width=WIDTH):

@@ -267,13 +267,14 @@ class Report:
         return out
 
 
-def build_report(runs, target=None, skipped=(), links=None, shared=False, link_source=None):
+def build_report(runs, target=None, skipped=(), links=None, shared=False, link_source=None, intra=None):
     """Group ``runs`` and build their rows (see :mod:`mpiqsgd.report`).
 
     Args:
         links: :class:`~mpiqsgd.linkmodel.Link` s to project communication onto (None: no projection).
         shared: the projection puts all ranks on one link.
         link_source: where the links' alpha and beta come from (said in the output).
+        intra: the :class:`~mpiqsgd.linkmodel.Link` of bytes inside a node (None: on ``links`` too).
     """
     from .projection import Projection
 
@@ -281,7 +282,7 @@ def build_report(runs, target=None, skipped=(), links=None, shared=False, link_s
         raise MpiqsgdError("no run directory with anything to report among the paths given" +
                            "".join(f"\n  {why}" for _, why in skipped))
     groups = [build_group(g, target) for g in group_runs(runs)]
-    projection = Projection.of(runs, links, shared, link_source) if links else None
+    projection = Projection.of(runs, links, shared, link_source, intra) if links else None
     return Report(groups, list(skipped), group_differences([g.runs for g in groups]), projection, list(runs))
 
 
