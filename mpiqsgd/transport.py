@@ -22,7 +22,8 @@ the host names (``MPI.Get_processor_name()``, or ``MPIQSGD_HOST`` where set: tes
 rank with it), or ``LocalGroup(size, ranks_per_node)``.
 
 Small control traffic (meters, statistics, initial parameters) goes through
-``allgather_bytes`` / ``bcast_bytes`` and is recorded only when given a phase.
+``allgather_bytes`` / ``bcast_bytes`` and is recorded only when given a phase; ``agree_max`` (one
+int32 max-allreduce: whether any rank was asked to stop) is never recorded.
 
 :class:`LocalGroup` runs N ranks as threads of one process (``--simulate N``) with
 the same interface and the same byte counting, over in-process queues.
@@ -142,7 +143,8 @@ class Transport:
     ``isend(...)`` (a handle for ``wait_sends``; ``buf`` must stay unchanged until then),
     ``recv_each(sources, phase)`` (one message from each source, in arrival order),
     ``allreduce_sum(tensor)``;
-    control calls: ``allgather_bytes(buf, phase=None)``, ``bcast_bytes(buf, root)``, ``barrier()``.
+    control calls: ``allgather_bytes(buf, phase=None)``, ``bcast_bytes(buf, root)``, ``agree_max(value)``,
+    ``barrier()``.
     """
 
     rank = 0
@@ -206,6 +208,10 @@ class Transport:
     def pipeline(self, op, phase):
         """An :class:`AllreducePipeline` over this transport (allreduces in the caller's thread)."""
         return AllreducePipeline(self, op, phase)
+
+    def agree_max(self, value):
+        """Collective: the largest of every rank's int32 ``value`` (uncounted control traffic)."""
+        raise NotImplementedError
 
 
 class AllreducePipeline:
@@ -451,6 +457,13 @@ class MPITransport(Transport):
         out = data.copy() if self.rank == root else np.empty(int(count[0]), dtype=np.uint8)
         self._collective(self.comm.Ibcast, self.comm.Bcast, what, [out, self._MPI.BYTE], root=root)
         return out.tobytes()
+
+    def agree_max(self, value):
+        flag = np.array([value], dtype=np.int32)
+        if self.size > 1:
+            self._collective(self.comm.Iallreduce, self.comm.Allreduce, "the other ranks in a control allreduce",
+                             self._MPI.IN_PLACE, [flag, self._MPI.INT32_T], op=self._MPI.MAX)
+        return int(flag[0])
 
     def barrier(self):
         self._collective(self.comm.Ibarrier, self.comm.Barrier, "the other ranks at a barrier")
@@ -748,6 +761,9 @@ class LocalTransport(Transport):
 
     def bcast_bytes(self, buf, root=0):
         return self.group.exchange(self.rank, bytes(memoryview(buf).cast("B")) if self.rank == root else None)[root]
+
+    def agree_max(self, value):
+        return max(self.group.exchange(self.rank, int(value)))
 
     def barrier(self):
         self.group.barrier()
