@@ -28,7 +28,7 @@ from . import __version__
 from .codecs import CODECS, ENCODINGS, codec_from_flags
 from .errors import MpiqsgdError, StopJob
 from .topology import CHOICES, HIERARCHICAL_MODES, resolve_topology
-from .transport import abort_if_parallel
+from .transport import abort_if_parallel, exit_together
 
 __all__ = ["main", "build_parser", "add_codec_args", "codec_from_args"]
 
@@ -357,6 +357,7 @@ def main(argv=None):
     except StopJob as exc:  # every rank stops together (a refused launch, SIGINT or SIGTERM): no abort
         if str(exc):
             print(exc, file=sys.stderr, flush=True)
+        exit_together(exc.exit_code)
         return exc.exit_code
     except MpiqsgdError as exc:
         abort_if_parallel(f"mpiqsgd: error: {exc}")
