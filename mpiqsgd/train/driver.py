@@ -16,6 +16,8 @@ validation accuracy. Rank 0 writes the files. The run directory holds ``config.j
 ``checkpoints/``. Every flag, the device and the checkpoint to resume are checked before
 anything is written, and a new run refuses a directory holding another run's files
 (``--resume`` it, or choose a new ``--run-dir``): no run deletes or overwrites another's.
+Every rank checkpoints after each epoch (``--checkpoint-every``), and SIGINT or SIGTERM
+stops every rank after the same step with a checkpoint of it (:mod:`.interrupt`).
 """
 
 import contextlib
@@ -431,7 +433,7 @@ class Worker:
                     self.evaluate()
                 if self.checkpoint_every and st["step"] % self.checkpoint_every == 0:
                     self.checkpoint()
-                if self.stop_requested():
+                if st["step"] < self.total_steps and self.stop_requested():  # after the last step: done anyway
                     break
 
     def stop_requested(self):
