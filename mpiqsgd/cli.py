@@ -13,7 +13,9 @@ Commands:
     project          projected exchange and step time of each topology on 2 .. 1,024 nodes
 
 An uncaught exception on any rank aborts the whole MPI job (MPI_Abort) after printing
-the error, instead of leaving the other ranks waiting.
+the error, instead of leaving the other ranks waiting. A :class:`~mpiqsgd.errors.StopJob`
+(SIGINT or SIGTERM during training, a refused launch) ends every rank together instead: one
+line on stderr and its exit status (130 after SIGINT, 143 after SIGTERM).
 """
 
 import argparse
@@ -25,9 +27,9 @@ from pathlib import Path
 
 from . import __version__
 from .codecs import CODECS, ENCODINGS, codec_from_flags
-from .errors import MpiqsgdError
+from .errors import MpiqsgdError, StopJob
 from .topology import CHOICES, HIERARCHICAL_MODES, resolve_topology
-from .transport import abort_if_parallel
+from .transport import abort_if_parallel, exit_together
 
 __all__ = ["main", "build_parser", "add_codec_args", "codec_from_args"]
 
@@ -356,6 +358,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
+    except StopJob as exc:  # every rank stops together (a refused launch, SIGINT or SIGTERM): no abort
+        if str(exc):
+            print(exc, file=sys.stderr, flush=True)
+        exit_together(exc.exit_code)
+        return exc.exit_code
     except MpiqsgdError as exc:
         abort_if_parallel(f"mpiqsgd: error: {exc}")
         print(f"mpiqsgd: error: {exc}", file=sys.stderr)

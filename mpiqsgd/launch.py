@@ -42,7 +42,12 @@ from .errors import MpiqsgdError
 
 __all__ = ["MPIInfo", "Launch", "LaunchError", "detect", "find_mpiexec", "mpiexec_info", "cores", "parse_hosts",
            "parse_hostfile", "hostfile_text", "count_slots", "build_command", "job_command", "rank_log",
-           "add_launch_args", "run_launch"]
+           "add_launch_args", "run_launch", "launched_world"]
+
+# What a launcher tells each process it starts (Open MPI; MPICH, Intel MPI and srun's PMI; MVAPICH):
+# (world size variable, rank variable).
+LAUNCHER_VARS = (("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"), ("PMI_SIZE", "PMI_RANK"),
+                 ("MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK"))
 
 IMPLEMENTATIONS = ("mpich", "openmpi", "intel")
 # First words of a program that mean an mpiqsgd subcommand.
@@ -81,6 +86,18 @@ def detect(version_text):
         m = re.search(r"Version:\s+(\S+)", t)
         return "mpich", m.group(1) if m else ""
     return "unknown", ""
+
+
+def launched_world(environ=None):
+    """``(world size, rank)`` of the job an MPI launcher started this process in, from its environment
+    (no MPI initialized), or None outside a launcher."""
+    environ = os.environ if environ is None else environ
+    for size, rank in LAUNCHER_VARS:
+        try:
+            return int(environ[size]), int(environ.get(rank, 0))
+        except (KeyError, ValueError):
+            continue
+    return None
 
 
 def find_mpiexec():

@@ -54,11 +54,24 @@ def launches_jobs(test):
     return test
 
 
+def _job(n, argv, contexts=()):
+    """The mpiexec argv of ``n`` ranks of ``argv`` (and ``contexts``), and its environment."""
+    launch = job_command(n, argv, check_site_mpi(), contexts)
+    return launch.argv, dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+
+
 def mpi_run(n, argv, timeout, contexts=()):
     """Run ``argv`` on ``n`` ranks (and ``contexts``, ``[(n, argv)]`` for MPMD) from the repository root."""
-    launch = job_command(n, argv, check_site_mpi(), contexts)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.run(launch.argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    command, env = _job(n, argv, contexts)
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def mpi_start(n, argv):
+    """Start ``argv`` on ``n`` ranks as :func:`mpi_run` does, without waiting, in a session (and process
+    group) of its own, as a terminal's Ctrl-C or a batch system's signal would reach it."""
+    command, env = _job(n, argv)
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
 
 def vec(n, seed=0, dist="normal"):

@@ -1,12 +1,17 @@
 """Training configuration: one flat dataclass, every knob with a default and a help line.
 
 The ``mpiqsgd train`` flags are generated from these fields (``--field-name``), so the
-command line, ``config.json`` and this file cannot disagree.
+command line, ``config.json`` and this file cannot disagree. ``--config FILE`` reads the same
+fields from a TOML or JSON file (:func:`load_config_file`), or repeats a run from its own
+``config.json``; flags given on the command line override the file.
 """
 
+import argparse
 from dataclasses import MISSING, asdict, dataclass, field, fields
+import difflib
 import json
 import math
+from pathlib import Path
 import re
 import typing
 from typing import Optional
@@ -18,13 +23,15 @@ from ..topology import CHOICES, HIERARCHICAL_MODES, resolve_topology
 from ..trace import parse_steps
 from .models import MODELS
 
-__all__ = ["TrainConfig", "add_config_args", "config_from_args", "RUN_LOCAL", "agreement_digest",
-           "check_agreement"]
+__all__ = ["TrainConfig", "add_config_args", "config_from_args", "load_config_file", "RUN_LOCAL", "NOT_REPEATED",
+           "agreement_digest", "check_agreement"]
 
 # Flags each rank may set for itself: they change neither the message pattern nor the math.
 # Every other flag (and any new one) must be the same on every rank of a job.
 RUN_LOCAL = ("progress", "threads", "device", "wait", "comm_timeout", "run_dir", "data_dir", "download",
              "target_acc", "diag_every", "nvar_every", "nvar_batches", "resume")
+# Flags of a run's config.json that are that run's own: repeating it (--config) is a new run in a new directory.
+NOT_REPEATED = ("run_dir", "resume")
 
 
 def knob(default, help, choices=None, group="training"):
@@ -111,7 +118,8 @@ class TrainConfig:
     eval_every: int = knob(0, "evaluate every N steps as well as after each epoch (0: per epoch)", group="run")
     target_acc: Optional[float] = knob(None, "report steps and seconds to reach this validation accuracy", group="run")
     check_sync_every: int = knob(0, "verify parameters are bit-identical on all ranks every N steps", group="run")
-    checkpoint_every: int = knob(0, "checkpoint every N steps (and at the end); 0: never", group="run")
+    checkpoint_every: Optional[int] = knob(None, "checkpoint every N steps and at the end (default: every epoch); "
+                                                 "0: only at an interruption (SIGINT, SIGTERM)", group="run")
     resume: Optional[str] = knob(None, "resume from a run directory or checkpoint directory", group="run")
     trace_steps: str = knob("", "record a timeline (trace.json) of these steps: N, A-B, */N (every N-th), "
                                 "comma-separated, or all; evaluations and checkpoints too; empty: off",
@@ -139,7 +147,7 @@ class TrainConfig:
             raise ConfigError(f"--nvar-batches must be at least 2; got {self.nvar_batches}")
         for name in ("eval_every", "check_sync_every", "adapt_every", "diag_every", "nvar_every", "checkpoint_every",
                      "min_compress_numel", "uncompressed_warmup_steps", "simulate", "ranks_per_node"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0; got {getattr(self, name)}")
         if not 0 <= self.comm_timeout < float("inf"):
             raise ConfigError(f"--comm-timeout must be a finite number of seconds >= 0; got {self.comm_timeout}")
@@ -209,7 +217,14 @@ def _arg_type(tp):
 
 
 def add_config_args(parser):
-    """Add one ``--flag`` per :class:`TrainConfig` field, grouped as in the dataclass."""
+    """Add ``--config`` and one ``--flag`` per :class:`TrainConfig` field, grouped as in the dataclass.
+
+    The flags have no argparse defaults (a flag not given is absent from the namespace), so that
+    :func:`config_from_args` can tell the flags given from the file's values and the field defaults.
+    """
+    parser.add_argument("--config", metavar="FILE",
+                        help="TOML or JSON file of these flags (field names, - or _), or a run's config.json (or "
+                             "run directory) to repeat that run in a new directory; flags given here override it")
     groups = {}
     for f in fields(TrainConfig):
         meta = f.metadata
@@ -220,18 +235,99 @@ def add_config_args(parser):
         if conv is bool:
             if default:
                 group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
-                                   help=meta["help"].replace("%", "%%"))
+                                   default=argparse.SUPPRESS, help=meta["help"].replace("%", "%%"))
             else:
-                group.add_argument(flag, dest=f.name, action="store_true", help=meta["help"].replace("%", "%%"))
+                group.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS,
+                                   help=meta["help"].replace("%", "%%"))
             continue
-        group.add_argument(flag, dest=f.name, type=conv, default=default, choices=meta["choices"],
+        group.add_argument(flag, dest=f.name, type=conv, default=argparse.SUPPRESS, choices=meta["choices"],
                            help=f"{meta['help']} (default {default})".replace("%", "%%"))
 
 
 def config_from_args(args):
-    """A validated :class:`TrainConfig` from parsed arguments."""
-    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+    """A validated :class:`TrainConfig`: the field defaults, then ``--config``'s values, then the flags given."""
+    values = load_config_file(args.config) if getattr(args, "config", None) else {}
+    values.update({f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)})
     return TrainConfig(**values).validate()
+
+
+def _read_toml(path, data):
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise ConfigError(f"--config {path}: reading TOML needs Python 3.11 or `pip install tomli`; or write "
+                              "the file as JSON") from None
+    try:
+        return tomllib.loads(data.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config {path}: not valid TOML: {exc}") from None
+
+
+def _file_value(path, key, f, value):
+    """``value`` of field ``f`` checked against its type and choices (ints accepted for floats)."""
+    kind = _arg_type(f.type)
+    if value is None:
+        if type(None) in typing.get_args(f.type):
+            return None
+        raise ConfigError(f"--config {path}: {key} cannot be null")
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"--config {path}: {key} must be {'a number' if kind is float else kind.__name__}; "
+                          f"got {value!r}")
+    choices = f.metadata["choices"]
+    if choices and value not in choices:
+        raise ConfigError(f"--config {path}: {key} must be one of {', '.join(choices)}; got {value!r}")
+    return float(value) if kind is float else value
+
+
+def load_config_file(path):
+    """The :class:`TrainConfig` values of a ``--config`` file, checked (not yet validated together).
+
+    Args:
+        path: a ``.toml`` file, else JSON: a flat table of field names (``batch_size`` or
+            ``batch-size``), or a run's ``config.json`` (``{"flags": {...}, ...}``) or run
+            directory, whose flags but :data:`NOT_REPEATED` are taken.
+
+    Raises:
+        ConfigError: an unreadable file, an unknown key (naming the closest field), or a value
+            of the wrong type or outside the field's choices.
+    """
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        path = path / "config.json"
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: {exc.strerror or exc}") from None
+    if path.suffix == ".toml":
+        table = _read_toml(path, data)
+    else:
+        try:
+            table = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--config {path}: not valid JSON ({exc}); a TOML file's name ends in .toml") from None
+    if not isinstance(table, dict):
+        raise ConfigError(f"--config {path}: expected a table of flags; got {type(table).__name__}")
+    if isinstance(table.get("flags"), dict):  # a run's own config.json
+        table = {k: v for k, v in table["flags"].items() if k not in NOT_REPEATED}
+    known = {f.name: f for f in fields(TrainConfig)}
+    values = {}
+    for key, value in table.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0].replace('_', '-')}?" if close else ""
+            raise ConfigError(f"--config {path}: unknown key {key!r}{hint}")
+        if name in values:
+            raise ConfigError(f"--config {path}: {name} is given twice (with - and with _)")
+        values[name] = _file_value(path, key, known[name], value)
+    return values
 
 
 def agreement_digest(cfg, world_size):

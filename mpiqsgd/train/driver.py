@@ -16,6 +16,8 @@ validation accuracy. Rank 0 writes the files. The run directory holds ``config.j
 ``checkpoints/``. Every flag, the device and the checkpoint to resume are checked before
 anything is written, and a new run refuses a directory holding another run's files
 (``--resume`` it, or choose a new ``--run-dir``): no run deletes or overwrites another's.
+Every rank checkpoints after each epoch (``--checkpoint-every``), and SIGINT or SIGTERM
+stops every rank after the same step with a checkpoint of it (:mod:`.interrupt`).
 """
 
 import contextlib
@@ -35,14 +37,16 @@ import torch
 
 from .. import __version__, diagnostics
 from ..codecs import codec_from_flags
-from ..errors import MpiqsgdError
+from ..errors import MpiqsgdError, StopJob
 from ..exchange import GradientExchange, broadcast_parameters, parameter_checksum
+from ..launch import launched_world
 from ..machine import default_device, machine_info
 from ..trace import Tracer, parse_steps, write_trace
 from . import data as D
 from .checkpoint import atomic_write_bytes, find_checkpoint, load_checkpoint, save_checkpoint, truncate_log
 from .config import agreement_digest, check_agreement
 from .console import Console
+from .interrupt import StopSignals, resume_command
 from .models import build_model
 
 __all__ = ["train", "Worker", "run_worker", "load_data", "learning_rate", "count_correct"]
@@ -58,6 +62,7 @@ class Shared:
     lock: object
     run_dir: Path
     console: Console
+    stop: object = None  # the job's StopSignals: SIGINT/SIGTERM stop every rank after the same step
 
 
 def load_data(cfg, say=None):
@@ -219,6 +224,8 @@ class Worker:
         self.total_steps = cfg.epochs * self.steps_per_epoch
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.checkpoint_every = self.steps_per_epoch if cfg.checkpoint_every is None else cfg.checkpoint_every
+        self.saved_at, self.interrupted = None, 0  # the step of the last checkpoint; the signal that stopped
         self.st = {"step": 0, "last_eval": -1, "loss_sum": 0.0, "loss_count": 0, "wall": 0.0,
                    "best_val": None, "target_step": None, "target_seconds": None, "history": [],
                    "warmup_steps": 0, "warmup_seconds": {}}
@@ -236,6 +243,7 @@ class Worker:
         self.aug.set_state(saved["aug"])
         self.meter.load_totals(saved["meter"])
         self.st.update(saved["progress"])
+        self.saved_at = self.st["step"]
         # Every file passed its own checks; the replicas must also agree with each other.
         self.check_sync(f"after resuming from step {self.st['step']}")
         if rank == 0:  # drop rows written after the checkpoint by the run that stopped
@@ -383,6 +391,7 @@ class Worker:
                  "progress": dict(self.st, wall=time.perf_counter() - self.started)}
         with self.meter.span("checkpoint", "checkpoint"):
             save_checkpoint(self.shared.run_dir / "checkpoints", self.st["step"], state, self.transport)
+        self.saved_at = self.st["step"]
 
     def run(self):
         """Train to the end; return rank 0's summary (None elsewhere)."""
@@ -398,17 +407,21 @@ class Worker:
             self.exchange.close()
             if self.is_root:
                 console.close_progress()
-        if cfg.checkpoint_every and st["step"] % cfg.checkpoint_every != 0:
+        if (self.checkpoint_every or self.interrupted) and st["step"] != self.saved_at:
             self.checkpoint()
-        job = self.evaluate() if st["last_eval"] != st["step"] else self.meter.job_totals(self.transport)
+        # An interrupted run ends within seconds: its last evaluation stands.
+        evaluate = st["last_eval"] != st["step"] and not self.interrupted
+        job = self.evaluate() if evaluate else self.meter.job_totals(self.transport)
         ranks = self.transport.allgather_bytes(json.dumps({"device": str(self.device),
                                                            "warmup_seconds": st["warmup_seconds"]}).encode())
         write_trace(self.meter, self.transport, self.shared.run_dir / "trace.json")
         if not self.is_root:
             return None
         summary = _finish(cfg, self.shared.run_dir, job, st, self.n, self.workers, self.steps_per_epoch,
-                          [json.loads(r) for r in ranks], self.model, self.exchange)
-        console.finish(summary, self.shared.run_dir)
+                          [json.loads(r) for r in ranks], self.model, self.exchange,
+                          time.perf_counter() - self.started if self.interrupted else None)
+        if not self.interrupted:  # an interrupted run says its one line (interrupt.py) instead
+            console.finish(summary, self.shared.run_dir)
         return summary
 
     def _timing_warmup_end(self):
@@ -422,7 +435,7 @@ class Worker:
         cfg, st, spe, console = self.cfg, self.st, self.steps_per_epoch, self.shared.console
         self.model.train()
         warm_end, warm_from = self._timing_warmup_end(), (st["step"], dict(self.meter.seconds))
-        while st["step"] < self.total_steps:
+        while st["step"] < self.total_steps and not self.interrupted:
             epoch, first = divmod(st["step"], spe)
             order = torch.from_numpy(D.shard_indices(len(self.shared.train), max(self.worker, 0), self.workers,
                                                      epoch, cfg.seed)).to(self.device)
@@ -443,8 +456,18 @@ class Worker:
                     self.check_sync()
                 if st["step"] % spe == 0 or (cfg.eval_every and st["step"] % cfg.eval_every == 0):
                     self.evaluate()
-                if cfg.checkpoint_every and st["step"] % cfg.checkpoint_every == 0:
+                if self.checkpoint_every and st["step"] % self.checkpoint_every == 0:
                     self.checkpoint()
+                if st["step"] < self.total_steps and self.stop_requested():  # after the last step: done anyway
+                    break
+
+    def stop_requested(self):
+        """Collective: whether some rank received SIGINT or SIGTERM (every rank gets the same answer)."""
+        stop = self.shared.stop
+        if stop is None or not stop.agree(self.transport):
+            return False
+        self.interrupted, stop.step, stop.total_steps = stop.agreed, self.st["step"], self.total_steps
+        return True
 
 
 def run_worker(cfg, transport, shared):
@@ -481,10 +504,15 @@ def _adaptation_cost(job, exchange, n, steps, wall):
             "levels": [float(v) for v in exchange.adaptive.levels]}
 
 
-def _finish(cfg, run_dir, job, st, n, workers, steps_per_epoch, ranks, model, exchange):
-    last = st["history"][-1]
+def _finish(cfg, run_dir, job, st, n, workers, steps_per_epoch, ranks, model, exchange, interrupted_wall=None):
+    """Write ``summary.json``, ``comm.json`` and the devices; ``interrupted_wall``: the seconds of a run
+    stopped by a signal, whose accuracies are those of its last evaluation (at ``evaluated_at_step``)."""
+    last = st["history"][-1] if st["history"] else {}
     steps = st["step"]
     sent = job["sent"]
+    wall = last.get("wall_seconds") if interrupted_wall is None else interrupted_wall
+    status = {"status": "complete"} if interrupted_wall is None else {
+        "status": "interrupted", "interrupted_at_step": steps, "evaluated_at_step": last.get("step")}
     # Phase seconds of the warm-up steps (kernel compilation) apart; comm.json keeps the true totals.
     warmup = {}
     for rank in ranks:
@@ -494,12 +522,13 @@ def _finish(cfg, run_dir, job, st, n, workers, steps_per_epoch, ranks, model, ex
         totals["warmup_seconds"] = rank["warmup_seconds"]
     job.update(warmup_steps=st["warmup_steps"], warmup_seconds=dict(sorted(warmup.items())))
     summary = {
-        "final_val_acc": last["val_acc"],
+        **status,
+        "final_val_acc": last.get("val_acc"),
         "best_val_acc": st["best_val"],
-        "test_acc": last["test_acc"],
+        "test_acc": last.get("test_acc"),
         "epochs": steps / steps_per_epoch,
         "steps": steps,
-        "wall_seconds": last["wall_seconds"],
+        "wall_seconds": wall,
         "target_acc": cfg.target_acc,
         "steps_to_target": st["target_step"],
         "seconds_to_target": st["target_seconds"],
@@ -512,7 +541,7 @@ def _finish(cfg, run_dir, job, st, n, workers, steps_per_epoch, ranks, model, ex
         "n_ranks": n,
         "n_workers": workers,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "adaptation": _adaptation_cost(job, exchange, n, steps, last["wall_seconds"]),
+        "adaptation": _adaptation_cost(job, exchange, n, steps, wall),
     }
     atomic_write_bytes(run_dir / "comm.json", json.dumps(job, indent=1).encode())
     atomic_write_bytes(run_dir / "summary.json", json.dumps(summary, indent=1).encode())
@@ -618,32 +647,57 @@ def train(cfg, transport=None, console=None):
 
     Returns:
         the summary dict on rank 0 (and in a simulation), None on other ranks.
+
+    Raises:
+        Interrupted: on every rank, after SIGINT or SIGTERM stopped the run at a checkpoint
+            (see :mod:`.interrupt`; called from the main thread only).
     """
     cfg.validate()
-    try:
-        return _train(cfg, transport, console or Console())
-    except OSError as exc:  # a full or read-only disk mid-run: one line, not a traceback
-        raise _os_error(exc) from None
+    with StopSignals() as stop:
+        try:
+            return _train(cfg, transport, stop, console or Console())
+        except OSError as exc:  # a full or read-only disk mid-run: one line, not a traceback
+            raise _os_error(exc) from None
 
 
-def _train(cfg, transport, console):
+def _check_launch(cfg, world_size, launched):
+    """Refuse ``--simulate`` in one of several launched processes; say when one rank exchanges nothing."""
+    if cfg.simulate and launched and launched[0] > 1:
+        line = (f"mpiqsgd: error: --simulate {cfg.simulate} runs its workers as threads of one process, but "
+                f"mpiexec started {launched[0]} processes; drop --simulate, or run it without mpiexec")
+        raise StopJob(line if launched[1] == 0 else "", exit_code=2)
+    if world_size == 1 and not cfg.simulate:
+        how = (f"mpiexec started one rank: the {cfg.topology} exchange is skipped" if launched else
+               "running one rank without mpiexec: no gradient exchange")
+        coded = "" if cfg.codec == "fp32" else f" (the {cfg.codec} codec still encodes and decodes the gradient)"
+        print(f"mpiqsgd: {how}{coded}; for N ranks: mpiexec -n N mpiqsgd train ..., or --simulate N in one "
+              "process", file=sys.stderr, flush=True)
+
+
+def _train(cfg, transport, stop, console):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.simulate:
         from ..transport import LocalGroup
 
+        _check_launch(cfg, cfg.simulate, launched_world())
         train_set, val, test, origin = load_data(cfg, console.say)
         _check_before_disk(cfg, len(train_set), cfg.simulate, 0)
         run_dir = _prepare_run_dir(cfg, cfg.simulate, True, origin)
         console.run_directory(run_dir)
-        shared = Shared(train_set, val, test, threading.Lock(), run_dir, console)
+        shared = Shared(train_set, val, test, threading.Lock(), run_dir, console, stop)
         group = LocalGroup(cfg.simulate, cfg.ranks_per_node or None)
-        return group.run(lambda t: run_worker(cfg, t, shared), group.transports())[0]
+        summary = group.run(lambda t: run_worker(cfg, t, shared), group.transports())[0]
+        if stop.agreed:
+            raise stop.interrupted(run_dir, resume_command(run_dir, cfg.simulate, True), summary)
+        return summary
     if transport is None:
         from ..transport import world
 
         transport = world(cfg.wait, cfg.comm_timeout if cfg.comm_timeout and cfg.wait == "backoff" else None)
     _check_flags_agree(cfg, transport)
+    if transport.rank == 0:
+        _check_launch(cfg, transport.size, launched_world())
     train_set, val, test, origin = load_data(cfg, console.say if transport.rank == 0 else None)
     _check_before_disk(cfg, len(train_set), transport.size, transport.local_rank)
     run_dir = None
@@ -651,5 +705,9 @@ def _train(cfg, transport, console):
         run_dir = _prepare_run_dir(cfg, transport.size, False, origin)
         console.run_directory(run_dir)
     run_dir = Path(transport.bcast_bytes(str(run_dir or "").encode()).decode())
-    shared = Shared(train_set, val, test, contextlib.nullcontext(), run_dir, console)
-    return run_worker(cfg, transport, shared)
+    shared = Shared(train_set, val, test, contextlib.nullcontext(), run_dir, console, stop)
+    summary = run_worker(cfg, transport, shared)
+    if stop.agreed:
+        command = resume_command(run_dir, transport.size, False) if transport.rank == 0 else None
+        raise stop.interrupted(run_dir, command, summary)
+    return summary
