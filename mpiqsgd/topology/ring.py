@@ -34,9 +34,13 @@ for another rank's forwarding, and two quantizations per element instead of up t
 """
 
 
+from ..codecs.kernels import SeedAt, draw_seed
+from ..errors import ConfigError
 from .base import Aggregator, chunk_bounds, empty_like, sum_of
 
-__all__ = ["Ring", "Scatter"]
+__all__ = ["Ring", "Scatter", "PIECE_NUMEL"]
+
+PIECE_NUMEL = 1 << 21  # scatter: coordinates a message holds at most about (whole buckets); see Scatter
 
 
 class Ring(Aggregator):
@@ -95,37 +99,108 @@ def _chunk(flat, bounds, c):
 
 
 class Scatter(Ring):
-    """Direct scatter-reduce to chunk owners (one quantization per contribution), then a direct allgather."""
+    """Direct scatter-reduce to chunk owners (one quantization per contribution), then a direct allgather;
+    each chunk travels as pieces that are encoded, sent, decoded and summed one after another.
+
+    Args:
+        piece_numel: about how many coordinates one message holds (whole codec buckets); a chunk of
+            at most this many is one message; 0: one message a chunk. The same on every rank.
+    """
 
     name = "scatter"
     owner_offset = 0
 
+    def __init__(self, transport, codec, seed=0, piece_numel=PIECE_NUMEL):
+        if isinstance(piece_numel, bool) or not isinstance(piece_numel, int) or piece_numel < 0:
+            raise ConfigError(f"scatter: piece_numel must be an integer >= 0 (0: one message a chunk); "
+                              f"got {piece_numel!r}")
+        super().__init__(transport, codec, seed)
+        self.piece_numel = piece_numel
+        bucket = codec.base.bucket or 1
+        self.align = bucket if bucket % 2 == 0 else 2 * bucket  # whole buckets, even: uniforms come in pairs
+
+    def _pieces(self, numel):
+        """(start, end) of the pieces of a chunk of ``numel`` coordinates, relative to the chunk."""
+        if self.piece_numel == 0 or numel <= self.piece_numel:
+            return [(0, numel)]
+        count = max(1, round(numel / self.piece_numel))
+        per = -(-numel // count)
+        step = -(-per // self.align) * self.align
+        return [(start, min(numel, start + step)) for start in range(0, numel, step)]
+
+    def _encode(self, call, x, key, layout, start, seed, want_decoded=False):
+        """Encode the piece of a chunk (cut as ``layout``) at ``start``: a residual key of its own when
+        the chunk has several pieces, and the uniforms the whole chunk's message would give it."""
+        if len(layout) > 1:
+            key = (*key, start) if isinstance(key, tuple) else (key, start)
+        return call.encode_decode(self.codec, x, key, want_decoded, None if seed is None else SeedAt(seed, start))
+
     def _aggregate(self, flat, call):
-        t = self.transport
+        t, codec = self.transport, self.codec
         n, r = t.size, t.rank
         bounds = chunk_bounds(flat.numel(), n)
-        others = [(r + k) % n for k in range(1, n)]
-        _, own = call.encode_decode(self.codec, _chunk(flat, bounds, r), ("scatter", r))
-        sends = []
-        for dest in others:  # each piece leaves as soon as it is encoded, while the next is encoded
-            piece = _chunk(flat, bounds, dest)
-            sends.append(t.isend(call.encode(self.codec, piece, ("scatter", dest)), dest, "scatter", 4 * piece.numel()))
-        parts = {r: own}
-        for source, message in t.recv_each([(r - k) % n for k in range(1, n)], "scatter"):
-            parts[source] = call.decode(self.codec, message, flat.device, own.numel())  # as they arrive
-        t.wait_sends(sends)
-        message, decoded = call.encode_decode(self.codec, sum_of([parts[src] for src in range(n)]) / n, "owner")
-        sends = [t.isend(message, dest, "allgather", 4 * own.numel()) for dest in others]
+        pieces = [self._pieces(end - start) for start, end in bounds]
+        others, sources = [(r + k) % n for k in range(1, n)], [(r - k) % n for k in range(1, n)]
+        # One seed per chunk's message, drawn in the order of one message a chunk (own chunk, chunks
+        # r+1 .. r+n-1, the mean): with SeedAt every piece rounds its coordinates as that message did.
+        seeds = [draw_seed(call.rng) for _ in range(n + 1)] if codec.stochastic else [None] * (n + 1)
+        sends, counts = [], dict.fromkeys(range(n), 0)
+        for dest in _piece_major(pieces, others):  # every peer's first piece early; the wire never waits
+            start, end = pieces[dest][counts[dest]]
+            counts[dest] += 1
+            x = _chunk(flat, bounds, dest)[start:end]
+            message = self._encode(call, x, ("scatter", dest), pieces[dest], start, seeds[(dest - r) % n])[0]
+            sends.append(t.isend(message, dest, "scatter", 4 * (end - start)))
+
+        mine, own, at = pieces[r], _chunk(flat, bounds, r), bounds[r][0]
+        parts = [{} for _ in mine]  # piece -> source -> decoded contribution, until the piece's sum is done
         out = empty_like(flat)
-        out[bounds[r][0]:bounds[r][1]] = decoded
-        for source, message in t.recv_each([(r - k) % n for k in range(1, n)], "allgather"):
-            start, end = bounds[source]
-            out[start:end] = call.decode(self.codec, message, flat.device, end - start)
+        counts, encoded = dict.fromkeys(range(n), 0), 0
+
+        def arrived(k):
+            """Encode own pieces up to k (lazily: receives in between keep MPI moving); once piece k's n
+            contributions are in, sum them in rank order and send that piece of the mean to every peer."""
+            nonlocal encoded
+            while encoded <= k:
+                start, end = mine[encoded]
+                parts[encoded][r] = self._encode(call, own[start:end], ("scatter", r), mine, start, seeds[0], True)[1]
+                encoded += 1
+            if len(parts[k]) < n:
+                return
+            start, end = mine[k]
+            total = sum_of([parts[k][src] for src in range(n)]) / n
+            parts[k] = None
+            message, out[at + start:at + end] = self._encode(call, total, "owner", mine, start, seeds[n], True)
+            sends.extend(t.isend(message, dest, "allgather", 4 * (end - start)) for dest in others)
+
+        for source, message in t.recv_each(_piece_major([mine] * n, sources), "scatter"):
+            k = counts[source]  # MPI keeps the order of one source's messages of one tag
+            counts[source] += 1
+            parts[k][source] = call.decode(codec, message, flat.device, mine[k][1] - mine[k][0])  # as they arrive
+            arrived(k)
+        for k in range(encoded, len(mine)):  # one rank: nothing arrives
+            arrived(k)
+
+        counts = dict.fromkeys(range(n), 0)
+        for source, message in t.recv_each(_piece_major(pieces, sources), "allgather"):
+            start, end = pieces[source][counts[source]]
+            counts[source] += 1
+            base = bounds[source][0]
+            out[base + start:base + end] = call.decode(codec, message, flat.device, end - start)
         t.wait_sends(sends)
         return out
 
     def _sent_nbytes(self, numel, rank):
         n = self.transport.size
         sizes = [end - start for start, end in chunk_bounds(numel, n)]
-        scatter = sum(self.codec.encoded_nbytes(sizes[(rank + k) % n]) for k in range(1, n))
-        return scatter + (n - 1) * self.codec.encoded_nbytes(sizes[rank])
+
+        def chunk_nbytes(c):
+            return sum(self.codec.encoded_nbytes(end - start) for start, end in self._pieces(sizes[c]))
+
+        return sum(chunk_nbytes((rank + k) % n) for k in range(1, n)) + (n - 1) * chunk_nbytes(rank)
+
+
+def _piece_major(pieces, ranks):
+    """``ranks`` repeated once for each piece of their chunk, piece by piece: [c for piece 0, c for piece 1, ...]."""
+    most = max((len(pieces[c]) for c in ranks), default=0)
+    return [c for k in range(most) for c in ranks if k < len(pieces[c])]
