@@ -76,7 +76,7 @@ def test_many_pieces_of_a_larger_gradient(n):
     numel = 300_001
     xs = [vec(numel, seed=r, dist="heavy") for r in range(n)]
     params = {"bits": 4}
-    results, aggs = simulate(n, xs, "qsgd", params, steps=2, piece_numel=20_000)
+    results, aggs = simulate(n, xs, "qsgd", params, steps=2, piece_numel=10_000)
     assert len(aggs[0]._pieces(numel // n)) >= 7
     for step, expected in enumerate(unpipelined("qsgd", params, xs, steps=2)):
         assert all(torch.equal(results[r][step], expected) for r in range(n))
