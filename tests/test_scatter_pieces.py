@@ -128,8 +128,8 @@ def test_pieces_cover_the_chunk_on_bucket_boundaries(bucket):
         if numel <= 10_000:
             assert pieces == [(0, numel)]  # small chunks: one message
         else:
-            assert all(end - start <= 10_000 * 1.5 + align for start, end in pieces)
-            assert len(pieces) == max(1, round(numel / 10_000))
+            sizes = {end - start for start, end in pieces[:-1]} or {pieces[0][1]}
+            assert len(sizes) == 1 and 10_000 / 1.5 <= sizes.pop() <= 10_000 * 1.5 + align  # the last one may be less
     assert Scatter(t, make_codec("qsgd"), piece_numel=0)._pieces(10 ** 8) == [(0, 10 ** 8)]
     assert Scatter(t, make_codec("qsgd")).piece_numel == PIECE_NUMEL
 
@@ -137,7 +137,7 @@ def test_pieces_cover_the_chunk_on_bucket_boundaries(bucket):
 def test_error_feedback_keeps_one_residual_a_piece():
     n, numel = 2, 8_000
     xs = [vec(numel, seed=r) for r in range(n)]
-    params = {"bits": 2, "rounding": "nearest", "error_feedback": True}
+    params = {"bits": 4, "bucket": 64, "rounding": "nearest", "error_feedback": True}
     _, aggs = simulate(n, xs, "qsgd", params, steps=2, piece_numel=1500)
     for r in range(n):
         pieces = aggs[r]._pieces(numel // n)
