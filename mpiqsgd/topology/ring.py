@@ -17,20 +17,36 @@ Bytes sent by rank r: ``sum_k E(c_(r-k)) + sum_k E(c_(r+1-k))`` over k = 0..n-2,
 ``E`` the codec's encoded size of a chunk: about ``2 (n-1)/n * E(numel)`` plus one
 frame per message. With n = 1 nothing is sent, but the chunk is still encoded once.
 
-``scatter`` is the direct pattern of CGX, DeepSpeed and GRACE, without hops:
+``scatter`` is the direct pattern of CGX, DeepSpeed and GRACE, without hops, pipelined in pieces:
+each chunk is cut into pieces of about ``piece_numel`` coordinates (:data:`PIECE_NUMEL`; whole codec
+buckets, so every bucket's scale is the whole chunk's; a chunk of at most ``piece_numel`` is one piece),
+and every piece is a message of its own.
 
-1. scatter-reduce: rank r encodes its own chunk r (and uses the decoded version) and, for
-   k = 1..n-1, chunk (r+k) mod n, starting each message to that chunk's owner as soon as
-   it is encoded (non-blocking sends: encoding the next piece overlaps the transfer of
-   the last); it decodes the n-1 contributions to chunk r as they arrive and sums the n
-   decoded contributions in rank order in fp32. Every contribution is quantized once.
-2. The owner divides by n, encodes the mean once and uses the decoded version itself.
-3. allgather: the owner sends that message to every other rank directly; every rank
-   decodes each chunk as it arrives.
+1. scatter-reduce: rank r encodes the pieces of chunks r+1 .. r+n-1 (mod n), piece by piece across
+   peers (piece 0 for every peer, then piece 1, ...), starting each message to the chunk's owner as
+   soon as it is encoded, so that piece k+1 is encoded while piece k is on the wire. It then receives
+   the n-1 contributions to chunk r piece by piece as they arrive (MPI keeps each source's order),
+   decodes each, and encodes its own piece k of chunk r (and keeps the decoded version) when the
+   first contribution to piece k arrives. Every contribution is quantized once.
+2. As soon as piece k has all n contributions, the owner sums them in rank order in fp32, divides
+   by n, encodes that piece of the mean once (using the decoded version itself) and sends it to every
+   other rank: the allgather starts while later pieces of the scatter-reduce are still arriving.
+3. allgather: every rank decodes each piece of each chunk as it arrives.
 
-Bytes sent by rank r: ``sum_(k=1..n-1) E(c_(r+k)) + (n-1) E(c_r)``, about
-``2 (n-1)/n * E(numel)`` like ``ring``; 2 (n-1) messages per rank, none of which waits
-for another rank's forwarding, and two quantizations per element instead of up to n.
+Bits: the same as one message a chunk. The codecs' uniforms are counter based (coordinate i of a
+message draws u_i from the message's seed), so each chunk's seed is drawn from the call's generator in
+the order of one message a chunk (own chunk, chunks r+1 .. r+n-1, the mean), and the piece at
+offset o of its chunk encodes with :class:`~mpiqsgd.codecs.kernels.SeedAt` (seed, o): the uniforms of
+coordinates o, o+1, ... Sums are elementwise in rank order. So any ``piece_numel`` (0: one message a chunk) gives the same
+bits on every rank. Error feedback keeps one residual per piece, keyed ``("scatter", c, o)`` and
+``("owner", o)`` (the keys of one message a chunk, ``("scatter", c)`` and ``"owner"``, where a chunk is
+one piece): each key covers the same coordinates every step.
+
+Bytes sent by rank r: ``sum_(k=1..n-1) P(c_(r+k)) + (n-1) P(c_r)``, with ``P(c) = sum over the
+pieces of c of E(piece)``: about ``2 (n-1)/n * E(numel)`` like ``ring``, plus one frame (prefix
+and header, a few dozen bytes) per piece; ``p_(r+1) + ... + p_(r+n-1) + (n-1) p_r`` messages where
+chunk c has p_c pieces (2 (n-1) with one piece a chunk). None waits for another rank's forwarding, and every
+element is quantized twice instead of up to n times.
 """
 
 
