@@ -35,12 +35,12 @@ and every piece is a message of its own.
 
 Bits: the same as one message a chunk. The codecs' uniforms are counter based (coordinate i of a
 message draws u_i from the message's seed), so each chunk's seed is drawn from the call's generator in
-the order of one message a chunk (own chunk, chunks r+1 .. r+n-1, the mean), and the piece at
-offset o of its chunk encodes with :class:`~mpiqsgd.codecs.kernels.SeedAt` (seed, o): the uniforms of
-coordinates o, o+1, ... Sums are elementwise in rank order. So any ``piece_numel`` (0: one message a chunk) gives the same
-bits on every rank. Error feedback keeps one residual per piece, keyed ``("scatter", c, o)`` and
-``("owner", o)`` (the keys of one message a chunk, ``("scatter", c)`` and ``"owner"``, where a chunk is
-one piece): each key covers the same coordinates every step.
+the order of one message a chunk (own chunk, chunks r+1 .. r+n-1, the mean; stochastic codecs only),
+and the piece at offset o of its chunk encodes with :class:`~mpiqsgd.codecs.kernels.SeedAt` (seed, o):
+the uniforms of coordinates o, o+1, ... Sums are elementwise in rank order. So any ``piece_numel`` (0:
+one message a chunk) gives the same bits on every rank. Error feedback keeps one residual per piece,
+keyed ``("scatter", c, o)`` and ``("owner", o)`` (the keys of one message a chunk, ``("scatter", c)``
+and ``"owner"``, where a chunk is one piece): each key covers the same coordinates every step.
 
 Bytes sent by rank r: ``sum_(k=1..n-1) P(c_(r+k)) + (n-1) P(c_r)``, with ``P(c) = sum over the
 pieces of c of E(piece)``: about ``2 (n-1)/n * E(numel)`` like ``ring``, plus one frame (prefix
