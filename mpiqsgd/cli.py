@@ -68,7 +68,8 @@ def add_topology_args(p):
     g.add_argument("--dedicated-server", action="store_true", default=None,
                    help="ps: rank 0 only serves and does not train")
     g.add_argument("--piece-numel", type=int, default=None,
-                   help="scatter, intsum: coordinates per pipelined message (default 2097152; 0: one a chunk)")
+                   help="scatter, intsum: coordinates per pipelined message (default: scatter 1048576, intsum "
+                        "2097152; 0: one a chunk)")
     g.add_argument("--hierarchical", default="auto", choices=list(HIERARCHICAL_MODES),
                    help="fp32 inside each node, the topology among one leader per node: auto (default: when the "
                         "ranks span several nodes and some node holds several), on, off")

@@ -100,7 +100,8 @@ def make_aggregator(name, transport, codec, seed=0, nodes=None, **options):
             raise ConfigError(f"topology {name!r} takes no option {', '.join(unknown)} (only piece_numel)")
         return TOPOLOGIES[name](transport, codec, seed=seed, **options)
     if options and name != "ps":
-        raise ConfigError(f"topology {name!r} takes no options ({', '.join(sorted(options))} are for ps)")
+        raise ConfigError(f"topology {name!r} takes no options (got {', '.join(sorted(options))}; ps takes downlink, "
+                          "server_error_feedback and dedicated, scatter and intsum piece_numel)")
     if name == "ps":
         unknown = sorted(set(options) - {"downlink", "server_error_feedback", "dedicated"})
         if unknown:
