@@ -69,6 +69,9 @@ def add_topology_args(p):
                    help="ps: server-side error feedback on an encoded downlink")
     g.add_argument("--dedicated-server", action="store_true", default=None,
                    help="ps: rank 0 only serves and does not train")
+    g.add_argument("--piece-numel", type=int, default=None,
+                   help="scatter, intsum: coordinates per pipelined message (default: scatter 1048576, intsum "
+                        "2097152; 0: one a chunk)")
     g.add_argument("--hierarchical", default="auto", choices=list(HIERARCHICAL_MODES),
                    help="fp32 inside each node, the topology among one leader per node: auto (default: when the "
                         "ranks span several nodes and some node holds several), on, off")
@@ -76,7 +79,7 @@ def add_topology_args(p):
 
 def topology_options(args):
     return {"downlink": args.downlink, "server_error_feedback": args.server_error_feedback,
-            "dedicated": args.dedicated_server}
+            "dedicated": args.dedicated_server, "piece_numel": args.piece_numel}
 
 
 def build_parser():

@@ -30,6 +30,10 @@ CONFIGS = {  # name: bench exchange flags
     "ring": ["--topology", "ring", "--codec", "qsgd", "--bits", "4"],
     "allgather": ["--topology", "allgather", "--codec", "qsgd", "--bits", "4"],
     "sign": ["--topology", "scatter", "--codec", "sign", "--error-feedback"],
+    # scatter's piece size (--piece-numel; default 1M coordinates): 0 is one message a chunk
+    **{f"scatter-{name}": ["--topology", "scatter", "--codec", "qsgd", "--bits", "4", "--piece-numel", str(numel)]
+       for name, numel in (("whole", 0), ("512k", 1 << 19), ("2m", 1 << 21), ("4m", 1 << 22))},
+    "sign-whole": ["--topology", "scatter", "--codec", "sign", "--error-feedback", "--piece-numel", "0"],
 }
 
 

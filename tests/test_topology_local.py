@@ -56,7 +56,7 @@ def test_one_rank_stochastic_is_seeded_by_seed_rank_and_step(t):
 @pytest.mark.parametrize("call,match", [
     (lambda t: make_aggregator("tree", t, make_codec("fp32")), "allreduce, ps, ring, scatter, allgather"),
     (lambda t: make_aggregator("allreduce", t, make_codec("qsgd")), "sends plain fp32"),
-    (lambda t: make_aggregator("ring", t, make_codec("qsgd"), downlink="codec"), "are for ps"),
+    (lambda t: make_aggregator("ring", t, make_codec("qsgd"), downlink="codec"), "ps takes downlink"),
     (lambda t: make_aggregator("ps", t, make_codec("qsgd"), downlink="int8"), "downlink must be"),
     (lambda t: make_aggregator("ps", t, make_codec("qsgd"), server_error_feedback=True), "needs downlink='codec'"),
     (lambda t: make_aggregator("ps", t, make_codec("qsgd"), dedicated=True), "at least 2 ranks"),

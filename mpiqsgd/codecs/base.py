@@ -34,6 +34,7 @@ import torch
 
 from .. import wire
 from ..errors import ConfigError, DecodeError, NonFiniteError
+from .kernels import SeedAt
 
 __all__ = ["Codec", "make_generator", "check_choice", "check_int", "check_bucket", "all_finite", "non_finite_error"]
 
@@ -211,7 +212,7 @@ class Codec:
         x = x.detach().reshape(-1).to(torch.float32)
         if not self.checks_finite and not all_finite(x):
             raise non_finite_error(self.name, x)
-        if self.stochastic and not isinstance(rng, torch.Generator):
+        if self.stochastic and not isinstance(rng, (torch.Generator, SeedAt)):
             raise ConfigError(
                 f"{self.name} rounds stochastically and needs a torch.Generator "
                 "(mpiqsgd.codecs.make_generator(seed, rank, step))"
@@ -223,7 +224,8 @@ class Codec:
 
         Args:
             x: floating-point tensor (flattened; converted to float32). Must be finite.
-            rng: ``torch.Generator`` on ``x``'s device; required by stochastic codecs.
+            rng: ``torch.Generator`` on ``x``'s device, or a :class:`~mpiqsgd.codecs.kernels.SeedAt` (one
+                piece of a message); required by stochastic codecs.
             key: identifies the buffer for stateful wrappers (error feedback); ignored here.
             out: a writable buffer to frame the message into (reused from call to call, see
                 :func:`mpiqsgd.wire.frame_into`); one too small (or None) gets new bytes.

@@ -48,7 +48,7 @@ try:
 except ImportError:  # pragma: no cover - numba is a declared dependency
     numba = None
 
-__all__ = ["draw_seed", "uniform", "level_encode", "level_decode", "sign_decode", "use_numba", "parallel_ok",
+__all__ = ["draw_seed", "SeedAt", "uniform", "level_encode", "level_decode", "sign_decode", "use_numba", "parallel_ok",
            "run_chunks", "fill_uniforms", "ByWidth", "padded", "codes_slot", "place_scales", "one_pass",
            "check_spare", "host_array", "decode_target", "bucket_norms", "fused_level_encode", "CHUNK", "HAVE_NUMBA"]
 
@@ -62,8 +62,22 @@ CHUNK = 1 << 14  # coordinates per task of the CPU kernels (a multiple of 8: who
 PARALLEL_MIN_NUMEL = 1 << 18
 
 
+class SeedAt:
+    """Stands in for a codec's generator when one message is encoded as pieces: the piece starting at
+    coordinate ``offset`` (even) of a message whose seed is ``seed`` draws the seed whose uniforms are
+    those of coordinates ``offset, offset + 1, ...`` of that message (the counter shifted by
+    ``offset / 2`` pairs), so that the pieces round every coordinate as the whole message does."""
+
+    def __init__(self, seed, offset):
+        if offset % 2:
+            raise ValueError(f"SeedAt: a piece starts at an even coordinate (uniforms come in pairs); got {offset}")
+        self.seed = (int(seed) + (offset // 2) * _GOLDEN) % (1 << 64)
+
+
 def draw_seed(rng):
-    """One 62-bit seed from a torch generator (advances it)."""
+    """One 62-bit seed from a torch generator (advances it), or a :class:`SeedAt`'s shifted seed."""
+    if isinstance(rng, SeedAt):
+        return rng.seed
     return int(torch.randint(0, 2**62, (1,), generator=rng, device=rng.device).item())
 
 

@@ -83,7 +83,7 @@ def make_aggregator(name, transport, codec, seed=0, nodes=None, **options):
         nodes: a :class:`Nodes` of ``transport``: the topology runs among the node leaders inside a
             :class:`Hierarchical` exchange (None: flat, every rank alike).
         **options: topology options (``ps``: ``downlink``, ``server_error_feedback``,
-            ``dedicated``; ``intsum``: ``piece_numel``); ``None`` values are dropped.
+            ``dedicated``; ``intsum`` and ``scatter``: ``piece_numel``); ``None`` values are dropped.
     """
     name = resolve_topology(name, codec) if name == "auto" and codec is not None else name
     if nodes is not None:
@@ -94,13 +94,14 @@ def make_aggregator(name, transport, codec, seed=0, nodes=None, **options):
     if name not in TOPOLOGIES:
         raise ConfigError(f"unknown topology {name!r}; choose one of: {', '.join(CHOICES)}")
     options = {k: v for k, v in options.items() if v is not None}
-    if name == "intsum":
+    if name in ("intsum", "scatter"):
         unknown = sorted(set(options) - {"piece_numel"})
         if unknown:
-            raise ConfigError(f"topology 'intsum' takes no option {', '.join(unknown)} (only piece_numel)")
-        return IntSum(transport, codec, seed=seed, **options)
+            raise ConfigError(f"topology {name!r} takes no option {', '.join(unknown)} (only piece_numel)")
+        return TOPOLOGIES[name](transport, codec, seed=seed, **options)
     if options and name != "ps":
-        raise ConfigError(f"topology {name!r} takes no options ({', '.join(sorted(options))} are for ps)")
+        raise ConfigError(f"topology {name!r} takes no options (got {', '.join(sorted(options))}; ps takes downlink, "
+                          "server_error_feedback and dedicated, scatter and intsum piece_numel)")
     if name == "ps":
         unknown = sorted(set(options) - {"downlink", "server_error_feedback", "dedicated"})
         if unknown:

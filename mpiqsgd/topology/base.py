@@ -114,18 +114,21 @@ class Round:
     def key(self, key):
         return key if self.stream == 0 else (self.stream, key)
 
-    def encode(self, codec, x, key):
-        return self.encode_decode(codec, x, key, want_decoded=False)[0]
+    def encode(self, codec, x, key, rng=None):
+        return self.encode_decode(codec, x, key, want_decoded=False, rng=rng)[0]
 
-    def encode_decode(self, codec, x, key, want_decoded=True):
+    def encode_decode(self, codec, x, key, want_decoded=True, rng=None):
+        """Encode ``x`` (and decode it, where ``want_decoded``) with the call's generator, or with ``rng``
+        (a :class:`~mpiqsgd.codecs.kernels.SeedAt`: one piece of a message); return (message, decoded)."""
+        rng = self.rng if rng is None else rng
         slot = (self.stream, self.encodes)
         self.encodes += 1
         out = self.buffers.get(slot, codec.encoded_nbytes(x.numel()))
         with self.transport.timed("encode", bucket=self.stream, numel=x.numel()):
             if want_decoded:
-                message, decoded = codec.encode_decode(x, self.rng, key=self.key(key), out=out)
+                message, decoded = codec.encode_decode(x, rng, key=self.key(key), out=out)
             else:
-                message, decoded = codec.encode(x, self.rng, key=self.key(key), out=out), None
+                message, decoded = codec.encode(x, rng, key=self.key(key), out=out), None
         if isinstance(message, bytes):  # it did not fit: a variable-length code's longer message
             self.buffers.seen(slot, message)
         return message, decoded

@@ -17,26 +17,50 @@ Bytes sent by rank r: ``sum_k E(c_(r-k)) + sum_k E(c_(r+1-k))`` over k = 0..n-2,
 ``E`` the codec's encoded size of a chunk: about ``2 (n-1)/n * E(numel)`` plus one
 frame per message. With n = 1 nothing is sent, but the chunk is still encoded once.
 
-``scatter`` is the direct pattern of CGX, DeepSpeed and GRACE, without hops:
+``scatter`` is the direct pattern of CGX, DeepSpeed and GRACE, without hops, pipelined in pieces:
+each chunk is cut into pieces of about ``piece_numel`` coordinates (:data:`PIECE_NUMEL`; whole codec
+buckets, so every bucket's scale is the whole chunk's; a chunk of at most ``piece_numel`` is one piece),
+and every piece is a message of its own.
 
-1. scatter-reduce: rank r encodes its own chunk r (and uses the decoded version) and, for
-   k = 1..n-1, chunk (r+k) mod n, starting each message to that chunk's owner as soon as
-   it is encoded (non-blocking sends: encoding the next piece overlaps the transfer of
-   the last); it decodes the n-1 contributions to chunk r as they arrive and sums the n
-   decoded contributions in rank order in fp32. Every contribution is quantized once.
-2. The owner divides by n, encodes the mean once and uses the decoded version itself.
-3. allgather: the owner sends that message to every other rank directly; every rank
-   decodes each chunk as it arrives.
+1. scatter-reduce: rank r encodes the pieces of chunks r+1 .. r+n-1 (mod n), piece by piece across
+   peers (piece 0 for every peer, then piece 1, ...), starting each message to the chunk's owner as
+   soon as it is encoded, so that piece k+1 is encoded while piece k is on the wire. It then receives
+   the n-1 contributions to chunk r piece by piece as they arrive (MPI keeps each source's order),
+   decodes each, and encodes its own piece k of chunk r (and keeps the decoded version) when the
+   first contribution to piece k arrives. Every contribution is quantized once.
+2. As soon as piece k has all n contributions, the owner sums them in rank order in fp32, divides
+   by n, encodes that piece of the mean once (using the decoded version itself) and sends it to every
+   other rank: the allgather starts while later pieces of the scatter-reduce are still arriving.
+3. allgather: every rank decodes each piece of each chunk as it arrives.
 
-Bytes sent by rank r: ``sum_(k=1..n-1) E(c_(r+k)) + (n-1) E(c_r)``, about
-``2 (n-1)/n * E(numel)`` like ``ring``; 2 (n-1) messages per rank, none of which waits
-for another rank's forwarding, and two quantizations per element instead of up to n.
+Bits: the same as one message a chunk. The codecs' uniforms are counter based (coordinate i of a
+message draws u_i from the message's seed), so each chunk's seed is drawn from the call's generator in
+the order of one message a chunk (own chunk, chunks r+1 .. r+n-1, the mean; stochastic codecs only),
+and the piece at offset o of its chunk encodes with :class:`~mpiqsgd.codecs.kernels.SeedAt` (seed, o):
+the uniforms of coordinates o, o+1, ... Sums are elementwise in rank order. So any ``piece_numel`` (0:
+one message a chunk) gives the same bits on every rank. Error feedback keeps one residual per piece,
+keyed ``("scatter", c, o)`` and ``("owner", o)`` (the keys of one message a chunk, ``("scatter", c)``
+and ``"owner"``, where a chunk is one piece): each key covers the same coordinates every step.
+
+Bytes sent by rank r: ``sum_(k=1..n-1) P(c_(r+k)) + (n-1) P(c_r)``, with ``P(c) = sum over the
+pieces of c of E(piece)``: about ``2 (n-1)/n * E(numel)`` like ``ring``, plus one frame (prefix
+and header, a few dozen bytes) per piece; ``p_(r+1) + ... + p_(r+n-1) + (n-1) p_r`` messages where
+chunk c has p_c pieces (2 (n-1) with one piece a chunk). None waits for another rank's forwarding, and every
+element is quantized twice instead of up to n times.
 """
 
 
+from ..codecs.kernels import SeedAt, draw_seed
+from ..errors import ConfigError
 from .base import Aggregator, chunk_bounds, empty_like, sum_of
 
-__all__ = ["Ring", "Scatter"]
+__all__ = ["Ring", "Scatter", "PIECE_NUMEL"]
+
+# scatter: about how many coordinates a message holds (whole buckets). By measurement (scripts/piece_sizes.py,
+# 12.5M coordinates of 4-bit QSGD, one thread): pieces of 256K-4M encode and decode a chunk within the noise
+# of one message, 128K pieces cost 40% more; the pipeline's fill and drain (a piece's encode and decode,
+# 4 ms at 1M, 9 ms at 2M) and its wire time (0.53 MB, 4 ms at 1 Gbit/s) halve with the piece.
+PIECE_NUMEL = 1 << 20
 
 
 class Ring(Aggregator):
@@ -95,37 +119,108 @@ def _chunk(flat, bounds, c):
 
 
 class Scatter(Ring):
-    """Direct scatter-reduce to chunk owners (one quantization per contribution), then a direct allgather."""
+    """Direct scatter-reduce to chunk owners (one quantization per contribution), then a direct allgather;
+    each chunk travels as pieces that are encoded, sent, decoded and summed one after another.
+
+    Args:
+        piece_numel: about how many coordinates one message holds (whole codec buckets); a chunk of
+            at most this many is one message; 0: one message a chunk. The same on every rank.
+    """
 
     name = "scatter"
     owner_offset = 0
 
+    def __init__(self, transport, codec, seed=0, piece_numel=PIECE_NUMEL):
+        if isinstance(piece_numel, bool) or not isinstance(piece_numel, int) or piece_numel < 0:
+            raise ConfigError(f"scatter: piece_numel must be an integer >= 0 (0: one message a chunk); "
+                              f"got {piece_numel!r}")
+        super().__init__(transport, codec, seed)
+        self.piece_numel = piece_numel
+        bucket = codec.base.bucket or 1
+        self.align = bucket if bucket % 2 == 0 else 2 * bucket  # whole buckets, even: uniforms come in pairs
+
+    def _pieces(self, numel):
+        """(start, end) of the pieces of a chunk of ``numel`` coordinates, relative to the chunk."""
+        if self.piece_numel == 0 or numel <= self.piece_numel:
+            return [(0, numel)]
+        count = max(1, round(numel / self.piece_numel))
+        per = -(-numel // count)
+        step = -(-per // self.align) * self.align
+        return [(start, min(numel, start + step)) for start in range(0, numel, step)]
+
+    def _encode(self, call, x, key, layout, start, seed, want_decoded=False):
+        """Encode the piece of a chunk (cut as ``layout``) at ``start``: a residual key of its own when
+        the chunk has several pieces, and the uniforms the whole chunk's message would give it."""
+        if len(layout) > 1:
+            key = (*key, start) if isinstance(key, tuple) else (key, start)
+        return call.encode_decode(self.codec, x, key, want_decoded, None if seed is None else SeedAt(seed, start))
+
     def _aggregate(self, flat, call):
-        t = self.transport
+        t, codec = self.transport, self.codec
         n, r = t.size, t.rank
         bounds = chunk_bounds(flat.numel(), n)
-        others = [(r + k) % n for k in range(1, n)]
-        _, own = call.encode_decode(self.codec, _chunk(flat, bounds, r), ("scatter", r))
-        sends = []
-        for dest in others:  # each piece leaves as soon as it is encoded, while the next is encoded
-            piece = _chunk(flat, bounds, dest)
-            sends.append(t.isend(call.encode(self.codec, piece, ("scatter", dest)), dest, "scatter", 4 * piece.numel()))
-        parts = {r: own}
-        for source, message in t.recv_each([(r - k) % n for k in range(1, n)], "scatter"):
-            parts[source] = call.decode(self.codec, message, flat.device, own.numel())  # as they arrive
-        t.wait_sends(sends)
-        message, decoded = call.encode_decode(self.codec, sum_of([parts[src] for src in range(n)]) / n, "owner")
-        sends = [t.isend(message, dest, "allgather", 4 * own.numel()) for dest in others]
+        pieces = [self._pieces(end - start) for start, end in bounds]
+        others, sources = [(r + k) % n for k in range(1, n)], [(r - k) % n for k in range(1, n)]
+        # One seed per chunk's message, drawn in the order of one message a chunk (own chunk, chunks
+        # r+1 .. r+n-1, the mean): with SeedAt every piece rounds its coordinates as that message did.
+        seeds = [draw_seed(call.rng) for _ in range(n + 1)] if codec.stochastic else [None] * (n + 1)
+        sends, counts = [], dict.fromkeys(range(n), 0)
+        for dest in _piece_major(pieces, others):  # every peer's first piece early; the wire never waits
+            start, end = pieces[dest][counts[dest]]
+            counts[dest] += 1
+            x = _chunk(flat, bounds, dest)[start:end]
+            message = self._encode(call, x, ("scatter", dest), pieces[dest], start, seeds[(dest - r) % n])[0]
+            sends.append(t.isend(message, dest, "scatter", 4 * (end - start)))
+
+        mine, own, at = pieces[r], _chunk(flat, bounds, r), bounds[r][0]
+        parts = [{} for _ in mine]  # piece -> source -> decoded contribution, until the piece's sum is done
         out = empty_like(flat)
-        out[bounds[r][0]:bounds[r][1]] = decoded
-        for source, message in t.recv_each([(r - k) % n for k in range(1, n)], "allgather"):
-            start, end = bounds[source]
-            out[start:end] = call.decode(self.codec, message, flat.device, end - start)
+        counts, encoded = dict.fromkeys(range(n), 0), 0
+
+        def arrived(k):
+            """Encode own pieces up to k (lazily: receives in between keep MPI moving); once piece k's n
+            contributions are in, sum them in rank order and send that piece of the mean to every peer."""
+            nonlocal encoded
+            while encoded <= k:
+                start, end = mine[encoded]
+                parts[encoded][r] = self._encode(call, own[start:end], ("scatter", r), mine, start, seeds[0], True)[1]
+                encoded += 1
+            if len(parts[k]) < n:
+                return
+            start, end = mine[k]
+            total = sum_of([parts[k][src] for src in range(n)]) / n
+            parts[k] = None
+            message, out[at + start:at + end] = self._encode(call, total, "owner", mine, start, seeds[n], True)
+            sends.extend(t.isend(message, dest, "allgather", 4 * (end - start)) for dest in others)
+
+        for source, message in t.recv_each(_piece_major([mine] * n, sources), "scatter"):
+            k = counts[source]  # MPI keeps the order of one source's messages of one tag
+            counts[source] += 1
+            parts[k][source] = call.decode(codec, message, flat.device, mine[k][1] - mine[k][0])  # as they arrive
+            arrived(k)
+        for k in range(encoded, len(mine)):  # one rank: nothing arrives
+            arrived(k)
+
+        counts = dict.fromkeys(range(n), 0)
+        for source, message in t.recv_each(_piece_major(pieces, sources), "allgather"):
+            start, end = pieces[source][counts[source]]
+            counts[source] += 1
+            base = bounds[source][0]
+            out[base + start:base + end] = call.decode(codec, message, flat.device, end - start)
         t.wait_sends(sends)
         return out
 
     def _sent_nbytes(self, numel, rank):
         n = self.transport.size
         sizes = [end - start for start, end in chunk_bounds(numel, n)]
-        scatter = sum(self.codec.encoded_nbytes(sizes[(rank + k) % n]) for k in range(1, n))
-        return scatter + (n - 1) * self.codec.encoded_nbytes(sizes[rank])
+
+        def chunk_nbytes(c):
+            return sum(self.codec.encoded_nbytes(end - start) for start, end in self._pieces(sizes[c]))
+
+        return sum(chunk_nbytes((rank + k) % n) for k in range(1, n)) + (n - 1) * chunk_nbytes(rank)
+
+
+def _piece_major(pieces, ranks):
+    """``ranks`` repeated once for each piece of their chunk, piece by piece: [c for piece 0, c for piece 1, ...]."""
+    most = max((len(pieces[c]) for c in ranks), default=0)
+    return [c for k in range(most) for c in ranks if k < len(pieces[c])]

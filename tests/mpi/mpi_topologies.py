@@ -61,6 +61,8 @@ QUANTIZED = [
     ("ring", "sign", {"error_feedback": True}, {}),
     ("scatter", "qsgd", {"bits": 3}, {}),
     ("scatter", "sign", {"error_feedback": True}, {}),
+    ("scatter", "qsgd", {"bits": 4, "bucket": 128}, {"piece_numel": 700}),
+    ("scatter", "sign", {"error_feedback": True, "bucket": 100}, {"piece_numel": 900}),
     ("allgather", "qsgd", {"bits": 3}, {}),
     ("allgather", "fp16", {}, {}),
     ("intsum", "qsgd", {}, {}),
@@ -218,3 +220,20 @@ def test_scatter_quantizes_once_so_its_error_stays_below_the_rings(t):
         err = [float((agg.aggregate(g[t.rank].clone(), s).double() - exact).norm() / exact.norm()) for s in range(4)]
         errors[name] = sum(err) / len(err)
     assert errors["scatter"] < errors["ring"]
+
+
+@pytest.mark.parametrize("codec,params", [("qsgd", {"bits": 4, "bucket": 128}),
+                                          ("qsgd", {"bits": 8, "error_feedback": True, "bucket": 64})])
+def test_scatter_in_pieces_equals_one_message_a_chunk_and_its_simulation_bitwise(t, codec, params):
+    numel = 20_011
+    g = grads(t.size, numel)
+
+    def run(transport, piece_numel):
+        agg = make_aggregator("scatter", transport, make_codec(codec, **params), seed=9, piece_numel=piece_numel)
+        return [agg.aggregate(g[transport.rank].clone(), step=s) for s in range(2)]
+
+    pieces, whole = run(t, 1000), run(t, 0)
+    group = LocalGroup(t.size)
+    sim = group.run(lambda lt: run(lt, 1000), group.transports())
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(pieces, whole, sim[t.rank]))
+    assert all(same_on_all_ranks(t, a) for a in pieces)
