@@ -1,4 +1,5 @@
-"""Adaptive levels agreed over MPI; run under mpiexec by tests/test_mpi_launch.py."""
+"""Adaptive levels agreed over MPI, on 2 and 3 ranks (tests/mpi/subworld.py); run under mpiexec by
+tests/test_mpi_launch.py."""
 
 import pytest
 import torch
@@ -7,11 +8,14 @@ from mpiqsgd.codecs import make_codec
 from mpiqsgd.errors import DecodeError
 from mpiqsgd.exchange import GradientExchange
 from mpiqsgd.transport import MPITransport
+from subworld import comm_fixture
+
+comm = comm_fixture([2, 3])
 
 
 @pytest.fixture(scope="module")
-def t():
-    return MPITransport()
+def t(comm):
+    return MPITransport(comm)
 
 
 def rank_model(rank):

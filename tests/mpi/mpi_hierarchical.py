@@ -2,7 +2,8 @@
 tests/test_mpi_launch.py. Each rank names its node ``node<rank // 2>`` through MPIQSGD_HOST before
 the transport reads host names, so one machine holds 2, 3, ... nodes of 2 ranks.
 
-Every rank runs every test in the same order; no test skips on some ranks only.
+Every rank runs every test in the same order, on 4 and 6 ranks (tests/mpi/subworld.py); no test
+skips on some ranks of its communicator only.
 """
 
 import os
@@ -20,13 +21,16 @@ from mpiqsgd.exchange import GradientExchange  # noqa: E402
 from mpiqsgd.meter import Meter  # noqa: E402
 from mpiqsgd.topology import Nodes, make_aggregator  # noqa: E402
 from mpiqsgd.transport import LocalGroup, MPITransport  # noqa: E402
+from subworld import comm_fixture  # noqa: E402
+
+comm = comm_fixture([4, 6])  # 2 and 3 nodes of 2 ranks
 
 RANKS_PER_NODE = 2
 
 
 @pytest.fixture(scope="module")
-def t():
-    transport = MPITransport()
+def t(comm):
+    transport = MPITransport(comm)
     transport.meter = Meter(transport.rank, keep_messages=True)
     return transport
 

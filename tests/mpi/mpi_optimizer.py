@@ -1,6 +1,7 @@
 """DistributedOptimizer under mpiexec: gradient accumulation; run by tests/test_mpi_launch.py.
 
-Every rank runs every test in the same order; no test skips on some ranks only.
+Every rank runs every test in the same order, on 2 and 3 ranks (tests/mpi/subworld.py); no test
+skips on some ranks of its communicator only.
 """
 
 import sys
@@ -11,8 +12,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mpi_overlap import same_on_all_ranks, t  # noqa: E402,F401  (t: the module's MPITransport fixture)
+from mpi_overlap import same_on_all_ranks  # noqa: E402
 from optimizer_cases import CASES, MODES, accumulate  # noqa: E402
+from subworld import comm_fixture  # noqa: E402
+
+from mpiqsgd.transport import MPITransport  # noqa: E402
+
+comm = comm_fixture([2, 3])
+
+
+@pytest.fixture(scope="module")
+def t(comm):
+    return MPITransport(comm)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{c[1]}-{'-'.join(map(str, c[2].values()))}")

@@ -1,6 +1,7 @@
 """Overlap with backward under mpiexec; run by tests/test_mpi_launch.py.
 
-Every rank runs every test in the same order; no test skips on some ranks only.
+Every rank runs every test in the same order, once per world size (tests/mpi/subworld.py); no test
+skips on some ranks of its communicator only.
 """
 
 import sys
@@ -13,11 +14,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from overlap_cases import CASES, train_steps  # noqa: E402
 
 from mpiqsgd.transport import MPITransport  # noqa: E402
+from subworld import comm_fixture  # noqa: E402
+
+comm = comm_fixture([2, 3, 4, 5])
 
 
 @pytest.fixture(scope="module")
-def t():
-    return MPITransport()
+def t(comm):
+    return MPITransport(comm)
 
 
 def same_on_all_ranks(t, tensors):

@@ -5,7 +5,7 @@
 Prints one line per topology (seconds, whether replicas are identical, and the largest
 resident set of a rank at the start and at the end with its slope over the run, from
 /proc/self/statm every 10% of the steps); exits non-zero if replicas differ. Run by
-tests/test_mpi_launch.py under a timeout.
+tests/test_mpi_launch.py under a timeout, which bounds each slope.
 """
 
 import os

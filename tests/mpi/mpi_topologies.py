@@ -1,6 +1,7 @@
 """Multi-rank tests of the topologies; run under mpiexec by tests/test_mpi_launch.py.
 
-Every rank runs every test in the same order; no test skips on some ranks only.
+Every rank runs every test in the same order, once per world size (tests/mpi/subworld.py); no test
+skips on some ranks of its communicator only.
 """
 
 import numpy as np
@@ -12,13 +13,15 @@ from mpiqsgd.codecs.buckets import bucket_norms
 from mpiqsgd.meter import Meter
 from mpiqsgd.topology import make_aggregator
 from mpiqsgd.transport import LocalGroup, MPITransport
+from subworld import comm_fixture
 
+comm = comm_fixture([1, 2, 3, 4, 5])
 NUMELS = [1, 3, 1000, 4099]
 
 
 @pytest.fixture(scope="module")
-def t():
-    transport = MPITransport()
+def t(comm):
+    transport = MPITransport(comm)
     transport.meter = Meter(transport.rank, keep_messages=True)
     return transport
 
