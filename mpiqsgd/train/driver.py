@@ -37,10 +37,11 @@ from .. import __version__, diagnostics
 from ..codecs import codec_from_flags
 from ..errors import MpiqsgdError
 from ..exchange import GradientExchange, broadcast_parameters, parameter_checksum
+from ..fileio import atomic_write_bytes
 from ..machine import default_device, machine_info
 from ..trace import Tracer, parse_steps, write_trace
 from . import data as D
-from .checkpoint import atomic_write_bytes, find_checkpoint, load_checkpoint, save_checkpoint, truncate_log
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, truncate_log
 from .config import agreement_digest, check_agreement
 from .console import Console
 from .models import build_model
