@@ -161,7 +161,8 @@ def measure_rates(codec, numel=8_000_000, repeats=5):
 
     from . import wire
     from .codecs import make_generator, summable
-    from .codecs.qsgd import QSGD, checked_norms, max_norm
+    from .codecs.buckets import checked_norms
+    from .codecs.qsgd import QSGD, max_norm
     from .topology.base import empty_like
 
     old = numba.get_num_threads(), torch.get_num_threads()
