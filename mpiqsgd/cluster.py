@@ -587,13 +587,13 @@ def describe(spec):
 
 
 def _program(args):
-    from .launch import _program as launch_program
+    from .launch import program_argv
 
     words = args.program[1:] if args.program[:1] == ["--"] else args.program
     if not words:
         raise ClusterError("nothing to run: give the command after --, e.g. "
                            "mpiqsgd cluster run --nodes 2 --rate 1gbit -- bench exchange --numel 1000000")
-    return words if args.per_node else launch_program(words, sys.executable)
+    return words if args.per_node else program_argv(words, sys.executable)
 
 
 class _Stopped(BaseException):

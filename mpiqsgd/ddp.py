@@ -37,8 +37,9 @@ import torch.distributed as dist
 
 from . import wire
 from .codecs import make_generator, summable
+from .codecs.buckets import checked_norms
 from .codecs.kernels import draw_seed
-from .codecs.qsgd import checked_norms, max_norm
+from .codecs.qsgd import max_norm
 from .errors import ConfigError, DecodeError
 from .meter import Meter
 from .topology.base import mean_of

@@ -40,9 +40,10 @@ from pathlib import Path
 
 from .errors import MpiqsgdError
 
-__all__ = ["MPIInfo", "Launch", "LaunchError", "detect", "find_mpiexec", "mpiexec_info", "cores", "parse_hosts",
-           "parse_hostfile", "hostfile_text", "count_slots", "build_command", "job_command", "rank_log",
-           "add_launch_args", "run_launch", "launched_world"]
+__all__ = ["MPIInfo", "Launch", "LaunchError", "program_argv", "detect", "find_mpiexec", "mpiexec_info", "cores",
+           "parse_hosts", "parse_hostfile", "hostfile_text", "count_slots", "build_command", "job_command", "rank_log",
+           "add_launch_args", "run_launch",
+           "launched_world"]
 
 # What a launcher tells each process it starts (Open MPI; MPICH, Intel MPI and srun's PMI; MVAPICH):
 # (world size variable, rank variable).
@@ -273,7 +274,8 @@ class Launch:
         return shlex.join(self.argv)
 
 
-def _program(args, python):
+def program_argv(args, python):
+    """The argv that runs ``args`` under MPI: an mpiqsgd subcommand or a script through mpi4py, else as given."""
     if not args:
         raise LaunchError("nothing to launch: give the command after --, e.g. mpiqsgd launch -n 2 -- train ...")
     if args[0] in SUBCOMMANDS:
@@ -357,9 +359,9 @@ def build_command(n, program, mpi, hosts=None, hostfile=None, oversubscribe=Fals
             argv += ["-outfile-pattern", f"{log_dir}/rank-%r.out", "-errfile-pattern", f"{log_dir}/rank-%r.err"]
             notes.append(f"per-rank output in {log_dir}/rank-<r>.out and .err")
     python = python or sys.executable
-    argv += _program(program, python)
+    argv += program_argv(program, python)
     for k, more in contexts:
-        argv += [":", "-n", str(k), *_program(more, python)]
+        argv += [":", "-n", str(k), *program_argv(more, python)]
     return launch
 
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from .errors import ConfigError
 
-__all__ = ["fit", "parse_rate", "parse_link", "project", "sweep_sizes", "Link"]
+__all__ = ["fit", "parse_rate", "parse_time", "parse_link", "project", "sweep_sizes", "Link"]
 
 _BITS = {"bit": 1, "kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "tbit": 1e12}
 _BYTES = {"b/s": 1, "kb/s": 1e3, "mb/s": 1e6, "gb/s": 1e9}
@@ -81,7 +81,8 @@ def parse_rate(text):
     return rate
 
 
-def _parse_time(text):
+def parse_time(text):
+    """Seconds of a latency such as ``50us`` or ``0.2ms`` (units s, ms, us, ns)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|ms|us|ns)\s*", text)
     if not m:
         raise ConfigError(f"--link: latency {text!r} is not a time like 50us, 0.2ms")
@@ -111,7 +112,7 @@ def parse_link(text, model=None):
             raise ConfigError("--link model needs --link-model FILE")
         return Link("model", model["alpha_seconds"], model["beta_bytes_per_second"])
     rate, _, latency = text.partition("@")
-    alpha = _parse_time(latency) if latency else (model["alpha_seconds"] if model else 0.0)
+    alpha = parse_time(latency) if latency else (model["alpha_seconds"] if model else 0.0)
     return Link(text.strip(), alpha, parse_rate(rate))
 
 

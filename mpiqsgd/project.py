@@ -161,7 +161,8 @@ def measure_rates(codec, numel=8_000_000, repeats=5):
 
     from . import wire
     from .codecs import make_generator, summable
-    from .codecs.qsgd import QSGD, checked_norms, max_norm
+    from .codecs.buckets import checked_norms
+    from .codecs.qsgd import QSGD, max_norm
     from .topology.base import empty_like
 
     old = numba.get_num_threads(), torch.get_num_threads()
@@ -393,10 +394,10 @@ def _ps(r, numel, codec):
 
 def _intsum(r, numel, codec):
     from .topology import make_aggregator
-    from .topology.hierarchical import _Shape
+    from .topology.hierarchical import LeaderShape
 
     base = codec.base
-    agg = make_aggregator("intsum", _Shape(r.p), codec)
+    agg = make_aggregator("intsum", LeaderShape(r.p), codec)
     t = r.work(numel, "norms") + r.allreduce(-(-numel // base.bucket), 4)
     produce, links, consume = [], [], []
     for c0, c1 in agg._pieces(numel):
@@ -559,7 +560,7 @@ def add_project_args(p):
 
 
 def _link(args):
-    from .linkmodel import parse_link, _parse_time
+    from .linkmodel import parse_link, parse_time
 
     model = None
     if args.link_model:
@@ -570,7 +571,7 @@ def _link(args):
             raise ConfigError(f"--link-model {args.link_model}: not a `bench exchange --sweep` JSON with a fit "
                               f"({exc})") from None
     elif args.link.strip() != "model":  # "model" without --link-model: parse_link says what is missing
-        model = {"alpha_seconds": _parse_time(args.latency), "beta_bytes_per_second": None}
+        model = {"alpha_seconds": parse_time(args.latency), "beta_bytes_per_second": None}
     return parse_link(args.link, model)
 
 

@@ -31,6 +31,7 @@ import time
 import msgpack
 
 from .errors import ConfigError
+from .fileio import atomic_write_bytes
 
 __all__ = ["Tracer", "parse_steps", "write_trace", "chrome_events", "ALWAYS"]
 
@@ -156,8 +157,6 @@ def write_trace(meter, transport, path):
     other = {"producer": "mpiqsgd", "events": n,
              "recording_seconds_by_rank": {s["rank"]: s["recording_seconds"] for s in states},
              "recording_microseconds_per_event": (1e6 * sum(s["recording_seconds"] for s in states) / n) if n else None}
-    from .train.checkpoint import atomic_write_bytes
-
     atomic_write_bytes(path, json.dumps({"traceEvents": events, "displayTimeUnit": "ms", "otherData": other},
                                         separators=(",", ":")).encode())
     return n

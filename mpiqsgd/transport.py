@@ -28,6 +28,10 @@ int32 max-allreduce: whether any rank was asked to stop) is never recorded.
 :class:`LocalGroup` runs N ranks as threads of one process (``--simulate N``) with
 the same interface and the same byte counting, over in-process queues.
 
+The contract is :class:`Transport`, an abstract base class that does the counting, timing and
+tracing once for every transport; :class:`MPITransport` and :class:`LocalTransport` implement
+only its primitives, which move bytes (``_send``, ``_recv``, ``_allreduce_array``, ...).
+
 The transport alone owns the meter: :meth:`Transport.begin_step` stamps the step on
 every record, every counted call (point-to-point messages, the allreduce baseline,
 allgathers given a phase) adds its seconds to ``communicate``, and
@@ -53,7 +57,7 @@ collectives, so the timeout must exceed the slowest rank's evaluation or checkpo
 Deadlines need the polling waits (``wait="backoff"``).
 """
 
-import contextlib
+import abc
 import os
 import queue
 import sys
@@ -65,9 +69,8 @@ import numpy as np
 import torch
 
 from . import wire
-from .meter import Meter
-
 from .errors import CommTimeout, ConfigError
+from .meter import Meter
 
 ABORT_GRACE_SECONDS = 1.0  # see abort_if_parallel
 POLL_SPIN_SECONDS = 20e-6  # poll without sleeping this long: short waits keep their latency
@@ -76,8 +79,8 @@ POLL_MAX_SLEEP = 500e-6  # ... up to this: a waiting rank costs about 1/1000 of 
 WAITS = ("backoff", "spin")
 FIRST_STEP_FACTOR = 10  # step 0 compiles kernels on every rank: allow it more time
 
-__all__ = ["Transport", "MPITransport", "LocalGroup", "LocalTransport", "Poller", "AllreducePipeline", "world",
-           "abort_if_parallel", "exit_together", "allreduce_nbytes", "WAITS", "REDUCE_OPS"]
+__all__ = ["RankLayout", "Transport", "MPITransport", "LocalGroup", "LocalTransport", "Poller", "AllreducePipeline",
+           "world", "abort_if_parallel", "exit_together", "allreduce_nbytes", "sum_of", "WAITS", "REDUCE_OPS"]
 
 REDUCE_OPS = ("sum", "max")
 
@@ -128,23 +131,28 @@ def _as_bytes_array(buf):
     return np.frombuffer(memoryview(buf).cast("B"), dtype=np.uint8)
 
 
-class Transport:
-    """What topologies need from a communicator; see :class:`MPITransport`.
+def sum_of(tensors):
+    """Sum of equally shaped tensors, added one after another in the given order (a simulated
+    allreduce's order, and the topologies' sums of received messages)."""
+    acc = tensors[0].clone()
+    for t in tensors[1:]:
+        acc += t
+    return acc
+
+
+def _check_op(op):
+    if op not in REDUCE_OPS:
+        raise ConfigError(f"transport: allreduce op must be one of {', '.join(REDUCE_OPS)}; got {op!r}")
+
+
+class RankLayout:
+    """Who the ranks are: what byte formulas and topologies read from a transport.
 
     Attributes:
         rank, size: this process's rank and the number of ranks.
         local_rank, local_size: this rank's index among the ranks of its node, and their number.
         nodes: the node of every rank, in rank order (0, 1, ... by first appearance).
         world_ranks: the world rank of every rank of a sub-transport (None: the ranks are world ranks).
-        meter: the :class:`~mpiqsgd.meter.Meter` every sent message is recorded in.
-
-    Message calls: ``send(buf, dest, phase, fp32_bytes)``, ``recv(source, phase)`` (a
-    uint8 array), ``sendrecv(buf, dest, source, phase, fp32_bytes)``, non-blocking
-    ``isend(...)`` (a handle for ``wait_sends``; ``buf`` must stay unchanged until then),
-    ``recv_each(sources, phase)`` (one message from each source, in arrival order),
-    ``allreduce_sum(tensor)``;
-    control calls: ``allgather_bytes(buf, phase=None)``, ``bcast_bytes(buf, root)``, ``agree_max(value)``,
-    ``barrier()``.
     """
 
     rank = 0
@@ -153,7 +161,6 @@ class Transport:
     local_size = 1
     nodes = (0,)
     world_ranks = None
-    meter = None
 
     @property
     def n_nodes(self):
@@ -164,10 +171,86 @@ class Transport:
         """The world rank of ``rank`` of this transport (-1, a collective's destination, stays -1)."""
         return rank if self.world_ranks is None or rank < 0 else self.world_ranks[rank]
 
+
+class Transport(RankLayout, abc.ABC):
+    """What topologies need from a communicator: the contract every transport keeps.
+
+    The public calls count, time and trace; a subclass only moves bytes, in the abstract
+    primitives below (``_send``, ``_recv``, ...), which count and time nothing.
+
+    Attributes:
+        meter: the :class:`~mpiqsgd.meter.Meter` every sent message is recorded in (and
+            ``rank``, ``size``, ``nodes`` ... of :class:`RankLayout`).
+
+    Message calls: ``send(buf, dest, phase, fp32_bytes)``, ``recv(source, phase)`` (a
+    uint8 array), ``sendrecv(buf, dest, source, phase, fp32_bytes)``, non-blocking
+    ``isend(...)`` (a handle for ``wait_sends``; ``buf`` must stay unchanged until then),
+    ``recv_each(sources, phase)`` (one message from each source, in arrival order),
+    ``allreduce_sum(tensor)``, ``allreduce_array(array, op)``;
+    control calls: ``allgather_bytes(buf, phase=None)``, ``bcast_bytes(buf, root)``, ``barrier()``.
+
+    Counting: every message is recorded by its sender with its header and payload bytes; an
+    allreduce at its nominal cost (:func:`allreduce_nbytes`, destination -1) on every rank; an
+    allgather given a phase as a message to each other rank. Timing: each counted call is one
+    ``communicate`` block (a span of the trace named ``send`` / ``recv`` / ``sendrecv`` /
+    ``wait_sends`` / ``allreduce`` / ``allgather``). On one rank the allreduces send, count and
+    time nothing.
+    """
+
+    meter = None
+
+    # -- primitives: what a subclass implements (moves bytes; counts and times nothing) ---------
+
+    @abc.abstractmethod
     def split(self, color):
         """The sub-transport of the ranks that pass the same ``color`` (None: this rank joins none and
         gets None), ranked as here, sharing this meter. Collective: every rank calls it."""
-        raise NotImplementedError
+
+    @abc.abstractmethod
+    def _send(self, buf, dest, phase):
+        """Deliver ``buf`` to ``dest``; return when ``buf`` may be reused."""
+
+    @abc.abstractmethod
+    def _recv(self, source, phase):
+        """The next message of ``phase`` from ``source``, as a new uint8 array."""
+
+    @abc.abstractmethod
+    def _sendrecv(self, buf, dest, source, phase):
+        """Send ``buf`` to ``dest`` while receiving (and returning) a message from ``source``."""
+
+    @abc.abstractmethod
+    def _isend(self, buf, dest, phase):
+        """Start delivering ``buf`` to ``dest``; return what :meth:`_wait_send` takes."""
+
+    @abc.abstractmethod
+    def _wait_send(self, request, dest, phase):
+        """Return when the send started by :meth:`_isend` (its ``request``) has left."""
+
+    @abc.abstractmethod
+    def _next_source(self, pending, phase):
+        """One of ``pending`` whose message of ``phase`` may be received now (waiting for one)."""
+
+    @abc.abstractmethod
+    def _allreduce_sum(self, host, phase):
+        """The sum over all ranks of a float32 CPU tensor ``host`` (which it may overwrite)."""
+
+    @abc.abstractmethod
+    def _allreduce_array(self, array, op, phase):
+        """Reduce a contiguous numpy ``array`` over all ranks in place (``op``: "sum" or "max")."""
+
+    @abc.abstractmethod
+    def _allgather(self, data, phase):
+        """Every rank's ``data`` (a uint8 array, any lengths) as bytes, in rank order."""
+
+    @abc.abstractmethod
+    def bcast_bytes(self, buf, root=0):
+        """``root``'s bytes on every rank (uncounted control traffic, e.g. initial parameters)."""
+
+    @abc.abstractmethod
+    def barrier(self):
+        """Return when every rank has called it."""
+
+    # -- the calls topologies make: counted, timed and traced here, once for every transport ----
 
     def begin_step(self, step):
         """Stamp ``step`` on everything recorded from now on."""
@@ -200,18 +283,91 @@ class Transport:
                               allreduce_nbytes(fp32_numel, self.size))
         return nominal
 
+    def send(self, buf, dest, phase, fp32_bytes):
+        """Send a framed message to ``dest``; returns when the buffer may be reused."""
+        nbytes = self._record(buf, dest, phase, fp32_bytes)
+        with self.meter.time("communicate", name="send", message=phase, peer=dest, bytes=nbytes):
+            self._send(buf, dest, phase)
+
+    def recv(self, source, phase):
+        """Receive one message of ``phase`` from ``source``; return it as a uint8 array."""
+        with self.meter.time("communicate", name="recv", message=phase, peer=source) as span:
+            out = self._recv(source, phase)
+            span["bytes"] = out.size
+            return out
+
+    def sendrecv(self, buf, dest, source, phase, fp32_bytes):
+        """Send to ``dest`` while receiving from ``source`` (any lengths); no deadlock in rings."""
+        nbytes = self._record(buf, dest, phase, fp32_bytes)
+        with self.meter.time("communicate", name="sendrecv", message=phase, peer=dest, bytes=nbytes,
+                             source=source) as span:
+            out = self._sendrecv(buf, dest, source, phase)
+            span["received_bytes"] = out.size
+            return out
+
+    def isend(self, buf, dest, phase, fp32_bytes):
+        """Start sending a framed message to ``dest``; finish with :meth:`wait_sends`."""
+        nbytes = self._record(buf, dest, phase, fp32_bytes)
+        return self._isend(buf, dest, phase), buf, dest, phase, nbytes
+
+    def wait_sends(self, handles):
+        """Wait until every message started by :meth:`isend` has left."""
+        if not handles:
+            return
+        with self.meter.time("communicate", name="wait_sends", messages=len(handles),
+                             bytes=sum(h[4] for h in handles), peers=[h[2] for h in handles]):
+            for request, _, dest, phase, _ in handles:
+                self._wait_send(request, dest, phase)
+
+    def recv_each(self, sources, phase):
+        """Yield ``(source, message)`` for one message of ``phase`` from each of ``sources``, as they arrive."""
+        pending = list(sources)
+        while pending:
+            with self.meter.time("communicate", name="recv", message=phase) as span:
+                source = self._next_source(pending, phase)
+                message = self._recv(source, phase)
+                span.update(peer=source, bytes=message.size)
+            pending.remove(source)
+            yield source, message
+
+    def allreduce_sum(self, tensor, phase="allreduce"):
+        """Sum a float32 tensor over all ranks (staged through the CPU), counted at the nominal cost."""
+        host = tensor.detach().to("cpu", torch.float32).contiguous().clone()
+        if self.size > 1:
+            nominal = allreduce_nbytes(host.numel(), self.size)
+            self.meter.record(phase, self.world_rank(self.rank), -1, 0, nominal, nominal)
+            with self.meter.time("communicate", name="allreduce", message=phase, bytes=nominal):
+                host = self._allreduce_sum(host, phase)
+        return host.to(tensor.device)
+
     def allreduce_array(self, array, op="sum", phase="allreduce", fp32_numel=0):
         """Reduce a contiguous numpy ``array`` over all ranks in place (``op``: "sum" or "max");
         counted at the nominal cost of its bytes, standing for an fp32 allreduce of ``fp32_numel``."""
-        raise NotImplementedError
+        _check_op(op)
+        nominal = self._record_allreduce(array, phase, fp32_numel)
+        if self.size > 1:
+            with self.meter.time("communicate", name="allreduce", message=phase, bytes=nominal):
+                self._allreduce_array(array, op, phase)
+        return array
+
+    def allgather_bytes(self, buf, phase=None):
+        """Every rank's ``buf`` (any lengths), in rank order; counted and timed only when ``phase`` is given."""
+        data = _as_bytes_array(buf)
+        if phase is None:
+            return self._allgather(data, phase)
+        for dest in range(self.size):
+            if dest != self.rank:
+                self._record(data, dest, phase, 0, framed=False)
+        with self.meter.time("communicate", name="allgather", message=phase, bytes=data.size):
+            return self._allgather(data, phase)
 
     def pipeline(self, op, phase):
         """An :class:`AllreducePipeline` over this transport (allreduces in the caller's thread)."""
         return AllreducePipeline(self, op, phase)
 
+    @abc.abstractmethod
     def agree_max(self, value):
         """Collective: the largest of every rank's int32 ``value`` (uncounted control traffic)."""
-        raise NotImplementedError
 
 
 class AllreducePipeline:
@@ -227,8 +383,7 @@ class AllreducePipeline:
     """
 
     def __init__(self, transport, op, phase):
-        if op not in REDUCE_OPS:
-            raise ConfigError(f"transport: allreduce op must be one of {', '.join(REDUCE_OPS)}; got {op!r}")
+        _check_op(op)
         self.transport, self.op, self.phase = transport, op, phase
         self.count = 0
 
@@ -318,12 +473,8 @@ class MPITransport(Transport):
             self.poller.until(request.Test, self._timeout(), lambda: f"{what} (rank {self.rank}, "
                               f"step {self.meter.step})")
 
-    def send(self, buf, dest, phase, fp32_bytes):
-        """Send a framed message to ``dest``; returns when the buffer may be reused."""
-        nbytes = self._record(buf, dest, phase, fp32_bytes)
-        with self.meter.time("communicate", name="send", message=phase, peer=dest, bytes=nbytes):
-            self._wait(self.comm.Isend([_as_bytes_array(buf), self._MPI.BYTE], dest=dest, tag=phase_tag(phase)),
-                       f"rank {dest} to take a '{phase}' message")
+    def _send(self, buf, dest, phase):
+        self._wait_send(self._isend(buf, dest, phase), dest, phase)
 
     def _recv(self, source, phase):
         status = self._MPI.Status()
@@ -340,87 +491,43 @@ class MPITransport(Transport):
         self._wait(self.comm.Irecv([out, self._MPI.BYTE], source=source, tag=tag), what)
         return out
 
-    def recv(self, source, phase):
-        """Receive one message of ``phase`` from ``source``; return it as a uint8 array."""
-        with self.meter.time("communicate", name="recv", message=phase, peer=source) as span:
-            out = self._recv(source, phase)
-            span["bytes"] = out.size
-            return out
+    def _sendrecv(self, buf, dest, source, phase):
+        request = self._isend(buf, dest, phase)
+        try:
+            return self._recv(source, phase)
+        finally:
+            self._wait_send(request, dest, phase)
 
-    def sendrecv(self, buf, dest, source, phase, fp32_bytes):
-        """Send to ``dest`` while receiving from ``source`` (any lengths); no deadlock in rings."""
-        nbytes = self._record(buf, dest, phase, fp32_bytes)
+    def _isend(self, buf, dest, phase):
+        return self.comm.Isend([_as_bytes_array(buf), self._MPI.BYTE], dest=dest, tag=phase_tag(phase))
+
+    def _wait_send(self, request, dest, phase):
+        self._wait(request, f"rank {dest} to take a '{phase}' message")
+
+    def _next_source(self, pending, phase):
+        if self.poller is None or len(pending) == 1:
+            return pending[0]
         tag = phase_tag(phase)
-        with self.meter.time("communicate", name="sendrecv", message=phase, peer=dest, bytes=nbytes,
-                             source=source) as span:
-            request = self.comm.Isend([_as_bytes_array(buf), self._MPI.BYTE], dest=dest, tag=tag)
-            try:
-                out = self._recv(source, phase)
-                span["received_bytes"] = out.size
-                return out
-            finally:
-                self._wait(request, f"rank {dest} to take a '{phase}' message")
+        (source,) = self.poller.until(  # a 1-tuple: rank 0 is falsy
+            lambda: next(((s,) for s in pending if self.comm.Iprobe(source=s, tag=tag)), None),
+            self._timeout(),
+            lambda: f"'{phase}' messages from ranks {pending} (rank {self.rank}, step {self.meter.step})")
+        return source
 
-    def isend(self, buf, dest, phase, fp32_bytes):
-        """Start sending a framed message to ``dest``; finish with :meth:`wait_sends`."""
-        nbytes = self._record(buf, dest, phase, fp32_bytes)
-        request = self.comm.Isend([_as_bytes_array(buf), self._MPI.BYTE], dest=dest, tag=phase_tag(phase))
-        return request, buf, dest, phase, nbytes
-
-    def wait_sends(self, handles):
-        """Wait until every message started by :meth:`isend` has left."""
-        with self.meter.time("communicate", name="wait_sends", messages=len(handles),
-                             bytes=sum(h[4] for h in handles), peers=[h[2] for h in handles]):
-            for request, _, dest, phase, _ in handles:
-                self._wait(request, f"rank {dest} to take a '{phase}' message")
-
-    def recv_each(self, sources, phase):
-        """Yield ``(source, message)`` for one message of ``phase`` from each of ``sources``, as they arrive."""
-        tag = phase_tag(phase)
-        pending = list(sources)
-        while pending:
-            with self.meter.time("communicate", name="recv", message=phase) as span:
-                if self.poller is None or len(pending) == 1:
-                    source = pending[0]
-                else:
-                    (source,) = self.poller.until(  # a 1-tuple: rank 0 is falsy
-                        lambda: next(((s,) for s in pending if self.comm.Iprobe(source=s, tag=tag)),
-                                     None),
-                        self._timeout(),
-                        lambda: f"'{phase}' messages from ranks {pending} (rank {self.rank}, step {self.meter.step})")
-                message = self._recv(source, phase)
-                span.update(peer=source, bytes=message.size)
-            pending.remove(source)
-            yield source, message
-
-    def allreduce_sum(self, tensor, phase="allreduce"):
-        """Sum a float32 tensor over all ranks with ``MPI.Allreduce`` (staged through the CPU)."""
-        host = tensor.detach().to("cpu", torch.float32).contiguous().numpy().copy()
-        n = self.size
-        if n > 1:
-            nominal = allreduce_nbytes(host.size, n)
-            self.meter.record(phase, self.world_rank(self.rank), -1, 0, nominal, nominal)
-            with self.meter.time("communicate", name="allreduce", message=phase, bytes=nominal):
-                if self.poller is None:
-                    self.comm.Allreduce(self._MPI.IN_PLACE, [host, self._MPI.FLOAT], op=self._MPI.SUM)
-                else:
-                    self._wait(self.comm.Iallreduce(self._MPI.IN_PLACE, [host, self._MPI.FLOAT], op=self._MPI.SUM),
-                               f"the other ranks in the '{phase}' allreduce")
-        return torch.from_numpy(host).to(tensor.device)
+    def _allreduce_sum(self, host, phase):
+        buf = [host.numpy(), self._MPI.FLOAT]
+        self._collective(self.comm.Iallreduce, self.comm.Allreduce, f"the other ranks in the '{phase}' allreduce",
+                         self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
+        return host
 
     def _mpi_args(self, array, op):
-        if op not in REDUCE_OPS:
-            raise ConfigError(f"transport: allreduce op must be one of {', '.join(REDUCE_OPS)}; got {op!r}")
+        _check_op(op)
         return array, getattr(self._MPI, op.upper())  # mpi4py types the buffer from the array's dtype
 
-    def allreduce_array(self, array, op="sum", phase="allreduce", fp32_numel=0):
-        nominal = self._record_allreduce(array, phase, fp32_numel)
-        if self.size > 1:
-            buf, mpi_op = self._mpi_args(array, op)
-            with self.meter.time("communicate", name="allreduce", message=phase, bytes=nominal):
-                self._collective(self.comm.Iallreduce, self.comm.Allreduce, f"the other ranks in the '{phase}' "
-                                 "allreduce", self._MPI.IN_PLACE, buf, op=mpi_op)
-        return array
+    def _allreduce_array(self, array, op, phase):
+        buf, mpi_op = self._mpi_args(array, op)
+        self._collective(self.comm.Iallreduce, self.comm.Allreduce, f"the other ranks in the '{phase}' allreduce",
+                         self._MPI.IN_PLACE, buf, op=mpi_op)
 
     def pipeline(self, op, phase):
         """Allreduces started and finished by a driver thread (the only thread calling MPI while the
@@ -429,24 +536,16 @@ class MPITransport(Transport):
             return AllreducePipeline(self, op, phase)
         return _DrivenPipeline(self, op, phase)
 
-    def allgather_bytes(self, buf, phase=None):
-        """Every rank's ``buf`` (any lengths), in rank order; counted and timed only when ``phase`` is given."""
-        data = _as_bytes_array(buf)
-        with (self.meter.time("communicate", name="allgather", message=phase, bytes=data.size)
-              if phase is not None else contextlib.nullcontext()):
-            counts = np.zeros(self.size, dtype=np.int64)
-            what = f"the other ranks in an allgather ({phase or 'control'})"
-            self._collective(self.comm.Iallgather, self.comm.Allgather, what,
-                             [np.array([data.size], dtype=np.int64), self._MPI.INT64_T], [counts, self._MPI.INT64_T])
-            if phase is not None:
-                for dest in range(self.size):
-                    if dest != self.rank:
-                        self._record(data, dest, phase, 0, framed=False)
-            displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
-            out = np.empty(int(counts.sum()), dtype=np.uint8)
-            self._collective(self.comm.Iallgatherv, self.comm.Allgatherv, what,
-                             [data, self._MPI.BYTE], [out, (counts, displs), self._MPI.BYTE])
-            return [out[d:d + c].tobytes() for d, c in zip(displs, counts)]
+    def _allgather(self, data, phase):
+        counts = np.zeros(self.size, dtype=np.int64)
+        what = f"the other ranks in an allgather ({phase or 'control'})"
+        self._collective(self.comm.Iallgather, self.comm.Allgather, what,
+                         [np.array([data.size], dtype=np.int64), self._MPI.INT64_T], [counts, self._MPI.INT64_T])
+        displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        out = np.empty(int(counts.sum()), dtype=np.uint8)
+        self._collective(self.comm.Iallgatherv, self.comm.Allgatherv, what,
+                         [data, self._MPI.BYTE], [out, (counts, displs), self._MPI.BYTE])
+        return [out[d:d + c].tobytes() for d, c in zip(displs, counts)]
 
     def bcast_bytes(self, buf, root=0):
         """``root``'s bytes on every rank (uncounted control traffic, e.g. initial parameters)."""
@@ -657,7 +756,8 @@ class _Aborted(Exception):
 
 
 class LocalTransport(Transport):
-    """One rank of a :class:`LocalGroup`; same methods, byte counting and timing as :class:`MPITransport`."""
+    """One rank of a :class:`LocalGroup`: the bytes move through in-process queues; counting and
+    timing are :class:`Transport`'s, as for :class:`MPITransport`."""
 
     def __init__(self, group, rank, meter=None, world_ranks=None):
         self.group = group
@@ -679,15 +779,10 @@ class LocalTransport(Transport):
         sub = self.group.subgroup((id(self.group), self._splits, color), [self.nodes[r] for r in members])
         return LocalTransport(sub, members.index(self.rank), self.meter, [self.world_rank(r) for r in members])
 
-    def send(self, buf, dest, phase, fp32_bytes):
-        nbytes = self._record(buf, dest, phase, fp32_bytes)
-        with self.meter.time("communicate", name="send", message=phase, peer=dest, bytes=nbytes):
-            self._put(buf, dest, phase)
-
-    def _put(self, buf, dest, phase):
+    def _send(self, buf, dest, phase):
         self.group.queue(self.rank, dest, phase_tag(phase)).put(bytes(memoryview(buf).cast("B")))
 
-    def _get(self, source, phase):
+    def _recv(self, source, phase):
         q = self.group.queue(source, self.rank, phase_tag(phase))
         while True:
             try:
@@ -696,68 +791,33 @@ class LocalTransport(Transport):
                 if self.group.error is not None:
                     raise _Aborted() from None
 
-    def recv(self, source, phase):
-        with self.meter.time("communicate", name="recv", message=phase, peer=source) as span:
-            out = self._get(source, phase)
-            span["bytes"] = out.size
-            return out
+    def _sendrecv(self, buf, dest, source, phase):
+        self._send(buf, dest, phase)
+        return self._recv(source, phase)
 
-    def sendrecv(self, buf, dest, source, phase, fp32_bytes):
-        nbytes = self._record(buf, dest, phase, fp32_bytes)
-        with self.meter.time("communicate", name="sendrecv", message=phase, peer=dest, bytes=nbytes,
-                             source=source) as span:
-            self._put(buf, dest, phase)
-            out = self._get(source, phase)
-            span["received_bytes"] = out.size
-            return out
+    def _isend(self, buf, dest, phase):
+        self._send(buf, dest, phase)  # queues never block: the message has left
 
-    def isend(self, buf, dest, phase, fp32_bytes):
-        self.send(buf, dest, phase, fp32_bytes)
-        return None
-
-    def wait_sends(self, handles):
+    def _wait_send(self, request, dest, phase):
         pass
 
-    def recv_each(self, sources, phase):
-        for source in sources:  # in the given order: queues cannot be probed together
-            yield source, self.recv(source, phase)
+    def _next_source(self, pending, phase):
+        return pending[0]  # in the given order: queues cannot be probed together
 
-    def allreduce_sum(self, tensor, phase="allreduce"):
+    def _allreduce_sum(self, host, phase):
         """Sum in rank order (MPI may associate differently: last-bit differences from a real job)."""
-        n = self.size
-        host = tensor.detach().to("cpu", torch.float32).contiguous().clone()
-        if n > 1:
-            nominal = allreduce_nbytes(host.numel(), n)
-            self.meter.record(phase, self.world_rank(self.rank), -1, 0, nominal, nominal)
-        with self.meter.time("communicate", name="allreduce", message=phase, bytes=nominal if n > 1 else 0):
-            total = self.group.exchange(self.rank, host)
-        acc = total[0].clone()
-        for t in total[1:]:
-            acc += t
-        return acc.to(tensor.device)
+        return sum_of(self.group.exchange(self.rank, host))
 
-    def allreduce_array(self, array, op="sum", phase="allreduce", fp32_numel=0):
+    def _allreduce_array(self, array, op, phase):
         """Reduce in rank order (sums of integers and maxima are exact: the bits MPI gives)."""
-        if op not in REDUCE_OPS:
-            raise ConfigError(f"transport: allreduce op must be one of {', '.join(REDUCE_OPS)}; got {op!r}")
-        nominal = self._record_allreduce(array, phase, fp32_numel)
-        with self.meter.time("communicate", name="allreduce", message=phase, bytes=nominal):
-            values = self.group.exchange(self.rank, array.copy())
+        values = self.group.exchange(self.rank, array.copy())
         reduce = np.add if op == "sum" else np.maximum
         array[...] = values[0]
         for v in values[1:]:
             reduce(array, v, out=array)
-        return array
 
-    def allgather_bytes(self, buf, phase=None):
-        data = bytes(memoryview(buf).cast("B"))
-        if phase is None:
-            return self.group.exchange(self.rank, data)
-        for dest in range(self.size):
-            if dest != self.rank:
-                self._record(data, dest, phase, 0, framed=False)
-        with self.meter.time("communicate", name="allgather", message=phase, bytes=len(data)):
-            return self.group.exchange(self.rank, data)
+    def _allgather(self, data, phase):
+        return self.group.exchange(self.rank, data.tobytes())
 
     def bcast_bytes(self, buf, root=0):
         return self.group.exchange(self.rank, bytes(memoryview(buf).cast("B")) if self.rank == root else None)[root]

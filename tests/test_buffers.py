@@ -79,12 +79,12 @@ def test_dense_codes_are_written_in_place_with_the_same_bytes(monkeypatch, name,
 
 
 def test_kernels_refuse_an_output_without_the_spare_bytes():
-    from mpiqsgd.codecs import kernels
+    from mpiqsgd.codecs.qsgd_kernels import level_encode
 
     x, norms = torch.randn(64), torch.ones(1)
     with pytest.raises(ValueError, match="40 bytes"):  # 32 packed + 8 spare
-        kernels.level_encode(x, 7 / norms, norms / 7, 512, 4, 7, 0, False, False, out=np.empty(39, np.uint8))
-    packed, _ = kernels.level_encode(x, 7 / norms, norms / 7, 512, 4, 7, 0, False, False, out=np.empty(40, np.uint8))
+        level_encode(x, 7 / norms, norms / 7, 512, 4, 7, 0, False, False, out=np.empty(39, np.uint8))
+    packed, _ = level_encode(x, 7 / norms, norms / 7, 512, 4, 7, 0, False, False, out=np.empty(40, np.uint8))
     assert packed.numel() == 32
 
 

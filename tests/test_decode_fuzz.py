@@ -21,7 +21,7 @@ from hypothesis import given, settings, strategies as st
 from conftest import varint
 from mpiqsgd import wire
 from mpiqsgd.codecs import CODECS as CODEC_NAMES, ENCODINGS, codec_for, decode, make_codec, make_generator
-from mpiqsgd.codecs import kernels, levelset, qsgd
+from mpiqsgd.codecs import levelset, qsgd, sign
 from mpiqsgd.errors import ConfigError, DecodeError, MpiqsgdError
 
 CODECS = [make_codec("fp32"), make_codec("fp16"), make_codec("qsgd", bits=3, bucket=16),
@@ -458,8 +458,8 @@ def test_kernels_never_see_a_bucket_above_numel(monkeypatch, name, force_torch):
             return original(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(kernels, "level_decode", spy(kernels.level_decode, 2, 5))
-    monkeypatch.setattr(kernels, "sign_decode", spy(kernels.sign_decode, 2, 3))
+    monkeypatch.setattr(qsgd, "level_decode", spy(qsgd.level_decode, 2, 5))
+    monkeypatch.setattr(sign, "sign_decode", spy(sign.sign_decode, 2, 3))
     monkeypatch.setattr(levelset, "levelset_decode", spy(levelset.levelset_decode, 3, 5))
     bucket = 2**16 if name == "qsgd-elias" else 2**30
     codec = make_codec(name, bucket=bucket)  # encoded by numba: its torch encoder pads to a whole bucket

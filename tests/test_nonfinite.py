@@ -7,7 +7,8 @@ import torch
 
 from conftest import vec
 from mpiqsgd.codecs import CODECS, ErrorFeedback, decode, make_codec, make_generator
-from mpiqsgd.codecs.qsgd import bucket_norms, checked_norms, max_norm
+from mpiqsgd.codecs.buckets import bucket_norms, checked_norms
+from mpiqsgd.codecs.qsgd import max_norm
 from mpiqsgd.codecs.residual import check_residual
 from mpiqsgd.errors import NonFiniteError
 

@@ -15,7 +15,7 @@ from mpiqsgd.linkmodel import Link
 from mpiqsgd.project import (TOPOLOGY_NAMES, Scenario, _shared, builtin_rates, exchange, parse_nodes, project,
                              rates_from_bench)
 from mpiqsgd.topology import make_aggregator
-from mpiqsgd.topology.hierarchical import _Shape
+from mpiqsgd.topology.hierarchical import LeaderShape
 
 ROOT = Path(__file__).resolve().parents[1]
 QSGD4 = make_codec("qsgd", bits=4)
@@ -42,7 +42,7 @@ def test_fp32_allreduce_at_two_nodes_is_the_closed_form():
 def test_bytes_per_rank_equal_the_topologys_own_formula(topology, p):
     numel = 1_234_567
     x = exchange(topology, p, scenario(numel=numel))
-    agg = make_aggregator(topology, _Shape(p), None if topology == "allreduce" else QSGD4)
+    agg = make_aggregator(topology, LeaderShape(p), None if topology == "allreduce" else QSGD4)
     assert x["bytes_per_rank"] == agg._sent_nbytes(numel, 0)
 
 

@@ -47,7 +47,7 @@ try:
 except ImportError:  # pragma: no cover - numba is a declared dependency
     numba = None
 
-from .kernels import CHUNK, HAVE_NUMBA, _load_word, run_chunks
+from .kernels import CHUNK, HAVE_NUMBA, load_word, run_chunks
 
 __all__ = ["omega_bits", "count_bits", "encode_codes", "encode_parallel", "decode_stream", "ERRORS"]
 
@@ -127,7 +127,7 @@ def _bucket_nnz(packed, start, end, bits):
     for i in range(start, end):
         if i >> 3 != g_loaded:
             g_loaded = i >> 3
-            word = _load_word(packed, g_loaded, bits)
+            word = load_word(packed, g_loaded, bits)
         if (word >> np.uint64((i & 7) * bits)) & top:
             nnz += 1
     return nnz
@@ -147,7 +147,7 @@ def count_bits(packed, n, bits, bucket):
         for i in range(start, min(start + bucket, n)):
             if i >> 3 != g_loaded:
                 g_loaded = i >> 3
-                word = _load_word(packed, g_loaded, bits)
+                word = load_word(packed, g_loaded, bits)
             level = np.int64((word >> np.uint64((i & 7) * bits)) & top)
             if level != 0:
                 nnz += 1
@@ -173,7 +173,7 @@ def encode_codes(packed, n, bits, bucket, nbits):
         for i in range(start, end):
             if i >> 3 != g_loaded:
                 g_loaded = i >> 3
-                word = _load_word(packed, g_loaded, bits)
+                word = load_word(packed, g_loaded, bits)
             code = np.int64((word >> np.uint64((i & 7) * bits)) & np.uint64((1 << bits) - 1))
             level = code & np.int64(top)
             if level:
@@ -291,11 +291,10 @@ def omega_tables():
 
 
 if HAVE_NUMBA:
-    from .kernels import ByWidth, unpack_chunk
+    from .kernels import ByWidth, jit_kernel, unpack_chunk
 
     # The loops below are written out in each kernel: numba compiles a helper that returns a
     # tuple (position, accumulator ...) per coordinate into code 5-10x slower.
-    _task = numba.njit(cache=True, nogil=True, error_model="numpy")
 
     @numba.njit(inline="always")
     def _task_codes(packed, n, bits, bucket, per_task, n_buckets, c, buf):
@@ -342,7 +341,7 @@ if HAVE_NUMBA:
         return ((word & zeros) + _LOW7) & _HIGH
 
     def _write_kernel(bits):
-        @_task
+        @jit_kernel
         def kernel(c0, c1, packed, n, bucket, per_task, codes, lengths, scratch, starts, task_bits):
             """Each task's buckets into its own bytes ``scratch[starts[c]:starts[c + 1]]`` from bit 0;
             its length in bits into ``task_bits[c]``.
@@ -398,7 +397,7 @@ if HAVE_NUMBA:
 
     _write_tasks = ByWidth(_write_kernel)
 
-    @_task
+    @jit_kernel
     def _merge_tasks(c0, c1, scratch, starts, offsets, out, first):
         """Copy each task's bits to its bit offset in ``out``; the first byte, which it may share
         with the previous task, into ``first`` (merged after every task has run)."""

@@ -67,12 +67,12 @@ except ImportError:  # pragma: no cover - a declared dependency
     constriction = None
 
 from ..errors import ConfigError, DecodeError
-from .kernels import CHUNK, HAVE_NUMBA, _pool, parallel_ok, run_chunks
+from .kernels import CHUNK, HAVE_NUMBA, parallel_ok, run_chunks, thread_pool
 
 if HAVE_NUMBA:
     import numba
 
-    from .kernels import ByWidth, _kernel, chunk_range, unpack_chunk
+    from .kernels import ByWidth, chunk_range, jit_kernel, unpack_chunk
 
 __all__ = ["encode", "decode", "symbol_counts", "entropy_bits", "describe", "qsgd_symbols", "levelset_symbols",
            "check_available", "MAX_GROUP", "MAX_ALPHABET", "MIN_STREAM_BYTES", "DECODE_CHUNK"]
@@ -123,7 +123,7 @@ if HAVE_NUMBA:
     _jit = numba.njit(cache=True, nogil=True)
 
     def _code_hist_kernel(bits):
-        @_kernel
+        @jit_kernel
         def kernel(c0, c1, packed, n, hist):
             codes = np.empty(CHUNK, dtype=np.uint8)
             part = np.zeros((4, hist.shape[1]), dtype=np.int32)  # 4 interleaved counts: no store-to-load chain
@@ -148,7 +148,7 @@ if HAVE_NUMBA:
     _code_hist_chunks = ByWidth(_code_hist_kernel)
 
     def _tuple_kernel(bits):
-        @_kernel
+        @jit_kernel
         def kernel(c0, c1, packed, n, g, m, digit, tids):
             codes = np.empty(CHUNK, dtype=np.uint8)
             n_tuples = tids.size
@@ -333,11 +333,11 @@ def encode(packed, n, bits, code_symbol, n_symbols):
         per_step = ENCODE_CHUNK // TUPLE_CHUNK
         n_task_chunks = -(-n_tuples // TUPLE_CHUNK)
         steps = [(s * per_step, min(n_task_chunks, (s + 1) * per_step)) for s in range(n_steps)][::-1]
-        pending = _pool().submit(kernel, *steps[0], *args)
+        pending = thread_pool().submit(kernel, *steps[0], *args)
         for i, (c0, c1) in enumerate(steps):
             pending.result()
             if i + 1 < len(steps):
-                pending = _pool().submit(kernel, *steps[i + 1], *args)
+                pending = thread_pool().submit(kernel, *steps[i + 1], *args)
             coder.encode_reverse(tids[c0 * TUPLE_CHUNK:min(n_tuples, c1 * TUPLE_CHUNK)], tuple_model)
     else:
         run_chunks(kernel, 8 * n_tuples, args)  # 8 units per tuple: a chunk is TUPLE_CHUNK tuples
@@ -442,7 +442,7 @@ def decode(stream, n, n_symbols, scales, bucket, table, codec, out=None):
         if pending is not None:
             bad += pending.result()
         if overlap:  # the value kernel releases the GIL: it runs while the coder decodes the next chunk
-            pending = _pool().submit(_values, *args)
+            pending = thread_pool().submit(_values, *args)
         else:
             bad += _values(*args)
     if pending is not None:

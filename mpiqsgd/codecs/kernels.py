@@ -1,14 +1,16 @@
-"""Fused quantize-and-pack kernels: numba on the CPU, torch ops on other devices.
+"""The machinery every codec kernel shares: numba on the CPU, torch ops on other devices.
 
-This module is also the shared home of every codec kernel's machinery: the
-counter-based uniforms, the packing of code groups, the chunked serial/parallel
-driver, the bucket norms' kernel and the choice between numba and torch (:func:`use_numba`).
+Here: the counter-based uniforms, the packing of code groups, the chunked serial/parallel
+driver and its thread pool (:func:`run_chunks`, :func:`thread_pool`), the numba decorator of
+a kernel (:data:`jit_kernel`), one kernel per code width (:class:`ByWidth`), the bucket norms'
+kernel (:func:`write_norm`, :func:`norm_chunks`), the payload buffers (:func:`padded`,
+:func:`codes_slot`, :func:`place_scales`) and the choice between numba and torch
+(:func:`use_numba`). The kernels themselves live with their codecs:
+:mod:`~mpiqsgd.codecs.qsgd_kernels` (QSGD's level codes), :mod:`~mpiqsgd.codecs.levelset_kernels`
+(the level sets'), :mod:`~mpiqsgd.codecs.sign` (the sign decoder), :mod:`~mpiqsgd.codecs.elias`,
+:mod:`~mpiqsgd.codecs.entropy` and :mod:`~mpiqsgd.codecs.summable`.
 
-Encoders write their payload in place where they can: into the send buffer the exchange
-reuses (``out`` of :func:`level_encode` at :func:`codes_slot`, the scales by :func:`place_scales`), so
-neither a payload allocation nor the frame's copy happens on the hot path.
-
-Both implementations produce the same bytes for the same input and seed. Their
+Both implementations of a kernel produce the same bytes for the same input and seed. Their
 randomness is counter based: coordinates ``2 j`` and ``2 j + 1`` of a message share one hash,
 
     z = splitmix64(seed + (j + 1) * 0x9E3779B97F4A7C15),
@@ -27,12 +29,7 @@ little-endian word of ``bits`` bytes.
 The CPU kernels split a message into chunks of :data:`CHUNK` coordinates (a thread's
 unit of work). A chunk is processed in vectorizable passes over a small code buffer that
 stays in L1: codes of each bucket segment (one scale per segment, so no division per
-coordinate), then the packing of 8-code groups by shifts and masks. Where the bucket
-divides :data:`CHUNK` (:func:`one_pass`; QSGD's 512, the level sets' 8192), the bucket's norm is summed
-first, in the same pass (:func:`fused_level_encode`; the level sets' likewise): the
-bucket is read from memory once, then quantized from cache. Measured on the 2-core VM,
-25M coordinates, 4-bit QSGD, 2 threads: the norms' own pass took 3-7 ms of a 28 ms
-encode, the fused encode 18 ms.
+coordinate), then the packing of 8-code groups by shifts and masks (:func:`pack_chunk`).
 """
 
 import threading
@@ -48,9 +45,10 @@ try:
 except ImportError:  # pragma: no cover - numba is a declared dependency
     numba = None
 
-__all__ = ["draw_seed", "SeedAt", "uniform", "level_encode", "level_decode", "sign_decode", "use_numba", "parallel_ok",
-           "run_chunks", "fill_uniforms", "ByWidth", "padded", "codes_slot", "place_scales", "one_pass",
-           "check_spare", "host_array", "decode_target", "bucket_norms", "fused_level_encode", "CHUNK", "HAVE_NUMBA"]
+__all__ = ["draw_seed", "SeedAt", "uniform", "use_numba", "parallel_ok", "run_chunks", "thread_pool", "ByWidth", "padded",
+           "codes_slot", "place_scales", "one_pass", "check_spare", "host_array", "decode_target", "load_word",
+           "jit_kernel", "chunk_range", "bucket_segment", "fill_uniforms", "pack_chunk", "unpack_chunk", "write_norm",
+           "norm_chunks", "NORM_KINDS", "CHUNK", "HAVE_NUMBA"]
 
 HAVE_NUMBA = numba is not None
 
@@ -133,7 +131,7 @@ def run_chunks(kernel, n, args, units=None):
     if n_threads <= 1:
         return int(kernel(0, n_chunks, *args))
     edges = [n_chunks * t // n_threads for t in range(n_threads + 1)]
-    pool = _pool()
+    pool = thread_pool()
     tasks = [pool.submit(kernel, edges[t], edges[t + 1], *args) for t in range(1, n_threads)]
     total = int(kernel(edges[0], edges[1], *args))  # the calling thread takes the first range
     return total + sum(int(task.result()) for task in tasks)
@@ -169,7 +167,8 @@ class ByWidth:
 _POOL = []
 
 
-def _pool():
+def thread_pool():
+    """The pool of Python threads that :func:`run_chunks` (and the entropy coder) run kernels on."""
     if not _POOL:
         _POOL.append(ThreadPoolExecutor(max_workers=max(1, numba.config.NUMBA_NUM_THREADS - 1),
                                         thread_name_prefix="mpiqsgd-kernel"))
@@ -214,48 +213,13 @@ def check_spare(out, nbytes):
     return out
 
 
-# -- torch implementation (any device) ----------------------------------------------------
-
-def _encode_torch(x, scale, bucket, bits, levels, seed, stochastic):
-    from .bits import pack
-
-    n = x.numel()
-    n_buckets = scale.numel()
-    padded_x = torch.zeros(n_buckets * bucket, dtype=torch.float32, device=x.device)
-    padded_x[:n] = x
-    r = (padded_x.view(n_buckets, bucket).abs() * scale[:, None]).clamp_(max=float(levels)).view(-1)[:n]
-    if stochastic:
-        lower = r.floor()
-        level = lower + (uniform(seed, n, x.device) < (r - lower)).to(torch.float32)
-    else:
-        level = r.round()
-    level = level.to(torch.uint8)
-    negative = x < 0
-    return pack(level | (negative.to(torch.uint8) << (bits - 1)), bits), level, negative
-
-
-def _values_torch(level, negative, unit, bucket):
-    n = level.numel()
-    values = level.to(torch.float32) * unit.repeat_interleave(bucket)[:n]
-    return torch.where(negative, -values, values)
-
-
-def _decode_torch(packed, unit, bucket, bits, levels, n):
-    from .bits import unpack
-
-    codes = unpack(packed, n, bits)
-    level = codes & ((1 << (bits - 1)) - 1)
-    bad = int((level > levels).sum()) if n else 0
-    return _values_torch(level, (codes >> (bits - 1)).bool(), unit, bucket), bad
-
-
 # -- shared numba machinery (CPU) -----------------------------------------------------------
 
 _inline = numba.njit(inline="always") if HAVE_NUMBA else (lambda f: f)
 
 
 @_inline
-def _load_word(packed, g, bits):
+def load_word(packed, g, bits):
     """Read group ``g``'s packed word (missing bytes past the end read as zero); also used by
     :mod:`mpiqsgd.codecs.elias`, in plain Python where numba is absent."""
     word = np.uint64(0)
@@ -269,7 +233,7 @@ def _load_word(packed, g, bits):
 if HAVE_NUMBA:
     # Kernels never divide by zero on valid input; the numpy error model keeps checks out of
     # the loops so that they vectorize. No fastmath: bytes must equal the torch ops'.
-    _kernel = numba.njit(cache=True, nogil=True, error_model="numpy")
+    jit_kernel = numba.njit(cache=True, nogil=True, error_model="numpy")
     _G, _A, _B = np.uint64(_GOLDEN), np.uint64(_M1), np.uint64(_M2)
     _BYTE = np.uint64(255)
 
@@ -395,7 +359,7 @@ if HAVE_NUMBA:
         whole = min(groups, max(0, packed.size // bits - g0))  # groups with all their bytes present
         _unpack_groups(packed[g0 * bits:], whole, bits, words)
         for g in range(whole, groups):
-            words[g] = _expand(_load_word(packed, g0 + g, bits), bits)
+            words[g] = _expand(load_word(packed, g0 + g, bits), bits)
 
     # -- bucket norms -----------------------------------------------------------------------
 
@@ -430,9 +394,9 @@ if HAVE_NUMBA:
             norms[b] = np.float32(total / seg.size)
         return total < np.inf  # finite float32 values never overflow a float64 sum; NaN fails too
 
-    @_kernel
-    def _norm_chunks(b0, b1, x, bucket, kind, out):
-        """Kernel of :func:`bucket_norms`: buckets ``b0..b1-1``."""
+    @jit_kernel
+    def norm_chunks(b0, b1, x, bucket, kind, out):
+        """Kernel of :func:`~mpiqsgd.codecs.buckets.bucket_norms`: buckets ``b0..b1-1``."""
         n = x.size
         bits, out_bits = x.view(np.int32), out.view(np.int32)
         for b in range(b0, b1):
@@ -442,248 +406,7 @@ if HAVE_NUMBA:
         return 0
 
 
-    # -- QSGD: sign and level ---------------------------------------------------------------
-
-    @numba.njit(inline="always")
-    def _level(v, s, top, u, stochastic, sign_shift):
-        r = min(abs(v) * s, top)
-        if stochastic:
-            lower = np.floor(r)
-            level = np.int32(lower) + np.int32(u < r - lower)
-        else:
-            level = np.int32(np.rint(r))
-        return np.uint8(level | (np.int32(v < 0) << sign_shift))
-
-    @numba.njit(inline="always")
-    def _level_value(code, u, level_mask, sign_shift):
-        val = np.float32(code & level_mask) * u
-        return -val if code >> sign_shift else val
-
-    @numba.njit(inline="always")
-    def _level_segment(xs, cs, us, s, u, top, stochastic, sign_shift, ds, want_decoded):
-        """Codes of one bucket's run of coordinates ``xs`` (scale ``s``, level step ``u``; uniforms
-        ``us``) into ``cs``, and their decoded values into ``ds`` when wanted."""
-        for k in range(xs.size):
-            cs[k] = _level(xs[k], s, top, us[k] if stochastic else np.float32(0.0), stochastic, sign_shift)
-        if want_decoded:
-            level_mask = np.uint8((1 << sign_shift) - 1)
-            for k in range(xs.size):
-                ds[k] = _level_value(cs[k], u, level_mask, sign_shift)
-
-    @numba.njit(inline="always")
-    def _chunk_buffers(start, stop, seed, stochastic):
-        """A chunk's code buffer and its uniforms (empty unless stochastic)."""
-        uniforms = np.empty(CHUNK if stochastic else 0, dtype=np.float32)
-        if stochastic:
-            fill_uniforms(seed, start, stop - start, uniforms)
-        return np.empty(CHUNK, dtype=np.uint8), uniforms
-
-    @numba.njit(inline="always")
-    def _level_encode_chunk_one(c, x, scale, unit, bucket, bits, levels, seed, stochastic, out, decoded,
-                                want_decoded):
-        start, stop = chunk_range(c, x.size)
-        codes, uniforms = _chunk_buffers(start, stop, seed, stochastic)
-        i = start
-        while i < stop:
-            b, end = bucket_segment(i, stop, bucket)
-            _level_segment(x[i:end], codes[i - start:end - start],
-                           uniforms[i - start:end - start] if stochastic else uniforms, scale[b], unit[b],
-                           np.float32(levels), stochastic, bits - 1, decoded[i:end] if want_decoded else decoded,
-                           want_decoded)
-            i = end
-        pack_chunk(codes, start, stop, bits, out)
-        return 0
-
-    def _level_encode_kernel(bits):
-        @_kernel
-        def kernel(c0, c1, x, scale, unit, bucket, levels, seed, stochastic, out, decoded, want_decoded):
-            total = 0
-            for c in range(c0, c1):
-                total += _level_encode_chunk_one(c, x, scale, unit, bucket, bits,
-                                                 levels, seed, stochastic, out, decoded, want_decoded)
-            return total
-        return kernel
-
-    def _fused_encode_kernel(key):
-        """QSGD's norms and codes in one pass over each chunk (``key`` = width | kind << 4): a
-        bucket's norm is summed while its values are in cache, then they are quantized. For
-        buckets that divide :data:`CHUNK`. Returns the number of buckets whose norm is not
-        finite or above ``limit`` (their codes are left unset: the caller raises)."""
-        bits, kind = key & 15, key >> 4
-
-        @_kernel
-        def kernel(c0, c1, x, bucket, levels, limit, seed, stochastic, norms, out, decoded, want_decoded):
-            bad = 0
-            x_bits, norms_bits = x.view(np.int32), norms.view(np.int32)
-            top = np.float32(levels)
-            for c in range(c0, c1):
-                start, stop = chunk_range(c, x.size)
-                codes, uniforms = _chunk_buffers(start, stop, seed, stochastic)
-                for i in range(start, stop, bucket):
-                    end = min(stop, i + bucket)
-                    b = i // bucket
-                    if not write_norm(x[i:end], x_bits[i:end], kind, norms, norms_bits, b) or \
-                            not norms[b] <= limit:
-                        bad += 1
-                        continue
-                    # as the torch ops compute them: levels / norm is (1 / norm) * levels there
-                    s = (np.float32(1.0) / norms[b]) * top
-                    s = s if s < np.float32(np.inf) else np.float32(0.0)  # a zero or tiny bucket: zeros
-                    _level_segment(x[i:end], codes[i - start:end - start],
-                                   uniforms[i - start:end - start] if stochastic else uniforms, s, norms[b] / top,
-                                   top, stochastic, bits - 1, decoded[i:end] if want_decoded else decoded,
-                                   want_decoded)
-                pack_chunk(codes, start, stop, bits, out)
-            return bad
-        return kernel
-
-    _fused_encode_chunks = ByWidth(_fused_encode_kernel)
-
-    _level_encode_chunks = ByWidth(_level_encode_kernel)
-
-    @numba.njit(inline="always")
-    def _level_decode_chunk_one(c, packed, unit, bucket, bits, levels, out):
-        start, stop = chunk_range(c, out.size)
-        codes = np.empty(CHUNK, dtype=np.uint8)
-        unpack_chunk(packed, start, stop, bits, codes)
-        sign_shift = bits - 1
-        level_mask = np.uint8((1 << sign_shift) - 1)
-        bad = 0
-        i = start
-        while i < stop:
-            b, end = bucket_segment(i, stop, bucket)
-            u = unit[b]
-            cs, os = codes[i - start:end - start], out[i:end]
-            for k in range(cs.size):
-                code = cs[k]
-                bad += np.int64((code & level_mask) > levels)
-                os[k] = _level_value(code, u, level_mask, sign_shift)
-            i = end
-        return bad
-
-    def _level_decode_kernel(bits):
-        @_kernel
-        def kernel(c0, c1, packed, unit, bucket, levels, out):
-            total = 0
-            for c in range(c0, c1):
-                total += _level_decode_chunk_one(c, packed, unit, bucket, bits, levels, out)
-            return total
-        return kernel
-
-    _level_decode_chunks = ByWidth(_level_decode_kernel)
-
-    @numba.njit(inline="always")
-    def _sign_chunk_one(c, packed, scales, bucket, out):
-        start, stop = chunk_range(c, out.size)
-        codes = np.empty(CHUNK, dtype=np.uint8)
-        unpack_chunk(packed, start, stop, 1, codes)
-        i = start
-        while i < stop:
-            b, end = bucket_segment(i, stop, bucket)
-            s = scales[b]
-            cs, os = codes[i - start:end - start], out[i:end]
-            for k in range(cs.size):
-                os[k] = -s if cs[k] else s
-            i = end
-        return 0
-
-    @_kernel
-    def _sign_chunks(c0, c1, packed, scales, bucket, out):
-        total = 0
-        for c in range(c0, c1):
-            total += _sign_chunk_one(c, packed, scales, bucket, out)
-        return total
-
-NORM_KINDS = {"l2": 0, "max": 1, "mean_abs": 2}
-
-
-def bucket_norms(x, bucket, norm):
-    """The float32 norm of each bucket of a flat contiguous float32 CPU ``x`` (numba kernel):
-    ``"l2"`` the float64 sum of squares' square root, ``"max"`` max |x_i|, ``"mean_abs"`` the
-    float64 sum of |x_i| over the bucket's length, each rounded once to float32; NaN or Inf
-    where the bucket holds one (Inf also where the norm exceeds float32). Callers use
-    :func:`mpiqsgd.codecs.buckets.bucket_norms`, which also covers other devices."""
-    n = x.numel()
-    count = -(-n // bucket)
-    out = np.empty(count, dtype=np.float32)
-    run_chunks(_norm_chunks, n, (x.numpy(), bucket, NORM_KINDS[norm], out), units=count)
-    return torch.from_numpy(out)
-
-
-def level_encode(x, scale, unit, bucket, bits, levels, seed, stochastic, want_decoded, force_torch=False,
-                 out=None):
-    """Quantize ``x`` to sign + level codes and pack them.
-
-    Args:
-        x: flat float32 tensor.
-        scale: float32 per bucket, ``levels / norm`` (0 for a zero bucket).
-        unit: float32 per bucket, ``norm / levels``: the value of one level step.
-        bucket, bits, levels: codec parameters.
-        seed: counter-based RNG seed (ignored when not stochastic).
-        stochastic: unbiased stochastic rounding, else nearest (half to even).
-        want_decoded: also return the values a receiver decodes.
-        force_torch: use the torch implementation on the CPU too (tests).
-        out: where the numba kernel packs the codes (a uint8 ndarray of at least the packed
-            bytes plus 8; see :func:`padded`), or None for a new buffer.
-
-    Returns:
-        (packed uint8 tensor, decoded float32 tensor or None), on ``x``'s device.
-    """
-    if not use_numba(x.device, force_torch):
-        packed, level, negative = _encode_torch(x, scale, bucket, bits, levels, seed, stochastic)
-        return packed, (_values_torch(level, negative, unit, bucket) if want_decoded else None)
-    n = x.numel()
-    nbytes = (n * bits + 7) // 8
-    out = padded(nbytes) if out is None else check_spare(out, nbytes)
-    decoded = np.empty(n if want_decoded else 0, dtype=np.float32)
-    run_chunks(_level_encode_chunks[bits], n, (x.numpy(), scale.numpy(), unit.numpy(), bucket, levels,
-                                              np.uint64(seed), bool(stochastic), out, decoded, bool(want_decoded)))
-    return torch.from_numpy(out[:nbytes]), (torch.from_numpy(decoded) if want_decoded else None)
-
-
-def fused_level_encode(x, bucket, norm, bits, levels, limit, seed, stochastic, want_decoded, out=None):
-    """:func:`level_encode` with QSGD's bucket norms computed in the same pass (numba, CPU), for a
-    ``bucket`` that divides :data:`CHUNK`: the norms are :func:`bucket_norms`' and the scales
-    those of :class:`~mpiqsgd.codecs.qsgd.QSGD`'s torch ops (``levels / norm``, 0 where that
-    overflows), so the bytes are the same; ``limit`` bounds a norm.
-
-    Returns:
-        (float32 norms tensor, packed uint8 tensor, decoded tensor or None, number of buckets with a
-        NaN/Inf value or a norm above ``limit``: when not 0, the codes are not all written).
-    """
-    n = x.numel()
-    nbytes = (n * bits + 7) // 8
-    out = padded(nbytes) if out is None else check_spare(out, nbytes)
-    norms = np.empty(-(-n // bucket), dtype=np.float32)
-    decoded = np.empty(n if want_decoded else 0, dtype=np.float32)
-    bad = run_chunks(_fused_encode_chunks[bits | NORM_KINDS[norm] << 4], n,
-                     (x.numpy(), bucket, levels, np.float32(limit), np.uint64(seed), bool(stochastic), norms, out,
-                      decoded, bool(want_decoded)))
-    return (torch.from_numpy(norms), torch.from_numpy(out[:nbytes]),
-            torch.from_numpy(decoded) if want_decoded else None, bad)
-
-
-def level_decode(packed, unit, bucket, bits, levels, n, force_torch=False, out=None):
-    """Unpack codes and return (float32 values, number of codes with a level above ``levels``);
-    the values are ``out`` (a float32 CPU tensor of ``n``), when given, on the numba path."""
-    if not use_numba(packed.device, force_torch):
-        return _decode_torch(packed, unit, bucket, bits, levels, n)
-    values, target = decode_target(out, n)
-    bad = run_chunks(_level_decode_chunks[bits], n, (packed.numpy(), unit.numpy(), bucket, levels, target))
-    return values, bad
-
-
-def sign_decode(packed, scales, bucket, n, force_torch=False, out=None):
-    """Values of ``n`` packed sign bits (1 = negative) times their bucket's scale (``out`` as for
-    :func:`level_decode`)."""
-    if not use_numba(packed.device, force_torch):
-        from .bits import unpack
-
-        values = scales.repeat_interleave(bucket)[:n]
-        return torch.where(unpack(packed, n, 1).bool(), -values, values)
-    values, target = decode_target(out, n)
-    run_chunks(_sign_chunks, n, (packed.numpy(), scales.numpy(), bucket, target))
-    return values
+NORM_KINDS = {"l2": 0, "max": 1, "mean_abs": 2}  # the ``kind`` of write_norm
 
 
 def decode_target(out, n):

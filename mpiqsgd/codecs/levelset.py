@@ -74,8 +74,7 @@ from . import entropy, kernels
 from .base import Codec, check_bucket, check_choice, check_int
 from .levelset_kernels import (UNROLL_BITS, fused_levelset_encode, levelset_decode, levelset_encode, normalized,
                                search_table)
-from .buckets import bucket_rows, safe_norms
-from .qsgd import finite_scales
+from .buckets import bucket_rows, checked_norms, finite_scales
 
 __all__ = ["LevelSet", "AdaptiveLevelSet", "METHODS", "ADAPTIVE", "named_levels", "table_id",
            "expected_variance", "normalized_variance"]
@@ -253,10 +252,10 @@ class LevelSet(Codec):
             norms, packed, decoded, bad = fused_levelset_encode(
                 x, self.norm, self._levels_on(x.device), self.bucket, self.bits, seed, want_decoded, codes)
             if bad:
-                safe_norms(x, self.bucket, self.norm, self.method)  # raises the cause
-                raise NonFiniteError(f"{self.method}: {bad} bucket(s) with NaN/Inf values")
+                checked_norms(x, self.bucket, self.norm, self.method)  # raises the cause
+                raise NonFiniteError(f"{self.method}: {bad} bucket norm(s) not finite or beyond float32")
         else:
-            norms = safe_norms(x, self.bucket, self.norm, self.method, self.force_torch)
+            norms = checked_norms(x, self.bucket, self.norm, self.method, force_torch=self.force_torch)
             packed, decoded = levelset_encode(x, norms, self._levels_on(x.device), self.bucket, self.bits, seed,
                                               want_decoded, self.force_torch, self._search, out=codes)
         if codes is not None:
@@ -430,7 +429,7 @@ class AdaptiveLevelSet(LevelSet):
 def _codes_and_r(levels, flat, bucket, norm):
     """The float32 normalized coordinates the kernels see, their interval index, and the norms."""
     x = flat.detach().reshape(-1).to(torch.float32)
-    r, scale = normalized(x, safe_norms(x, bucket, norm), bucket)
+    r, scale = normalized(x, checked_norms(x, bucket, norm, "expected_variance"), bucket)
     L = torch.as_tensor(np.asarray(levels, dtype=np.float32), device=x.device)
     j = (torch.searchsorted(L, r, right=True) - 1).clamp_(0, L.numel() - 2)
     return x, r, j, L, scale

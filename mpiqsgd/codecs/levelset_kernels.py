@@ -20,7 +20,7 @@ from .kernels import NORM_KINDS, HAVE_NUMBA, check_spare, decode_target, padded,
 if HAVE_NUMBA:
     import numba
 
-    from .kernels import (CHUNK, ByWidth, _kernel, bucket_segment, chunk_range, fill_uniforms, pack_chunk,
+    from .kernels import (CHUNK, ByWidth, jit_kernel, bucket_segment, chunk_range, fill_uniforms, pack_chunk,
                           unpack_chunk, write_norm)
 
 __all__ = ["levelset_encode", "fused_levelset_encode", "levelset_decode", "search_table", "normalized",
@@ -173,20 +173,20 @@ if HAVE_NUMBA:
     @numba.njit(inline="always")
     def _encode_small_fused(c, x, x_bits, kind, first, lows, highs, invs, bucket, bits, seed, norms, norms_bits,
                             out, decoded, want_decoded):
-        """:func:`_encode_small` computing each bucket's norm (as :func:`safe_norms`: an L2 norm
-        beyond float32 clamped to its maximum) while the bucket is in cache; ``bucket`` divides
-        :data:`CHUNK`. Returns the number of buckets holding NaN or Inf (codes left unset)."""
+        """:func:`_encode_small` computing each bucket's norm (as
+        :func:`~mpiqsgd.codecs.buckets.checked_norms`) while the bucket is in cache; ``bucket``
+        divides :data:`CHUNK`. Returns the number of buckets holding NaN or Inf or whose norm
+        leaves the float32 range (their codes are left unset: the caller raises)."""
         start, stop, codes, uniforms = _chunk_start(c, x.size, seed)
         head = (first[0], first[1], first[2])
         bad = 0
         for i in range(start, stop, bucket):
             end = min(stop, i + bucket)
             b = i // bucket
-            if not write_norm(x[i:end], x_bits[i:end], kind, norms, norms_bits, b):
+            if not write_norm(x[i:end], x_bits[i:end], kind, norms, norms_bits, b) or not norms[b] <= _FLT_MAX:
                 bad += 1
                 continue
-            scale = min(norms[b], _FLT_MAX)
-            norms[b] = scale
+            scale = norms[b]
             inv_norm = np.float32(1.0) / scale if scale > 0 else np.float32(0.0)  # inverse_norms
             _small_segment(x[i:end], codes[i - start:end - start], uniforms[i - start:end - start], scale, inv_norm,
                            head, lows, highs, invs, decoded[i:end] if want_decoded else decoded, want_decoded)
@@ -228,7 +228,7 @@ if HAVE_NUMBA:
     # are pruned when compiling: one loop per kernel.
 
     def _encode_small_kernel(bits):
-        @_kernel
+        @jit_kernel
         def kernel(c0, c1, x, norms, inv_norms, first, lows, highs, invs, bucket, seed, out, decoded, want_decoded):
             for c in range(c0, c1):
                 if bits == 1:
@@ -249,7 +249,7 @@ if HAVE_NUMBA:
     _encode_small_chunks = ByWidth(_encode_small_kernel)
 
     def _encode_fused_kernel(bits):
-        @_kernel
+        @jit_kernel
         def kernel(c0, c1, x, kind, first, lows, highs, invs, bucket, seed, norms, out, decoded, want_decoded):
             x_bits, norms_bits = x.view(np.int32), norms.view(np.int32)
             bad = 0
@@ -293,7 +293,7 @@ if HAVE_NUMBA:
         return 0
 
     def _encode_search_kernel(bits):
-        @_kernel
+        @jit_kernel
         def kernel(c0, c1, x, norms, inv_norms, levels, invs, first, count, bucket, seed, out, decoded, want_decoded):
             total = 0
             for c in range(c0, c1):
@@ -328,7 +328,7 @@ if HAVE_NUMBA:
         return bad
 
     def _decode_small_kernel(bits):
-        @_kernel
+        @jit_kernel
         def kernel(c0, c1, packed, norms, values, n_levels, bucket, out):
             total = 0
             for c in range(c0, c1):
@@ -366,7 +366,7 @@ if HAVE_NUMBA:
         return bad
 
     def _decode_search_kernel(bits):
-        @_kernel
+        @jit_kernel
         def kernel(c0, c1, packed, norms, levels, bucket, out):
             total = 0
             for c in range(c0, c1):
@@ -426,7 +426,7 @@ def levelset_encode(x, norms, levels, bucket, bits, seed, want_decoded, force_to
         force_torch: use the torch implementation on the CPU too (tests).
         table: :func:`search_table` of ``levels`` (computed when not given; used above
             :data:`UNROLL_BITS` bits).
-        out: where the numba kernel packs the codes (as :func:`~mpiqsgd.codecs.kernels.level_encode`).
+        out: where the numba kernel packs the codes (as :func:`~mpiqsgd.codecs.qsgd_kernels.level_encode`).
 
     Returns:
         (packed uint8 tensor, decoded float32 tensor or None), on ``x``'s device.
@@ -450,13 +450,13 @@ def levelset_encode(x, norms, levels, bucket, bits, seed, want_decoded, force_to
 
 
 def fused_levelset_encode(x, norm, levels, bucket, bits, seed, want_decoded, out=None):
-    """:func:`levelset_encode` with the bucket norms (:func:`~mpiqsgd.codecs.buckets.safe_norms`)
+    """:func:`levelset_encode` with the bucket norms (:func:`~mpiqsgd.codecs.buckets.checked_norms`)
     computed in the same pass: numba, CPU, ``bits <= UNROLL_BITS`` and a ``bucket`` dividing
     :data:`~mpiqsgd.codecs.kernels.CHUNK`; the same bytes.
 
     Returns:
         (float32 norms tensor, packed uint8 tensor, decoded tensor or None, number of buckets holding
-        NaN or Inf: when not 0, the codes are not all written).
+        NaN or Inf or with a norm beyond float32: when not 0, the codes are not all written).
     """
     n = x.numel()
     nbytes = (n * bits + 7) // 8
@@ -472,7 +472,7 @@ def fused_levelset_encode(x, norm, levels, bucket, bits, seed, want_decoded, out
 
 def levelset_decode(packed, norms, levels, bucket, bits, n, force_torch=False, out=None):
     """Unpack codes; return (float32 values, number of codes >= K); the values are ``out`` when
-    given, on the numba path (:func:`~mpiqsgd.codecs.kernels.level_decode`)."""
+    given, on the numba path (:func:`~mpiqsgd.codecs.qsgd_kernels.level_decode`)."""
     if not use_numba(packed.device, force_torch):
         return _decode_torch(packed, norms, levels, bucket, bits, n)
     result, out = decode_target(out, n)

@@ -6,7 +6,7 @@ stochastic rounding picks ``ceil(r_i)`` with probability ``r_i - floor(r_i)``
 (unbiased), nearest rounding picks ``round(r_i)`` (biased, deterministic). The
 receiver reconstructs ``sgn(v_i) * level_i * N(v) / s``. The rounding's uniforms are
 counter based, from one seed drawn from the caller's generator
-(:mod:`mpiqsgd.codecs.kernels`: a fused numba kernel on the CPU, torch ops elsewhere,
+(:mod:`mpiqsgd.codecs.qsgd_kernels`: a fused numba kernel on the CPU, torch ops elsewhere,
 the same bytes either way).
 
 Wire format (payload after the frame of :mod:`mpiqsgd.wire`)::
@@ -47,10 +47,11 @@ import torch
 from ..errors import ConfigError, DecodeError, NonFiniteError
 from . import bits as bitpack
 from . import elias, entropy, kernels
-from .buckets import bucket_norms
-from .base import Codec, all_finite, check_bucket, check_choice, check_int, non_finite_error
+from .base import Codec, check_bucket, check_choice, check_int
+from .buckets import FLT_MAX, checked_norms, finite_scales
+from .qsgd_kernels import fused_level_encode, level_decode, level_encode
 
-__all__ = ["QSGD", "bits_for_levels", "bucket_norms", "checked_norms", "finite_scales", "max_norm"]
+__all__ = ["QSGD", "bits_for_levels", "max_norm"]
 
 ROUNDINGS = ("stochastic", "nearest")
 NORMS = ("l2", "max")
@@ -60,47 +61,6 @@ ENCODINGS = ("dense", "elias", "entropy")
 def bits_for_levels(levels):
     """Bits per coordinate on the wire for ``levels`` magnitude levels: sign + index."""
     return 1 + math.ceil(math.log2(levels + 1))
-
-
-FLT_MAX = float(np.finfo(np.float32).max)
-
-
-def checked_norms(x, bucket, norm, codec, limit=FLT_MAX, force_torch=False):
-    """:func:`bucket_norms` of ``x`` (summed in float64: values of 2e19 no longer overflow a
-    float32 sum of squares), each at most ``limit``. A NaN or Inf in ``x`` carries into its
-    bucket's norm, so the norms are also the codec's check that ``x`` is finite
-    (:attr:`Codec.checks_finite`).
-
-    Raises:
-        NonFiniteError: ``x`` holds NaN or Inf, or a bucket's norm exceeds ``limit`` (what a
-            receiver decodes to finite values), naming the bucket, its norm and what to change.
-    """
-    norms = bucket_norms(x, bucket, norm, force_torch)
-    # one reduction: the common case costs ~1 us; a NaN maximum fails the comparison too
-    if not norms.numel() or float(norms.max()) <= limit:
-        return norms
-    if not all_finite(x):
-        raise non_finite_error(codec, x)
-    b = int((norms > limit).nonzero()[0, 0])  # x is finite: a norm above the limit, not NaN
-    exact = bucket_norms(x.double(), bucket, norm)  # the torch ops, kept in float64 for the message
-    raise NonFiniteError(
-        f"{codec}: bucket {b} has a {norm} norm of {float(exact[b]):.3g}, beyond what a float32 scale "
-        f"carries ({limit:.4g}); the largest value to encode is {float(x.abs().max()):.3g}. Values this "
-        "large mean training diverged: lower the learning rate; with error feedback, its residual is "
-        "growing without bound: use a contractive codec (nearest rounding, more bits, or sign)")
-
-
-def finite_scales(payload, n_buckets, codec, limit=FLT_MAX):
-    """Read ``n_buckets`` float32 scales from the start of a payload; each must lie in [0, limit]
-    (which refuses NaN and Inf in the same pass)."""
-    scales = payload[: 4 * n_buckets].view(torch.float32)
-    # min and max propagate NaN, which fails both comparisons
-    if n_buckets and not (float(scales.min()) >= 0 and float(scales.max()) <= limit):
-        bad = scales[~((scales >= 0) & (scales <= limit))][0]
-        what = "negative or non-finite" if not bool(torch.isfinite(bad)) or bad < 0 else "too large"
-        raise DecodeError(f"{codec}: payload holds a {what} bucket scale {float(bad):.4g} "
-                          f"(valid: 0 to {limit:.6g}, so that every decoded value is finite)")
-    return scales
 
 
 @functools.lru_cache(maxsize=None)
@@ -200,7 +160,7 @@ class QSGD(Codec):
         cpu = kernels.use_numba(x.device, self.force_torch)
         codes = kernels.codes_slot(into, x.numel(), self.bucket) if cpu else None  # only dense codes have an `into`
         if cpu and kernels.one_pass(self.bucket):  # norms and codes in one pass: each bucket read once
-            norms, packed, decoded, bad = kernels.fused_level_encode(
+            norms, packed, decoded, bad = fused_level_encode(
                 x, self.bucket, self.norm, self.bits, self.levels, limit, seed, self.stochastic, want_decoded, codes)
             if bad:
                 checked_norms(x, self.bucket, self.norm, self.name, limit, self.force_torch)  # raises the cause
@@ -210,7 +170,7 @@ class QSGD(Codec):
             scale = self.levels / norms
             # A zero bucket, or one so small that levels / norm overflows, is sent as zeros.
             scale = torch.where(torch.isfinite(scale), scale, torch.zeros_like(scale))
-            packed, decoded = kernels.level_encode(
+            packed, decoded = level_encode(
                 x, scale, norms / self.levels, self.bucket, self.bits, self.levels, seed, self.stochastic,
                 want_decoded, self.force_torch, out=codes)
         if codes is not None:
@@ -242,8 +202,8 @@ class QSGD(Codec):
             values = entropy.decode(payload[4 * n_buckets:].cpu().numpy(), numel, table.size, unit.cpu().numpy(),
                                     bucket, table, self.name, target)
             return out if target is not None else torch.from_numpy(values).to(unit.device)
-        values, bad = kernels.level_decode(payload[4 * n_buckets:], unit, bucket,
-                                           self.bits, self.levels, numel, self.force_torch, out)
+        values, bad = level_decode(payload[4 * n_buckets:], unit, bucket,
+                                   self.bits, self.levels, numel, self.force_torch, out)
         if bad:
             raise DecodeError(f"{self.name}: {bad} level index(es) above s={self.levels} in payload")
         return values

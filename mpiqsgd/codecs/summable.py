@@ -232,10 +232,6 @@ def sum_reference(words, norms, bucket, layout, numel):
 # -- numba kernels -----------------------------------------------------------------------------
 
 if HAVE_NUMBA:
-    import numba
-
-    _kernel = numba.njit(cache=True, nogil=True, error_model="numpy")
-
     def _encode_kernel(width):
         """Quantize-and-pack chunks; ``width`` (and so the fields a word) a closure constant, so the
         packing unrolls with immediate shifts. Fields are bytes (2 s <= 254) until packed."""
@@ -243,7 +239,7 @@ if HAVE_NUMBA:
         chunk_words = words_per_chunk(width)
         per_chunk = chunk_words * per_word
 
-        @_kernel
+        @kernels.jit_kernel
         def kernel(c0, c1, x, scale, unit, bucket, levels, seed, stochastic, words, decoded, want):
             n = x.size
             n_words = words.size
@@ -296,7 +292,7 @@ if HAVE_NUMBA:
         per_chunk = chunk_words * per_word
         used = width * per_word
 
-        @_kernel
+        @kernels.jit_kernel
         def kernel(c0, c1, words, mean_unit, bucket, offset, top, out):
             n = out.size
             n_words = words.size

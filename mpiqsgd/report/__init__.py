@@ -39,6 +39,7 @@ import sys
 from pathlib import Path
 
 from ..errors import MpiqsgdError
+from ..fileio import atomic_write_text
 from .projection import Projection
 from .runs import Run, RunError, find_runs, group_runs, load_run
 from .stats import build_group
@@ -67,7 +68,7 @@ def write_report(report, out_dir, plots=True):
     if report.projection is not None:
         files.append(("projection.csv", to_csv(report.projection.csv_rows())))
     for name, text in files:
-        (out_dir / name).write_text(text)
+        atomic_write_text(out_dir / name, text, plain_mode=True)
         written.append(out_dir / name)
     message = None
     if plots:

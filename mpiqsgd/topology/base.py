@@ -20,6 +20,7 @@ import torch
 from .. import wire
 from ..codecs import make_generator
 from ..errors import ConfigError
+from ..transport import sum_of
 
 __all__ = ["Aggregator", "Round", "MessageBuffers", "mean_of", "sum_of", "chunk_bounds", "empty_like"]
 
@@ -33,14 +34,6 @@ def empty_like(flat):
     if flat.device.type == "cpu":
         return torch.from_numpy(np.empty(flat.numel(), dtype=np.float32))
     return torch.empty_like(flat, dtype=torch.float32)
-
-
-def sum_of(tensors):
-    """Sum of equally shaped tensors, added one after another in the given order."""
-    acc = tensors[0].clone()
-    for t in tensors[1:]:
-        acc += t
-    return acc
 
 
 def mean_of(tensors):

@@ -28,10 +28,10 @@ dyadic values) the result equals the flat topology's bit for bit.
 
 from ..codecs.fp import FP32
 from ..errors import ConfigError
-from ..transport import Transport
+from ..transport import RankLayout
 from .base import Aggregator, sum_of
 
-__all__ = ["Hierarchical", "Nodes", "HIERARCHICAL_MODES", "wants_hierarchical"]
+__all__ = ["Hierarchical", "Nodes", "LeaderShape", "HIERARCHICAL_MODES", "wants_hierarchical"]
 
 HIERARCHICAL_MODES = ("auto", "on", "off")
 
@@ -54,8 +54,8 @@ def wants_hierarchical(transport, mode="auto", dedicated=False):
     return mode == "on"
 
 
-class _Shape(Transport):
-    """The leaders' transport as a non-leader sees it: its size, for byte formulas only."""
+class LeaderShape(RankLayout):
+    """The leaders' transport as a non-leader sees it: its size, for byte formulas only (it moves no bytes)."""
 
     def __init__(self, size):
         self.size = size
@@ -82,7 +82,7 @@ class Nodes:
         self.node = nodes[transport.rank]
         self.is_leader = transport.rank == self.members[self.node][0]
         self.leaders = transport.split(0 if self.is_leader else None)
-        self.shape = self.leaders if self.is_leader else _Shape(len(self.members))
+        self.shape = self.leaders if self.is_leader else LeaderShape(len(self.members))
 
     @property
     def n_nodes(self):

@@ -43,7 +43,8 @@ import torch
 
 from ..codecs import summable
 from ..codecs.kernels import draw_seed
-from ..codecs.qsgd import checked_norms, max_norm
+from ..codecs.buckets import checked_norms
+from ..codecs.qsgd import max_norm
 from ..errors import ConfigError, DecodeError
 from ..transport import allreduce_nbytes
 from .base import Aggregator, empty_like

@@ -35,42 +35,25 @@ can tear the last line, which :func:`truncate_log` drops on resume.
 import hashlib
 import io
 import json
-import os
 import re
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import MpiqsgdError
+from ..fileio import atomic_write_bytes
 
-__all__ = ["save_checkpoint", "load_checkpoint", "find_checkpoint", "read_state", "atomic_write_bytes",
-           "truncate_log", "MAGIC", "MARKER"]
+__all__ = ["save_checkpoint", "load_checkpoint", "find_checkpoint", "read_state", "truncate_log", "MAGIC",
+           "MARKER"]
 
 MARKER = "latest.json"
 MAGIC = b"MQCKPT" + struct.pack("<H", 1)
 _PREFIX = struct.Struct("<8sI")
 _MAX_HEADER_BYTES = 1 << 16
 _STEP_DIR = re.compile(r"step-\d{8}")
-
-
-def atomic_write_bytes(path, data):
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _plain(obj):

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from filelock import FileLock
 
 from mpiqsgd.errors import ConfigError, MpiqsgdError
-from mpiqsgd.train.checkpoint import atomic_write_bytes
+from mpiqsgd.fileio import atomic_write_bytes
 
 __all__ = [
     "CIFAR10_MEAN",
@@ -223,10 +223,7 @@ def _write_cache(file: Path, train: ImageArrays, test: ImageArrays) -> None:
              test_labels=test.labels, classes=np.array(train.classes, dtype=str))
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(file, buffer.getbuffer())
-        umask = os.umask(0)  # the temporary file is private (0600); a cache folder may be shared
-        os.umask(umask)
-        os.chmod(file, 0o666 & ~umask)
+        atomic_write_bytes(file, buffer.getbuffer(), plain_mode=True)  # a cache folder may be shared
     except OSError as exc:
         warnings.warn(f"could not write dataset cache {file}: {exc}", stacklevel=3)
 

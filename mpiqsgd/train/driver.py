@@ -39,11 +39,12 @@ from .. import __version__, diagnostics
 from ..codecs import codec_from_flags
 from ..errors import MpiqsgdError, StopJob
 from ..exchange import GradientExchange, broadcast_parameters, parameter_checksum
+from ..fileio import atomic_write_bytes
 from ..launch import launched_world
 from ..machine import default_device, machine_info
 from ..trace import Tracer, parse_steps, write_trace
 from . import data as D
-from .checkpoint import atomic_write_bytes, find_checkpoint, load_checkpoint, save_checkpoint, truncate_log
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, truncate_log
 from .config import agreement_digest, check_agreement
 from .console import Console
 from .interrupt import StopSignals, resume_command
