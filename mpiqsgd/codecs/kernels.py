@@ -46,9 +46,9 @@ except ImportError:  # pragma: no cover - numba is a declared dependency
     numba = None
 
 __all__ = ["draw_seed", "SeedAt", "uniform", "use_numba", "parallel_ok", "run_chunks", "thread_pool", "ByWidth",
-           "padded", "codes_slot", "place_scales", "one_pass", "check_spare", "host_array", "decode_target", "load_word",
-           "jit_kernel", "chunk_range", "bucket_segment", "fill_uniforms", "pack_chunk", "unpack_chunk", "write_norm",
-           "norm_chunks", "NORM_KINDS", "CHUNK", "HAVE_NUMBA"]
+           "padded", "codes_slot", "place_scales", "one_pass", "check_spare", "host_array", "decode_target",
+           "load_word", "jit_kernel", "chunk_range", "bucket_segment", "fill_uniforms", "pack_chunk", "unpack_chunk",
+           "write_norm", "norm_chunks", "NORM_KINDS", "CHUNK", "HAVE_NUMBA"]
 
 HAVE_NUMBA = numba is not None
 
