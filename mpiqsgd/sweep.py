@@ -231,11 +231,11 @@ def _record_scenario(run_dir, where):
     atomic_write_bytes(path, json.dumps(config, indent=1).encode())
 
 
-def check_cluster(grid):
-    """Refuse, in one line, a cluster sweep this machine cannot run (before any point runs).
+def check_cluster(grid, machine=True):
+    """Refuse, in one line, a cluster sweep with a bad rate or (``machine``) one this machine cannot run.
 
     Returns:
-        Hydra's ``mpiexec`` path, or None when the grid has no cluster.
+        Hydra's ``mpiexec`` path; None without a cluster or without ``machine``.
 
     Raises:
         ClusterError: a bad rate, no root, no ``ip``/``tc``, no bridge, no network namespaces
@@ -246,6 +246,8 @@ def check_cluster(grid):
     if grid.get("cluster") is None:
         return None
     cluster.parse_rate(grid["cluster"])
+    if not machine:
+        return None
     try:
         ip, _ = cluster.preflight()
         cluster._netns_list(ip)
@@ -273,13 +275,13 @@ def sweep(grid, python=None, dry_run=False, timeout=None, log=print):
     """
     from . import launch, report
 
+    hydra = check_cluster(grid, machine=not dry_run)
     out = Path(grid["out"])
     runs, dropped = points(grid)
     for flags, why in dropped:
         log(f"dropped {json.dumps(flags)}: {why}")
     python = python or sys.executable
     on_cluster = grid.get("cluster") is not None
-    hydra = None if dry_run else check_cluster(grid)
     mpi = launch.mpiexec_info() if (on_cluster or grid.get("mode") == "mpi") and not dry_run else None
     done, failed = [], []
     for i, point in enumerate(runs, 1):
