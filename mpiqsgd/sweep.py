@@ -134,7 +134,8 @@ def points(grid):
         if bad:
             raise ConfigError(f"grid sets {', '.join(bad)}: not a train flag, or one the sweep sets itself")
         try:
-            cfg = TrainConfig(**flags).validate()
+            simulated = grid.get("mode", "simulate") == "simulate" and grid.get("cluster") is None
+            cfg = TrainConfig(**flags, **({"simulate": ranks} if simulated else {})).validate()
             with warnings.catch_warnings():  # codec warnings are the run's to give, in its log
                 warnings.simplefilter("ignore")
                 codec_from_flags(cfg.codec, cfg.bits, cfg.levels, cfg.bucket, cfg.rounding, cfg.clip_sigma,

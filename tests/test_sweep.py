@@ -161,8 +161,10 @@ def test_ranks_per_node_places_ranks_on_a_cluster_and_the_scenario_names_it():
     assert one["cluster_rate"] == "1gbit"
     assert scenario({"mode": "mpi"}, 2) == {"network": "one machine", "ranks": 2}
     assert scenario({}, 2) == {"network": "simulated", "ranks": 2}
-    # off the cluster ranks_per_node stays a train flag (--simulate's)
-    assert points({"axes": {"ranks": [4]}, "common": {"ranks_per_node": 2}})[0][0].flags["ranks_per_node"] == 2
+    # off the cluster ranks_per_node stays a train flag: --simulate's, refused by mpiexec runs
+    simulated = {"axes": {"ranks": [4]}, "common": {"ranks_per_node": 2}}
+    assert points(simulated)[0][0].flags["ranks_per_node"] == 2
+    assert "--simulate" in points({**simulated, "mode": "mpi"})[1][0][1]
 
 
 def test_a_finished_run_counts_only_in_its_own_scenario(tmp_path):
