@@ -11,7 +11,7 @@ from conftest import ROOT
 from mpiqsgd import cluster
 from mpiqsgd.cli import main
 from mpiqsgd.errors import ConfigError
-from mpiqsgd.sweep import (Point, _apply_sets, _finished, expand, load_grid, points, run_name, scenario, sweep,
+from mpiqsgd.sweep import (_apply_sets, _finished, expand, load_grid, points, run_name, scenario, sweep,
                            train_argv)
 from test_cluster import needs_cluster
 
