@@ -51,7 +51,7 @@ __all__ = ["Point", "load_grid", "expand", "points", "run_name", "train_argv", "
 
 # Flags a sweep sets for every run itself.
 OWN_FLAGS = ("run_dir", "simulate", "progress", "resume")
-GRID_KEYS = {"out", "mode", "common", "axes", "variants", "seeds", "target_acc", "cluster"}
+GRID_KEYS = {"out", "mode", "common", "axes", "variants", "seeds", "target_acc", "cluster", "cluster_burst"}
 
 
 class Point(NamedTuple):
@@ -191,9 +191,7 @@ def scenario(grid, ranks, ranks_per_node=1):
     if rate is None:
         return {"network": "simulated" if grid.get("mode", "simulate") == "simulate" else "one machine",
                 "ranks": ranks}
-    from .cluster import Spec, parse_rate
-
-    spec = Spec("scenario", ranks // ranks_per_node, parse_rate(rate), ranks_per_node)
+    spec = _spec(grid, "scenario", ranks, ranks_per_node)
     linked = spec.n_nodes > 1
     return {"network": "switch", "cluster_rate": rate, "nodes": spec.n_nodes, "ranks_per_node": ranks_per_node,
             "ranks": ranks, "link_rate": rate if linked else None,
@@ -246,7 +244,7 @@ def check_cluster(grid, machine=True):
 
     if grid.get("cluster") is None:
         return None
-    cluster.parse_rate(grid["cluster"])
+    _spec(grid, "check", 1, 1)  # the rate and burst
     if not machine:
         return None
     try:
@@ -257,12 +255,20 @@ def check_cluster(grid, machine=True):
         raise cluster.ClusterError(f"cannot sweep on an emulated cluster: {exc}") from None
 
 
+def _spec(grid, name, ranks, ranks_per_node):
+    """The cluster of a point: ``ranks / ranks_per_node`` nodes at the grid's rate (and tbf burst)."""
+    from .cluster import Spec, parse_bytes, parse_rate
+
+    burst = grid.get("cluster_burst")
+    return Spec(name, ranks // ranks_per_node, parse_rate(grid["cluster"]), ranks_per_node,
+                burst_bytes=parse_bytes(burst) if burst is not None else 0)
+
+
 def _cluster_run(point, program, grid, hydra, log_file, timeout):
     """Run ``program`` on a cluster built for ``point`` and removed after it; returns its exit status."""
-    from .cluster import Cluster, Spec, _removed_on_signals, parse_rate
+    from .cluster import Cluster, _removed_on_signals
 
-    spec = Spec(f"mpiqsgd-sweep-{os.getpid()}", point.ranks // point.ranks_per_node, parse_rate(grid["cluster"]),
-                point.ranks_per_node)
+    spec = _spec(grid, f"mpiqsgd-sweep-{os.getpid()}", point.ranks, point.ranks_per_node)
     with _removed_on_signals(spec.name), Cluster(spec, hydra) as c:
         return c.run(program, timeout, stdout=log_file)
 
@@ -356,6 +362,9 @@ def add_sweep_args(p):
                    help="run every point on an emulated switched cluster (root) of ranks / ranks_per_node nodes, "
                         "each link at RATE (tc style: 10mbit, 1gbit); overrides the grid's \"cluster\"; "
                         "off: no cluster")
+    p.add_argument("--cluster-burst", metavar="SIZE",
+                   help="tbf bucket of each link, tc style (8kb; default 2 ms at the rate, at least 64kb); "
+                        "overrides the grid's \"cluster_burst\"")
 
 
 def _apply_sets(grid, sets):
@@ -369,7 +378,7 @@ def _apply_sets(grid, sets):
             value = text
         for spec in [grid.get("axes", {})] + grid.get("variants", []):
             spec.pop(key, None)
-        if key in ("seeds", "target_acc", "mode", "cluster"):
+        if key in ("seeds", "target_acc", "mode", "cluster", "cluster_burst"):
             grid[key] = value
         elif isinstance(value, list):
             grid.setdefault("axes", {})[key] = value
@@ -385,6 +394,8 @@ def run_sweep(args):
         grid["out"] = args.out
     if args.cluster is not None:
         grid["cluster"] = None if args.cluster == "off" else args.cluster
+    if args.cluster_burst is not None:
+        grid["cluster_burst"] = args.cluster_burst
     done, failed, dropped = sweep(grid, dry_run=args.dry_run, timeout=args.timeout)
     if not args.dry_run:
         print(f"{len(done)} runs finished, {len(failed)} failed, {len(dropped)} grid points dropped")

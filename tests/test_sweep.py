@@ -107,6 +107,10 @@ def test_cluster_key_and_flag(tmp_path, capsys):
     assert "ranks-2_codec-qsgd_bits-4_seed-0: on 2 nodes x 1 at 10mbit: mpiexec -n 2 " in lines[1]
     assert main(["sweep", str(path), "--dry-run", "--cluster", "1gbit"]) == 0
     assert "on 2 nodes x 1 at 1gbit" in capsys.readouterr().out
+    assert scenario({"cluster": "10mbit", "cluster_burst": "8kb"}, 2)["tbf_burst_bytes"] == 8192
+    assert scenario(load_grid(path), 2)["tbf_burst_bytes"] == 65536  # tbf's floor at 10mbit
+    assert main(["sweep", str(path), "--dry-run", "--cluster-burst=-1kb"]) == 2
+    assert "size '-1kb': want a positive number of bytes" in capsys.readouterr().err
     assert main(["sweep", str(path), "--dry-run", "--cluster", "off"]) == 0
     assert "nodes" not in capsys.readouterr().out
     assert main(["sweep", str(_grid_file(tmp_path)), "--dry-run", "--set", "cluster=100mbit"]) == 0
