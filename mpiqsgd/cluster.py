@@ -381,11 +381,15 @@ class Cluster:
         self.destroy()
 
     # -- jobs
-    def run(self, program, timeout=None, env=None):
-        """Run ``program`` (words) under Hydra's mpiexec from the head; returns its exit status."""
+    def run(self, program, timeout=None, env=None, stdout=None):
+        """Run ``program`` (words) under Hydra's mpiexec from the head; returns its exit status.
+
+        ``stdout``: a file the job's output and errors go to (default: this process's).
+        """
         self.mpiexec = self.mpiexec or hydra_mpiexec()
         argv = [str(self.spec.state_dir / "enter"), "--exec", "head", *mpiexec_argv(self.spec, self.mpiexec, program)]
-        return _wait([subprocess.Popen(argv, env=job_env(self.spec, env))], timeout)
+        err = None if stdout is None else subprocess.STDOUT
+        return _wait([subprocess.Popen(argv, env=job_env(self.spec, env), stdout=stdout, stderr=err)], timeout)
 
     def run_per_node(self, program, timeout=None, env=None):
         """Start ``program`` ranks_per_node times in every node (no MPI); returns the first nonzero status seen
