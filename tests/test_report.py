@@ -407,3 +407,22 @@ def test_one_sample_run_is_a_point_and_legends_sit_outside(grid, tmp_path):
     assert max(r for r, _ in cells) == len(g.rows)  # a header row and one row per configuration
     assert "qsgd 2b" in "".join(cells[i, 0].get_text().get_text() for i in range(1, len(g.rows) + 1))
     assert cells[0, 5].get_text().get_text() == "speedup"
+
+
+def test_the_heading_names_the_emulated_cluster_a_sweep_recorded(tmp_path, capsys):
+    from mpiqsgd.sweep import scenario
+
+    grid = {"cluster": "10mbit", "cluster_burst": "8kb"}
+    for name, ranks in (("one-node", 1), ("two-nodes", 2)):
+        d = write_run(tmp_path, name, [0.5], [10], ranks=ranks)
+        config = json.loads((d / "config.json").read_text())
+        config["scenario"] = scenario(grid, ranks)
+        (d / "config.json").write_text(json.dumps(config))
+    assert main(["report", str(tmp_path)]) == 0
+    heading = capsys.readouterr().out.replace("\n", " ")
+    burst = scenario(grid, 2)["tbf_burst_bytes"]
+    assert f"emulated switched cluster, one rank per node, 10mbit per node (tbf burst {burst:,} B)" in heading
+    assert "1-node runs: no link" in heading
+    write_run(tmp_path / "plain", "mpi", [0.5], [10])
+    assert main(["report", str(tmp_path / "plain")]) == 0
+    assert "emulated" not in capsys.readouterr().out

@@ -16,8 +16,8 @@ from typing import Optional
 from ..errors import MpiqsgdError
 
 __all__ = ["Run", "RunError", "load_run", "find_runs", "configuration", "codec_label", "extra_flags", "group_key",
-           "group_runs", "describe_group", "group_differences", "GROUP_FLAGS", "IGNORED_FLAGS", "SHOWN_FLAGS",
-           "CONFIG_COLUMNS"]
+           "group_runs", "describe_group", "describe_network", "group_differences", "GROUP_FLAGS", "IGNORED_FLAGS",
+           "SHOWN_FLAGS", "CONFIG_COLUMNS"]
 
 # Flags that change the data or the schedule: runs differing in one are not compared.
 GROUP_FLAGS = ("dataset", "train_subset", "synthetic_size", "val_fraction", "epochs", "max_steps", "batch_size",
@@ -275,7 +275,21 @@ def describe_group(runs):
     lr = f"lr {f.get('lr')} {f.get('lr_schedule')}"
     if f.get("warmup_epochs"):
         lr += f", {f['warmup_epochs']} warm-up epochs"
-    return f"{data}; {sched}; batch {f.get('batch_size')} per worker; {lr}"
+    return f"{data}; {sched}; batch {f.get('batch_size')} per worker; {lr}" + describe_network(runs)
+
+
+def describe_network(runs):
+    """Where a group's runs ran, from the ``scenario`` a sweep records in ``config.json`` ("" if none did)."""
+    switched = [r.config["scenario"] for r in runs if (r.config.get("scenario") or {}).get("network") == "switch"]
+    if not switched:
+        return ""
+    linked = sorted({(sc["cluster_rate"], sc.get("tbf_burst_bytes")) for sc in switched if sc.get("link_rate")},
+                    key=str)
+    links = ", ".join(f"{rate} per node" + (f" (tbf burst {burst:,} B)" if burst else "") for rate, burst in linked)
+    alone = any(sc.get("nodes") == 1 for sc in switched)
+    return ("; emulated switched cluster, one rank per node" if all(sc.get("ranks_per_node", 1) == 1 for sc in switched)
+            else "; emulated switched cluster") + (f", {links}" if links else "") + \
+        ("; 1-node runs: no link" if alone else "")
 
 
 def group_differences(groups):
