@@ -219,7 +219,7 @@ def _finished(run_dir, flags, where):
 
 def _record_scenario(run_dir, where):
     """Add ``scenario`` to the run's ``config.json`` (written by the run itself, if it got that far)."""
-    from .train.checkpoint import atomic_write_bytes
+    from .fileio import atomic_write_bytes
 
     path = run_dir / "config.json"
     try:
@@ -303,7 +303,7 @@ def sweep(grid, python=None, dry_run=False, timeout=None, log=print):
         program = ["train", *train_argv(flags), "--run-dir", str(run_dir), "--no-progress"]
         linked = where.get("link_rate") is not None
         if linked:
-            argv = launch._program(program, python)
+            argv = launch.program_argv(program, python)
         elif on_cluster or grid.get("mode") == "mpi":
             argv = (launch.build_command(ranks, program, mpi, oversubscribe=True, python=python).argv if mpi
                     else ["mpiexec", "-n", str(ranks), python, "-m", "mpi4py", "-m", "mpiqsgd", *program])
