@@ -18,7 +18,7 @@ from mpiqsgd.train import driver
 from mpiqsgd.train.checkpoint import read_state
 from mpiqsgd.train.config import TrainConfig
 
-from conftest import launches_jobs, mpi_run, mpi_start
+from conftest import launches_jobs, mpi_run, mpi_start, site_mpi
 
 FLAGS = ["--dataset", "synthetic", "--synthetic-size", "2400", "--model", "tiny", "--epochs", "3", "--batch-size",
          "32", "--lr", "0.05", "--no-progress", "--threads", "1", "--codec", "qsgd", "--bits", "4"]
@@ -142,8 +142,22 @@ def interrupt_job(tmp_path, name, send):
     return job.returncode, out, err, time.monotonic() - sent
 
 
+def hydra_only():
+    """Skip under Open MPI: its mpirun prints a banner of its own on stderr when a rank exits non-zero and
+    forwards signals its own way; stopping a job there is not yet handled or tested (docs/training.md)."""
+    mpi = site_mpi()
+    if mpi is not None and mpi.implementation == "openmpi":
+        pytest.skip("interrupting a job under Open MPI's mpirun is not yet supported (banner, signal forwarding)")
+
+
+def own_lines(stderr):
+    """mpiqsgd's lines of a job's stderr (Open MPI's mpirun adds a banner when a rank exits non-zero)."""
+    return [line for line in stderr.strip().splitlines() if line.startswith("mpiqsgd")]
+
+
 @launches_jobs
 def test_ctrl_c_under_mpiexec_ends_in_seconds_and_resumes_to_the_same_parameters(tmp_path):
+    hydra_only()
     full = mpi_run(4, ["train", *FLAGS, "--run-dir", str(tmp_path / "full")], timeout=600)
     assert full.returncode == 0, full.stderr
     code, out, err, seconds = interrupt_job(tmp_path, "part", lambda job: os.killpg(job.pid, signal.SIGINT))
@@ -162,6 +176,7 @@ def test_ctrl_c_under_mpiexec_ends_in_seconds_and_resumes_to_the_same_parameters
 
 @launches_jobs
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    hydra_only()
     def kill_rank_2(job):
         pids = rank_pids(tmp_path / "one")
         assert sorted(pids) == [0, 1, 2, 3], pids
@@ -203,7 +218,7 @@ def test_simulate_under_a_multi_rank_launch_is_refused_by_every_rank():
 def test_simulate_under_mpiexec_is_refused_before_anything_is_written(tmp_path):
     result = mpi_run(2, ["train", *FLAGS, "--simulate", "2", "--run-dir", str(tmp_path / "r")], timeout=300)
     assert result.returncode == 2 and not (tmp_path / "r").exists()
-    assert result.stderr.strip().splitlines() == [
+    assert own_lines(result.stderr) == [
         "mpiqsgd: error: --simulate 2 runs its workers as threads of one process, but mpiexec started 2 processes; "
         "drop --simulate, or run it without mpiexec"]
 
