@@ -386,7 +386,8 @@ def bench_exchange(transport, codec, topology, numel, repeats=5, seed=0, device=
         sent = transport.meter.sent()
         by_class = transport.meter.job_totals(transport)["by_class"]  # the last repeat's, all ranks
         median, series = _median_max(transport, seconds)
-        runs[label] = {"topology": name, "hierarchical": layout is not None, "codec": repr(cod),
+        runs[label] = {"topology": name, "options": {k: v for k, v in opts.items() if v is not None},
+                       "hierarchical": layout is not None, "codec": repr(cod),
                        "median_seconds": median, "job_bytes_by_class": {k: v["bytes"] for k, v in by_class.items()},
                        "seconds_per_repeat": series, "sent_bytes_this_rank": sent["bytes"],
                        "sent_bytes_formula": agg.sent_nbytes(numel, rank),

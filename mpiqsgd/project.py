@@ -24,10 +24,13 @@ rank 0 and adds the codec's CPU time. What is modelled, exactly:
    cores per node, or ``max(1, p R / cores)`` when one machine of ``cores`` cores runs all ranks
    (the emulated cluster). Per topology, rank 0's work:
 
-   - ``scatter``: encode and decode its own chunk; encode the n-1 others, each sent as soon as it
-     is encoded (the link overlaps the next encode); decode the n-1 contributions in arrival order
-     (after the last encode); clone + (n-1) adds + divide; encode and decode the mean; send it to
-     n-1 ranks; decode and copy the n-1 chunks received, in arrival order (the link overlaps decoding).
+   - ``scatter``, message by message, in pieces of ``piece_numel`` coordinates (one a chunk at 0):
+     encode the n-1 other chunks' pieces, piece-major, each sent when encoded and the link is free;
+     then, as contributions to its own chunk arrive (the m-th at the time its own m-th message left:
+     every rank runs the same schedule on a full-duplex link), decode each, encode and decode its own
+     piece at its first contribution, and once a piece has all n: clone + (n-1) adds + divide, encode
+     and decode that piece of the mean, send it to n-1 ranks; last, decode and copy the n-1 ranks'
+     pieces of the mean as they arrive (the m-th when its own m-th mean message left).
    - ``ring``: n-1 blocking hops of encode, sendrecv, decode and add; encode and decode the owned
      mean; n-1 blocking hops of sendrecv, decode and copy. Nothing overlaps.
    - ``allgather``: encode and decode its gradient; n-1 blocking hops of a whole encoded gradient;
@@ -239,6 +242,7 @@ class Scenario:
     cores: float = None  # one machine of this many cores runs every rank (an emulated cluster)
     compute_seconds: float = 0.0
     overlap: bool = False
+    piece_numel: int = None  # scatter and intsum: coordinates a message (a pipelined allreduce) holds; None: default
 
     def slowdown(self, p):
         """Factor by which CPU phases slow when ranks share cores."""
@@ -342,17 +346,53 @@ def _chunks(numel, p):
 
 
 def _scatter(r, numel, codec):
-    p, sizes = r.p, _chunks(numel, r.p)
-    own = sizes[0]
-    start = r.work(own, "encode") + r.work(own, "decode")
-    others = sizes[1:]
-    t = _pipeline(start, [r.work(c, "encode") for c in others],
-                  [r.send(codec.encoded_nbytes(c), p) for c in others], [r.work(own, "decode") for _ in others])
-    t += r.work(own, "copy") + r.work((p - 1) * own, "add") + r.work(own, "add")  # clone, sum, divide
-    t += r.work(own, "encode") + r.work(own, "decode")
-    mean = codec.encoded_nbytes(own)
-    return _pipeline(t, [0.0] * (p - 1), [r.send(mean, p) for _ in others],
-                     [r.work(c, "decode") + r.work(c, "copy") + r.work(c, "fill") for c in others])
+    """Rank 0 of the pipelined scatter (:class:`~mpiqsgd.topology.ring.Scatter`), replayed message by message.
+
+    Every rank runs the same schedule, so the m-th message into rank 0 is taken to arrive when rank 0's own
+    m-th message of that phase has left (its link is full duplex and carries as many bytes in as out)."""
+    from .topology import make_aggregator
+    from .topology.hierarchical import LeaderShape
+
+    p = r.p
+    agg = make_aggregator("scatter", LeaderShape(p), codec, **_piece_option(r.sc))
+    layout = [[b - a for a, b in agg.pieces(size)] for size in _chunks(numel, p)]
+    cpu = up = 0.0
+
+    def send(c):  # a message of c coordinates leaves when it is made and the link is free
+        nonlocal up
+        up = max(up, cpu) + r.send(codec.encoded_nbytes(c), p)
+        return up
+
+    out = []
+    for c in _piece_major(layout, range(1, p)):  # piece k for every peer, then piece k + 1
+        cpu += r.work(c, "encode")
+        out.append(send(c))
+    mine, have, done, mean = layout[0], [0] * len(layout[0]), 0, []
+    incoming = [k for k in range(len(mine)) for _ in range(p - 1)]  # piece-major over the p - 1 sources
+    for m, k in enumerate(incoming):
+        c = mine[k]
+        cpu = max(cpu, out[min(m, len(out) - 1)]) + r.work(c, "decode")
+        while done <= k:  # own piece encoded (and decoded) when its first contribution arrives
+            cpu += r.work(mine[done], "encode") + r.work(mine[done], "decode")
+            done += 1
+        have[k] += 1
+        if have[k] == p - 1:  # sum in rank order, divide, encode the mean once, send it to every peer
+            cpu += r.work(c, "copy") + r.work((p - 1) * c, "add") + r.work(c, "add")
+            cpu += r.work(c, "encode") + r.work(c, "decode") + r.work(c, "copy")
+            mean.extend(send(c) for _ in range(p - 1))
+    for m, c in enumerate(_piece_major(layout, range(1, p))):  # the pieces of the mean, decoded as they arrive
+        cpu = max(cpu, mean[min(m, len(mean) - 1)]) + r.work(c, "decode") + r.work(c, "copy") + r.work(c, "fill")
+    return max(cpu, up)
+
+
+def _piece_major(layout, ranks):
+    """Sizes of the pieces of ``ranks``' chunks in the order Scatter sends them: piece 0 of each, then piece 1..."""
+    most = max((len(layout[c]) for c in ranks), default=0)
+    return [layout[c][k] for k in range(most) for c in ranks if k < len(layout[c])]
+
+
+def _piece_option(sc):
+    return {} if sc.piece_numel is None else {"piece_numel": sc.piece_numel}
 
 
 def _ring(r, numel, codec):
@@ -397,10 +437,10 @@ def _intsum(r, numel, codec):
     from .topology.hierarchical import LeaderShape
 
     base = codec.base
-    agg = make_aggregator("intsum", LeaderShape(r.p), codec)
+    agg = make_aggregator("intsum", LeaderShape(r.p), codec, **_piece_option(r.sc))
     t = r.work(numel, "norms") + r.allreduce(-(-numel // base.bucket), 4)
     produce, links, consume = [], [], []
-    for c0, c1 in agg._pieces(numel):
+    for c0, c1 in agg.pieces(numel):
         start, stop = agg.layout.chunk_coords(c0, c1, numel)
         w0, w1 = agg.layout.chunk_words(c0, c1, numel)
         produce.append(r.work(stop - start, "int_encode"))
@@ -555,6 +595,9 @@ def add_project_args(p):
     p.add_argument("--cores-per-node", type=float, help="cores per node (default: one per rank)")
     p.add_argument("--cores", type=float, help="one machine of this many cores runs all ranks (emulated cluster): "
                                                "CPU phases slow by max(1, nodes x ranks-per-node / cores)")
+    p.add_argument("--piece-numel", type=int, metavar="N",
+                   help="scatter and intsum: coordinates a message holds (default: the topology's, 1M and 2M; "
+                        "0: scatter sends one message a chunk)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", metavar="PNG", help="draw step time against nodes (needs matplotlib)")
 
@@ -613,7 +656,7 @@ def scenario_from_args(args):
     else:
         rates = rates_from_bench(choice, codec)
     sc = Scenario(args.numel, codec, link, rates, args.payload_fraction, args.hub, args.ranks_per_node,
-                  args.cores_per_node, args.cores, args.compute_ms / 1e3, args.overlap)
+                  args.cores_per_node, args.cores, args.compute_ms / 1e3, args.overlap, args.piece_numel)
     return sc, nodes, topologies
 
 

@@ -61,7 +61,7 @@ def main():
         torch.set_num_threads(threads)
         whole = None
         for size in SIZES:
-            layout = Scatter(t, codec, piece_numel=size)._pieces(args.numel)
+            layout = Scatter(t, codec, piece_numel=size).pieces(args.numel)
             enc, dec = seconds(codec, x, layout, args.repeats)
             whole = whole or enc + dec
             one = (enc + dec) / len(layout)

@@ -58,7 +58,23 @@ def load(dirs):
                 yield path, data
 
 
-def rows(dirs, link, cores, rate_spec, skipped=None):
+# scripts/bench_cluster.py's configurations that set --piece-numel, by their file-name suffix
+PIECE_SUFFIXES = {"whole": 0, "512k": 1 << 19, "2m": 1 << 21, "4m": 1 << 22}
+
+
+def piece_numel(path, run, default):
+    """Scatter's and intsum's piece size of a job: its JSON's ``options`` (bench exchange writes them since
+    2026-12-07), else the file name's ``-whole``/``-4m``... suffix of scripts/bench_cluster.py, else ``default``
+    for scatter (JSONs from before the pipelined scatter: 0, one message a chunk) and intsum's own default."""
+    if "options" in run:
+        return run["options"].get("piece_numel")
+    suffix = Path(path).stem.rsplit("-", 1)[-1]
+    if suffix in PIECE_SUFFIXES:
+        return PIECE_SUFFIXES[suffix]
+    return default if run["topology"] == "scatter" else None
+
+
+def rows(dirs, link, cores, rate_spec, skipped=None, default_pieces=0):
     """Projected against measured, one row per job and role (candidate, fp32 baseline); jobs whose codec
     has no rates are listed in ``skipped`` with the reason."""
     out = []
@@ -78,8 +94,10 @@ def rows(dirs, link, cores, rate_spec, skipped=None):
             continue
         for role in ("candidate", "baseline"):
             run = d[role]
-            shared = Scenario(d["numel"], codec, link, rates, TBF_PAYLOAD, hub, per_node, cores=n_cores)
-            alone = Scenario(d["numel"], codec, link, rates, TBF_PAYLOAD, hub, per_node)
+            pieces = piece_numel(path, run, default_pieces)
+            shared = Scenario(d["numel"], codec, link, rates, TBF_PAYLOAD, hub, per_node, cores=n_cores,
+                              piece_numel=pieces)
+            alone = Scenario(d["numel"], codec, link, rates, TBF_PAYLOAD, hub, per_node, piece_numel=pieces)
             proj = exchange(run["topology"], p, shared)
             if proj is None:
                 continue
@@ -110,11 +128,14 @@ def main(argv=None):
     ap.add_argument("--cores", type=float, help="cores of the machine that ran the ranks (default: each JSON's "
                                                 "cpu_count)")
     ap.add_argument("--codec-rate", help="FILE (bench codec --json) or measure (default: built-in rates)")
+    ap.add_argument("--piece-numel", type=int, default=0,
+                    help="scatter's piece size for JSONs that do not say it (neither options nor a file-name suffix): "
+                         "0 (default) before the pipelined scatter, 1048576 for docs/bench-2026-12-07")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     try:
         skipped = []
-        table = rows(args.dirs, parse_link(args.link), args.cores, args.codec_rate, skipped)
+        table = rows(args.dirs, parse_link(args.link), args.cores, args.codec_rate, skipped, args.piece_numel)
     except MpiqsgdError as exc:
         print(f"validate_projection: error: {exc}", file=sys.stderr)
         return 2

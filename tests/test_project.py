@@ -14,7 +14,7 @@ from mpiqsgd.codecs import make_codec, summable
 from mpiqsgd.linkmodel import Link
 from mpiqsgd.project import (TOPOLOGY_NAMES, Scenario, _shared, builtin_rates, exchange, parse_nodes, project,
                              rates_from_bench)
-from mpiqsgd.topology import make_aggregator
+from mpiqsgd.topology import chunk_bounds, make_aggregator
 from mpiqsgd.topology.hierarchical import LeaderShape
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,6 +44,42 @@ def test_bytes_per_rank_equal_the_topologys_own_formula(topology, p):
     x = exchange(topology, p, scenario(numel=numel))
     agg = make_aggregator(topology, LeaderShape(p), None if topology == "allreduce" else QSGD4)
     assert x["bytes_per_rank"] == agg._sent_nbytes(numel, 0)
+
+
+@pytest.mark.parametrize("topology", ["scatter", "intsum"])
+@pytest.mark.parametrize("piece_numel", [0, 1 << 19])
+def test_pieces_bytes_and_messages_equal_the_topologys(topology, piece_numel):
+    numel, p = 5_000_000, 4
+    x = exchange(topology, p, scenario(numel=numel, piece_numel=piece_numel))
+    agg = make_aggregator(topology, LeaderShape(p), QSGD4, piece_numel=piece_numel)
+    assert x["bytes_per_rank"] == agg._sent_nbytes(numel, 0)
+    if topology == "scatter":  # rank 0: its pieces of the 3 other chunks, then its own chunk's pieces 3 times
+        chunks = [b - a for a, b in chunk_bounds(numel, p)]
+        assert x["messages_per_rank"] == sum(len(agg.pieces(c)) for c in chunks[1:]) + 3 * len(agg.pieces(chunks[0]))
+
+
+def test_scatter_of_one_message_a_chunk_at_two_nodes_is_the_closed_form():
+    alpha, beta, numel = 1e-4, 125e6, 2_000_000
+    sc = scenario(Link("l", alpha, beta), numel=numel, piece_numel=0)
+    r, c = sc.rates, numel // 2
+    link = 3 * alpha + QSGD4.encoded_nbytes(c) / beta  # one message of the chunk (> eager)
+    up = c / r.encode + link  # the other chunk encoded and sent
+    cpu = max(c / r.encode, up) + c / r.decode  # its contribution arrives as its own left; decoded
+    cpu += c / r.encode + c / r.decode  # own chunk, encoded and decoded at the first contribution
+    cpu += c / r.copy + 2 * c / r.add + c / r.encode + c / r.decode + c / r.copy  # sum, divide, the mean
+    mean_left = max(up, cpu) + link
+    expected = mean_left + c / r.decode + c / r.copy + c / r.fill  # the peer's mean, as it arrives
+    assert exchange("scatter", 2, sc)["exchange_seconds"] == pytest.approx(expected)
+
+
+def test_scatter_pieces_overlap_link_and_cpu():
+    """Pieces let the link carry piece k while piece k+1 is encoded: faster than one message a chunk when
+    CPU and link are of the same order, and never more bytes than a few frames."""
+    sc = dict(link=Link("1gbit", 2e-4, 125e6), numel=25_000_000)
+    whole, pieces = (exchange("scatter", p, scenario(**sc, piece_numel=k)) for p, k in ((4, 0), (4, 1 << 20)))
+    assert pieces["exchange_seconds"] < 0.85 * whole["exchange_seconds"]
+    assert pieces["bytes_per_rank"] - whole["bytes_per_rank"] < 100 * pieces["messages_per_rank"]
+    assert pieces["cpu_seconds"] == pytest.approx(whole["cpu_seconds"], rel=0.01)  # the same work, reordered
 
 
 def test_messages_are_the_codecs_encoded_nbytes():

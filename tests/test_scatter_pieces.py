@@ -65,7 +65,7 @@ def test_pieces_give_the_bits_of_one_message_a_chunk(codec, params, n, piece_num
     xs = [vec(numel, seed=r) * (r + 1) for r in range(n)]
     results, aggs = simulate(n, xs, codec, params, steps=2, piece_numel=piece_numel)
     if piece_numel:
-        assert len(aggs[0]._pieces(numel // n)) > 1  # really in pieces
+        assert len(aggs[0].pieces(numel // n)) > 1  # really in pieces
     for step, expected in enumerate(unpipelined(codec, params, xs, steps=2)):
         for r in range(n):
             assert torch.equal(results[r][step], expected), (r, step)
@@ -77,7 +77,7 @@ def test_many_pieces_of_a_larger_gradient(n):
     xs = [vec(numel, seed=r, dist="heavy") for r in range(n)]
     params = {"bits": 4}
     results, aggs = simulate(n, xs, "qsgd", params, steps=2, piece_numel=10_000)
-    assert len(aggs[0]._pieces(numel // n)) >= 7
+    assert len(aggs[0].pieces(numel // n)) >= 7
     for step, expected in enumerate(unpipelined("qsgd", params, xs, steps=2)):
         assert all(torch.equal(results[r][step], expected) for r in range(n))
 
@@ -106,7 +106,7 @@ def test_bytes_counted_equal_the_formula(n, piece_numel, codec, params):
         agg = make_aggregator("scatter", t, make_codec(codec, **params), piece_numel=piece_numel)
         agg.aggregate(vec(numel, seed=t.rank), 0)
         sent = t.meter.sent()
-        return sent["bytes"], agg.sent_nbytes(numel, t.rank), sent["messages"], agg._pieces
+        return sent["bytes"], agg.sent_nbytes(numel, t.rank), sent["messages"], agg.pieces
 
     for r, (counted, formula, messages, pieces) in enumerate(group.run(rank, group.transports())):
         assert counted == formula
@@ -121,7 +121,7 @@ def test_pieces_cover_the_chunk_on_bucket_boundaries(bucket):
     agg = Scatter(t, make_codec("qsgd", bucket=bucket), piece_numel=10_000)
     align = bucket if bucket % 2 == 0 else 2 * bucket
     for numel in [0, 1, 9_999, 10_000, 10_001, 14_999, 15_001, 123_457, 1_000_000]:
-        pieces = agg._pieces(numel)
+        pieces = agg.pieces(numel)
         assert pieces[0][0] == 0 and pieces[-1][1] == numel
         assert all(a[1] == b[0] for a, b in zip(pieces, pieces[1:]))
         assert all(start % align == 0 for start, _ in pieces)
@@ -130,7 +130,7 @@ def test_pieces_cover_the_chunk_on_bucket_boundaries(bucket):
         else:
             sizes = {end - start for start, end in pieces[:-1]} or {pieces[0][1]}
             assert len(sizes) == 1 and 10_000 / 1.5 <= sizes.pop() <= 10_000 * 1.5 + align  # the last one may be less
-    assert Scatter(t, make_codec("qsgd"), piece_numel=0)._pieces(10 ** 8) == [(0, 10 ** 8)]
+    assert Scatter(t, make_codec("qsgd"), piece_numel=0).pieces(10 ** 8) == [(0, 10 ** 8)]
     assert Scatter(t, make_codec("qsgd")).piece_numel == PIECE_NUMEL
 
 
@@ -140,7 +140,7 @@ def test_error_feedback_keeps_one_residual_a_piece():
     params = {"bits": 4, "bucket": 64, "rounding": "nearest", "error_feedback": True}
     _, aggs = simulate(n, xs, "qsgd", params, steps=2, piece_numel=1500)
     for r in range(n):
-        pieces = aggs[r]._pieces(numel // n)
+        pieces = aggs[r].pieces(numel // n)
         residuals = aggs[r].codec.residuals
         expected = {("scatter", c, start): end - start for c in range(n) for start, end in pieces}
         expected.update({("owner", start): end - start for start, end in pieces})

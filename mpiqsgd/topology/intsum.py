@@ -74,7 +74,7 @@ class IntSum(Aggregator):
         self.piece_numel = int(piece_numel)
         self._words = {}  # stream -> uint64 words, reused from step to step
 
-    def _pieces(self, numel):
+    def pieces(self, numel):
         """Chunk ranges [(c0, c1), ...] of the pipeline's pieces."""
         n_chunks = self.layout.n_chunks(numel)
         per_chunk = self.layout.n_chunk_words * self.layout.per_word
@@ -96,7 +96,7 @@ class IntSum(Aggregator):
         words = self._buffer(call.stream, layout.n_words(numel))
         own = np.empty(numel, dtype=np.float32) if feedback else None
         out = empty_like(x)
-        pieces = self._pieces(numel)
+        pieces = self.pieces(numel)
         pipeline = t.pipeline("sum", self.name)
         try:
             for c0, c1 in pieces:
@@ -141,7 +141,7 @@ class IntSum(Aggregator):
         n = self.transport.size
         scales = allreduce_nbytes(-(-numel // self.codec.base.bucket), n)
         words = 0
-        for c0, c1 in self._pieces(numel):
+        for c0, c1 in self.pieces(numel):
             w0, w1 = self.layout.chunk_words(c0, c1, numel)
             words += allreduce_nbytes(w1 - w0, n, itemsize=8)
         return scales + words

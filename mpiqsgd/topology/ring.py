@@ -139,7 +139,7 @@ class Scatter(Ring):
         bucket = codec.base.bucket or 1
         self.align = bucket if bucket % 2 == 0 else 2 * bucket  # whole buckets, even: uniforms come in pairs
 
-    def _pieces(self, numel):
+    def pieces(self, numel):
         """(start, end) of the pieces of a chunk of ``numel`` coordinates, relative to the chunk."""
         if self.piece_numel == 0 or numel <= self.piece_numel:
             return [(0, numel)]
@@ -159,7 +159,7 @@ class Scatter(Ring):
         t, codec = self.transport, self.codec
         n, r = t.size, t.rank
         bounds = chunk_bounds(flat.numel(), n)
-        pieces = [self._pieces(end - start) for start, end in bounds]
+        pieces = [self.pieces(end - start) for start, end in bounds]
         others, sources = [(r + k) % n for k in range(1, n)], [(r - k) % n for k in range(1, n)]
         # One seed per chunk's message, drawn in the order of one message a chunk (own chunk, chunks
         # r+1 .. r+n-1, the mean): with SeedAt every piece rounds its coordinates as that message did.
@@ -215,7 +215,7 @@ class Scatter(Ring):
         sizes = [end - start for start, end in chunk_bounds(numel, n)]
 
         def chunk_nbytes(c):
-            return sum(self.codec.encoded_nbytes(end - start) for start, end in self._pieces(sizes[c]))
+            return sum(self.codec.encoded_nbytes(end - start) for start, end in self.pieces(sizes[c]))
 
         return sum(chunk_nbytes((rank + k) % n) for k in range(1, n)) + (n - 1) * chunk_nbytes(rank)
 
