@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import tarfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional, TypeVar
 
 from mpiqsgd.errors import MpiqsgdError
 
-__all__ = ["ARCHIVE_SUFFIXES", "is_archive", "read_archive", "peek_members"]
+__all__ = ["ARCHIVE_SUFFIXES", "is_archive", "read_archive", "probe_archive"]
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+
+_T = TypeVar("_T")
 
 
 def is_archive(path: Path) -> bool:
@@ -36,20 +38,23 @@ def read_archive(path: Path, keep: Callable[[str], bool]) -> dict[str, bytes]:
         raise MpiqsgdError(f"cannot read archive {path}: {exc}") from exc
 
 
-def peek_members(path: Path, max_members: int = 64) -> list[tarfile.TarInfo]:
-    """The headers of an archive's first ``max_members`` members, without reading the rest.
+def probe_archive(
+    path: Path, classify: Callable[[tarfile.TarInfo], Optional[_T]], max_members: int = 64
+) -> Optional[_T]:
+    """The first non-None ``classify(member)`` among an archive's first ``max_members`` members.
 
-    An unreadable archive, or one that breaks off, gives the members read before the fault
-    (none at all if it cannot be opened).
+    Stops reading at the first answer, so a large archive is not decompressed through;
+    None if no member answers or the archive cannot be read.
     """
-    members: list[tarfile.TarInfo] = []
     try:
         with tarfile.open(path, "r:*") as tar:
-            while len(members) < max_members:
+            for _ in range(max_members):
                 member = tar.next()
                 if member is None:
                     break
-                members.append(member)
+                found = classify(member)
+                if found is not None:
+                    return found
     except (tarfile.TarError, OSError, EOFError):
-        pass
-    return members
+        return None
+    return None

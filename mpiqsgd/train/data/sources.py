@@ -9,13 +9,14 @@ their first few member names, and downloads it through torchvision if asked;
 from __future__ import annotations
 
 import os
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Optional, Sequence
 
 from mpiqsgd.errors import ConfigError, MpiqsgdError
 
-from .archives import is_archive, peek_members
+from .archives import is_archive, probe_archive
 from .arrays import ImageArrays, PathLike
 from .cifar10 import (
     BATCHES_ARCHIVE,
@@ -56,15 +57,14 @@ class DatasetSource:
     path: Optional[Path]
 
 
-def _probe_archive(path: Path, max_members: int = 64) -> Optional[str]:
-    """Guesses an archive's kind from its first few member names, without reading it all."""
-    for member in peek_members(path, max_members):
-        parts = PurePosixPath(member.name).parts
-        if BATCHES_DIR in parts or (parts and parts[-1] in TRAIN_BATCHES):
-            return "cifar10-batches"
-        if member.isfile() and any(p in SPLITS for p in parts[:-2]):
-            if parts[-1].lower().endswith(IMAGE_EXTENSIONS):
-                return "image-folder"
+def _archive_kind(member: tarfile.TarInfo) -> Optional[str]:
+    """``"cifar10-batches"`` or ``"image-folder"`` if an archive member's name tells its archive's kind, else None."""
+    parts = PurePosixPath(member.name).parts
+    if BATCHES_DIR in parts or (parts and parts[-1] in TRAIN_BATCHES):
+        return "cifar10-batches"
+    if member.isfile() and any(p in SPLITS for p in parts[:-2]):
+        if parts[-1].lower().endswith(IMAGE_EXTENSIONS):
+            return "image-folder"
     return None
 
 
@@ -106,7 +106,7 @@ def _find_cifar10_in(folder: Path) -> Optional[DatasetSource]:
         return DatasetSource("cifar10", kind, Path(os.path.abspath(path)))
 
     if is_archive(folder):
-        kind = _probe_archive(folder)
+        kind = probe_archive(folder, _archive_kind)
         return source(kind, folder) if kind is not None else None
     if not folder.is_dir():
         return None
@@ -124,7 +124,7 @@ def _find_cifar10_in(folder: Path) -> Optional[DatasetSource]:
     archives = sorted((p for p in folder.iterdir() if is_archive(p)),
                       key=lambda p: ("cifar" not in p.name.lower(), p.name))
     for archive in archives:
-        kind = _probe_archive(archive)
+        kind = probe_archive(archive, _archive_kind)
         if kind is not None:
             return source(kind, archive)
     return None
