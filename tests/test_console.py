@@ -5,6 +5,7 @@ import json
 import re
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,7 +138,7 @@ def test_image_folder_origin_and_the_preparing_line(tmp_path):
     assert len(train) == 4 and len(said) == 1 and said[0].startswith("preparing data: decoding the images of")
     assert origin["kind"] == "image-folder" and origin["path"] == str(tmp_path / "data")
     assert origin["cache"].endswith(".npz") and (tmp_path / "cache").resolve() in map(lambda p: p.resolve(), [
-        D.Path(origin["cache"]).parent])
+        Path(origin["cache"]).parent])
     _, _, again = D.load_source(source, tmp_path / "cache", say=said.append)
     assert again == origin and len(said) == 1  # read from the cache: nothing to say
 

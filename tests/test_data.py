@@ -1,4 +1,4 @@
-"""Tests of mpiqsgd.train.data: loaders, cache, resolution, splits, sharding, batching."""
+"""Tests of mpiqsgd.train.data (the package): loaders, cache, resolution, splits, sharding, batching."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from PIL import Image
 
 from mpiqsgd.errors import ConfigError, MpiqsgdError
 from mpiqsgd.train import data as D
+from mpiqsgd.train.data import cifar10, imagefolder, sources, splits
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_ARCHIVE = REPO_ROOT / ".." / "shared" / "datasets" / "cifar10-jpeg.tar.gz"
@@ -228,10 +229,10 @@ def test_cifar10_batches_missing_or_incomplete(tmp_path):
 def test_batch_file_names_are_torchvisions():
     from torchvision.datasets import CIFAR10
 
-    assert (D._BATCHES_DIR, D._BATCHES_ARCHIVE) == (CIFAR10.base_folder, CIFAR10.filename)
-    assert list(D._TRAIN_BATCHES) == [name for name, _ in CIFAR10.train_list]
-    assert [D._TEST_BATCH] == [name for name, _ in CIFAR10.test_list]
-    assert (D._META_BATCH, "label_names") == (CIFAR10.meta["filename"], CIFAR10.meta["key"])
+    assert (cifar10.BATCHES_DIR, cifar10.BATCHES_ARCHIVE) == (CIFAR10.base_folder, CIFAR10.filename)
+    assert list(cifar10.TRAIN_BATCHES) == [name for name, _ in CIFAR10.train_list]
+    assert [cifar10.TEST_BATCH] == [name for name, _ in CIFAR10.test_list]
+    assert (cifar10.META_BATCH, "label_names") == (CIFAR10.meta["filename"], CIFAR10.meta["key"])
 
 
 def test_damaged_batch_file_is_told_apart_by_torchvisions_checksum(tmp_path, monkeypatch):
@@ -240,7 +241,7 @@ def test_damaged_batch_file_is_told_apart_by_torchvisions_checksum(tmp_path, mon
     path.write_bytes(path.read_bytes()[:100])  # a truncated copy
     with pytest.raises(MpiqsgdError, match="cannot read data_batch_2 .*not the official file .*MD5"):
         D.load_cifar10_batches(tmp_path)
-    monkeypatch.setattr(D, "_official_md5", lambda name: hashlib.md5(path.read_bytes()).hexdigest())
+    monkeypatch.setattr(cifar10, "_official_md5", lambda name: hashlib.md5(path.read_bytes()).hexdigest())
     with pytest.raises(MpiqsgdError, match="cannot read data_batch_2") as info:  # official yet unreadable
         D.load_cifar10_batches(tmp_path)
     assert "official" not in str(info.value)
@@ -260,7 +261,7 @@ def test_cache_second_load_does_not_decode(tmp_path, monkeypatch):
         calls.append(1)
         return real_decode(data)
 
-    monkeypatch.setattr(D, "decode_image", counting)
+    monkeypatch.setattr(imagefolder, "decode_image", counting)
     first = D.load_image_folder(archive, cache=True, cache_dir=cache_dir)
     assert len(calls) == 18
     files = sorted(p.name for p in cache_dir.iterdir())
@@ -269,7 +270,7 @@ def test_cache_second_load_does_not_decode(tmp_path, monkeypatch):
     def refuse(data):
         raise AssertionError("decoded although cached")
 
-    monkeypatch.setattr(D, "decode_image", refuse)
+    monkeypatch.setattr(imagefolder, "decode_image", refuse)
     second = D.load_image_folder(archive, cache=True, cache_dir=cache_dir)
     check_tree(*second, expected)
     np.testing.assert_array_equal(first[0].images, second[0].images)
@@ -277,7 +278,7 @@ def test_cache_second_load_does_not_decode(tmp_path, monkeypatch):
     # A changed source (new size and mtime) is a new cache entry: decoded again.
     make_tar(tmp_path / "tree", archive, wrap="other-name")
     os.utime(archive, ns=(1_000_000_000, 1_000_000_000))
-    monkeypatch.setattr(D, "decode_image", counting)
+    monkeypatch.setattr(imagefolder, "decode_image", counting)
     calls.clear()
     D.load_image_folder(archive, cache=True, cache_dir=cache_dir)
     assert len(calls) == 18
@@ -307,7 +308,7 @@ def test_cache_is_decoded_once_by_concurrent_loaders(tmp_path, monkeypatch):
         time.sleep(0.005)  # widen the window in which an unlocked second loader would decode too
         return real_decode(data)
 
-    monkeypatch.setattr(D, "decode_image", slow)
+    monkeypatch.setattr(imagefolder, "decode_image", slow)
     with ThreadPoolExecutor(3) as pool:
         results = list(pool.map(lambda _: D.load_image_folder(tmp_path / "tree", cache=True,
                                                               cache_dir=tmp_path / "cache"), range(3)))
@@ -343,7 +344,7 @@ def test_missing_data_names_places_and_flags(tmp_path):
 def test_missing_data_in_default_places(tmp_path, monkeypatch):
     places = [tmp_path / "a", tmp_path / "b"]
     (tmp_path / "b").mkdir()
-    monkeypatch.setattr(D, "default_data_dirs", lambda cache_dir=None: places)
+    monkeypatch.setattr(sources, "default_data_dirs", lambda cache_dir=None: places)
     with pytest.raises(MpiqsgdError) as info:
         D.find_dataset("cifar10", None)
     assert all(str(p) in str(info.value) for p in places)
@@ -355,7 +356,7 @@ def test_default_data_dirs(tmp_path, monkeypatch):
     assert dirs[0] == str(tmp_path / "data")
     assert os.path.abspath(tmp_path / ".." / "shared" / "datasets") in dirs
     assert str(tmp_path / "c" / "data") == dirs[-1]
-    monkeypatch.setattr(D, "default_data_dirs", lambda cache_dir=None: [Path("data")])
+    monkeypatch.setattr(sources, "default_data_dirs", lambda cache_dir=None: [Path("data")])
     expected = make_batches(tmp_path / "data" / "cifar-10-batches-py")
     check_batches(*D.load_dataset("cifar10"), expected)
 
@@ -385,7 +386,7 @@ def test_download_failure_is_wrapped(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")
 
-    monkeypatch.setattr(D, "_torchvision_cifar10", lambda: offline)
+    monkeypatch.setattr(cifar10, "_torchvision_cifar10", lambda: offline)
     with pytest.raises(MpiqsgdError) as info:
         D.load_dataset("cifar10", tmp_path / "dl", download=True)
     msg = str(info.value)
@@ -402,7 +403,7 @@ def test_download_success_path(tmp_path, monkeypatch):
         if not (Path(root) / "cifar-10-batches-py").exists():
             make_batches(Path(root) / "cifar-10-batches-py")
 
-    monkeypatch.setattr(D, "_torchvision_cifar10", lambda: fake_cifar10)
+    monkeypatch.setattr(cifar10, "_torchvision_cifar10", lambda: fake_cifar10)
     train, test = D.load_dataset("cifar10", tmp_path / "dl", download=True)
     assert len(train) == 15 and len(test) == 3 and calls[0][2] is True
     assert len(calls) == 1  # one archive holds both splits
@@ -468,7 +469,7 @@ def test_split_train_val_deterministic():
 
 def test_split_indices_partition():
     labels = np.random.default_rng(1).integers(0, 10, 997)
-    picked = D._stratified_pick(labels, 100, np.random.default_rng(0))
+    picked = splits._stratified_pick(labels, 100, np.random.default_rng(0))
     assert len(picked) == 100 == len(np.unique(picked))
     rest = np.setdiff1d(np.arange(997), picked)
     assert len(rest) + len(picked) == 997
