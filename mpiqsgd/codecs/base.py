@@ -29,17 +29,28 @@ coordinates (:func:`check_bucket`), whose 4-byte scale is then at least a byte p
 values. ``docs/decoding.md`` has the whole bound.
 """
 
+from __future__ import annotations
+
+from typing import Any, Collection, Hashable, Mapping, TypeVar, Union
+
 import numpy as np
+import numpy.typing as npt
 import torch
+from torch.types import Device
 
 from .. import wire
 from ..errors import ConfigError, DecodeError, NonFiniteError
 from .kernels import SeedAt
 
-__all__ = ["Codec", "make_generator", "check_choice", "check_int", "check_bucket", "all_finite", "non_finite_error"]
+__all__ = ["Codec", "Rng", "make_generator", "check_choice", "check_int", "check_bucket", "all_finite",
+           "non_finite_error"]
+
+# The randomness an encode takes: a generator (make_generator), or a SeedAt for one piece of a message.
+Rng = Union[torch.Generator, SeedAt]
+_T = TypeVar("_T")
 
 
-def all_finite(t):
+def all_finite(t: torch.Tensor) -> bool:
     """Whether every value of ``t`` is finite, from one sum in the common case.
 
     A NaN or Inf makes the sum non-finite, so a finite sum proves the values finite; only a
@@ -49,13 +60,13 @@ def all_finite(t):
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
-def non_finite_error(codec, x):
+def non_finite_error(codec: str, x: torch.Tensor) -> NonFiniteError:
     """The :class:`NonFiniteError` refusing to encode ``x``, which holds NaN or Inf (counted)."""
     bad = int((~torch.isfinite(x)).sum())
     return NonFiniteError(f"{codec}: refusing to encode a gradient with {bad} NaN/Inf value(s) out of {x.numel()}")
 
 
-def make_generator(seed, rank=0, step=0, device="cpu", stream=0):
+def make_generator(seed: int, rank: int = 0, step: int = 0, device: Device = "cpu", stream: int = 0) -> torch.Generator:
     """A ``torch.Generator`` seeded from (seed, rank, step[, stream]), the only source of codec randomness.
 
     Different ranks, steps and streams (e.g. the gradient buckets of one step) get
@@ -69,13 +80,13 @@ def make_generator(seed, rank=0, step=0, device="cpu", stream=0):
     return gen
 
 
-def check_choice(codec, name, value, choices):
+def check_choice(codec: str, name: str, value: _T, choices: Collection[_T]) -> _T:
     if value not in choices:
         raise ConfigError(f"{codec}: {name} must be one of {', '.join(map(str, choices))}; got {value!r}")
     return value
 
 
-def check_int(codec, name, value, lo, hi=None):
+def check_int(codec: str, name: str, value: object, lo: int, hi: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ConfigError(f"{codec}: {name} must be an integer; got {value!r}")
     if value < lo or (hi is not None and value > hi):
@@ -84,7 +95,7 @@ def check_int(codec, name, value, lo, hi=None):
     return int(value)
 
 
-def check_bucket(codec, bucket, encoding):
+def check_bucket(codec: str, bucket: object, encoding: str) -> int:
     """``bucket`` checked for ``encoding``: at most :data:`~mpiqsgd.wire.MAX_BUCKET` for the dense code,
     at most :data:`~mpiqsgd.wire.MAX_VARIABLE_BUCKET` for a variable-length one (whose messages must
     stay within :data:`~mpiqsgd.wire.MAX_VALUES_PER_BYTE`: see the module docstring)."""
@@ -104,68 +115,70 @@ class Codec:
     scalars: the header carries exactly these).
     """
 
-    name = "codec"
-    stochastic = False
-    bits = None  # bits per coordinate on the wire, where fixed
-    bucket = None  # coordinates per scale; None for codecs without buckets
-    rounding = None  # "stochastic" or "nearest" where the codec offers the choice
-    adaptive = False  # refits itself from merged statistics (local_stats / fit)
-    norm = None  # "l2" or "max": how each bucket is normalized, for codecs that round to levels
+    name: str = "codec"
+    stochastic: bool = False
+    bits: int | None = None  # bits per coordinate on the wire, where fixed
+    bucket: int | None = None  # coordinates per scale; None for codecs without buckets
+    rounding: str | None = None  # "stochastic" or "nearest" where the codec offers the choice
+    adaptive: bool = False  # refits itself from merged statistics (local_stats / fit)
+    norm: str | None = None  # "l2" or "max": how each bucket is normalized, for codecs that round to levels
     # True where _quantize reduces every coordinate into a bucket norm (NaN and Inf carry into
     # it) and raises non_finite_error itself: encode then skips its own pass over the input.
-    checks_finite = False
+    checks_finite: bool = False
 
     @property
-    def base(self):
+    def base(self) -> Codec:
         """The codec that defines this codec's wire format (itself unless it wraps another)."""
         return self
 
-    def variance_bound(self):
+    def variance_bound(self) -> float | None:
         """Upper bound on E||Q(v) - v||^2 / ||v||^2, or None when the codec states none."""
         return None
 
-    def level_table(self):
+    def level_table(self) -> npt.NDArray[np.float64] | None:
         """The levels (float64, -1 to 1) that unbiased stochastic rounding of each bucket's normalized
         coordinates picks from, or None for codecs that do not round to levels (diagnostics use it)."""
         return None
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """State that a checkpoint must keep (msgpack/torch-serializable); empty when stateless."""
         return {}
 
-    def load_state_dict(self, state, device="cpu"):
+    def load_state_dict(self, state: Mapping[str, Any], device: Device = "cpu") -> None:
         """Restore :meth:`state_dict`; ``device`` places tensors."""
         if state:
             raise ConfigError(f"{self.name} keeps no state; got {sorted(state)}")
 
-    def local_stats(self, flat):
+    def local_stats(self, flat: torch.Tensor) -> dict[str, Any]:
         """This rank's sufficient statistics of ``flat`` for a refit (adaptive codecs only)."""
         raise ConfigError(f"{self.name} is not adaptive: it has no statistics to fit")
 
-    def fit(self, stats):
+    def fit(self, stats: Mapping[str, Any]) -> None:
         """Refit from statistics merged across ranks in rank order (adaptive codecs only)."""
         raise ConfigError(f"{self.name} is not adaptive: it cannot fit")
 
     @property
-    def params(self):
+    def params(self) -> dict[str, Any]:
         """Parameters carried in every header; equal params mean compatible bytes."""
         return {}
 
-    def payload_nbytes(self, numel):
+    def payload_nbytes(self, numel: int) -> int | None:
         """Exact payload bytes for ``numel`` coordinates (pure function), or None when the
         length depends on the data (then :meth:`min_payload_nbytes` bounds it)."""
         raise NotImplementedError
 
-    def min_payload_nbytes(self, numel):
+    def min_payload_nbytes(self, numel: int) -> int:
         """Fewest payload bytes any message of ``numel`` coordinates can have."""
         return self.payload_nbytes(numel)
 
     @property
-    def fixed_size(self):
+    def fixed_size(self) -> bool:
         """True when every message of ``numel`` coordinates has the same length."""
         return self.payload_nbytes(1) is not None
 
-    def _quantize(self, x, rng, want_decoded, into=None):
+    def _quantize(self, x: torch.Tensor, rng: Rng | None, want_decoded: bool,
+                  into: npt.NDArray[np.uint8] | None = None,
+                  ) -> tuple[torch.Tensor | npt.NDArray[np.uint8], torch.Tensor | None]:
         """Return (payload, decoded float32 tensor) for a flat ``x``, finite unless the codec
         :attr:`checks_finite` itself.
 
@@ -178,7 +191,7 @@ class Codec:
         """
         raise NotImplementedError
 
-    def _dequantize(self, payload, numel, out=None):
+    def _dequantize(self, payload: torch.Tensor, numel: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Return the float32 values of a payload (a uint8 tensor of the exact length, or for a
         variable-length code at least :meth:`min_payload_nbytes`; the codec checks the rest).
         ``out``: None, or a checked float32 tensor of ``numel`` values: a codec that decodes
@@ -190,21 +203,21 @@ class Codec:
 
     # -- shared machinery -------------------------------------------------------------
 
-    def header_bytes(self, numel):
+    def header_bytes(self, numel: int) -> bytes:
         """The msgpack header of a message of ``numel`` coordinates."""
         return wire.pack_header(self.name, numel, self.params)
 
-    def encoded_nbytes(self, numel):
+    def encoded_nbytes(self, numel: int) -> int | None:
         """Exact length of ``encode`` of ``numel`` coordinates (pure function); None for a
         variable-length code."""
         payload = self.payload_nbytes(numel)
         return None if payload is None else wire.PREFIX_BYTES + len(self.header_bytes(numel)) + payload
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"{type(self).__name__}({args})"
 
-    def _check_input(self, x, rng):
+    def _check_input(self, x: torch.Tensor, rng: Rng | None) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise ConfigError(f"{self.name}: expected a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
@@ -219,7 +232,8 @@ class Codec:
             )
         return x.contiguous()
 
-    def encode_decode(self, x, rng=None, key=None, out=None):
+    def encode_decode(self, x: torch.Tensor, rng: Rng | None = None, key: Hashable = None,
+                      out: wire.BytesLike | None = None) -> tuple[bytes | memoryview, torch.Tensor]:
         """Encode ``x`` and also return what every receiver will decode from the bytes.
 
         Args:
@@ -236,7 +250,7 @@ class Codec:
         """
         return self._encode(x, rng, True, out)
 
-    def _payload_slot(self, out, header, numel):
+    def _payload_slot(self, out: wire.BytesLike | None, header: bytes, numel: int) -> npt.NDArray[np.uint8] | None:
         """The place of the payload inside ``out`` (for :meth:`_quantize`'s ``into``), or None
         when ``out`` cannot take the whole message of a fixed-length code plus the slack."""
         nbytes = self.payload_nbytes(numel)
@@ -248,7 +262,8 @@ class Codec:
             return None
         return np.frombuffer(view, dtype=np.uint8, count=nbytes + wire.SLACK, offset=start)
 
-    def _encode(self, x, rng, want_decoded, out=None):
+    def _encode(self, x: torch.Tensor, rng: Rng | None, want_decoded: bool, out: wire.BytesLike | None = None,
+                ) -> tuple[bytes | memoryview, torch.Tensor | None]:
         x = self._check_input(x, rng)
         header = self.header_bytes(x.numel())
         if x.numel() == 0:
@@ -263,11 +278,13 @@ class Codec:
             return wire.frame_into(out, header, payload), decoded
         return wire.frame(header, payload), decoded
 
-    def encode(self, x, rng=None, key=None, out=None):
+    def encode(self, x: torch.Tensor, rng: Rng | None = None, key: Hashable = None,
+               out: wire.BytesLike | None = None) -> bytes | memoryview:
         """Encode ``x`` into a self-describing message (see :meth:`encode_decode`)."""
         return self._encode(x, rng, False, out)[0]
 
-    def decode(self, message, device="cpu", numel=None, out=None):
+    def decode(self, message: wire.BytesLike, device: Device = "cpu", numel: int | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
         """Decode a message produced by a codec with the same parameters.
 
         The values may share memory with ``message`` when it is a writable buffer (a
@@ -294,7 +311,8 @@ class Codec:
             )
         return self._decode_payload(header["numel"], payload, device, out)
 
-    def _decode_payload(self, numel, payload, device, out=None):
+    def _decode_payload(self, numel: int, payload: memoryview, device: Device,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
         expected = self.payload_nbytes(numel)
         if expected is None:
             least = self.min_payload_nbytes(numel)
@@ -321,7 +339,7 @@ class Codec:
         return out.copy_(values)
 
 
-def _check_out(codec, out, numel, device):
+def _check_out(codec: str, out: object, numel: int, device: Device) -> None:
     """Refuse an ``out`` the kernels cannot write as a flat array of ``numel`` values (numba does not
     check bounds: a 2-D or strided tensor would be written past its end)."""
     device = torch.device(device)
