@@ -125,6 +125,8 @@ class Codec:
     # True where _quantize reduces every coordinate into a bucket norm (NaN and Inf carry into
     # it) and raises non_finite_error itself: encode then skips its own pass over the input.
     checks_finite: bool = False
+    # Adaptive codecs: what their last fit chose ({"won": the table's name, "psi": {name: score}}; None before one).
+    last_fit: dict[str, Any] | None = None
 
     @property
     def base(self) -> Codec:
