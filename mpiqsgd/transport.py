@@ -111,7 +111,7 @@ class Poller:
                  max_sleep: float = POLL_MAX_SLEEP) -> None:
         self.spin_seconds, self.first_sleep, self.max_sleep = spin_seconds, first_sleep, max_sleep
 
-    def until(self, done: Callable[[], _T], timeout: float | None = None,
+    def until(self, done: Callable[[], _T | None], timeout: float | None = None,
               what: Callable[[], str] | None = None) -> _T:
         """Return the first true value of ``done()``.
 
@@ -599,10 +599,13 @@ class _DrivenPipeline(AllreducePipeline):
     ``communicate``; each piece's allreduce is a span of the trace on the driver's thread.
     """
 
+    transport: MPITransport
+
     def __init__(self, transport: MPITransport, op: str, phase: str) -> None:
         super().__init__(transport, op, phase)
-        self._todo, self._finished = queue.Queue(), queue.Queue()
-        self._error = None
+        self._todo: queue.Queue[tuple[int, np.ndarray, int] | None] = queue.Queue()
+        self._finished: queue.Queue[int | None] = queue.Queue()
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._drive, name="mpiqsgd-allreduce", daemon=True)
         self._thread.start()
 
@@ -616,7 +619,8 @@ class _DrivenPipeline(AllreducePipeline):
 
     def _drive(self) -> None:
         t = self.transport
-        in_flight, closed, sleep = [], False, POLL_FIRST_SLEEP
+        in_flight: list[tuple[int, MPI.Request, float, int]] = []
+        closed, sleep = False, POLL_FIRST_SLEEP
         try:
             while not closed or in_flight:
                 progressed = False
@@ -690,14 +694,14 @@ class LocalGroup:
             raise ConfigError(f"LocalGroup: ranks_per_node must be an integer >= 1 or None; got {ranks_per_node!r}")
         self.size = size
         self.nodes = tuple(r // ranks_per_node if ranks_per_node else 0 for r in range(size))
-        self._queues = {}
+        self._queues: dict[tuple[int, int, int], queue.Queue[bytes]] = {}
         self._lock = threading.Lock()
         self._barrier = threading.Barrier(size)
-        self._slots = [None] * size
+        self._slots: list[Any] = [None] * size
         # Sub-groups (LocalTransport.split) share the root's error and are aborted with it.
         self._root = self if _root is None else _root
-        self._subgroups = {}
-        self._error = None
+        self._subgroups: dict[Hashable, LocalGroup] = {}
+        self._error: BaseException | None = None
 
     @property
     def error(self) -> BaseException | None:

@@ -171,7 +171,10 @@ class Codec:
 
     def min_payload_nbytes(self, numel: int) -> int:
         """Fewest payload bytes any message of ``numel`` coordinates can have."""
-        return self.payload_nbytes(numel)
+        nbytes = self.payload_nbytes(numel)
+        if nbytes is None:
+            raise NotImplementedError(f"{self.name}: a variable-length code defines min_payload_nbytes")
+        return nbytes
 
     @property
     def fixed_size(self) -> bool:
@@ -250,7 +253,9 @@ class Codec:
             (message, float32 tensor of ``x.numel()`` values on ``x``'s device); the message is
             ``bytes``, or a read-only memoryview of ``out`` that is valid until ``out`` is reused.
         """
-        return self._encode(x, rng, True, out)
+        message, decoded = self._encode(x, rng, True, out)
+        assert decoded is not None  # want_decoded
+        return message, decoded
 
     def _payload_slot(self, out: wire.BytesLike | None, header: bytes, numel: int) -> npt.NDArray[np.uint8] | None:
         """The place of the payload inside ``out`` (for :meth:`_quantize`'s ``into``), or None
@@ -268,17 +273,19 @@ class Codec:
                 ) -> tuple[bytes | memoryview, torch.Tensor | None]:
         x = self._check_input(x, rng)
         header = self.header_bytes(x.numel())
+        payload: torch.Tensor | npt.NDArray[np.uint8]
         if x.numel() == 0:
             payload, decoded = torch.zeros(0, dtype=torch.uint8), x.clone()
         else:
             into = self._payload_slot(out, header, x.numel())
             payload, decoded = self._quantize(x, rng, want_decoded, into)
-            if into is not None and payload is into:
+            if out is not None and into is not None and payload is into:
                 return wire.seal(out, header, into.size - wire.SLACK), decoded
-        payload = payload.cpu().numpy()
-        if out is not None and len(memoryview(out).cast("B")) >= wire.PREFIX_BYTES + len(header) + payload.size:
-            return wire.frame_into(out, header, payload), decoded
-        return wire.frame(header, payload), decoded
+        assert isinstance(payload, torch.Tensor)  # _quantize's contract: ``into`` itself or a uint8 tensor
+        array = payload.cpu().numpy()
+        if out is not None and len(memoryview(out).cast("B")) >= wire.PREFIX_BYTES + len(header) + array.size:
+            return wire.frame_into(out, header, array), decoded
+        return wire.frame(header, array), decoded
 
     def encode(self, x: torch.Tensor, rng: Rng | None = None, key: Hashable = None,
                out: wire.BytesLike | None = None) -> bytes | memoryview:
