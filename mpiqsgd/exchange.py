@@ -68,7 +68,6 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Itera
 from typing import cast, overload
 
 import torch
-from torch.types import Device
 from torch.utils.hooks import RemovableHandle
 
 from .codecs.base import all_finite
@@ -76,7 +75,7 @@ from .errors import ConfigError, NonFiniteError
 from .topology import Nodes, make_aggregator, make_fp32_aggregator, resolve_topology, wants_hierarchical
 
 if TYPE_CHECKING:
-    from .codecs.base import Codec
+    from .codecs.base import Codec, Device
     from .transport import Transport
 
 __all__ = ["GradientExchange", "DistributedOptimizer", "Bucket", "make_buckets", "broadcast_parameters",
@@ -340,7 +339,9 @@ class GradientExchange:
         (frozen after construction) keeps its ``.grad``.
         """
         if self.adapts_at(step):
-            self.adapt(_flatten(self.compressed), step)
+            flat = _flatten(self.compressed)
+            assert flat is not None  # adapts_at is False without compressed parameters
+            self.adapt(flat, step)
         if self.overlap is not None:
             results = self.overlap.finish(step)
         else:
@@ -693,7 +694,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
     def _update(self, closure: Callable[[], float] | None) -> float | None:
         # The wrapped update must not see GradScaler's attributes: the gradients are unscaled and
         # checked already, and a fused optimizer would unscale them a second time.
-        saved = {k: self.__dict__.pop(k) for k in ("grad_scale", "found_inf") if k in self.__dict__}
+        saved: dict[str, Any] = {k: self.__dict__.pop(k) for k in ("grad_scale", "found_inf") if k in self.__dict__}
         try:
             return super().step(closure) if closure is not None else super().step()
         finally:

@@ -66,7 +66,8 @@ import sys
 import threading
 import time
 import zlib
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Hashable, Iterable, Iterator, Sequence, Tuple, TypeVar
+from typing import (TYPE_CHECKING, Any, Callable, ContextManager, Hashable, Iterable, Iterator, Sequence, Tuple,
+                    TypeVar, cast)
 
 import numpy as np
 import numpy.typing as npt
@@ -645,7 +646,7 @@ class _DrivenPipeline(AllreducePipeline):
                                       piece=k, bytes=nominal)
                         self._finished.put(k)
                         progressed = True
-                    elif t.comm_timeout is not None and time.perf_counter() - start > t._timeout():
+                    elif (timeout := t._timeout()) is not None and time.perf_counter() - start > timeout:
                         raise CommTimeout(f"waited {time.perf_counter() - start:.0f} s for the other ranks in "
                                           f"piece {k} of the '{self.phase}' allreduce (rank {t.rank}, step "
                                           f"{t.meter.step}): a rank is stopped, hung or gone")
@@ -753,7 +754,7 @@ class LocalGroup:
 
     def run(self, fn: Callable[[LocalTransport], _T], transports: Sequence[LocalTransport]) -> list[_T | None]:
         """Call ``fn(transport)`` for every rank in its own thread; return the results by rank."""
-        results = [None] * self.size
+        results: list[_T | None] = [None] * self.size
 
         def target(t: LocalTransport) -> None:
             try:
@@ -843,7 +844,9 @@ class LocalTransport(Transport):
         return self.group.exchange(self.rank, data.tobytes())
 
     def bcast_bytes(self, buf: wire.BytesLike, root: int = 0) -> bytes:
-        return self.group.exchange(self.rank, bytes(memoryview(buf).cast("B")) if self.rank == root else None)[root]
+        # Only the root contributes bytes (the others None), so the root's entry is bytes.
+        mine = bytes(memoryview(buf).cast("B")) if self.rank == root else None
+        return cast(bytes, self.group.exchange(self.rank, mine)[root])
 
     def agree_max(self, value: int) -> int:
         return max(self.group.exchange(self.rank, int(value)))

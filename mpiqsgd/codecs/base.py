@@ -36,7 +36,6 @@ from typing import Any, Collection, Hashable, Mapping, TypeVar, Union
 import numpy as np
 import numpy.typing as npt
 import torch
-from torch.types import Device
 
 from .. import wire
 from ..errors import ConfigError, DecodeError, NonFiniteError
@@ -47,6 +46,8 @@ __all__ = ["Codec", "Rng", "make_generator", "check_choice", "check_int", "check
 
 # The randomness an encode takes: a generator (make_generator), or a SeedAt for one piece of a message.
 Rng = Union[torch.Generator, SeedAt]
+# Where tensors go: torch.types.Device without its None, which torch.device() refuses (_check_out calls it).
+Device = Union[torch.device, str, int]
 _T = TypeVar("_T")
 
 
@@ -274,6 +275,7 @@ class Codec:
         x = self._check_input(x, rng)
         header = self.header_bytes(x.numel())
         payload: torch.Tensor | npt.NDArray[np.uint8]
+        decoded: torch.Tensor | None
         if x.numel() == 0:
             payload, decoded = torch.zeros(0, dtype=torch.uint8), x.clone()
         else:

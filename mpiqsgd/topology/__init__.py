@@ -24,7 +24,7 @@ variable-length codec such as ``qsgd-elias``, whose messages the meter still cou
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..codecs import ErrorFeedback, summable
 from ..codecs.fp import FP32
@@ -99,15 +99,22 @@ def make_aggregator(name: str, transport: Transport, codec: Codec | None, seed: 
         if nodes.transport is not transport:
             raise ConfigError("make_aggregator: nodes must be the Nodes of this transport")
         wants_hierarchical(transport, "on", dedicated=bool(options.get("dedicated")))  # refuses a dedicated server
-        return Hierarchical(nodes, make_aggregator(name, nodes.shape, codec, seed=seed, **options), seed=seed)
+        # On a non-leader nodes.shape is a LeaderShape standing in for the leaders' transport: the inner
+        # aggregator reads only its size for byte formulas and codec state, and moves no bytes through it.
+        shape = cast("Transport", nodes.shape)
+        return Hierarchical(nodes, make_aggregator(name, shape, codec, seed=seed, **options), seed=seed)
     if name not in TOPOLOGIES:
         raise ConfigError(f"unknown topology {name!r}; choose one of: {', '.join(CHOICES)}")
     options = {k: v for k, v in options.items() if v is not None}
+    # Only allreduce (fp32, which it builds itself) takes codec=None; the constructors are typed for the
+    # others, which need a codec (None is not refused here: as before, such an aggregator fails when it first
+    # reads the codec).
+    coded = cast("Codec", codec)
     if name in ("intsum", "scatter"):
         unknown = sorted(set(options) - {"piece_numel"})
         if unknown:
             raise ConfigError(f"topology {name!r} takes no option {', '.join(unknown)} (only piece_numel)")
-        return TOPOLOGIES[name](transport, codec, seed=seed, **options)
+        return TOPOLOGIES[name](transport, coded, seed=seed, **options)
     if options and name != "ps":
         raise ConfigError(f"topology {name!r} takes no options (got {', '.join(sorted(options))}; ps takes downlink, "
                           "server_error_feedback and dedicated, scatter and intsum piece_numel)")
@@ -115,9 +122,9 @@ def make_aggregator(name: str, transport: Transport, codec: Codec | None, seed: 
         unknown = sorted(set(options) - {"downlink", "server_error_feedback", "dedicated"})
         if unknown:
             raise ConfigError(f"topology 'ps' takes no option {', '.join(unknown)}")
-        down = _downlink_codec(codec, options.pop("downlink", "fp32"), options.pop("server_error_feedback", False))
-        return ParameterServer(transport, codec, seed=seed, down_codec=down, **options)
-    return TOPOLOGIES[name](transport, codec, seed=seed, **options)
+        down = _downlink_codec(coded, options.pop("downlink", "fp32"), options.pop("server_error_feedback", False))
+        return ParameterServer(transport, coded, seed=seed, down_codec=down, **options)
+    return TOPOLOGIES[name](transport, coded, seed=seed, **options)
 
 
 def make_fp32_aggregator(name: str, transport: Transport, seed: int = 0, nodes: Nodes | None = None,

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Hashable, Sequence, Tuple
 import numpy as np
 import numpy.typing as npt
 import torch
-from torch.types import Device
 
 from .. import wire
 from ..codecs import make_generator
@@ -29,7 +28,7 @@ from ..errors import ConfigError
 from ..transport import sum_of
 
 if TYPE_CHECKING:
-    from ..codecs.base import Codec, Rng
+    from ..codecs.base import Codec, Device, Rng
     from ..transport import Transport
 
 __all__ = ["Aggregator", "Round", "MessageBuffers", "mean_of", "sum_of", "chunk_bounds", "empty_like"]
