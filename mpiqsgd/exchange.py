@@ -57,23 +57,36 @@ allgathered (phase ``adapt``, counted), merged in rank order, and every rank fit
 same levels from the same merged statistics, so all ranks hold bit-identical tables.
 """
 
+from __future__ import annotations
+
 import contextlib
 import io
 import queue
 import threading
 import weakref
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Iterator, Mapping, Optional, Sequence, Tuple
+from typing import cast, overload
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from .codecs.base import all_finite
 from .errors import ConfigError, NonFiniteError
 from .topology import Nodes, make_aggregator, make_fp32_aggregator, resolve_topology, wants_hierarchical
 
+if TYPE_CHECKING:
+    from .codecs.base import Codec, Device
+    from .transport import Transport
+
 __all__ = ["GradientExchange", "DistributedOptimizer", "Bucket", "make_buckets", "broadcast_parameters",
            "parameter_checksum"]
 
 
-def broadcast_parameters(module, transport, root=0):
+# A bucket's (compressed, uncompressed) flat buffers, or their means; None where it holds no such tensor.
+Flats = Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
+
+
+def broadcast_parameters(module: torch.nn.Module, transport: Transport, root: int = 0) -> None:
     """Overwrite every rank's parameters and buffers with ``root``'s (uncounted set-up traffic)."""
     state = module.state_dict()
     buf = io.BytesIO()
@@ -85,7 +98,7 @@ def broadcast_parameters(module, transport, root=0):
         module.load_state_dict(loaded)
 
 
-def parameter_checksum(parameters):
+def parameter_checksum(parameters: Iterable[torch.Tensor]) -> bytes:
     """Bytes that differ when any parameter differs in any bit (for the replica sync check)."""
     import hashlib
 
@@ -98,25 +111,27 @@ def parameter_checksum(parameters):
 class Bucket:
     """Parameters whose gradients travel together: ``compressed`` ones and ``uncompressed`` ones."""
 
-    def __init__(self, index, params, min_compress_numel):
+    def __init__(self, index: int, params: list[torch.Tensor], min_compress_numel: int) -> None:
         self.index = index
         self.params = params
         self.compressed = [p for p in params if p.numel() >= min_compress_numel]
         self.uncompressed = [p for p in params if p.numel() < min_compress_numel]
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (f"Bucket({self.index}, {len(self.compressed)}+{len(self.uncompressed)} tensors, "
                 f"{sum(p.numel() for p in self.params)} coordinates)")
 
 
-def make_buckets(params, bucket_mb, min_compress_numel):
+def make_buckets(params: Iterable[torch.Tensor], bucket_mb: float | None, min_compress_numel: int) -> list[Bucket]:
     """Cut ``params`` into :class:`Bucket` s of about ``bucket_mb`` MB of fp32 gradient (see the module doc)."""
     if bucket_mb is None or bucket_mb < 0:
         raise ConfigError(f"bucket_mb must be >= 0; got {bucket_mb}")
     if bucket_mb == 0:
         return [Bucket(0, list(params), min_compress_numel)]
     limit = bucket_mb * 1e6
-    groups, current, nbytes = [], [], 0
+    groups: list[list[torch.Tensor]] = []
+    current: list[torch.Tensor] = []
+    nbytes = 0
     for p in reversed(list(params)):
         if current and nbytes + 4 * p.numel() > limit:
             groups.append(current)
@@ -150,9 +165,11 @@ class GradientExchange:
         **options: topology options (``ps``: downlink, server_error_feedback, dedicated).
     """
 
-    def __init__(self, parameters, transport, codec, topology="auto", seed=0, min_compress_numel=0,
-                 warmup_steps=0, adapt_at=(0, 100, 2000), adapt_every=10000, bucket_mb=0, overlap=False,
-                 backward_passes_per_step=1, hierarchical="auto", **options):
+    def __init__(self, parameters: Iterable[torch.Tensor], transport: Transport, codec: Codec, topology: str = "auto",
+                 seed: int = 0, min_compress_numel: int = 0, warmup_steps: int = 0,
+                 adapt_at: Iterable[int] = (0, 100, 2000), adapt_every: int = 10000, bucket_mb: float = 0,
+                 overlap: bool = False, backward_passes_per_step: int = 1, hierarchical: str = "auto",
+                 **options: Any) -> None:
         params = [p for p in parameters if p.requires_grad]
         if not params:
             raise ConfigError("GradientExchange: no parameters that require gradients")
@@ -163,38 +180,39 @@ class GradientExchange:
         self.bucket_mb = bucket_mb
         topology = resolve_topology(topology, codec)
         hier = wants_hierarchical(transport, hierarchical, dedicated=bool(options.get("dedicated")))
-        self.nodes = Nodes(transport) if hier else None  # collective: every rank decides alike
+        self.nodes: Nodes | None = Nodes(transport) if hier else None  # collective: every rank decides alike
         self.aggregator = make_aggregator(topology, transport, codec, seed=seed, nodes=self.nodes, **options)
         self.fp32 = make_fp32_aggregator(topology, transport, seed=seed, nodes=self.nodes, **options)
         self.adaptive = codec.base if codec.adaptive else None
         self.adapt_at = set(adapt_at)
         self.adapt_every = adapt_every
         self.seed = seed
-        self.refits = []  # {"step", "won", "psi"} of each refit (the guarantee's log)
+        self.refits: list[dict[str, Any]] = []  # {"step", "won", "psi"} of each refit (the guarantee's log)
         self.backward_passes_per_step = backward_passes_per_step
         # Gradient arrivals per parameter since the last exchange, counted by post-accumulate-grad
         # hooks: they say when a bucket is complete (overlap) and catch a backward pass beyond
         # backward_passes_per_step, whose gradient would otherwise miss the exchange (or be summed
         # into the next one) without a word.
         self._lock = threading.Lock()
-        self._arrivals = {}
+        self._arrivals: dict[int, int] = {}
         self._counting = True  # False inside no_sync()
-        self._hooks, self._hooked = [], set()
+        self._hooks: list[RemovableHandle] = []
+        self._hooked: set[int] = set()
         self._set_params(params)
         self.overlap = _Overlap(self) if overlap else None
 
     @property
-    def backward_passes_per_step(self):
+    def backward_passes_per_step(self) -> int:
         """Backward passes whose gradients one exchange sums (gradient accumulation); buckets leave after the last."""
         return self._passes
 
     @backward_passes_per_step.setter
-    def backward_passes_per_step(self, k):
+    def backward_passes_per_step(self, k: int) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ConfigError(f"backward_passes_per_step must be an integer >= 1; got {k!r}")
         self._passes = k
 
-    def _set_params(self, params):
+    def _set_params(self, params: Iterable[torch.Tensor]) -> None:
         self.params = list(params)
         self._ids = {id(p) for p in self.params}
         self.compressed = [p for p in self.params if p.numel() >= self.min_compress_numel]
@@ -204,7 +222,7 @@ class GradientExchange:
                       "uncompressed": sum(p.numel() for p in self.uncompressed)}
         ref = weakref.ref(self)  # an exchange that is dropped stops counting
 
-        def on_grad(param):
+        def on_grad(param: torch.Tensor) -> None:
             exchange = ref()
             if exchange is not None:
                 exchange._on_grad(param)
@@ -214,7 +232,7 @@ class GradientExchange:
                 self._hooks.append(p.register_post_accumulate_grad_hook(on_grad))
                 self._hooked.add(id(p))
 
-    def add_parameters(self, parameters):
+    def add_parameters(self, parameters: Iterable[torch.Tensor]) -> None:
         """Exchange ``parameters`` too from the next step on (a layer unfrozen, a new param group).
 
         Every rank must add the same parameters in the same order. The buckets are rebuilt:
@@ -229,7 +247,7 @@ class GradientExchange:
         if self.overlap is not None:
             self.overlap.rebucket()
 
-    def _on_grad(self, param):
+    def _on_grad(self, param: torch.Tensor) -> None:
         """A post-accumulate-grad hook: count the arrival; a bucket whose last gradient is in leaves (overlap)."""
         if not self._counting:
             return
@@ -247,7 +265,7 @@ class GradientExchange:
             self.overlap._on_grad(param)
 
     @contextlib.contextmanager
-    def no_sync(self):
+    def no_sync(self) -> Iterator[None]:
         """Backward passes inside this block accumulate gradients locally and are not counted (DDP's
         ``no_sync``): the exchange after the block sends their sum."""
         before, self._counting = self._counting, False
@@ -256,51 +274,54 @@ class GradientExchange:
         finally:
             self._counting = before
 
-    def _reset_arrivals(self):
+    def _reset_arrivals(self) -> None:
         with self._lock:
             self._arrivals.clear()
 
-    def compresses_at(self, step):
+    def compresses_at(self, step: int) -> bool:
         """Whether ``step`` sends the compressed buffers through the codec (after the warm-up steps)."""
         return step >= self.warmup_steps
 
-    def adapts_at(self, step):
+    def adapts_at(self, step: int) -> bool:
         """Whether the adaptive codec refits its levels at ``step``."""
         if self.adaptive is None or not self.compressed:
             return False
         return step in self.adapt_at or (self.adapt_every > 0 and step > 0 and step % self.adapt_every == 0)
 
-    def adapt(self, flat, step):
+    def adapt(self, flat: torch.Tensor, step: int) -> None:
         """Refit the adaptive codec's levels from every rank's statistics of ``flat`` (collective)."""
         from .codecs import gradstats
 
+        adaptive = self.adaptive
+        if adaptive is None:
+            raise ConfigError(f"{self.codec.name} is not adaptive: it has no levels to refit")
         t = self.transport
         t.begin_step(step)
         if not all_finite(flat):
             raise NonFiniteError(f"gradient holds NaN/Inf at step {step}; not refitting levels to it")
         # "adapt" times this rank's own work; waiting for the others is "communicate".
         with t.timed("adapt"):
-            local = gradstats.stats_to_bytes(self.adaptive.local_stats(flat))
+            local = gradstats.stats_to_bytes(adaptive.local_stats(flat))
         gathered = t.allgather_bytes(local, phase="adapt")
         with t.timed("adapt"):
-            self.adaptive.fit(gradstats.merge_stats([gradstats.stats_from_bytes(b) for b in gathered]))
-        self.refits.append({"step": step, **self.adaptive.last_fit})
+            adaptive.fit(gradstats.merge_stats([gradstats.stats_from_bytes(b) for b in gathered]))
+        self.refits.append({"step": step, **(adaptive.last_fit or {})})
 
-    def diagnostics(self, step):
+    def diagnostics(self, step: int) -> dict[str, Any]:
         """Quantization diagnostics of this rank's compressed gradient (no communication; the
         fields of :mod:`mpiqsgd.diagnostics`)."""
         from .diagnostics import quantization
 
         return quantization(self.codec, _flatten(self.compressed), self.seed, self.transport.rank, step)
 
-    def _aggregate_bucket(self, bucket, flats, step, compress):
+    def _aggregate_bucket(self, bucket: Bucket, flats: Flats, step: int, compress: bool) -> Flats:
         """The means of one bucket's (compressed, uncompressed) flat buffers (collective)."""
         agg_c = self.aggregator if compress else self.fp32
         flat_c, flat_u = flats
         return (agg_c.aggregate(flat_c, step, bucket.index) if flat_c is not None else None,
                 self.fp32.aggregate(flat_u, step, bucket.index) if flat_u is not None else None)
 
-    def begin(self, step):
+    def begin(self, step: int) -> None:
         """Stamp ``step`` on the meter, start counting backward passes anew and arm the exchange
         before its backward (overlap only)."""
         self.transport.begin_step(step)  # the step's compute is counted (and traced) as this step's
@@ -308,7 +329,7 @@ class GradientExchange:
         if self.overlap is not None:
             self.overlap.begin(step, arm=not self.adapts_at(step))
 
-    def finish(self, step):
+    def finish(self, step: int) -> None:
         """Replace every parameter's ``.grad`` by its mean over ranks (collective).
 
         With overlap, waits for the buckets that :meth:`begin` armed (and sends those whose
@@ -318,7 +339,9 @@ class GradientExchange:
         (frozen after construction) keeps its ``.grad``.
         """
         if self.adapts_at(step):
-            self.adapt(_flatten(self.compressed), step)
+            flat = _flatten(self.compressed)
+            assert flat is not None  # adapts_at is False without compressed parameters
+            self.adapt(flat, step)
         if self.overlap is not None:
             results = self.overlap.finish(step)
         else:
@@ -331,17 +354,17 @@ class GradientExchange:
                 _unflatten(mean_u, bucket.uncompressed)
         self._reset_arrivals()
 
-    def pending(self, step):
+    def pending(self, step: int) -> bool:
         """Whether :meth:`begin` armed ``step`` and :meth:`finish` has not yet completed it (overlap only)."""
         return self.overlap is not None and self.overlap.pending and self.overlap.step == step
 
-    def synchronize(self, step):
+    def synchronize(self, step: int) -> None:
         """:meth:`finish` for a step that was never armed: aggregate every bucket now (collective)."""
         if self.overlap is not None:
             self.overlap.begin(step, arm=False)
         self.finish(step)
 
-    def close(self):
+    def close(self) -> None:
         """Stop the communication thread (overlap only) and remove the gradient hooks."""
         if self.overlap is not None:
             self.overlap.close()
@@ -349,38 +372,38 @@ class GradientExchange:
             handle.remove()
         self._hooks, self._hooked = [], set()
 
-    def _stateful(self):
+    def _stateful(self) -> Iterator[tuple[str, Codec]]:
         for name, agg in (("compressed", self.aggregator), ("uncompressed", self.fp32)):
             for role, codec in agg.codecs.items():
                 yield f"{name}.{role}", codec
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """Codec state (error-feedback residuals, adaptive levels) for checkpoints."""
-        state = {}
+        state: dict[str, Any] = {}
         for key, codec in self._stateful():
             codec_state = codec.state_dict()
             if codec_state:
                 state[key] = codec_state
         return state
 
-    def load_state_dict(self, state, device="cpu"):
+    def load_state_dict(self, state: Mapping[str, Any], device: Device = "cpu") -> None:
         for key, codec in self._stateful():
             if key in state:
                 codec.load_state_dict(state[key], device)
 
 
-def _flatten(params):
+def _flatten(params: Sequence[torch.Tensor]) -> torch.Tensor | None:
     if not params:
         return None
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(torch.float32)
                       for p in params])
 
 
-def _bucket_flats(bucket):
+def _bucket_flats(bucket: Bucket) -> Flats:
     return _flatten(bucket.compressed), _flatten(bucket.uncompressed)
 
 
-def _unflatten(flat, params):
+def _unflatten(flat: torch.Tensor, params: Iterable[torch.Tensor]) -> None:
     offset = 0
     for p in params:
         n = p.numel()
@@ -404,35 +427,35 @@ class _Overlap:
     to ``results``; ``None`` stops it.
     """
 
-    def __init__(self, exchange):
+    def __init__(self, exchange: GradientExchange) -> None:
         exchange.transport.require_threads()
         self.exchange = exchange
         self.lock = threading.Lock()
-        self.jobs = queue.Queue()
-        self.done = queue.Queue()
+        self.jobs: queue.Queue[tuple[Bucket, Flats, int, bool] | None] = queue.Queue()
+        self.done: queue.Queue[tuple[str, Any]] = queue.Queue()  # ("ok", means) or ("error", exception)
         self.armed = False
         self.pending = False  # begun and not yet finished
-        self.step = None
-        self.thread = None
+        self.step: int | None = None
+        self.thread: threading.Thread | None = None
         self.early = 0  # buckets of the last step handed over during backward (before finish)
         self.rebucket()
 
-    def rebucket(self):
+    def rebucket(self) -> None:
         """Map each parameter to its bucket (after the exchange's buckets were rebuilt)."""
         self.bucket_of = {id(p): bucket.index for bucket in self.exchange.buckets for p in bucket.params}
 
-    def begin(self, step, arm):
+    def begin(self, step: int, arm: bool) -> None:
         with self.lock:
             self.step = step
             self.armed = arm
             self.pending = True
             self.remaining = [len(b.params) for b in self.exchange.buckets]
-            self.flats = [None] * len(self.exchange.buckets)
+            self.flats: list[Flats | None] = [None] * len(self.exchange.buckets)
             self.next_index = 0
             self.early = 0
             self.compress = self.exchange.compresses_at(step)
 
-    def _on_grad(self, param):
+    def _on_grad(self, param: torch.Tensor) -> None:
         with self.lock:
             if not self.armed:
                 return
@@ -444,18 +467,22 @@ class _Overlap:
                 self._hand_over()
                 self.early += self.next_index - before
 
-    def _hand_over(self):
+    def _hand_over(self) -> None:
         """Give the thread every complete bucket from ``next_index`` on, in index order (lock held)."""
         buckets = self.exchange.buckets
-        while self.next_index < len(buckets) and self.flats[self.next_index] is not None:
+        while self.next_index < len(buckets):
+            flats = self.flats[self.next_index]
+            if flats is None:
+                break
+            assert self.step is not None  # begin() ran
             if self.thread is None:
                 self.thread = threading.Thread(target=self._serve, name="mpiqsgd-comm", daemon=True)
                 self.thread.start()
-            self.jobs.put((buckets[self.next_index], self.flats[self.next_index], self.step, self.compress))
+            self.jobs.put((buckets[self.next_index], flats, self.step, self.compress))
             self.flats[self.next_index] = None
             self.next_index += 1
 
-    def _serve(self):
+    def _serve(self) -> None:
         while True:
             job = self.jobs.get()
             if job is None:
@@ -467,7 +494,7 @@ class _Overlap:
                 self.done.put(("error", exc))
                 return
 
-    def finish(self, step):
+    def finish(self, step: int) -> list[Flats]:
         if self.step != step or not self.pending:
             raise ConfigError(f"GradientExchange.finish({step}) without begin({step}) (last begun: {self.step})")
         buckets = self.exchange.buckets
@@ -488,7 +515,7 @@ class _Overlap:
                 results.append(value)
         return results
 
-    def close(self):
+    def close(self) -> None:
         if self.thread is not None:
             self.jobs.put(None)
             self.thread.join()
@@ -536,7 +563,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
     # skipping it on the ranks that found Inf: all ranks must take part in the exchange.
     _step_supports_amp_scaling = True
 
-    def __new__(cls, optimizer=None, exchange=None, *args, **kwargs):
+    def __new__(cls, optimizer: torch.optim.Optimizer | None = None, exchange: GradientExchange | None = None,
+                *args: Any, **kwargs: Any) -> DistributedOptimizer:
         if cls is not DistributedOptimizer:  # copy.deepcopy, pickle: the state comes after
             return super().__new__(cls)
         if isinstance(optimizer, DistributedOptimizer):
@@ -548,7 +576,8 @@ class DistributedOptimizer(torch.optim.Optimizer):
         obj.__dict__.update(optimizer.__dict__)  # Optimizer.__init__ already ran on these
         return obj
 
-    def __init__(self, optimizer, exchange, backward_passes_per_step=None, skip_non_finite=False):
+    def __init__(self, optimizer: torch.optim.Optimizer, exchange: GradientExchange,
+                 backward_passes_per_step: int | None = None, skip_non_finite: bool = False) -> None:
         if not isinstance(exchange, GradientExchange):
             raise ConfigError(f"DistributedOptimizer: exchange= must be a GradientExchange; "
                               f"got {type(exchange).__name__}")
@@ -564,32 +593,32 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._track_parameters()
 
     @property
-    def backward_passes_per_step(self):
+    def backward_passes_per_step(self) -> int:
         return self.exchange.backward_passes_per_step
 
-    def no_sync(self):
+    def no_sync(self) -> ContextManager[None]:
         """Context manager: backward passes inside it accumulate locally and are not counted (DDP's ``no_sync``)."""
         return self.exchange.no_sync()
 
-    def zero_grad(self, set_to_none=True):
+    def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero the gradients and arm the exchange for the coming backward passes (overlap)."""
         super().zero_grad(set_to_none=set_to_none)
         self.exchange.begin(self.steps)
         self._synchronized = False
 
-    def add_param_group(self, param_group):
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         if "exchange" in self.__dict__:  # not while the wrapped optimizer's __init__ adds its groups
             self._track_parameters()
 
-    def _track_parameters(self):
+    def _track_parameters(self) -> None:
         """Add the parameters that require gradients and are missing from the exchange (same on every rank)."""
         missing = [p for group in self.param_groups for p in group["params"]
                    if p.requires_grad and id(p) not in self.exchange._ids]
         if missing:
             self.exchange.add_parameters(missing)
 
-    def synchronize(self):
+    def synchronize(self) -> None:
         """Finish this step's exchange now (collective): ``.grad`` holds the mean over ranks, for
         clipping or inspection; the next ``step()`` only updates. With ``GradScaler``, call
         ``scaler.unscale_(opt)`` first (and pass ``skip_non_finite=True``)."""
@@ -598,7 +627,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
         self._exchange(None, self.skip_non_finite)
         self._synchronized = True
 
-    def _exchange(self, grad_scale, check_finite):
+    def _exchange(self, grad_scale: torch.Tensor | None, check_finite: bool) -> None:
         ex = self.exchange
         self._track_parameters()
         self.skipped = False
@@ -620,7 +649,13 @@ class DistributedOptimizer(torch.optim.Optimizer):
         else:
             ex.synchronize(self.steps)
 
-    def step(self, closure=None):
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Exchange the gradients (unless :meth:`synchronize` did), then the wrapped optimizer's update.
 
         Args:
@@ -638,7 +673,7 @@ class DistributedOptimizer(torch.optim.Optimizer):
                     raise ConfigError("step(closure) after synchronize(): the closure recomputes the gradients; "
                                       "call one or the other")
 
-                def evaluate():
+                def evaluate() -> float:
                     with torch.enable_grad():
                         loss = closure()
                     self._exchange(None, self.skip_non_finite)
@@ -656,23 +691,23 @@ class DistributedOptimizer(torch.optim.Optimizer):
             self._synchronized = False
             self.steps += 1
 
-    def _update(self, closure):
+    def _update(self, closure: Callable[[], float] | None) -> float | None:
         # The wrapped update must not see GradScaler's attributes: the gradients are unscaled and
         # checked already, and a fused optimizer would unscale them a second time.
-        saved = {k: self.__dict__.pop(k) for k in ("grad_scale", "found_inf") if k in self.__dict__}
+        saved: dict[str, Any] = {k: self.__dict__.pop(k) for k in ("grad_scale", "found_inf") if k in self.__dict__}
         try:
             return super().step(closure) if closure is not None else super().step()
         finally:
             self.__dict__.update(saved)
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state dict plus ``"mpiqsgd"``: the exchange's codec state
         (error-feedback residuals, adaptive levels) and :attr:`steps`."""
         state = super().state_dict()
         state["mpiqsgd"] = {"exchange": self.exchange.state_dict(), "steps": self.steps}
         return state
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (a plain optimizer's state dict restores the optimizer alone)."""
         state_dict = dict(state_dict)
         ours = state_dict.pop("mpiqsgd", None)
@@ -684,19 +719,20 @@ class DistributedOptimizer(torch.optim.Optimizer):
 
 # Optimizer.__setstate__ (copy.deepcopy) wraps an unhooked step in the profiler's step hooks; the
 # wrapped optimizer's step that ours calls already runs them, once.
-DistributedOptimizer.step.hooked = True
+DistributedOptimizer.step.hooked = True  # type: ignore[attr-defined]
 
 _AMP_OVERLAP = ("GradScaler (and skip_non_finite=True) need the exchange to see unscaled gradients, but overlap=True "
                 "sends buckets during backward, while they are still scaled: build the GradientExchange with "
                 "overlap=False")
 
-_CLASSES = {}
+_CLASSES: dict[type[torch.optim.Optimizer], type[DistributedOptimizer]] = {}
 
 
-def _distributed_class(base):
+def _distributed_class(base: type[torch.optim.Optimizer]) -> type[DistributedOptimizer]:
     """``DistributedOptimizer`` mixed into ``base`` (one class per optimizer class, as Horovod builds)."""
     cls = _CLASSES.get(base)
     if cls is None:
-        cls = _CLASSES[base] = type(base.__name__, (DistributedOptimizer, base),
-                                    {"__module__": __name__, "__qualname__": f"DistributedOptimizer[{base.__name__}]"})
+        cls = _CLASSES[base] = cast("type[DistributedOptimizer]", type(
+            base.__name__, (DistributedOptimizer, base),
+            {"__module__": __name__, "__qualname__": f"DistributedOptimizer[{base.__name__}]"}))
     return cls

@@ -20,13 +20,20 @@ event of the run's timeline (``trace.json``); without one the cost is one attrib
 test per block.
 """
 
+from __future__ import annotations
+
 import threading
 import time
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Sequence
 
 import msgpack
+
+if TYPE_CHECKING:
+    from .trace import Tracer
+    from .transport import Transport
 
 __all__ = ["Message", "Meter", "merge", "size_bin", "link_class", "COUNT_FIELDS", "LINK_CLASSES"]
 
@@ -34,13 +41,17 @@ COUNT_FIELDS = ("messages", "bytes", "header_bytes", "payload_bytes", "fp32_byte
 LINK_CLASSES = ("intra", "inter")
 INTRA_PREFIX = "node-"
 
+# A message count per field of COUNT_FIELDS; and a size histogram, size_bin -> [messages, bytes].
+Counts = Dict[str, int]
+SizeBins = Dict[int, List[int]]
 
-def link_class(phase):
+
+def link_class(phase: str) -> str:
     """``intra`` for a phase between the ranks of one node (``node-*``), else ``inter``."""
     return "intra" if phase.startswith(INTRA_PREFIX) else "inter"
 
 
-def _by_class(by_phase):
+def _by_class(by_phase: dict[str, Counts]) -> dict[str, Counts]:
     out = {c: _zero() for c in LINK_CLASSES}
     for phase, counts in by_phase.items():
         _add(out[link_class(phase)], counts)
@@ -60,31 +71,31 @@ class Message:
     fp32_bytes: int
 
     @property
-    def bytes(self):
+    def bytes(self) -> int:
         return self.header_bytes + self.payload_bytes
 
 
-def _zero():
+def _zero() -> Counts:
     return dict.fromkeys(COUNT_FIELDS, 0)
 
 
-def size_bin(nbytes):
+def size_bin(nbytes: int) -> int:
     """The histogram bin of a message of ``nbytes``: ``k`` holds sizes in [2^(k-1), 2^k) (0 holds 0)."""
     return int(nbytes).bit_length()
 
 
-def _add_sizes(into, sizes):
+def _add_sizes(into: SizeBins, sizes: dict[Any, list[int]]) -> None:
     for k, (count, nbytes) in sizes.items():
         cell = into.setdefault(int(k), [0, 0])
         cell[0] += count
         cell[1] += nbytes
 
 
-def _sizes_json(by_phase):
+def _sizes_json(by_phase: dict[str, SizeBins]) -> dict[str, dict[str, list[int]]]:
     return {phase: {str(k): list(v) for k, v in sorted(bins.items())} for phase, bins in sorted(by_phase.items())}
 
 
-def _add(into, counts):
+def _add(into: Counts, counts: Counts) -> None:
     for field in COUNT_FIELDS:
         into[field] += counts[field]
 
@@ -98,23 +109,23 @@ class Meter:
             totals are always kept.
     """
 
-    def __init__(self, rank=0, keep_messages=False):
+    def __init__(self, rank: int = 0, keep_messages: bool = False) -> None:
         self.rank = rank
         self.keep_messages = keep_messages
         self.step = 0
-        self.tracer = None  # a mpiqsgd.trace.Tracer records spans of sampled steps
+        self.tracer: Tracer | None = None  # a mpiqsgd.trace.Tracer records spans of sampled steps
         self._lock = threading.Lock()  # a communication thread records beside the training thread
         self.reset()
 
-    def reset(self):
+    def reset(self) -> None:
         """Zero all counters and timers."""
-        self.messages = []
-        self.by_phase = defaultdict(_zero)
-        self.by_link = defaultdict(_zero)
-        self.seconds = defaultdict(float)
-        self.sizes = defaultdict(dict)  # phase -> {size_bin: [messages, bytes]}
+        self.messages: list[Message] = []
+        self.by_phase: defaultdict[str, Counts] = defaultdict(_zero)
+        self.by_link: defaultdict[str, Counts] = defaultdict(_zero)
+        self.seconds: defaultdict[str, float] = defaultdict(float)
+        self.sizes: defaultdict[str, SizeBins] = defaultdict(dict)  # phase -> {size_bin: [messages, bytes]}
 
-    def load_totals(self, totals):
+    def load_totals(self, totals: dict[str, Any]) -> None:
         """Restore counters from :meth:`totals` (resuming a run); message lists are not restored."""
         self.reset()
         for k, v in totals["by_phase"].items():
@@ -125,7 +136,8 @@ class Meter:
         for k, v in totals.get("sizes", {}).items():
             _add_sizes(self.sizes[k], v)
 
-    def record(self, phase, source, dest, header_bytes, payload_bytes, fp32_bytes):
+    def record(self, phase: str, source: int, dest: int, header_bytes: int, payload_bytes: int,
+               fp32_bytes: int) -> None:
         """Count one message sent by this rank."""
         msg = Message(self.step, phase, source, dest, header_bytes, payload_bytes, fp32_bytes)
         counts = {"messages": 1, "bytes": msg.bytes, "header_bytes": header_bytes,
@@ -140,7 +152,8 @@ class Meter:
                 self.messages.append(msg)
 
     @contextmanager
-    def time(self, phase, sync=None, name=None, **args):
+    def time(self, phase: str, sync: Callable[[], object] | None = None, name: str | None = None,
+             **args: Any) -> Iterator[dict[str, Any]]:
         """Add the seconds spent in the block to ``phase``.
 
         Args:
@@ -165,13 +178,13 @@ class Meter:
             if self.tracer is not None:
                 self.tracer.add(self.step, phase, name or phase, start, end, args)
 
-    def trace(self, category, name, start, end, **args):
+    def trace(self, category: str, name: str, start: float, end: float, **args: Any) -> None:
         """Put an interval timed elsewhere (``perf_counter`` seconds) in the trace; counts nothing."""
         if self.tracer is not None:
             self.tracer.add(self.step, category, name, start, end, args)
 
     @contextmanager
-    def span(self, name, category="span", **args):
+    def span(self, name: str, category: str = "span", **args: Any) -> Iterator[dict[str, Any]]:
         """A traced block that adds to no counter (a bucket's exchange, a checkpoint)."""
         if self.tracer is None:
             yield args
@@ -182,19 +195,19 @@ class Meter:
         finally:
             self.tracer.add(self.step, category, name, start, time.perf_counter(), args)
 
-    def sent(self):
+    def sent(self) -> Counts:
         """Totals over everything this rank sent."""
         total = _zero()
         for counts in self.by_phase.values():
             _add(total, counts)
         return total
 
-    def job_totals(self, transport):
+    def job_totals(self, transport: Transport) -> dict[str, Any]:
         """:func:`merge` of every rank's totals (collective: call on all ranks of ``transport``)."""
         packed = transport.allgather_bytes(msgpack.packb(self.totals(), use_bin_type=True))
         return merge([msgpack.unpackb(b, raw=False, strict_map_key=False) for b in packed])
 
-    def totals(self):
+    def totals(self) -> dict[str, Any]:
         """This rank's counters as a JSON-ready dict."""
         return {
             "rank": self.rank,
@@ -207,7 +220,7 @@ class Meter:
         }
 
 
-def merge(per_rank):
+def merge(per_rank: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Sum the :meth:`Meter.totals` of all ranks into job totals.
 
     Returns:
@@ -219,11 +232,11 @@ def merge(per_rank):
         outbound traffic).
     """
     sent = _zero()
-    by_phase = defaultdict(_zero)
-    by_link = defaultdict(_zero)
-    seconds = defaultdict(float)
-    sizes = defaultdict(dict)
-    received = defaultdict(int)
+    by_phase: defaultdict[str, Counts] = defaultdict(_zero)
+    by_link: defaultdict[str, Counts] = defaultdict(_zero)
+    seconds: defaultdict[str, float] = defaultdict(float)
+    sizes: defaultdict[str, SizeBins] = defaultdict(dict)
+    received: defaultdict[int, int] = defaultdict(int)
     for t in per_rank:
         _add(sent, t["sent"])
         for k, v in t["by_phase"].items():

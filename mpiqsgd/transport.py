@@ -57,6 +57,8 @@ collectives, so the timeout must exceed the slowest rank's evaluation or checkpo
 Deadlines need the polling waits (``wait="backoff"``).
 """
 
+from __future__ import annotations
+
 import abc
 import os
 import queue
@@ -64,13 +66,19 @@ import sys
 import threading
 import time
 import zlib
+from typing import (TYPE_CHECKING, Any, Callable, ContextManager, Hashable, Iterable, Iterator, Sequence, Tuple,
+                    TypeVar, cast)
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from . import wire
 from .errors import CommTimeout, ConfigError
 from .meter import Meter
+
+if TYPE_CHECKING:
+    from mpi4py import MPI
 
 ABORT_GRACE_SECONDS = 1.0  # see abort_if_parallel
 POLL_SPIN_SECONDS = 20e-6  # poll without sleeping this long: short waits keep their latency
@@ -84,8 +92,14 @@ __all__ = ["RankLayout", "Transport", "MPITransport", "LocalGroup", "LocalTransp
 
 REDUCE_OPS = ("sum", "max")
 
+# What isend returns and wait_sends takes: (request, buffer, dest, phase, bytes), the request being
+# whatever the transport's _isend gave.
+SendHandle = Tuple[Any, "wire.BytesLike", int, str, int]
+_T = TypeVar("_T")
+_A = TypeVar("_A", bound=np.ndarray)
 
-def allreduce_nbytes(numel, n, itemsize=4):
+
+def allreduce_nbytes(numel: int, n: int, itemsize: int = 4) -> int:
     """Nominal bytes one rank sends in a bandwidth-optimal allreduce of ``numel`` items of ``itemsize``
     bytes (float32 by default)."""
     return 2 * (n - 1) * itemsize * numel // n if n > 1 else 0
@@ -94,10 +108,12 @@ def allreduce_nbytes(numel, n, itemsize=4):
 class Poller:
     """Wait for a condition without holding a core: spin briefly, then sleep with back-off."""
 
-    def __init__(self, spin_seconds=POLL_SPIN_SECONDS, first_sleep=POLL_FIRST_SLEEP, max_sleep=POLL_MAX_SLEEP):
+    def __init__(self, spin_seconds: float = POLL_SPIN_SECONDS, first_sleep: float = POLL_FIRST_SLEEP,
+                 max_sleep: float = POLL_MAX_SLEEP) -> None:
         self.spin_seconds, self.first_sleep, self.max_sleep = spin_seconds, first_sleep, max_sleep
 
-    def until(self, done, timeout=None, what=None):
+    def until(self, done: Callable[[], _T | None], timeout: float | None = None,
+              what: Callable[[], str] | None = None) -> _T:
         """Return the first true value of ``done()``.
 
         Raises:
@@ -122,16 +138,16 @@ class Poller:
                 sleep = min(2 * sleep, self.max_sleep)
 
 
-def phase_tag(phase):
+def phase_tag(phase: str) -> int:
     """The MPI tag of a phase: stable across ranks and runs."""
     return 1 + zlib.crc32(phase.encode()) % 30000
 
 
-def _as_bytes_array(buf):
+def _as_bytes_array(buf: wire.BytesLike) -> npt.NDArray[np.uint8]:
     return np.frombuffer(memoryview(buf).cast("B"), dtype=np.uint8)
 
 
-def sum_of(tensors):
+def sum_of(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Sum of equally shaped tensors, added one after another in the given order (a simulated
     allreduce's order, and the topologies' sums of received messages)."""
     acc = tensors[0].clone()
@@ -140,7 +156,7 @@ def sum_of(tensors):
     return acc
 
 
-def _check_op(op):
+def _check_op(op: str) -> None:
     if op not in REDUCE_OPS:
         raise ConfigError(f"transport: allreduce op must be one of {', '.join(REDUCE_OPS)}; got {op!r}")
 
@@ -155,19 +171,19 @@ class RankLayout:
         world_ranks: the world rank of every rank of a sub-transport (None: the ranks are world ranks).
     """
 
-    rank = 0
-    size = 1
-    local_rank = 0
-    local_size = 1
-    nodes = (0,)
-    world_ranks = None
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+    nodes: tuple[int, ...] = (0,)
+    world_ranks: list[int] | None = None
 
     @property
-    def n_nodes(self):
+    def n_nodes(self) -> int:
         """How many nodes the ranks are on."""
         return len(set(self.nodes))
 
-    def world_rank(self, rank):
+    def world_rank(self, rank: int) -> int:
         """The world rank of ``rank`` of this transport (-1, a collective's destination, stays -1)."""
         return rank if self.world_ranks is None or rank < 0 else self.world_ranks[rank]
 
@@ -197,84 +213,84 @@ class Transport(RankLayout, abc.ABC):
     time nothing.
     """
 
-    meter = None
+    meter: Meter
 
     # -- primitives: what a subclass implements (moves bytes; counts and times nothing) ---------
 
     @abc.abstractmethod
-    def split(self, color):
+    def split(self, color: int | None) -> Transport | None:
         """The sub-transport of the ranks that pass the same ``color`` (None: this rank joins none and
         gets None), ranked as here, sharing this meter. Collective: every rank calls it."""
 
     @abc.abstractmethod
-    def _send(self, buf, dest, phase):
+    def _send(self, buf: wire.BytesLike, dest: int, phase: str) -> None:
         """Deliver ``buf`` to ``dest``; return when ``buf`` may be reused."""
 
     @abc.abstractmethod
-    def _recv(self, source, phase):
+    def _recv(self, source: int, phase: str) -> npt.NDArray[np.uint8]:
         """The next message of ``phase`` from ``source``, as a new uint8 array."""
 
     @abc.abstractmethod
-    def _sendrecv(self, buf, dest, source, phase):
+    def _sendrecv(self, buf: wire.BytesLike, dest: int, source: int, phase: str) -> npt.NDArray[np.uint8]:
         """Send ``buf`` to ``dest`` while receiving (and returning) a message from ``source``."""
 
     @abc.abstractmethod
-    def _isend(self, buf, dest, phase):
+    def _isend(self, buf: wire.BytesLike, dest: int, phase: str) -> Any:
         """Start delivering ``buf`` to ``dest``; return what :meth:`_wait_send` takes."""
 
     @abc.abstractmethod
-    def _wait_send(self, request, dest, phase):
+    def _wait_send(self, request: Any, dest: int, phase: str) -> None:
         """Return when the send started by :meth:`_isend` (its ``request``) has left."""
 
     @abc.abstractmethod
-    def _next_source(self, pending, phase):
+    def _next_source(self, pending: Sequence[int], phase: str) -> int:
         """One of ``pending`` whose message of ``phase`` may be received now (waiting for one)."""
 
     @abc.abstractmethod
-    def _allreduce_sum(self, host, phase):
+    def _allreduce_sum(self, host: torch.Tensor, phase: str) -> torch.Tensor:
         """The sum over all ranks of a float32 CPU tensor ``host`` (which it may overwrite)."""
 
     @abc.abstractmethod
-    def _allreduce_array(self, array, op, phase):
+    def _allreduce_array(self, array: np.ndarray, op: str, phase: str) -> None:
         """Reduce a contiguous numpy ``array`` over all ranks in place (``op``: "sum" or "max")."""
 
     @abc.abstractmethod
-    def _allgather(self, data, phase):
+    def _allgather(self, data: npt.NDArray[np.uint8], phase: str | None) -> list[bytes]:
         """Every rank's ``data`` (a uint8 array, any lengths) as bytes, in rank order."""
 
     @abc.abstractmethod
-    def bcast_bytes(self, buf, root=0):
+    def bcast_bytes(self, buf: wire.BytesLike, root: int = 0) -> bytes:
         """``root``'s bytes on every rank (uncounted control traffic, e.g. initial parameters)."""
 
     @abc.abstractmethod
-    def barrier(self):
+    def barrier(self) -> None:
         """Return when every rank has called it."""
 
     # -- the calls topologies make: counted, timed and traced here, once for every transport ----
 
-    def begin_step(self, step):
+    def begin_step(self, step: int) -> None:
         """Stamp ``step`` on everything recorded from now on."""
         self.meter.step = step
 
-    def timed(self, phase, **args):
+    def timed(self, phase: str, **args: Any) -> ContextManager[dict[str, Any]]:
         """Context manager adding the seconds of its block to ``phase`` in the meter (``args``: for the trace)."""
         return self.meter.time(phase, **args)
 
-    def traced(self, name, **args):
+    def traced(self, name: str, **args: Any) -> ContextManager[dict[str, Any]]:
         """Context manager making its block one span of the trace (see :meth:`Meter.span`); counts nothing."""
         return self.meter.span(name, "exchange", **args)
 
-    def require_threads(self):
+    def require_threads(self) -> None:
         """Raise :class:`ConfigError` unless a second thread may make this transport's calls."""
 
-    def _record(self, buf, dest, phase, fp32_bytes, framed=True):
+    def _record(self, buf: wire.BytesLike, dest: int, phase: str, fp32_bytes: int, framed: bool = True) -> int:
         nbytes = len(memoryview(buf).cast("B"))
         header = wire.header_nbytes(buf) if framed else 0
         self.meter.record(phase, self.world_rank(self.rank), self.world_rank(dest), header, nbytes - header,
                           fp32_bytes)
         return nbytes
 
-    def _record_allreduce(self, array, phase, fp32_numel):
+    def _record_allreduce(self, array: np.ndarray, phase: str, fp32_numel: int) -> int:
         """Record an allreduce of ``array`` at its nominal cost (and the fp32 allreduce of
         ``fp32_numel`` values it stands for); return the nominal bytes."""
         nominal = allreduce_nbytes(array.nbytes, self.size, itemsize=1)
@@ -283,20 +299,21 @@ class Transport(RankLayout, abc.ABC):
                               allreduce_nbytes(fp32_numel, self.size))
         return nominal
 
-    def send(self, buf, dest, phase, fp32_bytes):
+    def send(self, buf: wire.BytesLike, dest: int, phase: str, fp32_bytes: int) -> None:
         """Send a framed message to ``dest``; returns when the buffer may be reused."""
         nbytes = self._record(buf, dest, phase, fp32_bytes)
         with self.meter.time("communicate", name="send", message=phase, peer=dest, bytes=nbytes):
             self._send(buf, dest, phase)
 
-    def recv(self, source, phase):
+    def recv(self, source: int, phase: str) -> npt.NDArray[np.uint8]:
         """Receive one message of ``phase`` from ``source``; return it as a uint8 array."""
         with self.meter.time("communicate", name="recv", message=phase, peer=source) as span:
             out = self._recv(source, phase)
             span["bytes"] = out.size
             return out
 
-    def sendrecv(self, buf, dest, source, phase, fp32_bytes):
+    def sendrecv(self, buf: wire.BytesLike, dest: int, source: int, phase: str,
+                 fp32_bytes: int) -> npt.NDArray[np.uint8]:
         """Send to ``dest`` while receiving from ``source`` (any lengths); no deadlock in rings."""
         nbytes = self._record(buf, dest, phase, fp32_bytes)
         with self.meter.time("communicate", name="sendrecv", message=phase, peer=dest, bytes=nbytes,
@@ -305,12 +322,12 @@ class Transport(RankLayout, abc.ABC):
             span["received_bytes"] = out.size
             return out
 
-    def isend(self, buf, dest, phase, fp32_bytes):
+    def isend(self, buf: wire.BytesLike, dest: int, phase: str, fp32_bytes: int) -> SendHandle:
         """Start sending a framed message to ``dest``; finish with :meth:`wait_sends`."""
         nbytes = self._record(buf, dest, phase, fp32_bytes)
         return self._isend(buf, dest, phase), buf, dest, phase, nbytes
 
-    def wait_sends(self, handles):
+    def wait_sends(self, handles: Sequence[SendHandle]) -> None:
         """Wait until every message started by :meth:`isend` has left."""
         if not handles:
             return
@@ -319,7 +336,7 @@ class Transport(RankLayout, abc.ABC):
             for request, _, dest, phase, _ in handles:
                 self._wait_send(request, dest, phase)
 
-    def recv_each(self, sources, phase):
+    def recv_each(self, sources: Iterable[int], phase: str) -> Iterator[tuple[int, npt.NDArray[np.uint8]]]:
         """Yield ``(source, message)`` for one message of ``phase`` from each of ``sources``, as they arrive."""
         pending = list(sources)
         while pending:
@@ -330,7 +347,7 @@ class Transport(RankLayout, abc.ABC):
             pending.remove(source)
             yield source, message
 
-    def allreduce_sum(self, tensor, phase="allreduce"):
+    def allreduce_sum(self, tensor: torch.Tensor, phase: str = "allreduce") -> torch.Tensor:
         """Sum a float32 tensor over all ranks (staged through the CPU), counted at the nominal cost."""
         host = tensor.detach().to("cpu", torch.float32).contiguous().clone()
         if self.size > 1:
@@ -340,7 +357,7 @@ class Transport(RankLayout, abc.ABC):
                 host = self._allreduce_sum(host, phase)
         return host.to(tensor.device)
 
-    def allreduce_array(self, array, op="sum", phase="allreduce", fp32_numel=0):
+    def allreduce_array(self, array: _A, op: str = "sum", phase: str = "allreduce", fp32_numel: int = 0) -> _A:
         """Reduce a contiguous numpy ``array`` over all ranks in place (``op``: "sum" or "max");
         counted at the nominal cost of its bytes, standing for an fp32 allreduce of ``fp32_numel``."""
         _check_op(op)
@@ -350,7 +367,7 @@ class Transport(RankLayout, abc.ABC):
                 self._allreduce_array(array, op, phase)
         return array
 
-    def allgather_bytes(self, buf, phase=None):
+    def allgather_bytes(self, buf: wire.BytesLike, phase: str | None = None) -> list[bytes]:
         """Every rank's ``buf`` (any lengths), in rank order; counted and timed only when ``phase`` is given."""
         data = _as_bytes_array(buf)
         if phase is None:
@@ -361,12 +378,12 @@ class Transport(RankLayout, abc.ABC):
         with self.meter.time("communicate", name="allgather", message=phase, bytes=data.size):
             return self._allgather(data, phase)
 
-    def pipeline(self, op, phase):
+    def pipeline(self, op: str, phase: str) -> AllreducePipeline:
         """An :class:`AllreducePipeline` over this transport (allreduces in the caller's thread)."""
         return AllreducePipeline(self, op, phase)
 
     @abc.abstractmethod
-    def agree_max(self, value):
+    def agree_max(self, value: int) -> int:
         """Collective: the largest of every rank's int32 ``value`` (uncounted control traffic)."""
 
 
@@ -382,19 +399,19 @@ class AllreducePipeline:
     same order.
     """
 
-    def __init__(self, transport, op, phase):
+    def __init__(self, transport: Transport, op: str, phase: str) -> None:
         _check_op(op)
         self.transport, self.op, self.phase = transport, op, phase
         self.count = 0
 
-    def put(self, piece, fp32_numel):
+    def put(self, piece: np.ndarray, fp32_numel: int) -> None:
         self.transport.allreduce_array(piece, self.op, self.phase, fp32_numel)
         self.count += 1
 
-    def close(self):
+    def close(self) -> None:
         pass
 
-    def done(self):
+    def done(self) -> Iterator[int]:
         yield from range(self.count)
 
 class MPITransport(Transport):
@@ -409,7 +426,8 @@ class MPITransport(Transport):
         world_ranks: the world rank of each rank of ``comm`` (a sub-transport's; None: ``comm``'s ranks).
     """
 
-    def __init__(self, comm=None, meter=None, wait="backoff", comm_timeout=None, world_ranks=None):
+    def __init__(self, comm: MPI.Comm | None = None, meter: Meter | None = None, wait: str = "backoff",
+                 comm_timeout: float | None = None, world_ranks: Sequence[int] | None = None) -> None:
         from mpi4py import MPI
 
         if wait not in WAITS:
@@ -437,7 +455,7 @@ class MPITransport(Transport):
         self.local_size = len(here)  # ranks of this communicator on this node
         self.local_rank = here.index(self.rank)  # this rank's index among them (picks its GPU)
 
-    def split(self, color):
+    def split(self, color: int | None) -> MPITransport | None:
         """``MPI_Comm_split`` by ``color`` (key: this rank), as an :class:`MPITransport` sharing this meter."""
         MPI = self._MPI
         comm = self.comm.Split(MPI.UNDEFINED if color is None else int(color), self.rank)
@@ -449,7 +467,7 @@ class MPITransport(Transport):
         return MPITransport(comm, self.meter, "spin" if self.poller is None else "backoff", self.comm_timeout,
                             world_ranks.tolist())
 
-    def require_threads(self):
+    def require_threads(self) -> None:
         """Exchanges in a communication thread need ``MPI_THREAD_SERIALIZED`` (one thread calls MPI at a time)."""
         MPI = self._MPI
         provided = MPI.Query_thread()
@@ -461,22 +479,22 @@ class MPITransport(Transport):
                 "Exchange without overlap, or use an MPI built with thread support "
                 "(mpi4py requests MPI_THREAD_MULTIPLE unless mpi4py.rc.thread_level says otherwise)")
 
-    def _timeout(self):
+    def _timeout(self) -> float | None:
         if self.comm_timeout is None:
             return None
         return self.comm_timeout * (FIRST_STEP_FACTOR if self.meter.step == 0 else 1)
 
-    def _wait(self, request, what):
+    def _wait(self, request: MPI.Request, what: str) -> None:
         if self.poller is None:
             request.Wait()
         else:
             self.poller.until(request.Test, self._timeout(), lambda: f"{what} (rank {self.rank}, "
                               f"step {self.meter.step})")
 
-    def _send(self, buf, dest, phase):
+    def _send(self, buf: wire.BytesLike, dest: int, phase: str) -> None:
         self._wait_send(self._isend(buf, dest, phase), dest, phase)
 
-    def _recv(self, source, phase):
+    def _recv(self, source: int, phase: str) -> npt.NDArray[np.uint8]:
         status = self._MPI.Status()
         tag = phase_tag(phase)
         what = f"a '{phase}' message from rank {source}"
@@ -491,20 +509,20 @@ class MPITransport(Transport):
         self._wait(self.comm.Irecv([out, self._MPI.BYTE], source=source, tag=tag), what)
         return out
 
-    def _sendrecv(self, buf, dest, source, phase):
+    def _sendrecv(self, buf: wire.BytesLike, dest: int, source: int, phase: str) -> npt.NDArray[np.uint8]:
         request = self._isend(buf, dest, phase)
         try:
             return self._recv(source, phase)
         finally:
             self._wait_send(request, dest, phase)
 
-    def _isend(self, buf, dest, phase):
+    def _isend(self, buf: wire.BytesLike, dest: int, phase: str) -> MPI.Request:
         return self.comm.Isend([_as_bytes_array(buf), self._MPI.BYTE], dest=dest, tag=phase_tag(phase))
 
-    def _wait_send(self, request, dest, phase):
+    def _wait_send(self, request: MPI.Request, dest: int, phase: str) -> None:
         self._wait(request, f"rank {dest} to take a '{phase}' message")
 
-    def _next_source(self, pending, phase):
+    def _next_source(self, pending: Sequence[int], phase: str) -> int:
         if self.poller is None or len(pending) == 1:
             return pending[0]
         tag = phase_tag(phase)
@@ -514,29 +532,29 @@ class MPITransport(Transport):
             lambda: f"'{phase}' messages from ranks {pending} (rank {self.rank}, step {self.meter.step})")
         return source
 
-    def _allreduce_sum(self, host, phase):
+    def _allreduce_sum(self, host: torch.Tensor, phase: str) -> torch.Tensor:
         buf = [host.numpy(), self._MPI.FLOAT]
         self._collective(self.comm.Iallreduce, self.comm.Allreduce, f"the other ranks in the '{phase}' allreduce",
                          self._MPI.IN_PLACE, buf, op=self._MPI.SUM)
         return host
 
-    def _mpi_args(self, array, op):
+    def _mpi_args(self, array: np.ndarray, op: str) -> tuple[np.ndarray, MPI.Op]:
         _check_op(op)
         return array, getattr(self._MPI, op.upper())  # mpi4py types the buffer from the array's dtype
 
-    def _allreduce_array(self, array, op, phase):
+    def _allreduce_array(self, array: np.ndarray, op: str, phase: str) -> None:
         buf, mpi_op = self._mpi_args(array, op)
         self._collective(self.comm.Iallreduce, self.comm.Allreduce, f"the other ranks in the '{phase}' allreduce",
                          self._MPI.IN_PLACE, buf, op=mpi_op)
 
-    def pipeline(self, op, phase):
+    def pipeline(self, op: str, phase: str) -> AllreducePipeline:
         """Allreduces started and finished by a driver thread (the only thread calling MPI while the
         pipeline runs), where the MPI library allows a second thread; else in the caller's thread."""
         if self.size == 1 or self._MPI.Query_thread() < self._MPI.THREAD_SERIALIZED:
             return AllreducePipeline(self, op, phase)
         return _DrivenPipeline(self, op, phase)
 
-    def _allgather(self, data, phase):
+    def _allgather(self, data: npt.NDArray[np.uint8], phase: str | None) -> list[bytes]:
         counts = np.zeros(self.size, dtype=np.int64)
         what = f"the other ranks in an allgather ({phase or 'control'})"
         self._collective(self.comm.Iallgather, self.comm.Allgather, what,
@@ -547,7 +565,7 @@ class MPITransport(Transport):
                          [data, self._MPI.BYTE], [out, (counts, displs), self._MPI.BYTE])
         return [out[d:d + c].tobytes() for d, c in zip(displs, counts)]
 
-    def bcast_bytes(self, buf, root=0):
+    def bcast_bytes(self, buf: wire.BytesLike, root: int = 0) -> bytes:
         """``root``'s bytes on every rank (uncounted control traffic, e.g. initial parameters)."""
         data = _as_bytes_array(buf) if self.rank == root else np.empty(0, np.uint8)
         count = np.array([data.size], dtype=np.int64)
@@ -557,17 +575,18 @@ class MPITransport(Transport):
         self._collective(self.comm.Ibcast, self.comm.Bcast, what, [out, self._MPI.BYTE], root=root)
         return out.tobytes()
 
-    def agree_max(self, value):
+    def agree_max(self, value: int) -> int:
         flag = np.array([value], dtype=np.int32)
         if self.size > 1:
             self._collective(self.comm.Iallreduce, self.comm.Allreduce, "the other ranks in a control allreduce",
                              self._MPI.IN_PLACE, [flag, self._MPI.INT32_T], op=self._MPI.MAX)
         return int(flag[0])
 
-    def barrier(self):
+    def barrier(self) -> None:
         self._collective(self.comm.Ibarrier, self.comm.Barrier, "the other ranks at a barrier")
 
-    def _collective(self, nonblocking, blocking, what, *args, **kwargs):
+    def _collective(self, nonblocking: Callable[..., MPI.Request], blocking: Callable[..., object], what: str,
+                    *args: Any, **kwargs: Any) -> None:
         if self.poller is None:
             blocking(*args, **kwargs)
         else:
@@ -581,24 +600,28 @@ class _DrivenPipeline(AllreducePipeline):
     ``communicate``; each piece's allreduce is a span of the trace on the driver's thread.
     """
 
-    def __init__(self, transport, op, phase):
+    transport: MPITransport
+
+    def __init__(self, transport: MPITransport, op: str, phase: str) -> None:
         super().__init__(transport, op, phase)
-        self._todo, self._finished = queue.Queue(), queue.Queue()
-        self._error = None
+        self._todo: queue.Queue[tuple[int, np.ndarray, int] | None] = queue.Queue()
+        self._finished: queue.Queue[int | None] = queue.Queue()
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._drive, name="mpiqsgd-allreduce", daemon=True)
         self._thread.start()
 
-    def put(self, piece, fp32_numel):
+    def put(self, piece: np.ndarray, fp32_numel: int) -> None:
         nominal = self.transport._record_allreduce(piece, self.phase, fp32_numel)
         self._todo.put((self.count, piece, nominal))
         self.count += 1
 
-    def close(self):
+    def close(self) -> None:
         self._todo.put(None)
 
-    def _drive(self):
+    def _drive(self) -> None:
         t = self.transport
-        in_flight, closed, sleep = [], False, POLL_FIRST_SLEEP
+        in_flight: list[tuple[int, MPI.Request, float, int]] = []
+        closed, sleep = False, POLL_FIRST_SLEEP
         try:
             while not closed or in_flight:
                 progressed = False
@@ -623,7 +646,7 @@ class _DrivenPipeline(AllreducePipeline):
                                       piece=k, bytes=nominal)
                         self._finished.put(k)
                         progressed = True
-                    elif t.comm_timeout is not None and time.perf_counter() - start > t._timeout():
+                    elif (timeout := t._timeout()) is not None and time.perf_counter() - start > timeout:
                         raise CommTimeout(f"waited {time.perf_counter() - start:.0f} s for the other ranks in "
                                           f"piece {k} of the '{self.phase}' allreduce (rank {t.rank}, step "
                                           f"{t.meter.step}): a rank is stopped, hung or gone")
@@ -637,7 +660,7 @@ class _DrivenPipeline(AllreducePipeline):
         finally:
             self._finished.put(None)
 
-    def done(self):
+    def done(self) -> Iterator[int]:
         t = self.transport
         remaining = self.count
         try:
@@ -667,26 +690,26 @@ class LocalGroup:
             node may hold fewer); None: all on one node.
     """
 
-    def __init__(self, size, ranks_per_node=None, _root=None):
+    def __init__(self, size: int, ranks_per_node: int | None = None, _root: LocalGroup | None = None) -> None:
         if ranks_per_node is not None and not (isinstance(ranks_per_node, int) and ranks_per_node >= 1):
             raise ConfigError(f"LocalGroup: ranks_per_node must be an integer >= 1 or None; got {ranks_per_node!r}")
         self.size = size
         self.nodes = tuple(r // ranks_per_node if ranks_per_node else 0 for r in range(size))
-        self._queues = {}
+        self._queues: dict[tuple[int, int, int], queue.Queue[bytes]] = {}
         self._lock = threading.Lock()
         self._barrier = threading.Barrier(size)
-        self._slots = [None] * size
+        self._slots: list[Any] = [None] * size
         # Sub-groups (LocalTransport.split) share the root's error and are aborted with it.
         self._root = self if _root is None else _root
-        self._subgroups = {}
-        self._error = None
+        self._subgroups: dict[Hashable, LocalGroup] = {}
+        self._error: BaseException | None = None
 
     @property
-    def error(self):
+    def error(self) -> BaseException | None:
         """The first failure of any rank (of this group or the group it was split from), or None."""
         return self._root._error
 
-    def subgroup(self, key, nodes):
+    def subgroup(self, key: Hashable, nodes: Sequence[int]) -> LocalGroup:
         """The sub-group ``key`` of ranks on ``nodes`` (one entry a rank), created by the first of its ranks to ask."""
         root = self._root
         with root._lock:
@@ -697,17 +720,17 @@ class LocalGroup:
                 sub.nodes = tuple(order.index(n) for n in nodes)
             return sub
 
-    def queue(self, source, dest, tag):
+    def queue(self, source: int, dest: int, tag: int) -> queue.Queue[bytes]:
         with self._lock:
             return self._queues.setdefault((source, dest, tag), queue.Queue())
 
-    def barrier(self):
+    def barrier(self) -> None:
         try:
             self._barrier.wait()
         except threading.BrokenBarrierError:
             raise _Aborted() from None
 
-    def exchange(self, rank, value):
+    def exchange(self, rank: int, value: _T) -> list[_T]:
         """Every rank's ``value``, in rank order (a collective of the group)."""
         self.barrier()
         self._slots[rank] = value
@@ -716,10 +739,10 @@ class LocalGroup:
         self.barrier()
         return values
 
-    def transports(self, keep_messages=False):
+    def transports(self, keep_messages: bool = False) -> list[LocalTransport]:
         return [LocalTransport(self, r, Meter(r, keep_messages)) for r in range(self.size)]
 
-    def _abort(self, exc):
+    def _abort(self, exc: BaseException) -> None:
         """Record the first failure and wake every rank waiting in this group or a sub-group."""
         root = self._root
         with root._lock:
@@ -729,11 +752,11 @@ class LocalGroup:
         for group in groups:
             group._barrier.abort()
 
-    def run(self, fn, transports):
+    def run(self, fn: Callable[[LocalTransport], _T], transports: Sequence[LocalTransport]) -> list[_T | None]:
         """Call ``fn(transport)`` for every rank in its own thread; return the results by rank."""
-        results = [None] * self.size
+        results: list[_T | None] = [None] * self.size
 
-        def target(t):
+        def target(t: LocalTransport) -> None:
             try:
                 results[t.rank] = fn(t)
             except _Aborted:
@@ -759,7 +782,8 @@ class LocalTransport(Transport):
     """One rank of a :class:`LocalGroup`: the bytes move through in-process queues; counting and
     timing are :class:`Transport`'s, as for :class:`MPITransport`."""
 
-    def __init__(self, group, rank, meter=None, world_ranks=None):
+    def __init__(self, group: LocalGroup, rank: int, meter: Meter | None = None,
+                 world_ranks: Sequence[int] | None = None) -> None:
         self.group = group
         self.rank = rank
         self.size = group.size
@@ -770,7 +794,7 @@ class LocalTransport(Transport):
         self.meter = Meter(rank) if meter is None else meter
         self._splits = 0  # split() calls so far: the same count names the same sub-group on every rank
 
-    def split(self, color):
+    def split(self, color: int | None) -> LocalTransport | None:
         colors = self.group.exchange(self.rank, color)
         self._splits += 1
         if color is None:
@@ -779,10 +803,10 @@ class LocalTransport(Transport):
         sub = self.group.subgroup((id(self.group), self._splits, color), [self.nodes[r] for r in members])
         return LocalTransport(sub, members.index(self.rank), self.meter, [self.world_rank(r) for r in members])
 
-    def _send(self, buf, dest, phase):
+    def _send(self, buf: wire.BytesLike, dest: int, phase: str) -> None:
         self.group.queue(self.rank, dest, phase_tag(phase)).put(bytes(memoryview(buf).cast("B")))
 
-    def _recv(self, source, phase):
+    def _recv(self, source: int, phase: str) -> npt.NDArray[np.uint8]:
         q = self.group.queue(source, self.rank, phase_tag(phase))
         while True:
             try:
@@ -791,24 +815,24 @@ class LocalTransport(Transport):
                 if self.group.error is not None:
                     raise _Aborted() from None
 
-    def _sendrecv(self, buf, dest, source, phase):
+    def _sendrecv(self, buf: wire.BytesLike, dest: int, source: int, phase: str) -> npt.NDArray[np.uint8]:
         self._send(buf, dest, phase)
         return self._recv(source, phase)
 
-    def _isend(self, buf, dest, phase):
+    def _isend(self, buf: wire.BytesLike, dest: int, phase: str) -> None:
         self._send(buf, dest, phase)  # queues never block: the message has left
 
-    def _wait_send(self, request, dest, phase):
+    def _wait_send(self, request: None, dest: int, phase: str) -> None:
         pass
 
-    def _next_source(self, pending, phase):
+    def _next_source(self, pending: Sequence[int], phase: str) -> int:
         return pending[0]  # in the given order: queues cannot be probed together
 
-    def _allreduce_sum(self, host, phase):
+    def _allreduce_sum(self, host: torch.Tensor, phase: str) -> torch.Tensor:
         """Sum in rank order (MPI may associate differently: last-bit differences from a real job)."""
         return sum_of(self.group.exchange(self.rank, host))
 
-    def _allreduce_array(self, array, op, phase):
+    def _allreduce_array(self, array: np.ndarray, op: str, phase: str) -> None:
         """Reduce in rank order (sums of integers and maxima are exact: the bits MPI gives)."""
         values = self.group.exchange(self.rank, array.copy())
         reduce = np.add if op == "sum" else np.maximum
@@ -816,20 +840,22 @@ class LocalTransport(Transport):
         for v in values[1:]:
             reduce(array, v, out=array)
 
-    def _allgather(self, data, phase):
+    def _allgather(self, data: npt.NDArray[np.uint8], phase: str | None) -> list[bytes]:
         return self.group.exchange(self.rank, data.tobytes())
 
-    def bcast_bytes(self, buf, root=0):
-        return self.group.exchange(self.rank, bytes(memoryview(buf).cast("B")) if self.rank == root else None)[root]
+    def bcast_bytes(self, buf: wire.BytesLike, root: int = 0) -> bytes:
+        # Only the root contributes bytes (the others None), so the root's entry is bytes.
+        mine = bytes(memoryview(buf).cast("B")) if self.rank == root else None
+        return cast(bytes, self.group.exchange(self.rank, mine)[root])
 
-    def agree_max(self, value):
+    def agree_max(self, value: int) -> int:
         return max(self.group.exchange(self.rank, int(value)))
 
-    def barrier(self):
+    def barrier(self) -> None:
         self.group.barrier()
 
 
-def world(wait="backoff", comm_timeout=None):
+def world(wait: str = "backoff", comm_timeout: float | None = None) -> MPITransport:
     """An :class:`MPITransport` on ``COMM_WORLD``, with codec threads shared among the node's ranks."""
     from .machine import share_cpus
 
@@ -838,7 +864,7 @@ def world(wait="backoff", comm_timeout=None):
     return transport
 
 
-def abort_if_parallel(message):
+def abort_if_parallel(message: str) -> None:
     """Print ``message`` and abort every rank, if this is an MPI job of more than one rank.
 
     Without this an exception on one rank leaves the others waiting in a receive
@@ -857,7 +883,7 @@ def abort_if_parallel(message):
     os._exit(1)  # MPICH's Abort may return before mpiexec ends this process: never go on (or print twice)
 
 
-def exit_together(status):
+def exit_together(status: int) -> None:
     """End this process with ``status`` when every rank of an MPI job ends on purpose with it
     (:class:`~mpiqsgd.errors.StopJob`): a barrier, ``MPI_Finalize``, then ``os._exit``.
 

@@ -50,14 +50,21 @@ and the codec's own minimum payload for ``n`` values applies instead of the rati
 ``docs/decoding.md``).
 """
 
+from __future__ import annotations
+
 import reprlib
 import struct
 import zlib
+from typing import TYPE_CHECKING, Any, Dict, Mapping, Union
 
 import msgpack
 import xxhash
 
 from .errors import ConfigError, DecodeError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
 
 __all__ = [
     "MAGIC",
@@ -77,6 +84,8 @@ __all__ = [
     "SLACK",
     "unframe",
     "header_nbytes",
+    "BytesLike",
+    "Header",
 ]
 
 MAGIC = b"MQSG"
@@ -94,6 +103,10 @@ MAX_VARIABLE_BUCKET = 4 * MAX_VALUES_PER_BYTE
 # Bytes past a message's end that a buffer to encode into in place must also have: the codec
 # kernels store whole 8-code groups, so the last group may reach 7 bytes beyond the payload.
 SLACK = 8
+# What a message, a payload or a buffer to frame into may be (typing.Union: Python 3.9 evaluates it).
+BytesLike = Union[bytes, bytearray, memoryview, "npt.NDArray[np.uint8]"]
+# A checked message header: {"codec": str, "numel": int, "params": {str: msgpack scalar}}.
+Header = Dict[str, Any]
 _KEYS = frozenset(("codec", "numel", "params"))
 _SCALARS = (type(None), bool, int, float, str, bytes)
 
@@ -101,12 +114,12 @@ _repr = reprlib.Repr()
 _repr.maxlevel, _repr.maxstring, _repr.maxother, _repr.maxlong = 3, 60, 60, 40
 
 
-def describe(obj):
+def describe(obj: object) -> str:
     """A short repr of untrusted header content (bounded in depth and length)."""
     return _repr.repr(obj)
 
 
-def pack_header(codec, numel, params):
+def pack_header(codec: str, numel: int, params: Mapping[str, Any]) -> bytes:
     """Return the msgpack bytes of a header (deterministic for equal inputs).
 
     Raises:
@@ -119,12 +132,12 @@ def pack_header(codec, numel, params):
     return msgpack.packb({"codec": codec, "numel": numel, "params": params}, use_bin_type=True)
 
 
-def checksum(header_bytes, payload):
+def checksum(header_bytes: BytesLike, payload: BytesLike) -> int:
     """The prefix's checksum of a header and a payload (bytes-like objects)."""
     return zlib.crc32(header_bytes) ^ (xxhash.xxh3_64_intdigest(payload) & 0xFFFF_FFFF)
 
 
-def frame(header_bytes, payload):
+def frame(header_bytes: bytes, payload: BytesLike) -> bytes:
     """Join prefix, header and payload into one message.
 
     Args:
@@ -139,7 +152,7 @@ def frame(header_bytes, payload):
     return b"".join((_PREFIX.pack(MAGIC, VERSION, len(header_bytes), crc), header_bytes, payload))
 
 
-def frame_into(out, header_bytes, payload):
+def frame_into(out: BytesLike, header_bytes: bytes, payload: BytesLike) -> memoryview:
     """Write prefix, header and payload into ``out``: the message without a join or fresh allocation.
 
     Args:
@@ -159,7 +172,7 @@ def frame_into(out, header_bytes, payload):
     return seal(view, header_bytes, len(payload))
 
 
-def seal(out, header_bytes, payload_nbytes):
+def seal(out: BytesLike, header_bytes: bytes, payload_nbytes: int) -> memoryview:
     """Frame a payload that was written in place: ``out[PREFIX_BYTES + len(header_bytes):]``
     holds its ``payload_nbytes`` bytes; write the prefix (checksum included) and the header
     before it. Returns the message as :func:`frame_into` does (a read-only view of ``out``)."""
@@ -171,7 +184,7 @@ def seal(out, header_bytes, payload_nbytes):
     return view[:end].toreadonly()
 
 
-def _writable(out, nbytes, what):
+def _writable(out: BytesLike, nbytes: int, what: str) -> memoryview:
     view = memoryview(out).cast("B")
     if view.readonly or len(view) < nbytes:
         raise ConfigError(f"{what}: needs a writable buffer of {nbytes} bytes; got "
@@ -179,7 +192,7 @@ def _writable(out, nbytes, what):
     return view
 
 
-def header_nbytes(message):
+def header_nbytes(message: BytesLike) -> int:
     """Bytes of ``message`` that are framing and header, not payload."""
     if len(message) < PREFIX_BYTES:
         return len(message)
@@ -187,7 +200,7 @@ def header_nbytes(message):
     return min(len(message), PREFIX_BYTES + hlen)
 
 
-def unframe(message, numel=None):
+def unframe(message: BytesLike, numel: int | None = None) -> tuple[Header, memoryview]:
     """Split and check a message.
 
     Args:
@@ -236,7 +249,7 @@ def unframe(message, numel=None):
     return header, payload
 
 
-def _check_ratio(numel, payload_nbytes):
+def _check_ratio(numel: int, payload_nbytes: int) -> None:
     """Refuse a header claiming more values than ``MAX_VALUES_PER_BYTE`` per payload byte."""
     if numel > MAX_VALUES_PER_BYTE * payload_nbytes:
         raise DecodeError(
@@ -246,7 +259,7 @@ def _check_ratio(numel, payload_nbytes):
             "expects passes that count (decode(message, numel=n)) and the codec's own checks apply instead")
 
 
-def _check_header(header):
+def _check_header(header: Any) -> None:
     """Refuse any header :func:`pack_header` cannot produce (without recursing into it)."""
     if type(header) is not dict or header.keys() != _KEYS:
         raise DecodeError(f"malformed message header: {describe(header)}; expected a map of "

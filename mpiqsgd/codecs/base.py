@@ -29,17 +29,29 @@ coordinates (:func:`check_bucket`), whose 4-byte scale is then at least a byte p
 values. ``docs/decoding.md`` has the whole bound.
 """
 
+from __future__ import annotations
+
+from typing import Any, Collection, Hashable, Mapping, TypeVar, Union
+
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from .. import wire
 from ..errors import ConfigError, DecodeError, NonFiniteError
 from .kernels import SeedAt
 
-__all__ = ["Codec", "make_generator", "check_choice", "check_int", "check_bucket", "all_finite", "non_finite_error"]
+__all__ = ["Codec", "Rng", "make_generator", "check_choice", "check_int", "check_bucket", "all_finite",
+           "non_finite_error"]
+
+# The randomness an encode takes: a generator (make_generator), or a SeedAt for one piece of a message.
+Rng = Union[torch.Generator, SeedAt]
+# Where tensors go: torch.types.Device without its None, which torch.device() refuses (_check_out calls it).
+Device = Union[torch.device, str, int]
+_T = TypeVar("_T")
 
 
-def all_finite(t):
+def all_finite(t: torch.Tensor) -> bool:
     """Whether every value of ``t`` is finite, from one sum in the common case.
 
     A NaN or Inf makes the sum non-finite, so a finite sum proves the values finite; only a
@@ -49,13 +61,13 @@ def all_finite(t):
     return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
-def non_finite_error(codec, x):
+def non_finite_error(codec: str, x: torch.Tensor) -> NonFiniteError:
     """The :class:`NonFiniteError` refusing to encode ``x``, which holds NaN or Inf (counted)."""
     bad = int((~torch.isfinite(x)).sum())
     return NonFiniteError(f"{codec}: refusing to encode a gradient with {bad} NaN/Inf value(s) out of {x.numel()}")
 
 
-def make_generator(seed, rank=0, step=0, device="cpu", stream=0):
+def make_generator(seed: int, rank: int = 0, step: int = 0, device: Device = "cpu", stream: int = 0) -> torch.Generator:
     """A ``torch.Generator`` seeded from (seed, rank, step[, stream]), the only source of codec randomness.
 
     Different ranks, steps and streams (e.g. the gradient buckets of one step) get
@@ -69,13 +81,13 @@ def make_generator(seed, rank=0, step=0, device="cpu", stream=0):
     return gen
 
 
-def check_choice(codec, name, value, choices):
+def check_choice(codec: str, name: str, value: _T, choices: Collection[_T]) -> _T:
     if value not in choices:
         raise ConfigError(f"{codec}: {name} must be one of {', '.join(map(str, choices))}; got {value!r}")
     return value
 
 
-def check_int(codec, name, value, lo, hi=None):
+def check_int(codec: str, name: str, value: object, lo: int, hi: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ConfigError(f"{codec}: {name} must be an integer; got {value!r}")
     if value < lo or (hi is not None and value > hi):
@@ -84,7 +96,7 @@ def check_int(codec, name, value, lo, hi=None):
     return int(value)
 
 
-def check_bucket(codec, bucket, encoding):
+def check_bucket(codec: str, bucket: object, encoding: str) -> int:
     """``bucket`` checked for ``encoding``: at most :data:`~mpiqsgd.wire.MAX_BUCKET` for the dense code,
     at most :data:`~mpiqsgd.wire.MAX_VARIABLE_BUCKET` for a variable-length one (whose messages must
     stay within :data:`~mpiqsgd.wire.MAX_VALUES_PER_BYTE`: see the module docstring)."""
@@ -104,68 +116,75 @@ class Codec:
     scalars: the header carries exactly these).
     """
 
-    name = "codec"
-    stochastic = False
-    bits = None  # bits per coordinate on the wire, where fixed
-    bucket = None  # coordinates per scale; None for codecs without buckets
-    rounding = None  # "stochastic" or "nearest" where the codec offers the choice
-    adaptive = False  # refits itself from merged statistics (local_stats / fit)
-    norm = None  # "l2" or "max": how each bucket is normalized, for codecs that round to levels
+    name: str = "codec"
+    stochastic: bool = False
+    bits: int | None = None  # bits per coordinate on the wire, where fixed
+    bucket: int | None = None  # coordinates per scale; None for codecs without buckets
+    rounding: str | None = None  # "stochastic" or "nearest" where the codec offers the choice
+    adaptive: bool = False  # refits itself from merged statistics (local_stats / fit)
+    norm: str | None = None  # "l2" or "max": how each bucket is normalized, for codecs that round to levels
     # True where _quantize reduces every coordinate into a bucket norm (NaN and Inf carry into
     # it) and raises non_finite_error itself: encode then skips its own pass over the input.
-    checks_finite = False
+    checks_finite: bool = False
+    # Adaptive codecs: what their last fit chose ({"won": the table's name, "psi": {name: score}}; None before one).
+    last_fit: dict[str, Any] | None = None
 
     @property
-    def base(self):
+    def base(self) -> Codec:
         """The codec that defines this codec's wire format (itself unless it wraps another)."""
         return self
 
-    def variance_bound(self):
+    def variance_bound(self) -> float | None:
         """Upper bound on E||Q(v) - v||^2 / ||v||^2, or None when the codec states none."""
         return None
 
-    def level_table(self):
+    def level_table(self) -> npt.NDArray[np.float64] | None:
         """The levels (float64, -1 to 1) that unbiased stochastic rounding of each bucket's normalized
         coordinates picks from, or None for codecs that do not round to levels (diagnostics use it)."""
         return None
 
-    def state_dict(self):
+    def state_dict(self) -> dict[str, Any]:
         """State that a checkpoint must keep (msgpack/torch-serializable); empty when stateless."""
         return {}
 
-    def load_state_dict(self, state, device="cpu"):
+    def load_state_dict(self, state: Mapping[str, Any], device: Device = "cpu") -> None:
         """Restore :meth:`state_dict`; ``device`` places tensors."""
         if state:
             raise ConfigError(f"{self.name} keeps no state; got {sorted(state)}")
 
-    def local_stats(self, flat):
+    def local_stats(self, flat: torch.Tensor) -> dict[str, Any]:
         """This rank's sufficient statistics of ``flat`` for a refit (adaptive codecs only)."""
         raise ConfigError(f"{self.name} is not adaptive: it has no statistics to fit")
 
-    def fit(self, stats):
+    def fit(self, stats: Mapping[str, Any]) -> None:
         """Refit from statistics merged across ranks in rank order (adaptive codecs only)."""
         raise ConfigError(f"{self.name} is not adaptive: it cannot fit")
 
     @property
-    def params(self):
+    def params(self) -> dict[str, Any]:
         """Parameters carried in every header; equal params mean compatible bytes."""
         return {}
 
-    def payload_nbytes(self, numel):
+    def payload_nbytes(self, numel: int) -> int | None:
         """Exact payload bytes for ``numel`` coordinates (pure function), or None when the
         length depends on the data (then :meth:`min_payload_nbytes` bounds it)."""
         raise NotImplementedError
 
-    def min_payload_nbytes(self, numel):
+    def min_payload_nbytes(self, numel: int) -> int:
         """Fewest payload bytes any message of ``numel`` coordinates can have."""
-        return self.payload_nbytes(numel)
+        nbytes = self.payload_nbytes(numel)
+        if nbytes is None:
+            raise NotImplementedError(f"{self.name}: a variable-length code defines min_payload_nbytes")
+        return nbytes
 
     @property
-    def fixed_size(self):
+    def fixed_size(self) -> bool:
         """True when every message of ``numel`` coordinates has the same length."""
         return self.payload_nbytes(1) is not None
 
-    def _quantize(self, x, rng, want_decoded, into=None):
+    def _quantize(self, x: torch.Tensor, rng: Rng | None, want_decoded: bool,
+                  into: npt.NDArray[np.uint8] | None = None,
+                  ) -> tuple[torch.Tensor | npt.NDArray[np.uint8], torch.Tensor | None]:
         """Return (payload, decoded float32 tensor) for a flat ``x``, finite unless the codec
         :attr:`checks_finite` itself.
 
@@ -178,7 +197,7 @@ class Codec:
         """
         raise NotImplementedError
 
-    def _dequantize(self, payload, numel, out=None):
+    def _dequantize(self, payload: torch.Tensor, numel: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Return the float32 values of a payload (a uint8 tensor of the exact length, or for a
         variable-length code at least :meth:`min_payload_nbytes`; the codec checks the rest).
         ``out``: None, or a checked float32 tensor of ``numel`` values: a codec that decodes
@@ -190,21 +209,21 @@ class Codec:
 
     # -- shared machinery -------------------------------------------------------------
 
-    def header_bytes(self, numel):
+    def header_bytes(self, numel: int) -> bytes:
         """The msgpack header of a message of ``numel`` coordinates."""
         return wire.pack_header(self.name, numel, self.params)
 
-    def encoded_nbytes(self, numel):
+    def encoded_nbytes(self, numel: int) -> int | None:
         """Exact length of ``encode`` of ``numel`` coordinates (pure function); None for a
         variable-length code."""
         payload = self.payload_nbytes(numel)
         return None if payload is None else wire.PREFIX_BYTES + len(self.header_bytes(numel)) + payload
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.params.items())
         return f"{type(self).__name__}({args})"
 
-    def _check_input(self, x, rng):
+    def _check_input(self, x: torch.Tensor, rng: Rng | None) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise ConfigError(f"{self.name}: expected a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
@@ -219,7 +238,8 @@ class Codec:
             )
         return x.contiguous()
 
-    def encode_decode(self, x, rng=None, key=None, out=None):
+    def encode_decode(self, x: torch.Tensor, rng: Rng | None = None, key: Hashable = None,
+                      out: wire.BytesLike | None = None) -> tuple[bytes | memoryview, torch.Tensor]:
         """Encode ``x`` and also return what every receiver will decode from the bytes.
 
         Args:
@@ -234,9 +254,11 @@ class Codec:
             (message, float32 tensor of ``x.numel()`` values on ``x``'s device); the message is
             ``bytes``, or a read-only memoryview of ``out`` that is valid until ``out`` is reused.
         """
-        return self._encode(x, rng, True, out)
+        message, decoded = self._encode(x, rng, True, out)
+        assert decoded is not None  # want_decoded
+        return message, decoded
 
-    def _payload_slot(self, out, header, numel):
+    def _payload_slot(self, out: wire.BytesLike | None, header: bytes, numel: int) -> npt.NDArray[np.uint8] | None:
         """The place of the payload inside ``out`` (for :meth:`_quantize`'s ``into``), or None
         when ``out`` cannot take the whole message of a fixed-length code plus the slack."""
         nbytes = self.payload_nbytes(numel)
@@ -248,26 +270,32 @@ class Codec:
             return None
         return np.frombuffer(view, dtype=np.uint8, count=nbytes + wire.SLACK, offset=start)
 
-    def _encode(self, x, rng, want_decoded, out=None):
+    def _encode(self, x: torch.Tensor, rng: Rng | None, want_decoded: bool, out: wire.BytesLike | None = None,
+                ) -> tuple[bytes | memoryview, torch.Tensor | None]:
         x = self._check_input(x, rng)
         header = self.header_bytes(x.numel())
+        payload: torch.Tensor | npt.NDArray[np.uint8]
+        decoded: torch.Tensor | None
         if x.numel() == 0:
             payload, decoded = torch.zeros(0, dtype=torch.uint8), x.clone()
         else:
             into = self._payload_slot(out, header, x.numel())
             payload, decoded = self._quantize(x, rng, want_decoded, into)
-            if into is not None and payload is into:
+            if out is not None and into is not None and payload is into:
                 return wire.seal(out, header, into.size - wire.SLACK), decoded
-        payload = payload.cpu().numpy()
-        if out is not None and len(memoryview(out).cast("B")) >= wire.PREFIX_BYTES + len(header) + payload.size:
-            return wire.frame_into(out, header, payload), decoded
-        return wire.frame(header, payload), decoded
+        assert isinstance(payload, torch.Tensor)  # _quantize's contract: ``into`` itself or a uint8 tensor
+        array = payload.cpu().numpy()
+        if out is not None and len(memoryview(out).cast("B")) >= wire.PREFIX_BYTES + len(header) + array.size:
+            return wire.frame_into(out, header, array), decoded
+        return wire.frame(header, array), decoded
 
-    def encode(self, x, rng=None, key=None, out=None):
+    def encode(self, x: torch.Tensor, rng: Rng | None = None, key: Hashable = None,
+               out: wire.BytesLike | None = None) -> bytes | memoryview:
         """Encode ``x`` into a self-describing message (see :meth:`encode_decode`)."""
         return self._encode(x, rng, False, out)[0]
 
-    def decode(self, message, device="cpu", numel=None, out=None):
+    def decode(self, message: wire.BytesLike, device: Device = "cpu", numel: int | None = None,
+               out: torch.Tensor | None = None) -> torch.Tensor:
         """Decode a message produced by a codec with the same parameters.
 
         The values may share memory with ``message`` when it is a writable buffer (a
@@ -294,7 +322,8 @@ class Codec:
             )
         return self._decode_payload(header["numel"], payload, device, out)
 
-    def _decode_payload(self, numel, payload, device, out=None):
+    def _decode_payload(self, numel: int, payload: memoryview, device: Device,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
         expected = self.payload_nbytes(numel)
         if expected is None:
             least = self.min_payload_nbytes(numel)
@@ -321,7 +350,7 @@ class Codec:
         return out.copy_(values)
 
 
-def _check_out(codec, out, numel, device):
+def _check_out(codec: str, out: object, numel: int, device: Device) -> None:
     """Refuse an ``out`` the kernels cannot write as a flat array of ``numel`` values (numba does not
     check bounds: a 2-D or strided tensor would be written past its end)."""
     device = torch.device(device)

@@ -22,6 +22,10 @@ docstring gives the exact formula; ``Aggregator.sent_nbytes`` computes it (None 
 variable-length codec such as ``qsgd-elias``, whose messages the meter still counts).
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, cast
+
 from ..codecs import ErrorFeedback, summable
 from ..codecs.fp import FP32
 from ..errors import ConfigError
@@ -33,6 +37,10 @@ from .intsum import IntSum
 from .ps import ParameterServer
 from .ring import Ring, Scatter
 
+if TYPE_CHECKING:
+    from ..codecs.base import Codec
+    from ..transport import Transport
+
 __all__ = ["Aggregator", "TOPOLOGIES", "CHOICES", "DOWNLINKS", "make_aggregator", "make_fp32_aggregator",
            "resolve_topology", "chunk_bounds", "mean_of", "sum_of", "Hierarchical", "Nodes", "HIERARCHICAL_MODES",
            "wants_hierarchical"]
@@ -42,7 +50,7 @@ CHOICES = ("auto", *TOPOLOGIES)  # what --topology takes
 DOWNLINKS = ("fp32", "codec")
 
 
-def _downlink_codec(codec, downlink="fp32", server_error_feedback=False):
+def _downlink_codec(codec: Codec, downlink: str = "fp32", server_error_feedback: bool = False) -> Codec | None:
     """The ps server's reply codec: None (fp32), the codec's base, or error feedback of it."""
     if downlink not in DOWNLINKS:
         raise ConfigError(f"ps: downlink must be one of {', '.join(DOWNLINKS)}; got {downlink!r}")
@@ -54,7 +62,7 @@ def _downlink_codec(codec, downlink="fp32", server_error_feedback=False):
     return ErrorFeedback(codec.base) if server_error_feedback else codec.base
 
 
-def resolve_topology(name, codec):
+def resolve_topology(name: str, codec: Codec) -> str:
     """The topology ``"auto"`` stands for with ``codec`` (other names are returned as they are).
 
     By measurement on the emulated switched cluster (docs/benchmarks.md): ``intsum`` for QSGD
@@ -72,7 +80,8 @@ def resolve_topology(name, codec):
         return "scatter"
 
 
-def make_aggregator(name, transport, codec, seed=0, nodes=None, **options):
+def make_aggregator(name: str, transport: Transport, codec: Codec | None, seed: int = 0, nodes: Nodes | None = None,
+                    **options: Any) -> Aggregator:
     """Build a topology by name.
 
     Args:
@@ -90,15 +99,22 @@ def make_aggregator(name, transport, codec, seed=0, nodes=None, **options):
         if nodes.transport is not transport:
             raise ConfigError("make_aggregator: nodes must be the Nodes of this transport")
         wants_hierarchical(transport, "on", dedicated=bool(options.get("dedicated")))  # refuses a dedicated server
-        return Hierarchical(nodes, make_aggregator(name, nodes.shape, codec, seed=seed, **options), seed=seed)
+        # On a non-leader nodes.shape is a LeaderShape standing in for the leaders' transport: the inner
+        # aggregator reads only its size for byte formulas and codec state, and moves no bytes through it.
+        shape = cast("Transport", nodes.shape)
+        return Hierarchical(nodes, make_aggregator(name, shape, codec, seed=seed, **options), seed=seed)
     if name not in TOPOLOGIES:
         raise ConfigError(f"unknown topology {name!r}; choose one of: {', '.join(CHOICES)}")
     options = {k: v for k, v in options.items() if v is not None}
+    # Only allreduce (fp32, which it builds itself) takes codec=None; the constructors are typed for the
+    # others, which need a codec (None is not refused here: as before, such an aggregator fails when it first
+    # reads the codec).
+    coded = cast("Codec", codec)
     if name in ("intsum", "scatter"):
         unknown = sorted(set(options) - {"piece_numel"})
         if unknown:
             raise ConfigError(f"topology {name!r} takes no option {', '.join(unknown)} (only piece_numel)")
-        return TOPOLOGIES[name](transport, codec, seed=seed, **options)
+        return TOPOLOGIES[name](transport, coded, seed=seed, **options)
     if options and name != "ps":
         raise ConfigError(f"topology {name!r} takes no options (got {', '.join(sorted(options))}; ps takes downlink, "
                           "server_error_feedback and dedicated, scatter and intsum piece_numel)")
@@ -106,12 +122,13 @@ def make_aggregator(name, transport, codec, seed=0, nodes=None, **options):
         unknown = sorted(set(options) - {"downlink", "server_error_feedback", "dedicated"})
         if unknown:
             raise ConfigError(f"topology 'ps' takes no option {', '.join(unknown)}")
-        down = _downlink_codec(codec, options.pop("downlink", "fp32"), options.pop("server_error_feedback", False))
-        return ParameterServer(transport, codec, seed=seed, down_codec=down, **options)
-    return TOPOLOGIES[name](transport, codec, seed=seed, **options)
+        down = _downlink_codec(coded, options.pop("downlink", "fp32"), options.pop("server_error_feedback", False))
+        return ParameterServer(transport, coded, seed=seed, down_codec=down, **options)
+    return TOPOLOGIES[name](transport, coded, seed=seed, **options)
 
 
-def make_fp32_aggregator(name, transport, seed=0, nodes=None, **options):
+def make_fp32_aggregator(name: str, transport: Transport, seed: int = 0, nodes: Nodes | None = None,
+                         **options: Any) -> Aggregator:
     """The aggregator of the fp32 buffers that travel beside a codec's (small tensors such as biases):
     the same topology with the fp32 codec, or MPI's fp32 allreduce beside ``intsum`` (whose integer
     sum takes QSGD codecs only)."""

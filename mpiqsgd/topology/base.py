@@ -14,7 +14,12 @@ taken in rank order by :func:`mean_of` so that topologies that see the same payl
 return the same bits.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Hashable, Sequence, Tuple
+
 import numpy as np
+import numpy.typing as npt
 import torch
 
 from .. import wire
@@ -22,10 +27,14 @@ from ..codecs import make_generator
 from ..errors import ConfigError
 from ..transport import sum_of
 
+if TYPE_CHECKING:
+    from ..codecs.base import Codec, Device, Rng
+    from ..transport import Transport
+
 __all__ = ["Aggregator", "Round", "MessageBuffers", "mean_of", "sum_of", "chunk_bounds", "empty_like"]
 
 
-def empty_like(flat):
+def empty_like(flat: torch.Tensor) -> torch.Tensor:
     """An uninitialized float32 tensor shaped like the 1-D ``flat`` (a topology's result).
 
     On the CPU from numpy, which asks the kernel for huge pages on large arrays (``madvise``):
@@ -36,12 +45,12 @@ def empty_like(flat):
     return torch.empty_like(flat, dtype=torch.float32)
 
 
-def mean_of(tensors):
+def mean_of(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Mean of equally shaped tensors, summed one after another in the given order."""
     return sum_of(tensors).div_(len(tensors))
 
 
-def chunk_bounds(numel, n):
+def chunk_bounds(numel: int, n: int) -> list[tuple[int, int]]:
     """(start, end) of ``n`` contiguous chunks of ``numel``; the first ``numel % n`` get one more."""
     base, extra = divmod(numel, n)
     bounds, start = [], 0
@@ -50,6 +59,10 @@ def chunk_bounds(numel, n):
         bounds.append((start, end))
         start = end
     return bounds
+
+
+# A send buffer's slot in MessageBuffers: (stream, index of the encode in the call).
+Slot = Tuple[int, int]
 
 
 class MessageBuffers:
@@ -65,24 +78,24 @@ class MessageBuffers:
     message plus a quarter (a longer message falls back to new bytes and resizes the slot).
     """
 
-    def __init__(self):
-        self.slots = {}
+    def __init__(self) -> None:
+        self.slots: dict[Slot, npt.NDArray[np.uint8]] = {}
 
-    def get(self, slot, nbytes):
+    def get(self, slot: Slot, nbytes: int | None) -> npt.NDArray[np.uint8] | None:
         """A writable buffer of at least ``nbytes`` for ``slot`` (None: whatever it holds, if anything)."""
         buf = self.slots.get(slot)
         if nbytes is not None and (buf is None or buf.size < nbytes + wire.SLACK):
             buf = self.slots[slot] = np.empty(nbytes + wire.SLACK, dtype=np.uint8)
         return buf
 
-    def seen(self, slot, message):
+    def seen(self, slot: Slot, message: wire.BytesLike) -> None:
         """Grow a variable-length code's slot after a message that did not fit."""
         buf = self.slots.get(slot)
         if buf is None or buf.size < len(message):
             self.slots[slot] = np.empty(len(message) + len(message) // 4, dtype=np.uint8)
 
     @property
-    def nbytes(self):
+    def nbytes(self) -> int:
         return sum(b.size for b in self.slots.values())
 
 
@@ -94,7 +107,7 @@ class Round:
     buckets of one step keep separate residuals.
     """
 
-    def __init__(self, aggregator, step, stream):
+    def __init__(self, aggregator: Aggregator, step: int, stream: int) -> None:
         self.transport = aggregator.transport
         self.step, self.stream = step, stream
         # On the CPU whatever the tensors' device: the kernels only need its seeds, so
@@ -104,13 +117,14 @@ class Round:
         self.buffers = aggregator.buffers
         self.encodes = 0
 
-    def key(self, key):
+    def key(self, key: Hashable) -> Hashable:
         return key if self.stream == 0 else (self.stream, key)
 
-    def encode(self, codec, x, key, rng=None):
+    def encode(self, codec: Codec, x: torch.Tensor, key: Hashable, rng: Rng | None = None) -> bytes | memoryview:
         return self.encode_decode(codec, x, key, want_decoded=False, rng=rng)[0]
 
-    def encode_decode(self, codec, x, key, want_decoded=True, rng=None):
+    def encode_decode(self, codec: Codec, x: torch.Tensor, key: Hashable, want_decoded: bool = True,
+                      rng: Rng | None = None) -> tuple[bytes | memoryview, torch.Tensor | None]:
         """Encode ``x`` (and decode it, where ``want_decoded``) with the call's generator, or with ``rng``
         (a :class:`~mpiqsgd.codecs.kernels.SeedAt`: one piece of a message); return (message, decoded)."""
         rng = self.rng if rng is None else rng
@@ -126,7 +140,7 @@ class Round:
             self.buffers.seen(slot, message)
         return message, decoded
 
-    def decode(self, codec, message, device, numel):
+    def decode(self, codec: Codec, message: wire.BytesLike, device: Device, numel: int | None) -> torch.Tensor:
         """Decode ``message``, refusing one of another length than the ``numel`` values expected."""
         with self.transport.timed("decode", bucket=self.stream, bytes=len(message), numel=numel):
             return codec.decode(message, device, numel)
@@ -153,25 +167,25 @@ class Aggregator:
         seed: base seed of codec randomness.
     """
 
-    name = "aggregator"
+    name: str = "aggregator"
 
-    def __init__(self, transport, codec, seed=0):
+    def __init__(self, transport: Transport, codec: Codec, seed: int = 0) -> None:
         self.transport = transport
         self.codec = codec
         self.seed = seed
         self.buffers = MessageBuffers()
 
     @property
-    def codecs(self):
+    def codecs(self) -> dict[str, Codec]:
         """Every codec whose state a checkpoint keeps, by role."""
         return {"codec": self.codec}
 
-    def _check(self, flat):
+    def _check(self, flat: torch.Tensor | None) -> None:
         if not isinstance(flat, torch.Tensor) or flat.dim() != 1 or flat.dtype != torch.float32:
             raise ConfigError(f"{self.name}: expected a 1-D float32 tensor, got "
                               f"{getattr(flat, 'dtype', type(flat).__name__)} {tuple(getattr(flat, 'shape', ()))}")
 
-    def aggregate(self, flat, step, stream=0):
+    def aggregate(self, flat: torch.Tensor | None, step: int, stream: int = 0) -> torch.Tensor:
         """Return the mean of ``flat`` over ranks (identical on all ranks).
 
         Args:
@@ -185,10 +199,10 @@ class Aggregator:
         with self.transport.traced(f"bucket {stream}", topology=self.name, codec=self.codec.name, numel=numel):
             return self._aggregate(flat, Round(self, step, stream))
 
-    def _aggregate(self, flat, call):
+    def _aggregate(self, flat: torch.Tensor | None, call: Round) -> torch.Tensor:
         raise NotImplementedError
 
-    def sent_nbytes(self, numel, rank):
+    def sent_nbytes(self, numel: int, rank: int) -> int | None:
         """Exact bytes ``rank`` sends in one :meth:`aggregate` of ``numel`` coordinates.
 
         None when a codec's message length depends on the data (``qsgd-elias``): the
@@ -198,5 +212,5 @@ class Aggregator:
             return None
         return self._sent_nbytes(numel, rank)
 
-    def _sent_nbytes(self, numel, rank):
+    def _sent_nbytes(self, numel: int, rank: int) -> int:
         raise NotImplementedError
