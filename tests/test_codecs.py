@@ -1,3 +1,7 @@
+"""The codec contract (mpiqsgd.codecs, mpiqsgd.codecs.base) for every codec: exact sizes, bit-identical
+decodes, shapes and dtypes, refusals, the registry, and encoding into and decoding into reused buffers.
+One file a codec family beside it: test_fp, test_qsgd, test_sign, test_levelset, test_elias, test_entropy,
+test_feedback (error feedback)."""
 
 import numpy as np
 import pytest

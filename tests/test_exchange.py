@@ -1,4 +1,5 @@
-"""Gradient buckets and overlap with backward, in one process (a LocalGroup of threads)."""
+"""mpiqsgd.exchange: gradient buckets and overlap with backward, in one process (a LocalGroup of threads).
+DistributedOptimizer: tests/test_optimizer.py."""
 
 import pytest
 import torch

@@ -1,4 +1,6 @@
-"""Topologies on a one-rank communicator (MPI.COMM_SELF), in the test process."""
+"""Every topology (mpiqsgd.topology: the registry and make_aggregator): on a one-rank communicator
+(MPI.COMM_SELF) and in simulation (LocalGroup), in the test process. One file a topology beside it
+(test_topology_<name>.py); under mpiexec: tests/mpi/mpi_topologies.py."""
 
 import pytest
 import torch
