@@ -74,6 +74,15 @@ def mpi_start(n, argv):
                             start_new_session=True)
 
 
+@pytest.fixture(scope="module")
+def t():
+    """A transport over ``MPI.COMM_SELF``: a one-rank job in the test process (tests taking ``t``)."""
+    from mpi4py import MPI
+
+    from mpiqsgd.transport import MPITransport
+    return MPITransport(MPI.COMM_SELF)
+
+
 def vec(n, seed=0, dist="normal"):
     """A seeded test vector: ``normal``, ``heavy`` (normal cubed) or shifted uniform."""
     g = torch.Generator().manual_seed(seed)
@@ -82,6 +91,18 @@ def vec(n, seed=0, dist="normal"):
     if dist == "heavy":
         return torch.randn(n, generator=g) ** 3
     return torch.rand(n, generator=g) - 0.3
+
+
+def draws(codec, x, t):
+    """``t`` decoded encodings of ``x`` (float64 rows), with the seeds ``(7, 0, i)``: samples of a stochastic codec."""
+    from mpiqsgd.codecs import make_generator
+    return torch.stack([codec.decode(codec.encode(x, make_generator(7, 0, i))) for i in range(t)]).double()
+
+
+def shared_norms(xs, bucket, norm="l2"):
+    """The largest of every rank's bucket norms: the scales all ranks of the decode-free allreduce share."""
+    from mpiqsgd.codecs.buckets import bucket_norms
+    return torch.stack([bucket_norms(x, bucket, norm) for x in xs]).max(0).values
 
 
 def varint(value):

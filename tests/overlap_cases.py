@@ -1,4 +1,4 @@
-"""Shared by tests/test_overlap.py (simulation) and tests/mpi/mpi_overlap.py (mpiexec):
+"""Shared by tests/test_exchange.py (simulation) and tests/mpi/mpi_overlap.py (mpiexec):
 a small model, the configurations, and a few steps of training through the library API."""
 
 import threading

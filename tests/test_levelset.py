@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import vec
+from conftest import draws, vec
 from mpiqsgd import wire
 from mpiqsgd.codecs import CODECS, ErrorFeedback, decode, gradstats, make_codec, make_generator
 from mpiqsgd.codecs.levelset import (AdaptiveLevelSet, LevelSet, expected_variance, named_levels,
@@ -182,10 +182,6 @@ def test_extreme_inputs():
 
 
 # -- statistics of the rounding ---------------------------------------------------------
-
-def draws(codec, x, t):
-    return torch.stack([codec.decode(codec.encode(x, make_generator(7, 0, i))) for i in range(t)]).double()
-
 
 def test_expected_variance_matches_independent_formula():
     x = vec(3000, seed=1, dist="heavy")

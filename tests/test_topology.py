@@ -1,13 +1,47 @@
-"""The in-process LocalGroup transport behind --simulate."""
+"""Every topology (mpiqsgd.topology: the registry and make_aggregator): on a one-rank communicator
+(MPI.COMM_SELF) and in simulation (LocalGroup), in the test process. One file a topology beside it
+(test_topology_<name>.py); under mpiexec: tests/mpi/mpi_topologies.py."""
 
-import numba
 import pytest
 import torch
 
 from mpiqsgd.codecs import make_codec
-from mpiqsgd.machine import share_cpus
-from mpiqsgd.topology import make_aggregator
+from mpiqsgd.errors import ConfigError
+from mpiqsgd.topology import TOPOLOGIES, make_aggregator
 from mpiqsgd.transport import LocalGroup
+
+
+@pytest.mark.parametrize("name", sorted(set(TOPOLOGIES) - {"intsum"}))  # intsum sums QSGD levels only
+def test_one_rank_fp32_is_identity_and_sends_nothing(t, name):
+    x = torch.randn(1001)
+    agg = make_aggregator(name, t, make_codec("fp32"))
+    t.meter.reset()
+    assert torch.equal(agg.aggregate(x.clone(), step=0), x)
+    assert t.meter.sent()["bytes"] == 0 == agg.sent_nbytes(1001, 0)
+
+
+@pytest.mark.parametrize("name", ["ps", "ring", "allgather", "intsum"])
+def test_one_rank_quantized_is_the_codec_round_trip(t, name):
+    x = torch.randn(1001)
+    codec = make_codec("qsgd", rounding="nearest")
+    out = make_aggregator(name, t, codec).aggregate(x.clone(), step=0)
+    assert torch.equal(out, codec.decode(codec.encode(x)))
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda t: make_aggregator("tree", t, make_codec("fp32")), "allreduce, ps, ring, scatter, allgather"),
+    (lambda t: make_aggregator("allreduce", t, make_codec("qsgd")), "sends plain fp32"),
+    (lambda t: make_aggregator("ring", t, make_codec("qsgd"), downlink="codec"), "ps takes downlink"),
+    (lambda t: make_aggregator("ps", t, make_codec("qsgd"), downlink="int8"), "downlink must be"),
+    (lambda t: make_aggregator("ps", t, make_codec("qsgd"), server_error_feedback=True), "needs downlink='codec'"),
+    (lambda t: make_aggregator("ps", t, make_codec("qsgd"), dedicated=True), "at least 2 ranks"),
+    (lambda t: make_aggregator("ring", t, make_codec("qsgd")).aggregate(torch.zeros(3, 3), 0), "1-D float32"),
+    (lambda t: make_aggregator("ring", t, make_codec("qsgd")).aggregate(torch.zeros(3, dtype=torch.float64), 0),
+     "1-D float32"),
+])
+def test_bad_input(t, call, match):
+    with pytest.raises(ConfigError, match=match):
+        call(t)
 
 
 @pytest.mark.parametrize("topology", ["allreduce", "ps", "ring", "scatter", "allgather"])
@@ -42,50 +76,6 @@ def test_variable_length_codec_agrees_and_is_counted(topology, options):
         sent = t.meter.sent()["bytes"]
         assert sent == sum(m.bytes for m in t.meter.messages if m.source == t.rank)
         assert 0 < sent < dense.sent_nbytes(20_000, t.rank) / 2  # the sparse code's saving
-
-
-def test_failure_in_one_rank_releases_the_others():
-    group = LocalGroup(3)
-
-    def work(t):
-        if t.rank == 2:
-            raise ValueError("rank 2 broke")
-        if t.rank == 0:
-            t.recv(2, "never")
-        t.barrier()
-
-    with pytest.raises(ValueError, match="rank 2 broke"):
-        group.run(work, group.transports())
-
-
-def test_collectives():
-    group = LocalGroup(3)
-    out = group.run(lambda t: (t.allgather_bytes(bytes([t.rank])), t.bcast_bytes(b"x" * (t.rank + 1), root=1),
-                               t.allreduce_sum(torch.full((2,), float(t.rank)))), group.transports())
-    for gathered, bcast, total in out:
-        assert gathered == [b"\x00", b"\x01", b"\x02"] and bcast == b"xx" and torch.equal(total, torch.full((2,), 3.0))
-
-
-def test_share_cpus_divides_the_cores_among_local_ranks():
-    before = numba.get_num_threads()
-    try:
-        assert share_cpus(10**6) == 1 and numba.get_num_threads() == 1
-        assert share_cpus(1) >= 1
-    finally:
-        numba.set_num_threads(before)
-
-
-def test_ps_with_encoded_downlink_stays_unbiased():
-    # Uplink and downlink roundings must use independent uniforms, else they correlate.
-    group = LocalGroup(1)
-    t = group.transports()[0]
-    agg = make_aggregator("ps", t, make_codec("qsgd", bits=2, bucket=64), downlink="codec")
-    g = torch.tensor([0.3, -0.5, 0.1, 0.9] * 16)
-    steps = 2000
-    mean = sum(agg.aggregate(g.clone(), s).double() for s in range(steps)) / steps
-    # per-coordinate variance of two 1-level roundings is at most 2 * (norm^2 / 4)
-    stderr = (2 * float(g.norm()) ** 2 / 4 / steps) ** 0.5
-    assert float((mean - g.double()).abs().max()) < 4.5 * stderr
 
 
 @pytest.mark.parametrize("topology,options", [("ps", {}), ("ps", {"downlink": "codec"}), ("ring", {}),

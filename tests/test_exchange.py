@@ -1,4 +1,5 @@
-"""Gradient buckets and overlap with backward, in one process (a LocalGroup of threads)."""
+"""mpiqsgd.exchange: gradient buckets and overlap with backward, in one process (a LocalGroup of threads).
+DistributedOptimizer: tests/test_optimizer.py."""
 
 import pytest
 import torch
@@ -78,3 +79,35 @@ def test_error_in_the_communication_thread_reaches_the_training_thread():
     with pytest.raises(NonFiniteError):
         ex.finish(0)
     ex.close()
+
+
+def test_broadcast_parameters_gives_every_rank_the_roots_parameters_and_buffers():
+    from mpiqsgd.exchange import broadcast_parameters, parameter_checksum
+
+    group = LocalGroup(3)
+
+    def rank(t):
+        torch.manual_seed(t.rank)  # a different start on every rank
+        net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+        net[1].running_mean += t.rank
+        before = parameter_checksum(net.parameters())
+        broadcast_parameters(net, t, root=1)
+        return before, parameter_checksum(net.parameters()), net[1].running_mean.clone()
+
+    transports = group.transports()
+    out = group.run(rank, transports)
+    assert len({before for before, _, _ in out}) == 3
+    assert all(after == out[1][0] for _, after, _ in out)  # root 1's parameters, unchanged on root 1
+    assert all(torch.equal(mean, torch.ones(3)) for _, _, mean in out)  # buffers too
+    assert all(t.meter.sent()["bytes"] == 0 for t in transports)  # set-up traffic, uncounted
+
+
+def test_parameter_checksum_changes_with_any_bit():
+    from mpiqsgd.exchange import parameter_checksum
+
+    params = [torch.zeros(5), torch.ones(2, 2)]
+    same = [torch.zeros(5), torch.ones(2, 2)]
+    assert parameter_checksum(params) == parameter_checksum(same)
+    same[1].view(torch.int32)[1, 0] ^= 1  # the lowest bit of one float
+    assert parameter_checksum(params) != parameter_checksum(same)
+    assert parameter_checksum([torch.tensor([0.0])]) != parameter_checksum([torch.tensor([-0.0])])

@@ -1,6 +1,6 @@
-"""``scatter`` in pieces (a link that never waits): bit-identical to one message a chunk, bytes as the
-formula says, error feedback per piece; in simulation (LocalGroup). Under mpiexec:
-tests/mpi/mpi_topologies.py."""
+"""``ring`` and ``scatter`` (mpiqsgd.topology.ring). ``scatter`` in pieces (a link that never waits):
+bit-identical to one message a chunk, bytes as the formula says, error feedback per piece; in simulation
+(LocalGroup). Under mpiexec: tests/mpi/mpi_topologies.py."""
 
 import pytest
 import torch

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The exchange and step benchmarks behind the README's "time" tables (root, iproute2).
 # Run on an otherwise idle machine; each figure is a median against a baseline timed in
-# the same run. Writes JSON and text under OUT (default runs/bench-issue7).
+# the same run. Writes JSON and text under OUT (default runs/bench-exchange-and-step).
 set -euo pipefail
-out=${1:-runs/bench-issue7}; mkdir -p "$out"
+out=${1:-runs/bench-exchange-and-step}; mkdir -p "$out"
 here=$(dirname "$0")
 loop() {  # oversubscribed ranks on loopback: backoff vs spin waits (8 ranks, 2 cores)
   for wait in spin backoff; do
