@@ -36,7 +36,6 @@ import numpy as np
 import torch
 
 from .. import __version__, diagnostics
-from ..codecs import codec_from_flags
 from ..errors import MpiqsgdError, StopJob
 from ..exchange import GradientExchange, broadcast_parameters, parameter_checksum
 from ..fileio import atomic_write_bytes
@@ -202,15 +201,11 @@ class Worker:
         broadcast_parameters(self.model, self.transport)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
-        codec = codec_from_flags(cfg.codec, cfg.bits, cfg.levels, cfg.bucket, cfg.rounding, cfg.clip_sigma,
-                                 cfg.error_feedback, cfg.norm, cfg.fit, cfg.encoding)
-        options = {"downlink": cfg.downlink, "server_error_feedback": cfg.server_error_feedback or None,
-                   "dedicated": cfg.dedicated_server or None} if cfg.topology == "ps" else {}
         self.exchange = GradientExchange(
-            self.model.parameters(), self.transport, codec, cfg.topology, seed=cfg.seed,
+            self.model.parameters(), self.transport, cfg.build_codec(), cfg.topology, seed=cfg.seed,
             min_compress_numel=cfg.min_compress_numel, warmup_steps=cfg.uncompressed_warmup_steps,
             adapt_at=cfg.adapt_steps(), adapt_every=cfg.adapt_every, bucket_mb=cfg.bucket_mb,
-            overlap=cfg.overlap, hierarchical=cfg.hierarchical, **options)
+            overlap=cfg.overlap, hierarchical=cfg.hierarchical, **cfg.aggregator_options(cfg.topology))
         if self.exchange.nodes is not None and self.is_root:
             print(f"[mpiqsgd] {self.exchange.nodes.describe(cfg.topology)}", file=sys.stderr, flush=True)
         self.rng = _RNG(cfg.seed, self.rank, device)
