@@ -83,7 +83,9 @@ def add_fields(parser, cls, suppress=False, groups=None, names=None):
     made = {}
     for f in chosen:
         meta = f.metadata
-        group = made.get(meta["group"]) or made.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        if meta["group"] not in made:
+            made[meta["group"]] = parser.add_argument_group(meta["group"])
+        group = made[meta["group"]]
         default = argparse.SUPPRESS if suppress else f.default if f.default is not MISSING else None
         if arg_type(f.type) is bool:
             name, action = (flag("no_" + f.name), "store_false") if f.default else (flag(f.name), "store_true")
