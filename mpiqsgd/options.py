@@ -194,7 +194,9 @@ class TopologyOptions(Flags):
     server_error_feedback: bool = knob(False, "ps: server-side error feedback on an encoded downlink; needs "
                                               "--downlink codec", group="topology")
     dedicated_server: bool = knob(False, "ps: rank 0 only serves and does not train", group="topology")
-    piece_numel: Optional[int] = knob(None, "scatter, intsum: coordinates per pipelined message; 0: one a chunk",
+    piece_numel: Optional[int] = knob(None, "scatter, intsum: coordinates per pipelined message (the same bits for any "
+                                            "size); 0: unpipelined (scatter: one message a chunk; intsum: one "
+                                            "allreduce)",
                                       group="topology", shown=f"{SCATTER_PIECE_NUMEL} for scatter, "
                                                               f"{INTSUM_PIECE_NUMEL} for intsum")
     hierarchical: str = knob("auto", "fp32 inside each node, the topology among one leader per node: on, off, or auto: "
@@ -218,7 +220,7 @@ class TopologyOptions(Flags):
                 raise ConfigError(f"--piece-numel only applies to --topology {' and '.join(PIECED)} (this run uses "
                                   f"--topology {topology})")
             if self.piece_numel < 0:
-                raise ConfigError(f"--piece-numel must be >= 0 (0: one message a chunk); got {self.piece_numel}")
+                raise ConfigError(f"--piece-numel must be >= 0 (0: unpipelined); got {self.piece_numel}")
         options = {"downlink": self.downlink, "server_error_feedback": self.server_error_feedback,
                    "dedicated": self.dedicated_server, "piece_numel": self.piece_numel}
         return {k: v for k, v in options.items() if v is not None and v is not False}

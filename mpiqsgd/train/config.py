@@ -26,7 +26,8 @@ __all__ = ["TrainConfig", "add_config_args", "config_from_args", "load_config_fi
            "agreement_digest", "check_agreement"]
 
 # Flags each rank may set for itself: they change neither the message pattern nor the math.
-# Every other flag (and any new one) must be the same on every rank of a job.
+# Every other flag (and any new one) must be the same on every rank of a job: even --piece-numel, which
+# changes no bit of a run's result, sets how many collectives each step calls, and of what sizes.
 RUN_LOCAL = ("progress", "threads", "device", "wait", "comm_timeout", "run_dir", "data_dir", "download",
              "target_acc", "diag_every", "nvar_every", "nvar_batches", "resume")
 # Flags of a run's config.json that are that run's own: repeating it (--config) is a new run in a new directory.

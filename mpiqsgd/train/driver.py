@@ -471,10 +471,16 @@ def run_worker(cfg, transport, shared):
     return Worker(cfg, transport, shared).run()
 
 
-# Flags a resumed run must share with the checkpoint (others, like --epochs, may change).
+# Flags a resumed run must share with the checkpoint (others, like --epochs, may change): the ones that
+# change what is computed from the state. --piece-numel is among them: scatter and intsum give the same
+# bits for any piece size within a run, but scatter's error-feedback residuals are kept per piece (keyed
+# by the piece's offset), so a resume with other pieces would start them from zero. It is also agreed
+# across ranks (it is not RUN_LOCAL): it sets how many collectives each step calls, and of what sizes.
+# --encoding is not: the encodings are lossless and hold no state.
 RESUME_FLAGS = ("model", "dataset", "train_subset", "val_fraction", "synthetic_size", "batch_size", "seed",
-                "codec", "bits", "levels", "bucket", "rounding", "clip_sigma", "error_feedback", "topology",
-                "downlink", "server_error_feedback", "dedicated_server", "min_compress_numel", "bucket_mb")
+                "codec", "bits", "levels", "bucket", "rounding", "clip_sigma", "norm", "fit", "error_feedback",
+                "topology", "downlink", "server_error_feedback", "dedicated_server", "piece_numel", "hierarchical",
+                "min_compress_numel", "bucket_mb")
 
 
 def _check_resume_flags(saved, cfg):
