@@ -19,6 +19,7 @@ line on stderr and its exit status (130 after SIGINT, 143 after SIGTERM).
 """
 
 import argparse
+from dataclasses import fields
 import json
 import os
 import sys
@@ -26,60 +27,12 @@ import traceback
 from pathlib import Path
 
 from . import __version__
-from .codecs import CODECS, ENCODINGS, codec_from_flags
 from .errors import MpiqsgdError, StopJob
-from .topology import CHOICES, HIERARCHICAL_MODES, resolve_topology
+from .options import CodecOptions, TopologyOptions, add_fields, flag
+from .topology import resolve_topology
 from .transport import abort_if_parallel, exit_together
 
-__all__ = ["main", "build_parser", "add_codec_args", "codec_from_args"]
-
-
-def add_codec_args(p):
-    """Flags that choose and configure a codec."""
-    g = p.add_argument_group("codec")
-    g.add_argument("--codec", default="qsgd", choices=list(CODECS), help="gradient codec (default qsgd)")
-    g.add_argument("--bits", type=int, help="bits per coordinate on the wire (qsgd: sign included, default 4; "
-                                            "level sets: default 3)")
-    g.add_argument("--levels", type=int, help="qsgd: number of magnitude levels s (sets bits)")
-    g.add_argument("--bucket", type=int, help="coordinates per bucket/norm (default 512; level sets 8192)")
-    g.add_argument("--rounding", choices=["stochastic", "nearest"], help="qsgd rounding (default stochastic)")
-    g.add_argument("--clip-sigma", type=float, help="terngrad: clip each bucket at this many standard deviations")
-    g.add_argument("--norm", choices=["l2", "max"], help="level sets: bucket normalization (adaptive codecs: "
-                                                         "default max, others l2; terngrad max only)")
-    g.add_argument("--fit", choices=["histogram", "model"], help="adaptive codecs: fit to the gradients' "
-                                                                 "histogram (default) or the truncated-normal model")
-    g.add_argument("--encoding", choices=list(ENCODINGS),
-                   help="how quantized symbols are packed: dense (default), elias (qsgd, qsgd-inf) or entropy "
-                        "(rANS; qsgd, qsgd-inf and the level sets)")
-    g.add_argument("--error-feedback", action="store_true", help="wrap the codec with error feedback")
-
-
-def codec_from_args(args):
-    """Build the codec the flags describe."""
-    return codec_from_flags(args.codec, args.bits, args.levels, args.bucket, args.rounding, args.clip_sigma,
-                            args.error_feedback, args.norm, args.fit, args.encoding)
-
-
-def add_topology_args(p):
-    g = p.add_argument_group("topology")
-    g.add_argument("--topology", default="auto", choices=list(CHOICES),
-                   help="aggregation (default auto: intsum for qsgd, scatter for other codecs, allreduce for fp32)")
-    g.add_argument("--downlink", choices=["fp32", "codec"], help="ps: what the server sends back (default fp32)")
-    g.add_argument("--server-error-feedback", action="store_true", default=None,
-                   help="ps: server-side error feedback on an encoded downlink")
-    g.add_argument("--dedicated-server", action="store_true", default=None,
-                   help="ps: rank 0 only serves and does not train")
-    g.add_argument("--piece-numel", type=int, default=None,
-                   help="scatter, intsum: coordinates per pipelined message (default: scatter 1048576, intsum "
-                        "2097152; 0: one a chunk)")
-    g.add_argument("--hierarchical", default="auto", choices=list(HIERARCHICAL_MODES),
-                   help="fp32 inside each node, the topology among one leader per node: auto (default: when the "
-                        "ranks span several nodes and some node holds several), on, off")
-
-
-def topology_options(args):
-    return {"downlink": args.downlink, "server_error_feedback": args.server_error_feedback,
-            "dedicated": args.dedicated_server, "piece_numel": args.piece_numel}
+__all__ = ["main", "build_parser"]
 
 
 def build_parser():
@@ -89,7 +42,7 @@ def build_parser():
 
     tr = sub.add_parser("train", help="train a model with quantized gradient exchange (under mpiexec, "
                                       "or --simulate N)")
-    from .train.config import add_config_args
+    from .train.config import TrainConfig, add_config_args
 
     add_config_args(tr)
     tr.add_argument("--json", action="store_true", help="print the summary as JSON on stdout (the lines for a "
@@ -98,7 +51,7 @@ def build_parser():
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     bc = bench.add_parser("codec", help="codec throughput, bytes and variance (one process)")
-    add_codec_args(bc)
+    add_fields(bc, CodecOptions)
     bc.add_argument("--numel", type=int, default=25_000_000, help="coordinates (default 25M, ResNet-50 size)")
     bc.add_argument("--repeats", type=int, default=5, help="timed repeats after one warm-up (default 5)")
     bc.add_argument("--seed", type=int, default=0)
@@ -111,13 +64,13 @@ def build_parser():
     bc.set_defaults(func=run_bench_codec)
 
     be = bench.add_parser("exchange", help="one topology vs fp32 allreduce (run under mpiexec)")
-    add_codec_args(be)
-    add_topology_args(be)
+    add_fields(be, CodecOptions)
+    add_fields(be, TopologyOptions)
     be.add_argument("--numel", type=int, default=25_000_000)
     be.add_argument("--repeats", type=int, default=5)
     be.add_argument("--seed", type=int, default=0)
     be.add_argument("--device", default="cpu")
-    be.add_argument("--wait", default="backoff", choices=["backoff", "spin"], help="how ranks wait for messages")
+    add_fields(be, TrainConfig, names=("wait",))
     be.add_argument("--json", action="store_true")
     be.add_argument("--trace", metavar="FILE", help="write the Chrome trace of the topology's last repeat here")
     be.add_argument("--sweep", action="store_true",
@@ -129,17 +82,14 @@ def build_parser():
     be.set_defaults(func=run_bench_exchange)
 
     bs = bench.add_parser("step", help="training step with exchange vs compute alone (run under mpiexec)")
-    add_codec_args(bs)
-    add_topology_args(bs)
+    add_fields(bs, CodecOptions)
+    add_fields(bs, TopologyOptions)
     bs.add_argument("--model", default="resnet20", help="model (default resnet20; alexnet, tiny, resnet32 ...)")
     bs.add_argument("--batch-size", type=int, default=32, help="images per rank (default 32)")
-    bs.add_argument("--bucket-mb", type=float, default=0.0, help="gradient bucket size in MB (default 0: one)")
-    bs.add_argument("--overlap", action="store_true", help="exchange buckets while backward runs")
-    bs.add_argument("--min-compress-numel", type=int, default=1024)
+    add_fields(bs, TrainConfig, names=("min_compress_numel", "bucket_mb", "overlap", "wait"))
     bs.add_argument("--repeats", type=int, default=10)
     bs.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     bs.add_argument("--threads", type=int, help="torch threads per rank (default: the node's cores / its ranks)")
-    bs.add_argument("--wait", default="backoff", choices=["backoff", "spin"], help="how ranks wait for messages")
     bs.add_argument("--seed", type=int, default=0)
     bs.add_argument("--device", default="cpu")
     bs.add_argument("--json", action="store_true")
@@ -183,6 +133,13 @@ def _say_layout(transport, result, as_json):
         print(f"mpiqsgd: {result['layout']}", file=sys.stderr if as_json else sys.stdout, flush=True)
 
 
+def _codec_and_topology(args):
+    """The codec, the topology (``auto`` resolved) and its options that ``bench exchange``/``step``'s flags give."""
+    codec = CodecOptions.of(args).build_codec()
+    topology = resolve_topology(args.topology, codec)
+    return codec, topology, TopologyOptions.of(args).aggregator_options(topology)
+
+
 def _positive(name, value):
     if value < 1:
         raise MpiqsgdError(f"--{name} must be at least 1; got {value}")
@@ -203,7 +160,7 @@ def run_bench_codec(args):
             _positive("threads", t)
     if args.all:
         return _bench_codec_all(args, threads)
-    result = bench_codec(codec_from_args(args), args.numel, args.repeats, args.seed, args.device, threads)
+    result = bench_codec(CodecOptions.of(args).build_codec(), args.numel, args.repeats, args.seed, args.device, threads)
     if args.json:
         print(json.dumps(result, indent=2))
         return
@@ -235,9 +192,7 @@ def run_bench_codec(args):
 def _bench_codec_all(args, threads):
     from .bench import bench_codec_all
 
-    chosen = [f"--{k.replace('_', '-')}" for k in ("bits", "levels", "bucket", "rounding", "clip_sigma", "encoding")
-              if getattr(args, k) is not None] + (["--codec"] if args.codec != "qsgd" else []) + \
-        (["--error-feedback"] if args.error_feedback else [])
+    chosen = [flag(f.name) for f in fields(CodecOptions) if getattr(args, f.name) != f.default]
     if chosen:
         raise MpiqsgdError(f"--all runs every codec at its defaults; drop {', '.join(chosen)}")
     result = bench_codec_all(args.numel, args.repeats, args.seed, args.device, threads)
@@ -270,10 +225,9 @@ def run_bench_exchange(args):
     _positive("numel", args.numel)
     _positive("repeats", args.repeats)
     transport = world(args.wait)
-    codec = codec_from_args(args)
-    result = bench_exchange(transport, codec, resolve_topology(args.topology, codec), args.numel, args.repeats,
-                            args.seed, args.device, trace=args.trace, hierarchical=args.hierarchical,
-                            **topology_options(args))
+    codec, topology, options = _codec_and_topology(args)
+    result = bench_exchange(transport, codec, topology, args.numel, args.repeats, args.seed, args.device,
+                            trace=args.trace, hierarchical=args.hierarchical, **options)
     _say_layout(transport, result, args.json)
     if not _text_on_root(transport, result, args.json):
         return
@@ -332,10 +286,10 @@ def run_bench_step(args):
     _positive("batch-size", args.batch_size)
     transport = world(args.wait)
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // transport.local_size))
-    codec = codec_from_args(args)
-    result = bench_step(transport, args.model, codec, resolve_topology(args.topology, codec), args.batch_size,
-                        args.repeats, args.warmup, args.bucket_mb, args.overlap, args.min_compress_numel, args.seed,
-                        args.device, hierarchical=args.hierarchical, **topology_options(args))
+    codec, topology, options = _codec_and_topology(args)
+    result = bench_step(transport, args.model, codec, topology, args.batch_size, args.repeats, args.warmup,
+                        args.bucket_mb, args.overlap, args.min_compress_numel, args.seed, args.device,
+                        hierarchical=args.hierarchical, **options)
     _say_layout(transport, result, args.json)
     if not _text_on_root(transport, result, args.json):
         return

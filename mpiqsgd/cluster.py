@@ -562,8 +562,8 @@ def add_cluster_args(p):
 
     r = sub.add_parser("run", help="build a cluster, run a command on it, remove it (or run on one built by up)")
     shape_args(r, required=False)
-    r.add_argument("--name", help="with --nodes: the new cluster's name (default mpiqsgd-<pid>); without: run on "
-                                  "the cluster `up` built (default mpiqsgd)")
+    r.add_argument("--name", help="with --nodes: the new cluster's name; without: the name of the cluster `up` "
+                                  "built, to run on (default mpiqsgd-<pid> with --nodes, else mpiqsgd)")
     r.add_argument("--per-node", action="store_true",
                    help="start the command in every node without mpiexec (RANK, WORLD_SIZE, MASTER_ADDR ... set)")
     r.add_argument("--timeout", type=float, help="stop the job after this many seconds (exit status 124)")

@@ -572,9 +572,9 @@ def plot(rows, sc, path, topologies):
 
 def add_project_args(p):
     """Flags of ``mpiqsgd project``."""
-    from .cli import add_codec_args
+    from .options import CodecOptions, add_fields
 
-    add_codec_args(p)
+    add_fields(p, CodecOptions)
     p.add_argument("--numel", type=int, default=25_000_000, help="coordinates of the gradient (default 25M)")
     p.add_argument("--link", default="1gbit", help="each node's link: RATE[@LATENCY], e.g. 10gbit, 1gbit@50us")
     p.add_argument("--latency", default="50us", help="alpha when neither --link's @LATENCY nor --link-model gives "
@@ -629,7 +629,7 @@ def _topologies(text):
 
 def scenario_from_args(args):
     """The :class:`Scenario` and node counts ``mpiqsgd project``'s flags describe."""
-    from .cli import codec_from_args
+    from .options import CodecOptions
 
     nodes = parse_nodes(args.nodes)
     topologies = _topologies(args.topology)
@@ -641,7 +641,7 @@ def scenario_from_args(args):
             raise ConfigError(f"--{name.replace('_', '-')} must be positive; got {getattr(args, name)}")
     if args.compute_ms < 0 or not 0 < args.payload_fraction <= 1:
         raise ConfigError("--compute-ms must be >= 0 and --payload-fraction in (0, 1]")
-    codec = codec_from_args(args)
+    codec = CodecOptions.of(args).build_codec()
     link = _link(args)
     choice = args.codec_rate
     if choice is None:

@@ -109,7 +109,6 @@ def points(grid):
     On a cluster (``grid["cluster"]``) ``ranks_per_node`` places the ranks on nodes instead of
     being a train flag; a world size that is not a multiple of it is dropped.
     """
-    from .codecs import codec_from_flags
     from .train.config import TrainConfig
 
     known = _config_fields()
@@ -135,11 +134,9 @@ def points(grid):
             raise ConfigError(f"grid sets {', '.join(bad)}: not a train flag, or one the sweep sets itself")
         try:
             simulated = grid.get("mode", "simulate") == "simulate" and grid.get("cluster") is None
-            cfg = TrainConfig(**flags, **({"simulate": ranks} if simulated else {})).validate()
             with warnings.catch_warnings():  # codec warnings are the run's to give, in its log
                 warnings.simplefilter("ignore")
-                codec_from_flags(cfg.codec, cfg.bits, cfg.levels, cfg.bucket, cfg.rounding, cfg.clip_sigma,
-                                 cfg.error_feedback, cfg.norm, cfg.fit, cfg.encoding)
+                TrainConfig(**flags, **({"simulate": ranks} if simulated else {})).validate()  # builds the codec
         except MpiqsgdError as exc:
             dropped.append(({**flags, **own}, str(exc)))
             continue

@@ -28,7 +28,7 @@ def test_same_flags_agree_and_run_local_flags_may_differ():
     ("topology", "allgather"), ("codec", "sign"), ("bits", 2), ("epochs", 3), ("max_steps", 5), ("batch_size", 64),
     ("lr", 0.2), ("lr_schedule", "cosine"), ("momentum", 0.5), ("seed", 1), ("error_feedback", True),
     ("checkpoint_every", 10), ("eval_every", 10), ("check_sync_every", 4), ("adapt_at", "0,5"), ("bucket_mb", 1.0),
-    ("min_compress_numel", 10), ("overlap", True), ("model", "tiny"), ("synthetic_size", 99),
+    ("min_compress_numel", 10), ("overlap", True), ("model", "tiny"), ("synthetic_size", 99), ("piece_numel", 4096),
 ])
 def test_every_flag_that_changes_messages_or_math_must_agree(flag, value):
     name = "--" + flag.replace("_", "-")

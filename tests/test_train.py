@@ -109,6 +109,18 @@ def test_resume_with_stochastic_rounding_and_mid_epoch_checkpoints(tmp_path):
     assert len(list((tmp_path / "part" / "checkpoints").glob("step-*"))) == 1  # old ones removed
 
 
+def test_resume_refuses_another_piece_size(tmp_path):
+    """scatter's residuals are kept per piece: a resume must cut the chunks the same way to equal the whole run."""
+    flags = dict(simulate=2, codec="sign", topology="scatter", error_feedback=True, min_compress_numel=0,
+                 checkpoint_every=1000, max_steps=30, piece_numel=1024)
+    run(tmp_path, "full", **flags)
+    run(tmp_path, "part", **{**flags, "max_steps": 17})
+    with pytest.raises(MpiqsgdError, match="written with --piece-numel 1024, this run has --piece-numel 0"):
+        run(tmp_path, "part", resume=str(tmp_path / "part"), **{**flags, "piece_numel": 0})
+    run(tmp_path, "part", resume=str(tmp_path / "part"), **flags)
+    assert same_state(final_model(tmp_path / "full"), final_model(tmp_path / "part"))
+
+
 def test_resume_refuses_another_world_size(tmp_path):
     run(tmp_path, "a", simulate=2, max_steps=3, checkpoint_every=3)
     with pytest.raises(MpiqsgdError, match="written by 2 ranks"):

@@ -101,56 +101,19 @@ def make_codec(name, error_feedback=False, **params):
     return ErrorFeedback(codec) if error_feedback else codec
 
 
+# Names by family: which flags apply to which codecs (mpiqsgd.options).
 QSGD_ONLY = ("qsgd", "qsgd-inf", "qsgd-elias")
 ENCODINGS = ("dense", "elias", "entropy")
-
-
-def _check_encoding(codec, encoding):
-    """``--encoding`` against ``--codec``: which codecs take which encodings."""
-    if encoding is None:
-        return
-    if encoding not in ENCODINGS:
-        raise ConfigError(f"--encoding must be one of {', '.join(ENCODINGS)}; got {encoding!r}")
-    if codec == "qsgd-elias":
-        raise ConfigError(f"--codec qsgd-elias fixes the encoding to elias (for --encoding {encoding} use "
-                          "--codec qsgd)")
-    cls = CODECS[codec][0] if codec in CODECS else None
-    if cls not in (QSGD, LevelSet, AdaptiveLevelSet):
-        raise ConfigError(f"--encoding applies only to --codec qsgd, qsgd-inf and the level-set codecs "
-                          f"(got --codec {codec})")
-    if encoding == "elias" and cls is not QSGD:
-        raise ConfigError(f"--encoding elias applies only to --codec qsgd and qsgd-inf (got --codec {codec}); "
-                          "the level-set codecs take dense or entropy")
-
-
 LEVEL_SETS = tuple(name for name, (cls, _) in CODECS.items() if issubclass(cls, LevelSet))
 ADAPTIVE_CODECS = tuple(name for name, (cls, _) in CODECS.items() if issubclass(cls, AdaptiveLevelSet))
 
 
-def codec_from_flags(codec, bits=None, levels=None, bucket=None, rounding=None, clip_sigma=None,
-                     error_feedback=False, norm=None, fit=None, encoding=None):
-    """The codec that command-line flags describe, with flag names in every error."""
-    if norm is not None and codec not in LEVEL_SETS:
-        hint = " (qsgd: --codec qsgd-inf is the max norm)" if codec in QSGD_ONLY else ""
-        raise ConfigError(f"--norm applies only to the level-set codecs {', '.join(LEVEL_SETS)} "
-                          f"(got --codec {codec}){hint}")
-    if fit is not None and codec not in ADAPTIVE_CODECS:
-        raise ConfigError(f"--fit applies only to the adaptive codecs {', '.join(ADAPTIVE_CODECS)} "
-                          f"(got --codec {codec})")
-    if levels is not None and codec not in QSGD_ONLY:
-        raise ConfigError(f"--levels applies only to --codec qsgd, qsgd-inf or qsgd-elias (got --codec {codec})")
-    if rounding is not None and codec not in QSGD_ONLY:
-        raise ConfigError(f"--rounding applies only to --codec qsgd, qsgd-inf or qsgd-elias (got --codec {codec})")
-    if clip_sigma is not None and codec != "terngrad":
-        raise ConfigError(f"--clip-sigma applies only to --codec terngrad (got --codec {codec})")
-    if bits is not None and codec in ("fp32", "fp16", "sign"):
-        raise ConfigError(f"--bits does not apply to --codec {codec} (it has a fixed width)")
-    if bucket is not None and codec in ("fp32", "fp16"):
-        raise ConfigError(f"--bucket does not apply to --codec {codec}")
-    if codec in CODECS:
-        _check_encoding(codec, encoding)
-    return make_codec(codec, error_feedback=error_feedback, bits=bits, levels=levels, bucket=bucket,
-                      rounding=rounding, clip_sigma=clip_sigma, norm=norm, fit=fit, encoding=encoding)
+def codec_from_flags(codec, **flags):
+    """The codec that command-line flags describe, with flag names in every error: the
+    :class:`~mpiqsgd.options.CodecOptions` of ``codec`` and ``flags`` (its other fields), built."""
+    from ..options import CodecOptions
+
+    return CodecOptions(codec=codec, **flags).build_codec()
 
 
 def codec_for(header):

@@ -181,15 +181,12 @@ def find_runs(paths):
 
 def _codec_params(flags):
     """(bits, bucket, rounding) as the codec resolves them, "-" where a parameter does not apply."""
-    from ..codecs import codec_from_flags
+    from ..options import CodecOptions
 
-    name = flags.get("codec", "?")
     try:
         with warnings.catch_warnings():  # the run already gave its codec's warnings
             warnings.simplefilter("ignore")
-            codec = codec_from_flags(name, flags.get("bits"), flags.get("levels"), flags.get("bucket"),
-                                     flags.get("rounding"), flags.get("clip_sigma"), norm=flags.get("norm"),
-                                     fit=flags.get("fit"), encoding=flags.get("encoding"))
+            codec = CodecOptions.of({**flags, "codec": flags.get("codec", "?"), "error_feedback": False}).build_codec()
     except (MpiqsgdError, TypeError):  # a run written by another version: show its flags as they are
         return (flags.get("bits") or "-", flags.get("bucket") or "-", flags.get("rounding") or "-")
     bits, bucket = codec.bits, codec.bucket

@@ -6,8 +6,7 @@ fields from a TOML or JSON file (:func:`load_config_file`), or repeats a run fro
 ``config.json``; flags given on the command line override the file.
 """
 
-import argparse
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 import difflib
 import json
 import math
@@ -17,9 +16,9 @@ import typing
 from typing import Optional
 
 from .. import __version__
-from ..codecs import CODECS, ENCODINGS, codec_from_flags
 from ..errors import ConfigError
-from ..topology import CHOICES, HIERARCHICAL_MODES, resolve_topology
+from ..options import CodecOptions, TopologyOptions, add_fields, arg_type, flag, knob
+from ..topology import resolve_topology
 from ..trace import parse_steps
 from .models import MODELS
 
@@ -27,67 +26,48 @@ __all__ = ["TrainConfig", "add_config_args", "config_from_args", "load_config_fi
            "agreement_digest", "check_agreement"]
 
 # Flags each rank may set for itself: they change neither the message pattern nor the math.
-# Every other flag (and any new one) must be the same on every rank of a job.
+# Every other flag (and any new one) must be the same on every rank of a job: even --piece-numel, which
+# changes no bit of a run's result, sets how many collectives each step calls, and of what sizes.
 RUN_LOCAL = ("progress", "threads", "device", "wait", "comm_timeout", "run_dir", "data_dir", "download",
              "target_acc", "diag_every", "nvar_every", "nvar_batches", "resume")
 # Flags of a run's config.json that are that run's own: repeating it (--config) is a new run in a new directory.
 NOT_REPEATED = ("run_dir", "resume")
-
-
-def knob(default, help, choices=None, group="training"):
-    return field(default=default, metadata={"help": help, "choices": choices, "group": group})
+# The argparse groups of the train flags, in --help's order.
+GROUPS = ("data", "training", "codec", "topology", "communication", "run")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(CodecOptions, TopologyOptions):
+    """Every flag of ``mpiqsgd train``: the codec and topology flags of the classes it extends
+    (:mod:`mpiqsgd.options`), then its own, all in one flat table (as ``config.json`` holds them)."""
+
     # model and data
     model: str = knob("resnet20", "model: tiny, alexnet, resnet20/32/44/56/110, resnet50", group="data")
     dataset: str = knob("cifar10", "cifar10 (files) or synthetic (no files)", ["cifar10", "synthetic"], "data")
-    data_dir: Optional[str] = knob(None, "where CIFAR-10 lives (batches or image-folder dir/.tar.gz)", group="data")
+    data_dir: Optional[str] = knob(None, "where CIFAR-10 lives (batches or image-folder dir/.tar.gz)", group="data",
+                                   shown="the first of ./data, ../shared/datasets, "
+                                         "~/.cache/mpiqsgd/data that holds it")
     download: bool = knob(False, "download CIFAR-10 with torchvision if not found", group="data")
-    train_subset: Optional[int] = knob(None, "use only N training images (quick runs)", group="data")
+    train_subset: Optional[int] = knob(None, "use only N training images (quick runs)", group="data", shown="all")
     val_fraction: float = knob(0.1, "share of the training set held out for validation", group="data")
     synthetic_size: int = knob(10000, "training images of --dataset synthetic", group="data")
 
     # optimization
     epochs: int = knob(20, "epochs over the training shard")
-    max_steps: Optional[int] = knob(None, "stop after this many steps (before the epochs end)")
+    max_steps: Optional[int] = knob(None, "stop after this many steps (before the epochs end)",
+                                    shown="all the epochs' steps")
     batch_size: int = knob(128, "images per worker per step")
     lr: float = knob(0.1, "peak learning rate")
     momentum: float = knob(0.9, "SGD momentum")
     nesterov: bool = knob(False, "Nesterov momentum")
     weight_decay: float = knob(1e-4, "L2 weight decay")
     lr_schedule: str = knob("step", "step, cosine or constant", ["step", "cosine", "constant"])
-    lr_decay_epochs: Optional[str] = knob(None, "step schedule: comma-separated epochs (default 50%,75%)")
+    lr_decay_epochs: Optional[str] = knob(None, "step schedule: comma-separated epochs", shown="50%,75% of --epochs")
     lr_decay_factor: float = knob(0.1, "step schedule: multiply the rate by this at each decay epoch")
     warmup_epochs: float = knob(0.0, "linear learning-rate warm-up from 0, in epochs")
     seed: int = knob(0, "seed of model init, data order, augmentation and codec randomness")
 
-    # communication
-    codec: str = knob("qsgd", "gradient codec", list(CODECS), "communication")
-    bits: Optional[int] = knob(None, "bits per coordinate on the wire (qsgd default 4, level sets 3)",
-                               group="communication")
-    levels: Optional[int] = knob(None, "qsgd: number of magnitude levels s", group="communication")
-    bucket: Optional[int] = knob(None, "coordinates per bucket norm (qsgd/sign 512, level sets 8192)",
-                                 group="communication")
-    rounding: Optional[str] = knob(None, "stochastic (default) or nearest", ["stochastic", "nearest"], "communication")
-    clip_sigma: Optional[float] = knob(None, "terngrad: clip buckets at this many standard deviations",
-                                       group="communication")
-    norm: Optional[str] = knob(None, "level sets: bucket normalization (adaptive default max, others l2)",
-                               ["l2", "max"], "communication")
-    fit: Optional[str] = knob(None, "adaptive codecs: fit levels to the gradients' histogram (default) or to "
-                                    "the paper's truncated-normal model", ["histogram", "model"], "communication")
-    encoding: Optional[str] = knob(None, "qsgd/level sets: dense (default), elias (qsgd) or entropy (rANS)",
-                                   list(ENCODINGS), "communication")
-    error_feedback: bool = knob(False, "error feedback around the codec", group="communication")
-    topology: str = knob("auto", "gradient aggregation (auto: intsum for qsgd, scatter for other codecs, "
-                                 "allreduce for fp32)", list(CHOICES), "communication")
-    downlink: Optional[str] = knob(None, "ps: fp32 (default) or codec", ["fp32", "codec"], "communication")
-    server_error_feedback: bool = knob(False, "ps: server-side error feedback", group="communication")
-    dedicated_server: bool = knob(False, "ps: rank 0 serves only, does not train", group="communication")
-    hierarchical: str = knob("auto", "fp32 inside each node, the topology among one leader per node (auto: when "
-                                     "the ranks span several nodes and some node holds several)",
-                             list(HIERARCHICAL_MODES), "communication")
+    # communication (the codec and topology flags are CodecOptions' and TopologyOptions')
     min_compress_numel: int = knob(1024, "tensors smaller than this go uncompressed (fp32)", group="communication")
     bucket_mb: float = knob(0.0, "gradient bucket size in MB, filled in backward order (0: one bucket)",
                             group="communication")
@@ -111,27 +91,29 @@ class TrainConfig:
     ranks_per_node: int = knob(0, "with --simulate: group the workers into nodes of this many, in rank order (0: "
                                   "one node); MPI ranks are grouped by host name", group="run")
     threads: Optional[int] = knob(None, "torch threads per rank (same value on both sides to compare runs bitwise)",
-                                  group="run")
+                                  group="run", shown="torch's: the cores")
     device: str = knob("auto", "auto (GPU local_rank % n_gpus, else cpu), cpu, cuda, cuda:i", group="run")
-    run_dir: Optional[str] = knob(None, "output directory (default runs/<time>-<pid>-<model>-<codec>-<topology>)",
-                                  group="run")
+    run_dir: Optional[str] = knob(None, "output directory", group="run",
+                                  shown="runs/<time>-<pid>-<model>-<codec>-<topology>")
     eval_every: int = knob(0, "evaluate every N steps as well as after each epoch (0: per epoch)", group="run")
-    target_acc: Optional[float] = knob(None, "report steps and seconds to reach this validation accuracy", group="run")
+    target_acc: Optional[float] = knob(None, "report steps and seconds to reach this validation accuracy",
+                                       group="run", shown="off")
     check_sync_every: int = knob(0, "verify parameters are bit-identical on all ranks every N steps", group="run")
-    checkpoint_every: Optional[int] = knob(None, "checkpoint every N steps and at the end (default: every epoch); "
-                                                 "0: only at an interruption (SIGINT, SIGTERM)", group="run")
-    resume: Optional[str] = knob(None, "resume from a run directory or checkpoint directory", group="run")
+    checkpoint_every: Optional[int] = knob(None, "checkpoint every N steps and at the end; 0: only at an "
+                                                 "interruption (SIGINT, SIGTERM)", group="run", shown="every epoch")
+    resume: Optional[str] = knob(None, "resume from a run directory or checkpoint directory", group="run",
+                                  shown="a new run")
     trace_steps: str = knob("", "record a timeline (trace.json) of these steps: N, A-B, */N (every N-th), "
-                                "comma-separated, or all; evaluations and checkpoints too; empty: off",
-                            group="run")
-    progress: bool = knob(True, "progress bar on rank 0 (--no-progress to disable)", group="run")
+                                "comma-separated, or all; evaluations and checkpoints too",
+                            group="run", shown="off")
+    progress: bool = knob(True, "no progress bar or progress lines on rank 0", group="run")
 
     def validate(self):
         """Raise :class:`ConfigError` for values that cannot work (touches no file)."""
         for f in fields(self):
             value = getattr(self, f.name)
-            if _arg_type(f.type) is float and value is not None and not math.isfinite(value):
-                raise ConfigError(f"{_flag(f.name)} must be a finite number; got {value}")
+            if arg_type(f.type) is float and value is not None and not math.isfinite(value):
+                raise ConfigError(f"{flag(f.name)} must be a finite number; got {value}")
         if not _DEVICE.fullmatch(str(self.device)):
             raise ConfigError(f"--device must be auto, cpu, cuda or cuda:<index>; got {self.device!r}")
         if self.model not in MODELS:
@@ -165,13 +147,8 @@ class TrainConfig:
             raise ConfigError("--weight-decay must be >= 0 and --momentum in [0, 1)")
         if self.nesterov and self.momentum == 0:
             raise ConfigError("--nesterov needs --momentum above 0")
-        codec = codec_from_flags(self.codec, self.bits, self.levels, self.bucket, self.rounding, self.clip_sigma,
-                                 self.error_feedback, self.norm, self.fit, self.encoding)
-        self.topology = resolve_topology(self.topology, codec)  # config.json records what ran
-        ps_only = [f for f in ("downlink", "server_error_feedback", "dedicated_server") if getattr(self, f)]
-        if ps_only and self.topology != "ps":
-            names = ", ".join("--" + f.replace("_", "-") for f in ps_only)
-            raise ConfigError(f"{names} only apply to --topology ps (this run uses --topology {self.topology})")
+        self.topology = resolve_topology(self.topology, self.build_codec())  # config.json records what ran
+        self.aggregator_options(self.topology)
         if self.ranks_per_node and not self.simulate:
             raise ConfigError("--ranks-per-node groups simulated workers (--simulate N); MPI ranks are grouped by "
                               "their host names (MPIQSGD_HOST overrides a rank's)")
@@ -206,18 +183,8 @@ class TrainConfig:
 _DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
 
 
-def _flag(name):
-    return "--" + name.replace("_", "-")
-
-
-def _arg_type(tp):
-    """``int`` for ``int`` and ``Optional[int]``."""
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    return args[0] if args else tp
-
-
 def add_config_args(parser):
-    """Add ``--config`` and one ``--flag`` per :class:`TrainConfig` field, grouped as in the dataclass.
+    """Add ``--config`` and one ``--flag`` per :class:`TrainConfig` field, in the :data:`GROUPS`.
 
     The flags have no argparse defaults (a flag not given is absent from the namespace), so that
     :func:`config_from_args` can tell the flags given from the file's values and the field defaults.
@@ -225,23 +192,7 @@ def add_config_args(parser):
     parser.add_argument("--config", metavar="FILE",
                         help="TOML or JSON file of these flags (field names, - or _), or a run's config.json (or "
                              "run directory) to repeat that run in a new directory; flags given here override it")
-    groups = {}
-    for f in fields(TrainConfig):
-        meta = f.metadata
-        group = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not MISSING else None
-        conv = _arg_type(f.type)
-        if conv is bool:
-            if default:
-                group.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
-                                   default=argparse.SUPPRESS, help=meta["help"].replace("%", "%%"))
-            else:
-                group.add_argument(flag, dest=f.name, action="store_true", default=argparse.SUPPRESS,
-                                   help=meta["help"].replace("%", "%%"))
-            continue
-        group.add_argument(flag, dest=f.name, type=conv, default=argparse.SUPPRESS, choices=meta["choices"],
-                           help=f"{meta['help']} (default {default})".replace("%", "%%"))
+    add_fields(parser, TrainConfig, suppress=True, groups=GROUPS)
 
 
 def config_from_args(args):
@@ -268,7 +219,7 @@ def _read_toml(path, data):
 
 def _file_value(path, key, f, value):
     """``value`` of field ``f`` checked against its type and choices (ints accepted for floats)."""
-    kind = _arg_type(f.type)
+    kind = arg_type(f.type)
     if value is None:
         if type(None) in typing.get_args(f.type):
             return None
@@ -377,7 +328,7 @@ def check_agreement(digests, shown=6):
         for rank, flags in parsed.items():
             by_value.setdefault(json.dumps(flags.get(key), sort_keys=True), []).append(rank)
         if len(by_value) > 1:
-            name = f"{key} version" if key == "mpiqsgd" else key if key == "world_size" else _flag(key)
+            name = f"{key} version" if key == "mpiqsgd" else key if key == "world_size" else flag(key)
             held = ", ".join(f"{_ranks(r)} {json.loads(v)!r}" for v, r in by_value.items())
             lines.append(f"{name} ({held})")
     more = f"; and {len(lines) - shown} more" if len(lines) > shown else ""

@@ -36,7 +36,6 @@ import numpy as np
 import torch
 
 from .. import __version__, diagnostics
-from ..codecs import codec_from_flags
 from ..errors import MpiqsgdError, StopJob
 from ..exchange import GradientExchange, broadcast_parameters, parameter_checksum
 from ..fileio import atomic_write_bytes
@@ -202,15 +201,11 @@ class Worker:
         broadcast_parameters(self.model, self.transport)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                          nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
-        codec = codec_from_flags(cfg.codec, cfg.bits, cfg.levels, cfg.bucket, cfg.rounding, cfg.clip_sigma,
-                                 cfg.error_feedback, cfg.norm, cfg.fit, cfg.encoding)
-        options = {"downlink": cfg.downlink, "server_error_feedback": cfg.server_error_feedback or None,
-                   "dedicated": cfg.dedicated_server or None} if cfg.topology == "ps" else {}
         self.exchange = GradientExchange(
-            self.model.parameters(), self.transport, codec, cfg.topology, seed=cfg.seed,
+            self.model.parameters(), self.transport, cfg.build_codec(), cfg.topology, seed=cfg.seed,
             min_compress_numel=cfg.min_compress_numel, warmup_steps=cfg.uncompressed_warmup_steps,
             adapt_at=cfg.adapt_steps(), adapt_every=cfg.adapt_every, bucket_mb=cfg.bucket_mb,
-            overlap=cfg.overlap, hierarchical=cfg.hierarchical, **options)
+            overlap=cfg.overlap, hierarchical=cfg.hierarchical, **cfg.aggregator_options(cfg.topology))
         if self.exchange.nodes is not None and self.is_root:
             print(f"[mpiqsgd] {self.exchange.nodes.describe(cfg.topology)}", file=sys.stderr, flush=True)
         self.rng = _RNG(cfg.seed, self.rank, device)
@@ -476,10 +471,16 @@ def run_worker(cfg, transport, shared):
     return Worker(cfg, transport, shared).run()
 
 
-# Flags a resumed run must share with the checkpoint (others, like --epochs, may change).
+# Flags a resumed run must share with the checkpoint (others, like --epochs, may change): the ones that
+# change what is computed from the state. --piece-numel is among them: scatter and intsum give the same
+# bits for any piece size within a run, but scatter's error-feedback residuals are kept per piece (keyed
+# by the piece's offset), so a resume with other pieces would start them from zero. It is also agreed
+# across ranks (it is not RUN_LOCAL): it sets how many collectives each step calls, and of what sizes.
+# --encoding is not: the encodings are lossless and hold no state.
 RESUME_FLAGS = ("model", "dataset", "train_subset", "val_fraction", "synthetic_size", "batch_size", "seed",
-                "codec", "bits", "levels", "bucket", "rounding", "clip_sigma", "error_feedback", "topology",
-                "downlink", "server_error_feedback", "dedicated_server", "min_compress_numel", "bucket_mb")
+                "codec", "bits", "levels", "bucket", "rounding", "clip_sigma", "norm", "fit", "error_feedback",
+                "topology", "downlink", "server_error_feedback", "dedicated_server", "piece_numel", "hierarchical",
+                "min_compress_numel", "bucket_mb")
 
 
 def _check_resume_flags(saved, cfg):
