@@ -61,7 +61,7 @@ from .errors import MpiqsgdError
 
 __all__ = ["ClusterError", "Spec", "Cluster", "parse_rate", "parse_bytes", "parse_seconds", "default_burst_bytes",
            "preflight", "setup_commands", "parse_enter_args", "hostfile_text", "mpiexec_argv", "job_env", "enter_main",
-           "add_cluster_args", "run_cluster"]
+           "add_cluster_args", "run_cluster", "netns_list", "removed_on_signals"]
 
 STATE_ROOT = Path("/run/mpiqsgd/cluster")
 IFACE = "eth0"  # the node's (and the head's) interface, inside its namespace
@@ -296,7 +296,7 @@ class Cluster:
         """
         spec = self.spec
         ip, tc = preflight()
-        taken = sorted(set(spec.namespaces) & set(_netns_list(ip)))
+        taken = sorted(set(spec.namespaces) & set(netns_list(ip)))
         if taken or spec.state_dir.exists():
             raise ClusterError(f"cluster {spec.name!r} exists already ({', '.join(taken) or spec.state_dir}): "
                                f"remove it with `python -m mpiqsgd cluster down --name {spec.name}` or choose "
@@ -350,7 +350,7 @@ class Cluster:
         handlers = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         try:
             ip = shutil.which("ip") or "ip"
-            existing = set(_netns_list(ip))
+            existing = set(netns_list(ip))
             mine = [ns for ns in self.created if ns in existing]
             for sig, wait in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 2.0)):
                 pids = [p for ns in mine for p in _netns_pids(ip, ns)]
@@ -364,7 +364,7 @@ class Cluster:
                     time.sleep(0.05)
             for ns in reversed(mine):
                 subprocess.run([ip, "netns", "del", ns], capture_output=True, timeout=30)
-            self.created = [ns for ns in self.created if ns in set(_netns_list(ip))]
+            self.created = [ns for ns in self.created if ns in set(netns_list(ip))]
             if self.made_state_dir and not self.created:
                 shutil.rmtree(self.spec.state_dir, ignore_errors=True)
                 self.made_state_dir = False
@@ -468,7 +468,7 @@ def _hint(what, stderr):
     return ""
 
 
-def _netns_list(ip):
+def netns_list(ip):
     proc = subprocess.run([ip, "netns", "list"], capture_output=True, text=True, timeout=30)
     if proc.returncode != 0:
         raise ClusterError(f"`ip netns list` failed: {proc.stderr.strip()} (this system needs network namespaces)")
@@ -609,7 +609,7 @@ def _raise_on_signal(signum, frame):
 
 
 @contextlib.contextmanager
-def _removed_on_signals(name):
+def removed_on_signals(name):
     """Turn SIGTERM and SIGHUP into an exception (and Ctrl-C into exit 130) while a cluster is built or used."""
     handlers = {s: signal.signal(s, _raise_on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
@@ -641,7 +641,7 @@ def run_cluster(args):
         return 0
     if c == "up":
         cluster = Cluster(spec_from_args(args, args.name))
-        with _removed_on_signals(args.name):
+        with removed_on_signals(args.name):
             cluster.create(owner_pid=None)
         print(f"mpiqsgd {describe(cluster.spec)}; up. Run with `python -m mpiqsgd cluster run --name "
               f"{args.name} -- CMD`, remove with `python -m mpiqsgd cluster down --name {args.name}`",
@@ -662,7 +662,7 @@ def run_cluster(args):
         raise ClusterError("--nodes needs --rate (e.g. --rate 1gbit)")
     spec = spec_from_args(args, args.name or f"mpiqsgd-{os.getpid()}")
     print(f"mpiqsgd {describe(spec)}", file=sys.stderr, flush=True)
-    with _removed_on_signals(spec.name), Cluster(spec, mpiexec) as cluster:
+    with removed_on_signals(spec.name), Cluster(spec, mpiexec) as cluster:
         job = cluster.run_per_node if args.per_node else cluster.run
         return job(program, args.timeout)
 

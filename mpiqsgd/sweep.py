@@ -246,7 +246,7 @@ def check_cluster(grid, machine=True):
         return None
     try:
         ip, _ = cluster.preflight()
-        cluster._netns_list(ip)
+        cluster.netns_list(ip)
         return cluster.hydra_mpiexec()
     except cluster.ClusterError as exc:
         raise cluster.ClusterError(f"cannot sweep on an emulated cluster: {exc}") from None
@@ -263,10 +263,10 @@ def _spec(grid, name, ranks, ranks_per_node):
 
 def _cluster_run(point, program, grid, hydra, log_file, timeout):
     """Run ``program`` on a cluster built for ``point`` and removed after it; returns its exit status."""
-    from .cluster import Cluster, _removed_on_signals
+    from .cluster import Cluster, removed_on_signals
 
     spec = _spec(grid, f"mpiqsgd-sweep-{os.getpid()}", point.ranks, point.ranks_per_node)
-    with _removed_on_signals(spec.name), Cluster(spec, hydra) as c:
+    with removed_on_signals(spec.name), Cluster(spec, hydra) as c:
         return c.run(program, timeout, stdout=log_file)
 
 

@@ -142,7 +142,7 @@ def test_cluster_sweeps_are_refused_without_root_or_namespaces(tmp_path, capsys,
         raise cluster.ClusterError("`ip netns list` failed: Operation not permitted (this system needs network "
                                    "namespaces)")
 
-    monkeypatch.setattr(cluster, "_netns_list", no_netns)
+    monkeypatch.setattr(cluster, "netns_list", no_netns)
     assert main(["sweep", str(path)]) == 2
     assert "cannot sweep on an emulated cluster: `ip netns list` failed" in capsys.readouterr().err
     assert main(["sweep", str(path), "--cluster", "off", "--dry-run"]) == 0  # no cluster: nothing to refuse
