@@ -180,20 +180,37 @@ def test_two_node_training_job_on_the_emulated_cluster(tmp_path):
     assert name not in _netns() and not (C.STATE_ROOT / name).exists()
 
 
-@needs_cluster
-def test_links_are_switched_and_shaped_in_both_directions():
-    # 4 nodes at 200 Mbit/s, 2.5 MB per flow (100 ms): disjoint pairs each get the rate (a
-    # switch, not a hub); two flows out of one node or into one node share its link.
+def _flow_rates():
+    """Rates of scripts/cluster_check.py's flows on 4 nodes at 200 Mbit/s, as fractions of the rate."""
     proc = cluster_cli("run", "--nodes", "4", "--rate", "200mbit", "--timeout", "60", "--",
                        sys.executable, "scripts/cluster_check.py", "2.5", "--json")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    rate = {(r["pattern"], r["flow"]): r["Gbit_per_s"] / 0.2 for r in rows}
+    return rows, {(r["pattern"], r["flow"]): r["Gbit_per_s"] / 0.2 for r in rows}
+
+
+def _check_switched_and_shaped(rows, rate):
     assert 0.75 < rate["pair", "0->1"] < 1.1, rows
     assert all(0.7 < rate["two pairs", f] < 1.1 for f in ("0->1", "2->3")), rows
     for pattern, flows in (("fan-out", ("0->1", "0->2")), ("incast", ("1->0", "2->0"))):
         assert all(0.35 < rate[pattern, f] < 0.65 for f in flows), (pattern, rows)
     assert {r["hosts"] for r in rows} >= {"node0->node1", "node2->node3"}
+
+
+@needs_cluster
+def test_links_are_switched_and_shaped_in_both_directions():
+    # 4 nodes at 200 Mbit/s, 2.5 MB per flow (100 ms): disjoint pairs each get the rate (a
+    # switch, not a hub); two flows out of one node or into one node share its link. The flows are
+    # Python ranks on this machine's cores: with more runnable work than cores (a suite beside a
+    # training run measured the pair at 0.54 of the rate, 2026-12-07) they cannot fill the link, so an
+    # overloaded machine gets one more measurement, against the same bounds.
+    rows, rate = _flow_rates()
+    try:
+        _check_switched_and_shaped(rows, rate)
+    except AssertionError:
+        if os.getloadavg()[0] <= (os.cpu_count() or 1):
+            raise
+        _check_switched_and_shaped(*_flow_rates())
 
 
 @needs_cluster
