@@ -325,20 +325,6 @@ def _shared(ready, work):
     return done
 
 
-def _pipeline(start, produce, links, consume):
-    """End time of items made on one CPU thread (``produce``), each sent when made and the link is free
-    (``links``), then, after the last is made, consumed on the same thread in arrival order."""
-    t, ready = start, []
-    for e in produce:
-        t += e
-        ready.append(t)
-    free = start
-    for r, lk, d in zip(ready, links, consume):
-        free = max(free, r) + lk
-        t = max(t, free) + d
-    return t
-
-
 def _chunks(numel, p):
     from .topology import chunk_bounds
 
@@ -386,9 +372,16 @@ def _scatter(r, numel, codec):
 
 
 def _piece_major(layout, ranks):
-    """Sizes of the pieces of ``ranks``' chunks in the order Scatter sends them: piece 0 of each, then piece 1..."""
-    most = max((len(layout[c]) for c in ranks), default=0)
-    return [layout[c][k] for k in range(most) for c in ranks if k < len(layout[c])]
+    """Sizes of the pieces of ``ranks``' chunks in the order Scatter sends and receives them
+    (:func:`~mpiqsgd.topology.ring.piece_major`: piece 0 of each, then piece 1...)."""
+    from .topology.ring import piece_major
+
+    taken = dict.fromkeys(ranks, 0)
+    sizes = []
+    for c in piece_major(layout, ranks):
+        sizes.append(layout[c][taken[c]])
+        taken[c] += 1
+    return sizes
 
 
 def _piece_option(sc):
@@ -572,7 +565,7 @@ def plot(rows, sc, path, topologies):
 
 def add_project_args(p):
     """Flags of ``mpiqsgd project``."""
-    from .options import CodecOptions, add_fields
+    from .options import CodecOptions, TopologyOptions, add_fields
 
     add_fields(p, CodecOptions)
     p.add_argument("--numel", type=int, default=25_000_000, help="coordinates of the gradient (default 25M)")
@@ -595,9 +588,7 @@ def add_project_args(p):
     p.add_argument("--cores-per-node", type=float, help="cores per node (default: one per rank)")
     p.add_argument("--cores", type=float, help="one machine of this many cores runs all ranks (emulated cluster): "
                                                "CPU phases slow by max(1, nodes x ranks-per-node / cores)")
-    p.add_argument("--piece-numel", type=int, metavar="N",
-                   help="scatter and intsum: coordinates a message holds (default: the topology's, 1M and 2M; "
-                        "0: scatter sends one message a chunk)")
+    add_fields(p, TopologyOptions, names=("piece_numel",))
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", metavar="PNG", help="draw step time against nodes (needs matplotlib)")
 

@@ -54,7 +54,7 @@ from ..codecs.kernels import SeedAt, draw_seed
 from ..errors import ConfigError
 from .base import Aggregator, chunk_bounds, empty_like, sum_of
 
-__all__ = ["Ring", "Scatter", "PIECE_NUMEL"]
+__all__ = ["Ring", "Scatter", "PIECE_NUMEL", "piece_major"]
 
 # scatter: about how many coordinates a message holds (whole buckets). By measurement (scripts/piece_sizes.py,
 # 12.5M coordinates of 4-bit QSGD, one thread): pieces of 256K-4M encode and decode a chunk within the noise
@@ -165,7 +165,7 @@ class Scatter(Ring):
         # r+1 .. r+n-1, the mean): with SeedAt every piece rounds its coordinates as that message did.
         seeds = [draw_seed(call.rng) for _ in range(n + 1)] if codec.stochastic else [None] * (n + 1)
         sends, counts = [], dict.fromkeys(range(n), 0)
-        for dest in _piece_major(pieces, others):  # every peer's first piece early; the wire never waits
+        for dest in piece_major(pieces, others):  # every peer's first piece early; the wire never waits
             start, end = pieces[dest][counts[dest]]
             counts[dest] += 1
             x = _chunk(flat, bounds, dest)[start:end]
@@ -193,7 +193,7 @@ class Scatter(Ring):
             message, out[at + start:at + end] = self._encode(call, total, "owner", mine, start, seeds[n], True)
             sends.extend(t.isend(message, dest, "allgather", 4 * (end - start)) for dest in others)
 
-        for source, message in t.recv_each(_piece_major([mine] * n, sources), "scatter"):
+        for source, message in t.recv_each(piece_major([mine] * n, sources), "scatter"):
             k = counts[source]  # MPI keeps the order of one source's messages of one tag
             counts[source] += 1
             parts[k][source] = call.decode(codec, message, flat.device, mine[k][1] - mine[k][0])  # as they arrive
@@ -202,7 +202,7 @@ class Scatter(Ring):
             arrived(k)
 
         counts = dict.fromkeys(range(n), 0)
-        for source, message in t.recv_each(_piece_major(pieces, sources), "allgather"):
+        for source, message in t.recv_each(piece_major(pieces, sources), "allgather"):
             start, end = pieces[source][counts[source]]
             counts[source] += 1
             base = bounds[source][0]
@@ -220,7 +220,7 @@ class Scatter(Ring):
         return sum(chunk_nbytes((rank + k) % n) for k in range(1, n)) + (n - 1) * chunk_nbytes(rank)
 
 
-def _piece_major(pieces, ranks):
+def piece_major(pieces, ranks):
     """``ranks`` repeated once for each piece of their chunk, piece by piece: [c for piece 0, c for piece 1, ...]."""
     most = max((len(pieces[c]) for c in ranks), default=0)
     return [c for k in range(most) for c in ranks if k < len(pieces[c])]
