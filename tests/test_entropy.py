@@ -11,8 +11,9 @@ import torch
 from conftest import varint, vec
 from mpiqsgd import wire
 from mpiqsgd.codecs import bits as bitpack
-from mpiqsgd.codecs import codec_for, codec_from_flags, decode, entropy, make_codec, make_generator
+from mpiqsgd.codecs import codec_for, decode, entropy, make_codec, make_generator
 from mpiqsgd.errors import ConfigError, DecodeError
+from mpiqsgd.options import CodecOptions
 
 QSGD_CASES = [(name, bits, rounding) for name in ("qsgd", "qsgd-inf") for bits in (2, 3, 4, 8)
               for rounding in ("stochastic", "nearest")]
@@ -162,13 +163,13 @@ def test_bucket_is_capped_so_messages_stay_within_the_decode_ratio(name):
 ])
 def test_flag_errors(codec, encoding, match):
     with pytest.raises(ConfigError, match=match):
-        codec_from_flags(codec, encoding=encoding)
+        CodecOptions(codec=codec, encoding=encoding).build_codec()
 
 
 def test_flag_builds_each_encoding():
-    assert codec_from_flags("qsgd", encoding="elias").params == make_codec("qsgd-elias").params
-    assert codec_from_flags("terngrad", encoding="entropy").encoding == "entropy"
-    assert codec_from_flags("qsgd-inf", encoding="dense").params == make_codec("qsgd-inf").params
+    assert CodecOptions(codec="qsgd", encoding="elias").build_codec().params == make_codec("qsgd-elias").params
+    assert CodecOptions(codec="terngrad", encoding="entropy").build_codec().encoding == "entropy"
+    assert CodecOptions(codec="qsgd-inf", encoding="dense").build_codec().params == make_codec("qsgd-inf").params
 
 
 # -- hostile streams ----------------------------------------------------------------------

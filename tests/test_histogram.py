@@ -9,6 +9,7 @@ from mpiqsgd.codecs import leveltables as T
 from mpiqsgd.codecs.histogram import Histogram, edges_for
 from mpiqsgd.codecs.levelset import expected_variance
 from mpiqsgd.errors import ConfigError, NonFiniteError
+from mpiqsgd.options import CodecOptions
 
 
 def heavy(n=1 << 16, seed=0, df=2.5):
@@ -146,17 +147,17 @@ def test_edges_are_symmetric_and_fine_near_zero():
 
 
 def test_norm_and_fit_flags():
-    from mpiqsgd.codecs import codec_from_flags
 
-    assert codec_from_flags("nuqsgd", norm="max").norm == "max"
-    assert codec_from_flags("alq").norm == "max" and codec_from_flags("nuqsgd").norm == "l2"
-    assert codec_from_flags("amq-n", fit="model").stats_kind == "pooled"
+    assert CodecOptions(codec="nuqsgd", norm="max").build_codec().norm == "max"
+    assert CodecOptions(codec="alq").build_codec().norm == "max"
+    assert CodecOptions(codec="nuqsgd").build_codec().norm == "l2"
+    assert CodecOptions(codec="amq-n", fit="model").build_codec().stats_kind == "pooled"
     with pytest.raises(ConfigError, match="--norm applies only to the level-set codecs.*qsgd-inf"):
-        codec_from_flags("qsgd", norm="max")
+        CodecOptions(codec="qsgd", norm="max").build_codec()
     with pytest.raises(ConfigError, match="--fit applies only to the adaptive codecs"):
-        codec_from_flags("nuqsgd", fit="model")
+        CodecOptions(codec="nuqsgd", fit="model").build_codec()
     with pytest.raises(ConfigError, match="terngrad' fixes norm"):
-        codec_from_flags("terngrad", norm="l2")
+        CodecOptions(codec="terngrad", norm="l2").build_codec()
 
 
 def test_checkpoint_of_another_fit_is_refused():

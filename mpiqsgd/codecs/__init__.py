@@ -46,7 +46,7 @@ from .qsgd import QSGD
 from .sign import Sign
 
 __all__ = [
-    "Codec", "ErrorFeedback", "CODECS", "ENCODINGS", "WIRE_CODECS", "make_codec", "codec_from_flags", "decode",
+    "Codec", "ErrorFeedback", "CODECS", "ENCODINGS", "WIRE_CODECS", "make_codec", "decode",
     "make_generator",
 ]
 
@@ -106,14 +106,6 @@ QSGD_ONLY = ("qsgd", "qsgd-inf", "qsgd-elias")
 ENCODINGS = ("dense", "elias", "entropy")
 LEVEL_SETS = tuple(name for name, (cls, _) in CODECS.items() if issubclass(cls, LevelSet))
 ADAPTIVE_CODECS = tuple(name for name, (cls, _) in CODECS.items() if issubclass(cls, AdaptiveLevelSet))
-
-
-def codec_from_flags(codec, **flags):
-    """The codec that command-line flags describe, with flag names in every error: the
-    :class:`~mpiqsgd.options.CodecOptions` of ``codec`` and ``flags`` (its other fields), built."""
-    from ..options import CodecOptions
-
-    return CodecOptions(codec=codec, **flags).build_codec()
 
 
 def codec_for(header):
