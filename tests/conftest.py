@@ -6,7 +6,14 @@ MPI it finds, root and oversubscription flags as that MPI needs them), so the sa
 run under MPICH, Open MPI 4/5 and Intel MPI with no environment to set. Such tests carry
 :func:`mpiexec_marks` (or :func:`launches_jobs`): ``pytest -m mpiexec`` runs only them. With
 ``MPIQSGD_TEST_MPI=openmpi`` (or ``mpich``, ``intel``) they fail, instead of skipping, unless
-that MPI is the one found."""
+that MPI is the one found.
+
+The suite runs on parallel workers (``-n auto`` in ``pyproject.toml``, pytest-xdist), one test
+at a time each (``--maxschedchunk 1``): tests marked ``slow`` are collected first, so that the
+longest start at once and the workers finish together. Torch runs one intra-op thread in the
+tests (:func:`pytest_configure`): the workers and the ranks of launched jobs share the cores,
+and OpenMP threads that outnumber cores spin while they wait. ``-n 0`` runs the suite in one
+process."""
 
 import functools
 import os
@@ -20,6 +27,19 @@ from mpiqsgd.launch import LaunchError, job_command, mpiexec_info
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED_MPI = os.environ.get("MPIQSGD_TEST_MPI")  # set by a CI leg that must run under that MPI
+
+
+def pytest_configure(config):
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The ``slow`` tests first, longest first by the seconds a mark gives (``slow(150)``; 10 by default),
+    then every other test in file order."""
+    def seconds(item):
+        mark = item.get_closest_marker("slow")
+        return 0 if mark is None else mark.args[0] if mark.args else 10
+    items.sort(key=lambda item: -seconds(item))
 
 
 @functools.lru_cache(maxsize=None)

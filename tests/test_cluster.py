@@ -162,6 +162,7 @@ def cluster_cli(*args, timeout=90, **kw):
                           capture_output=True, text=True, timeout=timeout, **kw)
 
 
+@pytest.mark.slow
 @needs_cluster
 def test_two_node_training_job_on_the_emulated_cluster(tmp_path):
     name = f"mpiqsgd-test-{os.getpid()}"
@@ -197,6 +198,7 @@ def _check_switched_and_shaped(rows, rate):
     assert {r["hosts"] for r in rows} >= {"node0->node1", "node2->node3"}
 
 
+@pytest.mark.slow
 @needs_cluster
 def test_links_are_switched_and_shaped_in_both_directions():
     # 4 nodes at 200 Mbit/s, 2.5 MB per flow (100 ms): disjoint pairs each get the rate (a
@@ -256,6 +258,7 @@ def test_an_interrupted_job_leaves_nothing_behind():
     assert name not in _netns() and not (C.STATE_ROOT / name).exists()
 
 
+@pytest.mark.slow
 @needs_cluster
 def test_up_per_node_jobs_and_down(capfd):
     # up and down as commands of their own; the rest in this process (no torch import each).

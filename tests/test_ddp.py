@@ -48,6 +48,7 @@ def test_state_dict_round_trip():
     assert other.step == 7 and other.codec.residuals[(1, "grad")].sum() == 3
 
 
+@pytest.mark.slow
 def test_ddp_hook_under_torchrun_matches_mpiqsgd_allgather_and_intsum():
     cases = ("qsgd4", "ef-nearest", "elias", "intsum4", "intsum-ef")
     proc = torchrun(2, "tests/ddp_job.py", ",".join(cases))
@@ -57,6 +58,7 @@ def test_ddp_hook_under_torchrun_matches_mpiqsgd_allgather_and_intsum():
         assert out.count(f"ok {case} rank") == 2, out[-3000:]
 
 
+@pytest.mark.slow
 def test_ddp_hook_with_a_compiled_model_under_torchrun():
     proc = torchrun(2, "tests/ddp_job.py", "compiled", timeout=500)
     out = proc.stdout + proc.stderr

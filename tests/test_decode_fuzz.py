@@ -331,6 +331,7 @@ def check_hostile(decoder, message, claimed):
     return "decoded"
 
 
+@pytest.mark.slow
 def test_hostile_messages_with_valid_crc():
     """Seeded: every codec, hostile headers and payloads; both decode paths (any header, own codec)."""
     rng = random.Random(20240611)

@@ -83,6 +83,7 @@ def test_thread_level_below_multiple_is_a_warning():
                                         "multiple)")]
 
 
+@pytest.mark.slow
 @launches_jobs
 def test_doctor_runs_a_real_ping_pong():
     mpi = check_site_mpi()

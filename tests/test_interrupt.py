@@ -155,6 +155,7 @@ def own_lines(stderr):
     return [line for line in stderr.strip().splitlines() if line.startswith("mpiqsgd")]
 
 
+@pytest.mark.slow
 @launches_jobs
 def test_ctrl_c_under_mpiexec_ends_in_seconds_and_resumes_to_the_same_parameters(tmp_path):
     hydra_only()
@@ -174,6 +175,7 @@ def test_ctrl_c_under_mpiexec_ends_in_seconds_and_resumes_to_the_same_parameters
     assert_same_parameters(tmp_path / "full", tmp_path / "part", ranks=(0, 3))
 
 
+@pytest.mark.slow
 @launches_jobs
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     hydra_only()

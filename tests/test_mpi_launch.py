@@ -28,6 +28,7 @@ def launch(n, *args, timeout=240):
 
 # Each file runs at every world size it names (tests/mpi/subworld.py) on the first k ranks of one
 # job: the ranks start once per file, not once per file and size.
+@pytest.mark.slow
 @pytest.mark.parametrize("script,n", [
     ("mpi_topologies.py", 5),  # 1 to 5 ranks
     ("mpi_adapt.py", 3),  # 2 and 3
@@ -36,8 +37,9 @@ def launch(n, *args, timeout=240):
     ("mpi_hierarchical.py", 6),  # 4 and 6: 2 and 3 nodes of 2 ranks (each rank names its node)
 ])
 def test_mpi_tests_under_mpiexec(script, n):
-    proc = launch(n, "-m", "mpi4py", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", f"tests/mpi/{script}",
-                  timeout=600)
+    # -n 0: each rank runs its pytest in one process (no parallel workers inside a rank)
+    proc = launch(n, "-m", "mpi4py", "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "-x",
+                  f"tests/mpi/{script}", timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     assert " failed" not in out and out.count(" passed") >= n, out[-3000:]
@@ -47,6 +49,7 @@ def test_mpi_tests_under_mpiexec(script, n):
 MAX_SOAK_RSS_SLOPE = 500  # MiB per 1000 steps
 
 
+@pytest.mark.slow(150)  # the longest test: started first
 def test_sixteen_ranks_on_few_cores_overlap_every_topology():
     # 30 steps keep the suite short; `mpiexec -n 16 python -m mpi4py tests/mpi/mpi_soak.py 200`
     # is the full soak (about 7 minutes on the 2-core machine under load).
@@ -125,6 +128,7 @@ def final_states(run_dir, n):
     return [read_state(run_dir / "checkpoints" / latest["dir"] / f"rank{r}.pt") for r in range(n)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n,flags", [
     (2, ["--codec", "qsgd", "--bits", "4", "--topology", "ring"]),
     (3, ["--codec", "qsgd", "--bits", "3", "--rounding", "nearest", "--error-feedback", "--topology", "ps",
@@ -182,6 +186,7 @@ def test_custom_loop_example_runs_and_learns():
     assert len(losses) == 5 and losses[-1] < 0.5 * losses[0]
 
 
+@pytest.mark.slow
 def test_mpi_stop_and_resume_equals_uninterrupted_simulation(tmp_path):
     flags = [*TRAIN, "--codec", "qsgd", "--rounding", "nearest", "--error-feedback"]
     first = launch(2, "-m", "mpi4py", "-m", "mpiqsgd", *flags, "--max-steps", "9", "--run-dir", str(tmp_path / "mpi"))
@@ -196,6 +201,7 @@ def test_mpi_stop_and_resume_equals_uninterrupted_simulation(tmp_path):
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+@pytest.mark.slow
 def test_hierarchical_training_equals_simulation(tmp_path):
     # 2 nodes x 2 ranks under mpiexec (MPMD: the second pair of ranks names its host nodeB through
     # env(1), which every MPI runs as a program) against --simulate 4 --ranks-per-node 2, bit for bit.

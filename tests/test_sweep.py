@@ -52,6 +52,7 @@ def test_names_flags_and_overrides():
     assert grid == {"common": {"epochs": 1, "model": "tiny"}, "axes": {"ranks": [2]}, "seeds": [0, 1]}
 
 
+@pytest.mark.slow
 def test_tiny_grid_runs_resumes_and_reruns_broken_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     grid = {"out": str(tmp_path / "grid"), "mode": "simulate", "target_acc": 0.05,
@@ -185,6 +186,7 @@ def test_a_finished_run_counts_only_in_its_own_scenario(tmp_path):
     assert not _finished(run, {"seed": 0}, scenario({"mode": "mpi"}, 2))
 
 
+@pytest.mark.slow
 @needs_cluster
 def test_two_point_sweep_on_a_two_node_cluster(tmp_path, monkeypatch):
     # One point runs, one fails (400 images per step: too few); each had its own cluster, gone afterwards.

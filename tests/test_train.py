@@ -59,6 +59,7 @@ def test_simulated_run_writes_the_run_directory(tmp_path):
     assert metrics[-1]["val_acc"] == summary["final_val_acc"]
 
 
+@pytest.mark.slow
 def test_synthetic_task_learns(tmp_path):
     summary, _ = run(tmp_path, simulate=2, synthetic_size=6000, epochs=4, codec="qsgd", bits=4,
                      lr=0.05, lr_schedule="constant")

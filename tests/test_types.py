@@ -11,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_public_api_type_checks():
     if importlib.util.find_spec("mypy") is None:
         pytest.skip("mypy is not installed (it comes with the dev extras: pip install -e '.[dev]')")
