@@ -149,24 +149,23 @@ def _time_codec(codec, x, repeats, seed, device, copy):
 
 
 def _thread_counts(threads):
-    """Distinct numba thread counts to scale over: 1, 2 and all by default."""
-    import numba
+    """Distinct kernel thread counts to scale over: 1, 2 and all by default."""
+    from .codecs.kernels import MAX_THREADS as most
 
-    most = numba.config.NUMBA_NUM_THREADS
     wanted = (1, 2, most) if threads is None else threads
     return sorted({min(max(1, int(t)), most) for t in wanted})
 
 
 def _scaling(codec, x, repeats, seed, device, copy, threads):
-    """Encode/decode/memcpy speed at each numba (and torch) thread count, memcpy in the same run."""
-    import numba
+    """Encode/decode/memcpy speed at each kernel (and torch) thread count, memcpy in the same run."""
+    from .codecs.kernels import set_kernel_threads
 
     fp32_bytes = 4 * x.numel()
-    old_numba, old_torch = numba.get_num_threads(), torch.get_num_threads()
+    old_kernel, old_torch = set_kernel_threads(1), torch.get_num_threads()
     rows = []
     try:
         for n_threads in _thread_counts(threads):
-            numba.set_num_threads(n_threads)
+            set_kernel_threads(n_threads)
             torch.set_num_threads(n_threads)
             enc, dec, cpy, new = _time_codec(codec, x, repeats, seed, device, copy)[:4]
             rows.append({"threads": n_threads, "encode_seconds": enc, "decode_seconds": dec, "memcpy_seconds": cpy,
@@ -175,7 +174,7 @@ def _scaling(codec, x, repeats, seed, device, copy, threads):
                          "memcpy_GBps": fp32_bytes / cpy / 1e9, "encode_vs_memcpy": cpy / enc,
                          "decode_vs_memcpy": cpy / dec, "decode_new_vs_memcpy": cpy / new})
     finally:
-        numba.set_num_threads(old_numba)
+        set_kernel_threads(old_kernel)
         torch.set_num_threads(old_torch)
     return rows
 
@@ -257,7 +256,7 @@ def bench_codec(codec, numel, repeats=5, seed=0, device="cpu", threads=None):
 
     Args:
         codec, numel, repeats, seed, device: what to time, on how many coordinates, how often.
-        threads: numba thread counts for the CPU scaling table (default 1, 2 and all).
+        threads: kernel thread counts for the CPU scaling table (default 1, 2 and all).
 
     Returns:
         JSON-ready dict: medians in seconds, GB/s of fp32 input (1e9 bytes), bytes per

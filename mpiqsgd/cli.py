@@ -57,7 +57,7 @@ def build_parser():
     bc.add_argument("--seed", type=int, default=0)
     bc.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
     bc.add_argument("--threads", default=None,
-                    help="comma-separated numba thread counts for the CPU scaling table (default 1,2,all)")
+                    help="comma-separated kernel thread counts for the CPU scaling table (default 1,2,all)")
     bc.add_argument("--json", action="store_true", help="print one JSON object")
     bc.add_argument("--all", action="store_true",
                     help="every codec and encoding at its defaults (qsgd at 2, 3, 4, 8 bits), one table")

@@ -204,14 +204,10 @@ def collect(ping=True, timeout=60, mpiexec=None):
 
 def _threads():
     out = {}
-    try:
-        import numba
+    from .codecs.kernels import HAVE_NUMBA, MAX_THREADS, kernel_threads
 
-        out["numba"] = numba.get_num_threads()
-        out["numba_max"] = numba.config.NUMBA_NUM_THREADS
-        out["numba_layer"] = numba.config.THREADING_LAYER
-    except ImportError:
-        out["numba"] = None
+    out["numba"] = kernel_threads() if HAVE_NUMBA else None
+    out["numba_max"] = MAX_THREADS
     try:
         import torch
 
@@ -330,7 +326,7 @@ def render(f, found):
     section("GPUs", [("visible", gpus), ("CUDA_VISIBLE_DEVICES", f.get("cuda_visible_devices") or "unset")])
     t = f.get("threads", {})
     numba = "not importable" if t.get("numba") is None else (
-        f"{t['numba']} threads (NUMBA_NUM_THREADS {t['numba_max']}, layer {t['numba_layer']}); "
+        f"{t['numba']} threads per kernel call (NUMBA_NUM_THREADS {t['numba_max']}); "
         "mpiqsgd gives each rank cores // ranks per node")
     section("Threads", [("cores", f["cores"]), ("numba", numba), ("torch", t.get("torch")),
                         ("OMP_NUM_THREADS", t.get("OMP_NUM_THREADS") or "unset")])

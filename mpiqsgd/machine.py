@@ -61,10 +61,8 @@ def share_cpus(local_ranks):
     Returns:
         the number of threads chosen.
     """
+    from .codecs.kernels import set_kernel_threads
+
     threads = max(1, (os.cpu_count() or 1) // max(1, local_ranks))
-    try:
-        import numba
-    except ImportError:  # pragma: no cover - numba is a declared dependency
-        return threads
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    set_kernel_threads(threads)
     return threads

@@ -158,18 +158,17 @@ def rates_from_bench(path, codec):
 
 def measure_rates(codec, numel=8_000_000, repeats=5):
     """:class:`Rates` measured now on this machine, one thread, best of ``repeats`` (a few seconds)."""
-    import numba
     import numpy as np
     import torch
 
     from . import wire
     from .codecs import make_generator, summable
+    from .codecs.kernels import set_kernel_threads
     from .codecs.buckets import checked_norms
     from .codecs.qsgd import QSGD, max_norm
     from .topology.base import empty_like
 
-    old = numba.get_num_threads(), torch.get_num_threads()
-    numba.set_num_threads(1)
+    old = set_kernel_threads(1), torch.get_num_threads()
     torch.set_num_threads(1)
 
     def best(fn):
@@ -204,7 +203,7 @@ def measure_rates(codec, numel=8_000_000, repeats=5):
             measured["int_unpack"] = best(lambda: summable.unpack_mean(words, mean_unit, base.bucket, layout, result,
                                                                        0, chunks))
     finally:
-        numba.set_num_threads(old[0])
+        set_kernel_threads(old[0])
         torch.set_num_threads(old[1])
     label = f"measured now ({numel:,} coordinates, 1 thread, best of {repeats})"
     return _rates(encode, decode, label, **{k: (v, label) for k, v in measured.items()})

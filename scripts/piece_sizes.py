@@ -14,12 +14,11 @@ thread start-up) take it back.
 import argparse
 import time
 
-import numba
 import numpy as np
 import torch
 
 from mpiqsgd.codecs import make_codec, make_generator
-from mpiqsgd.codecs.kernels import SeedAt, draw_seed
+from mpiqsgd.codecs.kernels import SeedAt, draw_seed, set_kernel_threads
 from mpiqsgd.topology.ring import Scatter
 from mpiqsgd.transport import LocalGroup
 
@@ -57,7 +56,7 @@ def main():
     print(f"{'threads':>7} {'piece_numel':>11} {'pieces':>6} {'encode':>7} {'decode':>7} {'excess':>7} "
           f"{'piece enc+dec':>13}")
     for threads in [int(v) for v in args.threads.split(",")]:
-        numba.set_num_threads(threads)
+        set_kernel_threads(threads)
         torch.set_num_threads(threads)
         whole = None
         for size in SIZES:

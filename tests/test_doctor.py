@@ -19,7 +19,7 @@ def healthy():
                     "thread_requested": "multiple", "implementation": "mpich", "cuda_aware": "no",
                     "cuda_how": "MPICH configure line"},
             "mpiexec": {"path": "/py/mpiexec", "implementation": "mpich", "version": "5.0.2"},
-            "threads": {"numba": 2, "numba_max": 2, "numba_layer": "default", "torch": 2},
+            "threads": {"numba": 2, "numba_max": 2, "torch": 2},
             "gpus": {"count": 0, "names": []},
             "ping_pong": {"command": "mpiexec -n 2 ...", "error": None,
                           "ranks": [{"rank": r, "size": 2, "host": "vm", "local_rank": r, "local_size": 2,

@@ -1,10 +1,17 @@
-"""The codec kernels' shared machinery (mpiqsgd.codecs.kernels): the counter-based uniforms."""
+"""The codec kernels' shared machinery (mpiqsgd.codecs.kernels): the counter-based uniforms, and
+compiling each kernel once per node."""
 
+import json
+import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import ROOT
 from mpiqsgd.codecs import kernels
 
 
@@ -35,3 +42,65 @@ def test_numba_uniforms_equal_the_torch_ones(start, m):
     fill(np.uint64(987654321), start, m, u)
     assert torch.equal(torch.from_numpy(u[:m]), kernels.uniform(987654321, start + m)[start:])
     assert u[m + m % 2] == -1.0  # nothing written past m rounded up to even
+
+
+KERNEL_MODULE = """
+from mpiqsgd.codecs.kernels import cached_jit
+
+@cached_jit()
+def add_one(x):
+    return x + 1
+"""
+
+RACER = """
+import json, os, sys, time
+import kernel_module
+print("ready", flush=True)
+while not os.path.exists(sys.argv[1]):
+    time.sleep(0.001)
+assert kernel_module.add_one(41) == 42
+stats = kernel_module.add_one.stats
+print(json.dumps({"compiled": sum(stats.cache_misses.values()), "loaded": sum(stats.cache_hits.values())}))
+"""
+
+
+@pytest.mark.skipif(not kernels.HAVE_NUMBA, reason="numba absent")
+def test_processes_that_need_a_kernel_at_once_compile_it_once(tmp_path):
+    (tmp_path / "kernel_module.py").write_text(KERNEL_MODULE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)]),
+           "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "TMPDIR": str(tmp_path)}
+    go = tmp_path / "go"
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(go)], env=env, cwd=tmp_path, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
+    try:
+        for racer in racers:  # every one imported, waiting for the start
+            assert racer.stdout.readline().strip() == "ready", racer.stderr.read()
+        go.touch()  # all three call the kernel now: without the lock, each compiles it
+        outs = [racer.communicate(timeout=120) for racer in racers]
+    finally:
+        for racer in racers:
+            racer.kill()
+    assert all(racer.returncode == 0 for racer in racers), [err for _, err in outs]
+    counts = sorted((json.loads(out)["compiled"], json.loads(out)["loaded"]) for out, _ in outs)
+    assert counts == [(0, 1), (0, 1), (1, 0)], counts  # one compiled; the others loaded its cache entry
+    assert list((tmp_path / f"mpiqsgd-numba-{os.getuid()}").glob("kernel_module.add_one-*.lock"))
+
+
+@pytest.mark.skipif(not kernels.HAVE_NUMBA, reason="numba absent")
+def test_a_stuck_compile_lock_delays_compilation_but_does_not_stop_it(tmp_path, monkeypatch):
+    import numba
+    from filelock import FileLock
+
+    (tmp_path / "stuck_module.py").write_text("def twice(x):\n    return 2 * x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import stuck_module
+    monkeypatch.setattr(kernels, "COMPILE_WAIT_SECONDS", 0.3)
+    monkeypatch.setattr(kernels.tempfile, "gettempdir", lambda: str(tmp_path))
+    dispatcher = numba.njit(stuck_module.twice)  # no disk cache: this process must compile
+    kernels.compile_once_per_node(dispatcher)
+    path = kernels.compile_lock_path(dispatcher, (numba.int64,))
+    os.makedirs(os.path.dirname(path))
+    with FileLock(path):  # another holder that never lets go
+        start = time.perf_counter()
+        assert dispatcher(21) == 42
+        assert time.perf_counter() - start >= 0.3

@@ -47,11 +47,11 @@ try:
 except ImportError:  # pragma: no cover - numba is a declared dependency
     numba = None
 
-from .kernels import CHUNK, HAVE_NUMBA, load_word, run_chunks
+from .kernels import CHUNK, HAVE_NUMBA, cached_jit, load_word, run_chunks
 
 __all__ = ["omega_bits", "count_bits", "encode_codes", "encode_parallel", "decode_stream", "ERRORS"]
 
-_jit = numba.njit(cache=True, nogil=True) if numba is not None else (lambda f: f)
+_jit = cached_jit() if numba is not None else (lambda f: f)
 
 # decode_stream's error codes (0 = success)
 ERRORS = {

@@ -70,9 +70,7 @@ from ..errors import ConfigError, DecodeError
 from .kernels import CHUNK, HAVE_NUMBA, parallel_ok, run_chunks, thread_pool
 
 if HAVE_NUMBA:
-    import numba
-
-    from .kernels import ByWidth, chunk_range, jit_kernel, unpack_chunk
+    from .kernels import ByWidth, cached_jit, chunk_range, jit_kernel, unpack_chunk
 
 __all__ = ["encode", "decode", "symbol_counts", "entropy_bits", "describe", "qsgd_symbols", "levelset_symbols",
            "check_available", "MAX_GROUP", "MAX_ALPHABET", "MIN_STREAM_BYTES", "DECODE_CHUNK"]
@@ -120,7 +118,7 @@ def levelset_symbols(bits, table):
 # -- kernels (CPU) ----------------------------------------------------------------------------
 
 if HAVE_NUMBA:
-    _jit = numba.njit(cache=True, nogil=True)
+    _jit = cached_jit()
 
     def _code_hist_kernel(bits):
         @jit_kernel

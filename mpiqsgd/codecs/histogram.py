@@ -31,12 +31,10 @@ operations: equal masses give bit-identical levels.
 import numpy as np
 
 from ..errors import ConfigError
-from .kernels import HAVE_NUMBA
+from .kernels import HAVE_NUMBA, cached_jit
 from .density import Density
 from .truncnorm import flat_args
 
-if HAVE_NUMBA:
-    import numba
 
 __all__ = ["Histogram", "BINS", "SWEEPS", "edges_for", "histogram_of"]
 
@@ -44,7 +42,7 @@ BINS = 2048  # default bins: 16 KiB of float64 statistics per rank
 MAX_BINS = 1 << 16
 SWEEPS = 2000  # coordinate-descent sweeps (stops earlier when no level moves)
 
-_njit = numba.njit(cache=True, nogil=True, error_model="numpy") if HAVE_NUMBA else (lambda f: f)
+_njit = cached_jit(error_model="numpy") if HAVE_NUMBA else (lambda f: f)
 
 
 def edges_for(bins):

@@ -32,11 +32,15 @@ stays in L1: codes of each bucket segment (one scale per segment, so no division
 coordinate), then the packing of 8-code groups by shifts and masks (:func:`pack_chunk`).
 """
 
+import hashlib
+import os
+import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 
 from .. import wire
 
@@ -48,7 +52,10 @@ except ImportError:  # pragma: no cover - numba is a declared dependency
 __all__ = ["draw_seed", "SeedAt", "uniform", "use_numba", "parallel_ok", "run_chunks", "thread_pool", "ByWidth",
            "padded", "codes_slot", "place_scales", "one_pass", "check_spare", "host_array", "decode_target",
            "load_word", "jit_kernel", "chunk_range", "bucket_segment", "fill_uniforms", "pack_chunk", "unpack_chunk",
-           "write_norm", "norm_chunks", "NORM_KINDS", "CHUNK", "HAVE_NUMBA"]
+           "write_norm", "norm_chunks", "NORM_KINDS", "CHUNK", "HAVE_NUMBA", "cached_jit", "compile_once_per_node",
+           "compile_lock_path",
+           "kernel_threads", "set_kernel_threads", "MAX_THREADS",
+           "COMPILE_WAIT_SECONDS"]
 
 HAVE_NUMBA = numba is not None
 
@@ -56,6 +63,8 @@ _GOLDEN = 0x9E3779B97F4A7C15
 _M1 = 0xBF58476D1CE4E5B9
 _M2 = 0x94D049BB133111EB
 
+COMPILE_WAIT_SECONDS = 300  # longest wait for another process's compilation before compiling anyway
+MAX_THREADS = numba.config.NUMBA_NUM_THREADS if HAVE_NUMBA else 1  # NUMBA_NUM_THREADS: the cores, unless set
 CHUNK = 1 << 14  # coordinates per task of the CPU kernels (a multiple of 8: whole code groups)
 PARALLEL_MIN_NUMEL = 1 << 18
 
@@ -107,16 +116,38 @@ def parallel_ok(n):
     """Use the threaded kernel for ``n`` coordinates?
 
     Only for large buffers, and only from the main thread: simulated ranks are threads
-    that may encode at the same time, and numba's thread pool must not be entered by
-    several of them at once. Under MPI, :func:`mpiqsgd.machine.share_cpus` sizes the pool
-    so that ranks on one node do not oversubscribe its cores.
+    that may encode at the same time, and the kernels' thread pool (:func:`thread_pool`) is
+    not shared among them. Under MPI, :func:`mpiqsgd.machine.share_cpus` sets how many threads a
+    call uses (:func:`set_kernel_threads`) so that ranks on one node do not oversubscribe its cores.
     """
     return n >= PARALLEL_MIN_NUMEL and threading.current_thread() is threading.main_thread()
 
 
+_THREADS = [MAX_THREADS]
+
+
+def kernel_threads():
+    """How many threads one call of a CPU kernel may use (:func:`run_chunks`)."""
+    return _THREADS[0]
+
+
+def set_kernel_threads(n):
+    """Let one call of a CPU kernel use ``n`` threads (clipped to 1..:data:`MAX_THREADS`); return the
+    previous count.
+
+    The kernels run on this module's pool of Python threads, never on numba's threading layer,
+    so this is not ``numba.set_num_threads``: that call (and ``numba.get_num_threads``) starts
+    numba's layer, whose OpenMP workers then took 85% of the CPU of 16 ranks sharing 2 cores
+    (``perf``, 2026-12-07) and slowed their steps 1.5 times.
+    """
+    previous = _THREADS[0]
+    _THREADS[0] = min(max(1, int(n)), MAX_THREADS)
+    return previous
+
+
 def run_chunks(kernel, n, args, units=None):
     """Run a numba kernel ``kernel(c0, c1, *args) -> int`` (chunks ``c0..c1-1``) over the
-    chunks of ``n`` coordinates, split into one contiguous range per numba thread; ``units``
+    chunks of ``n`` coordinates, split into one contiguous range per thread (:func:`kernel_threads`); ``units``
     replaces the chunks by another count of equal work items (buckets, say).
 
     The kernels release the GIL, so a pool of Python threads runs them in parallel; unlike a
@@ -127,7 +158,7 @@ def run_chunks(kernel, n, args, units=None):
         the sum of the kernel's results (e.g. a count of invalid codes).
     """
     n_chunks = -(-n // CHUNK) if units is None else units
-    n_threads = min(numba.get_num_threads(), n_chunks) if parallel_ok(n) else 1
+    n_threads = min(kernel_threads(), n_chunks) if parallel_ok(n) else 1
     if n_threads <= 1:
         return int(kernel(0, n_chunks, *args))
     edges = [n_chunks * t // n_threads for t in range(n_threads + 1)]
@@ -164,13 +195,76 @@ class ByWidth:
         return kernel
 
 
+class _Compiling(threading.local):
+    depth = 0  # compilations under way in this thread (numba compiles a kernel's callees inside it)
+
+
+_COMPILING = _Compiling()
+
+
+def compile_lock_path(dispatcher, sig):
+    """The lock file of one kernel, signature and closure (its widths) on this node."""
+    fn = dispatcher.py_func
+    cells = tuple(cell.cell_contents for cell in fn.__closure__ or ())
+    key = repr((fn.__module__, fn.__qualname__, fn.__code__.co_firstlineno, cells, str(sig)))
+    name = f"{fn.__module__}.{fn.__qualname__}"[:80].replace("<", "").replace(">", "")
+    folder = os.path.join(tempfile.gettempdir(), f"mpiqsgd-numba-{os.getuid()}")
+    return os.path.join(folder, f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.lock")
+
+
+def compile_once_per_node(dispatcher):
+    """Make the processes of a node compile ``dispatcher`` (a numba dispatcher with its disk cache on)
+    one at a time, so that one compiles each kernel and the others load it from numba's cache.
+
+    Ranks of one job start together and all need the same kernels at their first step: without
+    this, each of N ranks on a node compiles every kernel at once, N times the CPU (seconds per
+    kernel) on cores that N ranks already share. A per-kernel lock file in the node's temporary
+    directory (``mpiqsgd-numba-UID/``) is held while a process compiles or loads that kernel;
+    the next one then finds it in the cache. Only the outermost compilation of a thread takes a
+    lock (numba compiles a kernel's callees inside it, holding its own compiler lock), and a wait
+    longer than :data:`COMPILE_WAIT_SECONDS` (a holder stopped, say) compiles without the lock.
+    Returns ``dispatcher``, its ``compile`` wrapped.
+    """
+    compile_here = dispatcher.compile
+
+    def compile(sig):
+        if _COMPILING.depth:
+            return compile_here(sig)
+        _COMPILING.depth += 1
+        try:
+            path = compile_lock_path(dispatcher, sig)
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                lock = FileLock(path, timeout=COMPILE_WAIT_SECONDS)
+                lock.acquire()
+            except (OSError, Timeout):  # no writable temporary directory, or a stuck holder
+                return compile_here(sig)
+            try:
+                return compile_here(sig)
+            finally:
+                lock.release()
+        finally:
+            _COMPILING.depth -= 1
+
+    dispatcher.compile = compile
+    return dispatcher
+
+
+def cached_jit(**options):
+    """``numba.njit(cache=True, nogil=True, **options)``, compiled once per node
+    (:func:`compile_once_per_node`): the decorator of every cached kernel."""
+    def decorate(fn):
+        return compile_once_per_node(numba.njit(cache=True, nogil=True, **options)(fn))
+    return decorate
+
+
 _POOL = []
 
 
 def thread_pool():
     """The pool of Python threads that :func:`run_chunks` (and the entropy coder) run kernels on."""
     if not _POOL:
-        _POOL.append(ThreadPoolExecutor(max_workers=max(1, numba.config.NUMBA_NUM_THREADS - 1),
+        _POOL.append(ThreadPoolExecutor(max_workers=max(1, MAX_THREADS - 1),
                                         thread_name_prefix="mpiqsgd-kernel"))
     return _POOL[0]
 
@@ -233,7 +327,7 @@ def load_word(packed, g, bits):
 if HAVE_NUMBA:
     # Kernels never divide by zero on valid input; the numpy error model keeps checks out of
     # the loops so that they vectorize. No fastmath: bytes must equal the torch ops'.
-    jit_kernel = numba.njit(cache=True, nogil=True, error_model="numpy")
+    jit_kernel = cached_jit(error_model="numpy")
     _G, _A, _B = np.uint64(_GOLDEN), np.uint64(_M1), np.uint64(_M2)
     _BYTE = np.uint64(255)
 
@@ -368,7 +462,7 @@ if HAVE_NUMBA:
     # float64 rounding error of a float32 rounding boundary. The flag is on this function's
     # instructions only (it is called, not inlined, by numba): the quantizers that call it keep
     # strict IEEE arithmetic, as their bytes must equal the torch ops'.
-    @numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
+    @cached_jit(error_model="numpy", fastmath={"reassoc"})
     def write_norm(seg, seg_bits, kind, norms, norms_bits, b):
         """Write bucket ``b``'s float32 norm of ``seg`` (``seg_bits``: the same values as int32) for
         ``kind`` (:data:`NORM_KINDS`) into ``norms`` (``norms_bits``: its int32 view); return whether

@@ -26,10 +26,8 @@ import numpy as np
 
 from ..errors import ConfigError
 from .density import Density
-from .kernels import HAVE_NUMBA
+from .kernels import HAVE_NUMBA, cached_jit
 
-if HAVE_NUMBA:
-    import numba
 
 __all__ = ["SIGMA_MIN", "Mixture", "flat_args"]
 
@@ -43,7 +41,7 @@ _NARROW = 0.05  # intervals narrower than this many sigmas use Gauss-Legendre
 
 # -- scalar kernels (numba), one component loop per interval ------------------------------
 
-_njit = numba.njit(cache=True, nogil=True, error_model="numpy") if HAVE_NUMBA else (lambda f: f)
+_njit = cached_jit(error_model="numpy") if HAVE_NUMBA else (lambda f: f)
 
 
 @_njit
