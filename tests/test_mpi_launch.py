@@ -1,19 +1,19 @@
-"""Launch the multi-rank tests under real mpiexec, each file in one job at every world size it names, under a
-timeout.
+"""Launch the multi-rank tests under real mpiexec, under a timeout: the files of tests/mpi/ in one job, each
+at every world size it names, and jobs of the library, the command line and the examples.
 
 Jobs start through ``mpiqsgd.launch`` (conftest's ``mpi_run``): whichever MPI it finds, as
 root and oversubscribed, with no environment to set."""
 
 import json
 import re
-import subprocess
 import sys
 import time
 
 import pytest
 import torch
 
-from conftest import ROOT, mpi_run, mpiexec_marks
+from conftest import mpi_run, mpiexec_marks
+from mpiqsgd.cli import main
 from mpiqsgd.errors import ConfigError
 from mpiqsgd.linkmodel import fit
 from mpiqsgd.train.checkpoint import read_state
@@ -26,23 +26,28 @@ def launch(n, *args, timeout=240):
     return mpi_run(n, [sys.executable, *args], timeout)
 
 
-# Each file runs at every world size it names (tests/mpi/subworld.py) on the first k ranks of one
-# job: the ranks start once per file, not once per file and size.
-@pytest.mark.slow
-@pytest.mark.parametrize("script,n", [
-    ("mpi_topologies.py", 5),  # 1 to 5 ranks
-    ("mpi_adapt.py", 3),  # 2 and 3
-    ("mpi_overlap.py", 5),  # 2 to 5
-    ("mpi_optimizer.py", 3),  # DistributedOptimizer's accumulation, 2 and 3
-    ("mpi_hierarchical.py", 6),  # 4 and 6: 2 and 3 nodes of 2 ranks (each rank names its node)
-])
-def test_mpi_tests_under_mpiexec(script, n):
-    # -n 0: each rank runs its pytest in one process (no parallel workers inside a rank)
-    proc = launch(n, "-m", "mpi4py", "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "-x",
-                  f"tests/mpi/{script}", timeout=600)
+# One job runs every file at every world size it names (tests/mpi/subworld.py), on the first k ranks
+# of its 6: the ranks start once, not once per file and size (a Python that imports torch and
+# pytest is about 3 s of CPU). pytest's hypothesis and benchmark plugins, which no file here uses,
+# stay out of the ranks (a second each).
+MPI_TEST_FILES = {
+    "mpi_topologies.py": "1 to 5 ranks",
+    "mpi_adapt.py": "2 and 3",
+    "mpi_overlap.py": "2 to 5",
+    "mpi_optimizer.py": "DistributedOptimizer's accumulation, 2 and 3",
+    "mpi_hierarchical.py": "4 and 6: 2 and 3 nodes of 2 ranks (each rank names its node)",
+}
+MPI_TEST_RANKS = 6
+
+
+@pytest.mark.slow(120)
+def test_mpi_tests_under_mpiexec():
+    proc = launch(MPI_TEST_RANKS, "-m", "mpi4py", "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
+                  "-p", "no:hypothesispytest", "-p", "no:benchmark", "-x",
+                  *(f"tests/mpi/{name}" for name in MPI_TEST_FILES), timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
-    assert " failed" not in out and out.count(" passed") >= n, out[-3000:]
+    assert " failed" not in out and out.count(" passed") >= MPI_TEST_RANKS, out[-3000:]
     assert "ranks; the job has" not in out, out[-3000:]  # no size skipped (subworld.TOO_FEW): every size ran
 
 
@@ -123,6 +128,16 @@ TRAIN = ["train", "--json", "--dataset", "synthetic", "--synthetic-size", "1200"
          "--check-sync-every", "4"]
 
 
+def simulate(capsys, *argv):
+    """``mpiqsgd ARGV`` (a ``--simulate`` run) in this process, not a Python of its own: its captured
+    (stdout, stderr)."""
+    capsys.readouterr()
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert code == 0, err[-4000:]
+    return out, err
+
+
 def final_states(run_dir, n):
     latest = json.loads((run_dir / "checkpoints" / "latest.json").read_text())
     return [read_state(run_dir / "checkpoints" / latest["dir"] / f"rank{r}.pt") for r in range(n)]
@@ -138,13 +153,11 @@ def final_states(run_dir, n):
     (3, ["--codec", "qsgd", "--bits", "4", "--topology", "scatter", "--bucket-mb", "0.01", "--overlap",
          "--min-compress-numel", "100", "--trace-steps", "1-2"]),  # tracing changes no bit
 ])
-def test_mpi_training_equals_simulation(tmp_path, n, flags):
+def test_mpi_training_equals_simulation(tmp_path, capsys, n, flags):
     mpi = launch(n, "-m", "mpi4py", "-m", "mpiqsgd", *TRAIN, *flags, "--run-dir", str(tmp_path / "mpi"), timeout=300)
     assert mpi.returncode == 0, mpi.stderr[-4000:]
-    sim = subprocess.run([sys.executable, "-m", "mpiqsgd", *TRAIN, *flags, "--simulate", str(n),
-                          "--run-dir", str(tmp_path / "sim")], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert sim.returncode == 0, sim.stderr[-4000:]
-    s_mpi, s_sim = json.loads(mpi.stdout), json.loads(sim.stdout)
+    sim_out, _ = simulate(capsys, *TRAIN, *flags, "--simulate", str(n), "--run-dir", str(tmp_path / "sim"))
+    s_mpi, s_sim = json.loads(mpi.stdout), json.loads(sim_out)
     assert s_mpi["steps"] == s_sim["steps"] == 2 * (1080 // (n * 32))
     assert s_mpi["total_bytes"] == s_sim["total_bytes"] > 0
     assert s_mpi["final_val_acc"] == s_sim["final_val_acc"]
@@ -187,22 +200,20 @@ def test_custom_loop_example_runs_and_learns():
 
 
 @pytest.mark.slow
-def test_mpi_stop_and_resume_equals_uninterrupted_simulation(tmp_path):
+def test_mpi_stop_and_resume_equals_uninterrupted_simulation(tmp_path, capsys):
     flags = [*TRAIN, "--codec", "qsgd", "--rounding", "nearest", "--error-feedback"]
     first = launch(2, "-m", "mpi4py", "-m", "mpiqsgd", *flags, "--max-steps", "9", "--run-dir", str(tmp_path / "mpi"))
     assert first.returncode == 0, first.stderr[-3000:]
     resumed = launch(2, "-m", "mpi4py", "-m", "mpiqsgd", *flags, "--resume", str(tmp_path / "mpi"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    sim = subprocess.run([sys.executable, "-m", "mpiqsgd", *flags, "--simulate", "2",
-                          "--run-dir", str(tmp_path / "sim")], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert sim.returncode == 0, sim.stderr[-3000:]
-    assert json.loads(resumed.stdout)["steps"] == json.loads(sim.stdout)["steps"] == 32
+    sim_out, _ = simulate(capsys, *flags, "--simulate", "2", "--run-dir", str(tmp_path / "sim"))
+    assert json.loads(resumed.stdout)["steps"] == json.loads(sim_out)["steps"] == 32
     for a, b in zip(final_states(tmp_path / "mpi", 2), final_states(tmp_path / "sim", 2)):
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
 @pytest.mark.slow
-def test_hierarchical_training_equals_simulation(tmp_path):
+def test_hierarchical_training_equals_simulation(tmp_path, capsys):
     # 2 nodes x 2 ranks under mpiexec (MPMD: the second pair of ranks names its host nodeB through
     # env(1), which every MPI runs as a program) against --simulate 4 --ranks-per-node 2, bit for bit.
     flags = [*TRAIN, "--codec", "qsgd", "--bits", "4", "--rounding", "nearest", "--error-feedback",
@@ -212,11 +223,10 @@ def test_hierarchical_training_equals_simulation(tmp_path):
     assert mpi.returncode == 0, mpi.stderr[-4000:]
     said = "hierarchical exchange: 2 nodes x 2 ranks (4 in all); fp32 inside each node, intsum among the 2"
     assert said in mpi.stderr
-    sim = subprocess.run([sys.executable, "-m", "mpiqsgd", *flags, "--simulate", "4", "--ranks-per-node", "2",
-                          "--run-dir", str(tmp_path / "sim")], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert sim.returncode == 0, sim.stderr[-4000:]
-    assert "hierarchical exchange: 2 nodes x 2 ranks" in sim.stderr
-    s_mpi, s_sim = json.loads(mpi.stdout), json.loads(sim.stdout)
+    sim_out, sim_err = simulate(capsys, *flags, "--simulate", "4", "--ranks-per-node", "2",
+                                "--run-dir", str(tmp_path / "sim"))
+    assert "hierarchical exchange: 2 nodes x 2 ranks" in sim_err
+    s_mpi, s_sim = json.loads(mpi.stdout), json.loads(sim_out)
     assert s_mpi["total_bytes"] == s_sim["total_bytes"] > 0 and s_mpi["final_val_acc"] == s_sim["final_val_acc"]
     for a, b in zip(final_states(tmp_path / "mpi", 4), final_states(tmp_path / "sim", 4)):  # BN buffers are per rank
         assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -1,31 +1,34 @@
 """Multi-rank tests of the hierarchical exchange; run under mpiexec (an even number of ranks) by
-tests/test_mpi_launch.py. Each rank names its node ``node<rank // 2>`` through MPIQSGD_HOST before
-the transport reads host names, so one machine holds 2, 3, ... nodes of 2 ranks.
+tests/test_mpi_launch.py. While this module's tests run, each rank names its node
+``node<rank // 2>`` through MPIQSGD_HOST, which transports read when they are made, so one machine
+holds 2, 3, ... nodes of 2 ranks; the other modules of the job see one node.
 
 Every rank runs every test in the same order, on 4 and 6 ranks (tests/mpi/subworld.py); no test
 skips on some ranks of its communicator only.
 """
 
-import os
-
+import pytest
+import torch
 from mpi4py import MPI
 
-os.environ["MPIQSGD_HOST"] = f"node{MPI.COMM_WORLD.Get_rank() // 2}"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from mpiqsgd.codecs import make_codec  # noqa: E402
-from mpiqsgd.codecs.fp import FP32  # noqa: E402
-from mpiqsgd.exchange import GradientExchange  # noqa: E402
-from mpiqsgd.meter import Meter  # noqa: E402
-from mpiqsgd.topology import Nodes, make_aggregator  # noqa: E402
-from mpiqsgd.transport import LocalGroup, MPITransport  # noqa: E402
-from subworld import comm_fixture  # noqa: E402
+from mpiqsgd.codecs import make_codec
+from mpiqsgd.codecs.fp import FP32
+from mpiqsgd.exchange import GradientExchange
+from mpiqsgd.meter import Meter
+from mpiqsgd.topology import Nodes, make_aggregator
+from mpiqsgd.transport import LocalGroup, MPITransport
+from subworld import comm_fixture
 
 comm = comm_fixture([4, 6])  # 2 and 3 nodes of 2 ranks
 
 RANKS_PER_NODE = 2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def node_names():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MPIQSGD_HOST", f"node{MPI.COMM_WORLD.Get_rank() // RANKS_PER_NODE}")
+        yield
 
 
 @pytest.fixture(scope="module")
