@@ -169,12 +169,14 @@ def test_two_node_training_job_on_the_emulated_cluster(tmp_path):
     train = ("hostname > {d}/host.$PMI_RANK && exec {py} -m mpi4py -m mpiqsgd train --dataset synthetic "
              "--synthetic-size 600 --model tiny --epochs 1 --batch-size 32 --no-progress --threads 1 "
              "--run-dir {d}/run").format(d=tmp_path, py=sys.executable)
+    # A bound on the job (its --timeout), not a speed target: alone it takes about 10 s; beside the
+    # multi-rank jobs of the other test worker it once took 79 s (27 s of CPU) on the 2-core VM.
     start = time.perf_counter()
-    proc = cluster_cli("run", "--name", name, "--nodes", "2", "--rate", "1gbit", "--timeout", "60", "--",
-                       "sh", "-c", train)
+    proc = cluster_cli("run", "--name", name, "--nodes", "2", "--rate", "1gbit", "--timeout", "180", "--",
+                       "sh", "-c", train, timeout=240)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    assert time.perf_counter() - start < 75
+    assert time.perf_counter() - start < 200  # the job's timeout, and the cluster built and removed in 20 s
     assert [(tmp_path / f"host.{r}").read_text().strip() for r in (0, 1)] == ["node0", "node1"], out[-2000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary, out[-2000:]
