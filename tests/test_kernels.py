@@ -71,18 +71,18 @@ def test_processes_that_need_a_kernel_at_once_compile_it_once(tmp_path):
            "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "TMPDIR": str(tmp_path)}
     go = tmp_path / "go"
     racers = [subprocess.Popen([sys.executable, "-c", RACER, str(go)], env=env, cwd=tmp_path, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(3)]
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     try:
         for racer in racers:  # every one imported, waiting for the start
             assert racer.stdout.readline().strip() == "ready", racer.stderr.read()
-        go.touch()  # all three call the kernel now: without the lock, each compiles it
+        go.touch()  # both call the kernel now: without the lock, each compiles it
         outs = [racer.communicate(timeout=120) for racer in racers]
     finally:
         for racer in racers:
             racer.kill()
     assert all(racer.returncode == 0 for racer in racers), [err for _, err in outs]
     counts = sorted((json.loads(out)["compiled"], json.loads(out)["loaded"]) for out, _ in outs)
-    assert counts == [(0, 1), (0, 1), (1, 0)], counts  # one compiled; the others loaded its cache entry
+    assert counts == [(0, 1), (1, 0)], counts  # one compiled; the other loaded its cache entry
     assert list((tmp_path / f"mpiqsgd-numba-{os.getuid()}").glob("kernel_module.add_one-*.lock"))
 
 
