@@ -2,6 +2,8 @@
 payload apart; collectives at their nominal cost), the in-process LocalGroup behind --simulate, and
 MPITransport on a one-rank communicator. Several ranks under mpiexec: tests/mpi/."""
 
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -159,3 +161,24 @@ def test_mpi_transport_on_one_rank_sends_to_itself_and_counts_it(t):
     assert torch.equal(t.allreduce_sum(torch.ones(3)), torch.ones(3))
     assert t.allgather_bytes(b"q", phase="x") == [b"q"]
     assert t.meter.sent()["messages"] == 1  # a one-rank allreduce or allgather sends nothing
+
+
+EXIT_NOW = """
+import atexit
+from mpiqsgd.transport import exit_now
+
+class Teardown:
+    def __del__(self):
+        print("teardown ran", flush=True)
+
+kept = Teardown()  # freed only by the interpreter's teardown
+atexit.register(lambda: print("atexit ran", flush=True))
+print("buffered, not flushed", end="; ")
+exit_now(3)
+"""
+
+
+def test_exit_now_says_everything_runs_atexit_and_skips_the_teardown():
+    proc = subprocess.run([sys.executable, "-c", EXIT_NOW], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "buffered, not flushed; atexit ran\n", proc.stdout
