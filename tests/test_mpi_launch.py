@@ -143,34 +143,43 @@ def final_states(run_dir, n):
     return [read_state(run_dir / "checkpoints" / latest["dir"] / f"rank{r}.pt") for r in range(n)]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("n,flags", [
-    (2, ["--codec", "qsgd", "--bits", "4", "--topology", "ring"]),
-    (3, ["--codec", "qsgd", "--bits", "3", "--rounding", "nearest", "--error-feedback", "--topology", "ps",
-         "--downlink", "codec", "--min-compress-numel", "100"]),
-    (3, ["--codec", "sign", "--error-feedback", "--topology", "allgather"]),
-    (2, ["--codec", "qsgd-elias", "--bits", "2", "--bucket", "128", "--topology", "scatter"]),
-    (3, ["--codec", "qsgd", "--bits", "4", "--topology", "scatter", "--bucket-mb", "0.01", "--overlap",
-         "--min-compress-numel", "100", "--trace-steps", "1-2"]),  # tracing changes no bit
-])
-def test_mpi_training_equals_simulation(tmp_path, capsys, n, flags):
-    mpi = launch(n, "-m", "mpi4py", "-m", "mpiqsgd", *TRAIN, *flags, "--run-dir", str(tmp_path / "mpi"), timeout=300)
+# The runs that must equal their simulation bit for bit, by world size. The runs of one size share
+# one job (tests/mpi/train_runs.py: ranks start once, not once per run).
+MPI_EQUALS_SIMULATION = {
+    2: [["--codec", "qsgd", "--bits", "4", "--topology", "ring"],
+        ["--codec", "qsgd-elias", "--bits", "2", "--bucket", "128", "--topology", "scatter"]],
+    3: [["--codec", "qsgd", "--bits", "3", "--rounding", "nearest", "--error-feedback", "--topology", "ps",
+         "--downlink", "codec", "--min-compress-numel", "100"],
+        ["--codec", "sign", "--error-feedback", "--topology", "allgather"],
+        ["--codec", "qsgd", "--bits", "4", "--topology", "scatter", "--bucket-mb", "0.01", "--overlap",
+         "--min-compress-numel", "100", "--trace-steps", "1-2"]],  # tracing changes no bit
+}
+
+
+@pytest.mark.slow(40)
+@pytest.mark.parametrize("n", sorted(MPI_EQUALS_SIMULATION))
+def test_mpi_training_equals_simulation(tmp_path, capsys, n):
+    runs = MPI_EQUALS_SIMULATION[n]
+    commands = [[*TRAIN, *flags, "--run-dir", str(tmp_path / f"mpi{i}")] for i, flags in enumerate(runs)]
+    mpi = launch(n, "-m", "mpi4py", "tests/mpi/train_runs.py", str(tmp_path), json.dumps(commands), timeout=400)
     assert mpi.returncode == 0, mpi.stderr[-4000:]
-    sim_out, _ = simulate(capsys, *TRAIN, *flags, "--simulate", str(n), "--run-dir", str(tmp_path / "sim"))
-    s_mpi, s_sim = json.loads(mpi.stdout), json.loads(sim_out)
-    assert s_mpi["steps"] == s_sim["steps"] == 2 * (1080 // (n * 32))
-    assert s_mpi["total_bytes"] == s_sim["total_bytes"] > 0
-    assert s_mpi["final_val_acc"] == s_sim["final_val_acc"]
-    for a, b in zip(final_states(tmp_path / "mpi", n), final_states(tmp_path / "sim", n)):
-        assert a["model"].keys() == b["model"].keys()
-        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    comm = json.loads((tmp_path / "mpi" / "comm.json").read_text())
-    assert comm["n_ranks"] == n and sorted(comm["sent_by_rank"]) == [str(r) for r in range(n)]
-    if "--trace-steps" in flags:
-        events = json.loads((tmp_path / "mpi" / "trace.json").read_text())["traceEvents"]
-        spans = [e for e in events if e["ph"] == "X"]
-        assert {e["pid"] for e in spans} == set(range(n)) and {e["tid"] for e in spans} == {0, 1}
-        assert any(e["cat"] == "communicate" and e["args"]["bytes"] > 0 and e["tid"] == 1 for e in spans)
+    for i, flags in enumerate(runs):
+        mpi_dir, sim_dir = tmp_path / f"mpi{i}", tmp_path / f"sim{i}"
+        sim_out, _ = simulate(capsys, *TRAIN, *flags, "--simulate", str(n), "--run-dir", str(sim_dir))
+        s_mpi, s_sim = json.loads((tmp_path / f"{i}.stdout").read_text()), json.loads(sim_out)
+        assert s_mpi["steps"] == s_sim["steps"] == 2 * (1080 // (n * 32)), flags
+        assert s_mpi["total_bytes"] == s_sim["total_bytes"] > 0, flags
+        assert s_mpi["final_val_acc"] == s_sim["final_val_acc"], flags
+        for a, b in zip(final_states(mpi_dir, n), final_states(sim_dir, n)):
+            assert a["model"].keys() == b["model"].keys(), flags
+            assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), flags
+        comm = json.loads((mpi_dir / "comm.json").read_text())
+        assert comm["n_ranks"] == n and sorted(comm["sent_by_rank"]) == [str(r) for r in range(n)], flags
+        if "--trace-steps" in flags:
+            events = json.loads((mpi_dir / "trace.json").read_text())["traceEvents"]
+            spans = [e for e in events if e["ph"] == "X"]
+            assert {e["pid"] for e in spans} == set(range(n)) and {e["tid"] for e in spans} == {0, 1}
+            assert any(e["cat"] == "communicate" and e["args"]["bytes"] > 0 and e["tid"] == 1 for e in spans)
 
 
 def test_link_sweep_under_mpiexec(tmp_path):

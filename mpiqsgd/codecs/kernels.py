@@ -51,9 +51,10 @@ except ImportError:  # pragma: no cover - numba is a declared dependency
 
 __all__ = ["draw_seed", "SeedAt", "uniform", "use_numba", "parallel_ok", "run_chunks", "thread_pool", "ByWidth",
            "padded", "codes_slot", "place_scales", "one_pass", "check_spare", "host_array", "decode_target",
-           "load_word", "jit_kernel", "chunk_range", "bucket_segment", "fill_uniforms", "pack_chunk", "unpack_chunk",
-           "write_norm", "norm_chunks", "NORM_KINDS", "CHUNK", "HAVE_NUMBA", "cached_jit", "compile_once_per_node",
-           "compile_lock_path", "COMPILE_WAIT_SECONDS", "kernel_threads", "set_kernel_threads", "MAX_THREADS"]
+           "load_word", "jit_kernel", "jit_helper", "chunk_range", "bucket_segment", "fill_uniforms", "pack_chunk",
+           "unpack_chunk", "write_norm", "norm_chunks", "NORM_KINDS", "CHUNK", "HAVE_NUMBA", "cached_jit",
+           "compile_once_per_node", "compile_lock_path", "COMPILE_WAIT_SECONDS", "kernel_threads", "set_kernel_threads",
+           "MAX_THREADS"]
 
 HAVE_NUMBA = numba is not None
 
@@ -173,12 +174,12 @@ class ByWidth:
 
     ``make(width)`` returns a kernel in which ``width`` is a closure constant: numba prunes
     the branches of the kernel's own body on it before typing (the level-set table widths),
-    and the packing (:func:`pack_chunk`) compiles for that one width. Each width compiles in
-    1-3 s; one kernel holding every width, with the branches inside inlined helpers (which
-    are not pruned), took 51-53 s cold (nuqsgd's encode and decode, 2026-12-01), and a run
-    pays only for the widths it uses. The closure must capture plain numbers only: numba's
-    cache keys a closure by its captured values, and a captured function would make every
-    process compile again. ``kernels[bits]`` is the kernel for ``bits``.
+    and LLVM, inlining the helpers it calls (:func:`pack_chunk` and the rest, see
+    :data:`jit_helper`), folds the width into their loads and stores. One kernel holding every
+    width, its branches inside the helpers, took 51-53 s cold (nuqsgd's encode and decode,
+    2026-12-01); a run pays only for the widths it uses. The closure must capture plain
+    numbers only: numba's cache keys a closure by its captured values, and a captured function
+    would make every process compile again. ``kernels[bits]`` is the kernel for ``bits``.
     """
 
     def __init__(self, make):
@@ -308,10 +309,16 @@ def check_spare(out, nbytes):
 
 # -- shared numba machinery (CPU) -----------------------------------------------------------
 
-_inline = numba.njit(inline="always") if HAVE_NUMBA else (lambda f: f)
+# The decorator of the helpers that kernels call (numba's error model, as the kernels'; plain Python
+# without numba, where load_word still serves). numba compiles each helper once and LLVM inlines
+# it into its callers. numba's own inlining (``inline="always"``), used before, copied and typed
+# each helper again at every call: the codec tests, run cold in one process, took 162 s with it
+# and 127 s without (2026-12-07), and encode and decode ran at the same speed (2M coordinates,
+# one thread, medians of 40, every codec and encoding: within the spread of repeated runs).
+jit_helper = numba.njit(error_model="numpy") if HAVE_NUMBA else (lambda f: f)
 
 
-@_inline
+@jit_helper
 def load_word(packed, g, bits):
     """Read group ``g``'s packed word (missing bytes past the end read as zero); also used by
     :mod:`mpiqsgd.codecs.elias`, in plain Python where numba is absent."""
@@ -330,13 +337,13 @@ if HAVE_NUMBA:
     _G, _A, _B = np.uint64(_GOLDEN), np.uint64(_M1), np.uint64(_M2)
     _BYTE = np.uint64(255)
 
-    @numba.njit(inline="always")
+    @jit_helper
     def chunk_range(c, n):
         """Coordinates [start, stop) of chunk ``c``."""
         start = c * CHUNK
         return start, min(n, start + CHUNK)
 
-    @numba.njit(inline="always")
+    @jit_helper
     def bucket_segment(i, stop, bucket):
         """The bucket of coordinate ``i`` and the end of its run of coordinates below ``stop``."""
         b = i // bucket
@@ -345,7 +352,7 @@ if HAVE_NUMBA:
     _UNIT = np.float32(1.0 / 16777216.0)
     _LOW24 = np.uint64(0xFFFFFF)
 
-    @numba.njit(inline="always")
+    @jit_helper
     def fill_uniforms(seed, start, m, u):
         """``u[k]`` = the uniform of coordinate ``start + k`` for ``k < m`` (``start`` even; ``u``
         holds at least ``m`` rounded up to even values, and that many are written): one
@@ -360,7 +367,7 @@ if HAVE_NUMBA:
             u[2 * j] = np.float32(np.int64(z >> np.uint64(40))) * _UNIT
             u[2 * j + 1] = np.float32(np.int64((z >> np.uint64(16)) & _LOW24)) * _UNIT
 
-    @numba.njit(inline="always")
+    @jit_helper
     def _compress(x, bits):
         """8 codes of ``bits`` bits, one per byte of ``x`` (byte k = code k), to their packed word."""
         b = np.uint64(bits)
@@ -368,7 +375,7 @@ if HAVE_NUMBA:
         x = (x & np.uint64(0x0000FFFF0000FFFF)) | ((x & np.uint64(0xFFFF0000FFFF0000)) >> (np.uint64(16) - b - b))
         return (x & np.uint64(0xFFFFFFFF)) | ((x >> np.uint64(32)) << (np.uint64(4) * b))
 
-    @numba.njit(inline="always")
+    @jit_helper
     def _expand(w, bits):
         """Inverse of :func:`_compress`."""
         b = np.uint64(bits)
@@ -379,7 +386,7 @@ if HAVE_NUMBA:
         x = (x & lo2) | ((x & (lo2 << (b + b))) << (np.uint64(16) - b - b))
         return (x & lo1) | ((x & (lo1 << b)) << (np.uint64(8) - b))
 
-    @numba.njit(inline="always")
+    @jit_helper
     def _store_group(out, base, w, bits):
         """Write the ``bits`` bytes of a packed word at ``out[base:]``, one unrolled case per width
         so that the compiler merges the byte stores."""
@@ -399,7 +406,7 @@ if HAVE_NUMBA:
         if bits >= 8:
             out[base + 7] = np.uint8(w >> np.uint64(56))
 
-    @numba.njit(inline="always")
+    @jit_helper
     def _load_group(packed, base, bits):
         """The packed word of ``bits`` bytes at ``packed[base:]`` (all of them present)."""
         w = np.uint64(packed[base])
@@ -419,32 +426,33 @@ if HAVE_NUMBA:
             w |= np.uint64(packed[base + 7]) << np.uint64(56)
         return w
 
-    @numba.njit(inline="always")
+    @jit_helper
     def _pack_groups(words, count, width, out):
         for g in range(count):
             _store_group(out, g * width, _compress(words[g], width), width)
 
-    @numba.njit(inline="always")
+    @jit_helper
     def _unpack_groups(packed, count, width, words):
         for g in range(count):
             words[g] = _expand(_load_group(packed, g * width, width), width)
 
-    @numba.njit(inline="always")
+    @jit_helper
     def pack_chunk(codes, start, stop, bits, out):
         """Pack the codes of coordinates [start, stop) (``codes[k]`` is coordinate ``start + k``;
         ``start`` a multiple of 8) into ``out`` (with the 8 spare bytes of :func:`padded`).
 
-        ``bits`` must be a compile-time constant (the width of a :class:`ByWidth` kernel): a
-        runtime width in the byte loads and stores costs an order of magnitude."""
+        ``bits`` must be a constant of the calling kernel (the width of a :class:`ByWidth`
+        kernel), which LLVM folds in when it inlines this function: a runtime width in the
+        byte loads and stores costs an order of magnitude."""
         m = stop - start
         groups = (m + 7) // 8
         for k in range(m, groups * 8):
             codes[k] = 0
         _pack_groups(codes.view(np.uint64), groups, bits, out[(start // 8) * bits:])
 
-    @numba.njit(inline="always")
+    @jit_helper
     def unpack_chunk(packed, start, stop, bits, codes):
-        """Inverse of :func:`pack_chunk` (``bits`` a compile-time constant too); ``packed`` may end
+        """Inverse of :func:`pack_chunk` (``bits`` a constant of the kernel too); ``packed`` may end
         inside the last group."""
         groups = (stop - start + 7) // 8
         words = codes.view(np.uint64)
@@ -459,7 +467,7 @@ if HAVE_NUMBA:
     # The norms' sums may be reordered (fastmath reassoc, nothing else), so that they vectorize;
     # in float64, a reordering moves a float32 norm by one ulp only where the sum lies within its
     # float64 rounding error of a float32 rounding boundary. The flag is on this function's
-    # instructions only (it is called, not inlined, by numba): the quantizers that call it keep
+    # instructions only (numba compiles it on its own): the quantizers that call it keep
     # strict IEEE arithmetic, as their bytes must equal the torch ops'.
     @cached_jit(error_model="numpy", fastmath={"reassoc"})
     def write_norm(seg, seg_bits, kind, norms, norms_bits, b):

@@ -18,10 +18,8 @@ import torch
 from .kernels import NORM_KINDS, HAVE_NUMBA, check_spare, decode_target, padded, run_chunks, uniform, use_numba
 
 if HAVE_NUMBA:
-    import numba
-
-    from .kernels import (CHUNK, ByWidth, jit_kernel, bucket_segment, chunk_range, fill_uniforms, pack_chunk,
-                          unpack_chunk, write_norm)
+    from .kernels import (CHUNK, ByWidth, bucket_segment, chunk_range, fill_uniforms, jit_helper, jit_kernel,
+                          pack_chunk, unpack_chunk, write_norm)
 
 __all__ = ["levelset_encode", "fused_levelset_encode", "levelset_decode", "search_table", "normalized",
            "inverse_norms", "inverse_widths", "CELLS"]
@@ -86,14 +84,14 @@ if HAVE_NUMBA:
     _INF = np.float32(np.inf)
     _FLT_MAX = np.float32(np.finfo(np.float32).max)
 
-    @numba.njit(inline="always")
+    @jit_helper
     def _normalized(v, scale, inv):
         """:func:`normalized` of one coordinate (``inv`` from :func:`inverse_norms`; the test on it
         is the same for the whole bucket, so the compiler keeps it out of the loop)."""
         r = v * inv if inv < _INF else v / scale
         return min(max(r, np.float32(-1.0)), np.float32(1.0))
 
-    @numba.njit(inline="always")
+    @jit_helper
     def _interval_by_compares(r, first, lows, highs, invs):
         """The interval ``L_j <= r < L_{j+1}`` as (j, L_j, L_{j+1}, 1 / (L_{j+1} - L_j)) by comparing
         ``r`` with each of ``L_1..L_{K-2}`` (the tuple ``lows``; ``highs`` holds ``L_2..L_{K-1}``
@@ -111,7 +109,7 @@ if HAVE_NUMBA:
             inv = invs[t] if above else inv
         return j, low, high, inv
 
-    @numba.njit(inline="always")
+    @jit_helper
     def _interval_by_search(r, levels, invs, first, count):
         """The same interval by a binary search narrowed by a uniform grid of cells over [-1, 1]
         (:func:`search_table`): the cell bounds it to levels[first..first+count-1] (usually one
@@ -126,14 +124,14 @@ if HAVE_NUMBA:
             m -= half
         return lo, levels[lo], levels[lo + 1], invs[lo]
 
-    @numba.njit(inline="always")
+    @jit_helper
     def _round(r, j, low, high, inv, u):
         """Code and value (in units of the norm) of the stochastic rounding of ``r`` (``inv``:
         the interval's inverse width; ``u`` the coordinate's uniform)."""
         up = u < (r - low) * inv
         return np.uint8(j + np.int32(up)), high if up else low
 
-    @numba.njit(inline="always")
+    @jit_helper
     def _small_segment(xs, cs, us, scale, inv_norm, head, lows, highs, invs, ds, want_decoded):
         """Codes (and decoded values, when wanted) of one bucket's run of coordinates."""
         if want_decoded:
@@ -148,14 +146,14 @@ if HAVE_NUMBA:
                 j, low, high, inv = _interval_by_compares(r, head, lows, highs, invs)
                 cs[k] = _round(r, j, low, high, inv, us[k])[0]
 
-    @numba.njit(inline="always")
+    @jit_helper
     def _chunk_start(c, n, seed):
         start, stop = chunk_range(c, n)
         uniforms = np.empty(CHUNK, dtype=np.float32)
         fill_uniforms(seed, start, stop - start, uniforms)
         return start, stop, np.empty(CHUNK, dtype=np.uint8), uniforms
 
-    @numba.njit(inline="always")
+    @jit_helper
     def _encode_small(c, x, norms, inv_norms, first, lows, highs, invs, bucket, bits, seed, out, decoded,
                       want_decoded):
         start, stop, codes, uniforms = _chunk_start(c, x.size, seed)
@@ -170,7 +168,7 @@ if HAVE_NUMBA:
         pack_chunk(codes, start, stop, bits, out)
         return 0
 
-    @numba.njit(inline="always")
+    @jit_helper
     def _encode_small_fused(c, x, x_bits, kind, first, lows, highs, invs, bucket, bits, seed, norms, norms_bits,
                             out, decoded, want_decoded):
         """:func:`_encode_small` computing each bucket's norm (as
@@ -193,31 +191,31 @@ if HAVE_NUMBA:
         pack_chunk(codes, start, stop, bits, out)
         return bad
 
-    @numba.njit(inline="always")
+    @jit_helper
     def _t1(a):
         return (a[0],)
 
-    @numba.njit(inline="always")
+    @jit_helper
     def _t2(a):
         return (a[0], a[1])
 
-    @numba.njit(inline="always")
+    @jit_helper
     def _t4(a):
         return (a[0], a[1], a[2], a[3])
 
-    @numba.njit(inline="always")
+    @jit_helper
     def _t6(a):
         return (a[0], a[1], a[2], a[3], a[4], a[5])
 
-    @numba.njit(inline="always")
+    @jit_helper
     def _t8(a):
         return (a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7])
 
-    @numba.njit(inline="always")
+    @jit_helper
     def _t14(a):
         return (a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], a[13])
 
-    @numba.njit(inline="always")
+    @jit_helper
     def _t16(a):
         return (a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], a[13],
                 a[14], a[15])
@@ -271,7 +269,7 @@ if HAVE_NUMBA:
 
     _encode_fused_chunks = ByWidth(_encode_fused_kernel)
 
-    @numba.njit(inline="always")
+    @jit_helper
     def _encode_search_chunk_one(c, x, norms, inv_norms, levels, invs, first, count, bucket, bits, seed, out, decoded,
                                  want_decoded):
         start, stop = chunk_range(c, x.size)
@@ -304,7 +302,7 @@ if HAVE_NUMBA:
 
     _encode_search_chunks = ByWidth(_encode_search_kernel)
 
-    @numba.njit(inline="always")
+    @jit_helper
     def _decode_small(c, packed, norms, values, n_levels, bucket, bits, out):
         n_levels = np.int32(n_levels)
         start, stop = chunk_range(c, out.size)
@@ -345,7 +343,7 @@ if HAVE_NUMBA:
 
     _decode_small_chunks = ByWidth(_decode_small_kernel)
 
-    @numba.njit(inline="always")
+    @jit_helper
     def _decode_search_chunk_one(c, packed, norms, levels, bucket, bits, out):
         start, stop = chunk_range(c, out.size)
         codes = np.empty(CHUNK, dtype=np.uint8)

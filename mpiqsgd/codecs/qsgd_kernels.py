@@ -26,10 +26,8 @@ from .kernels import (HAVE_NUMBA, NORM_KINDS, check_spare, decode_target, padded
                       use_numba)
 
 if HAVE_NUMBA:
-    import numba
-
-    from .kernels import (CHUNK, ByWidth, bucket_segment, chunk_range, fill_uniforms, jit_kernel, pack_chunk,
-                          unpack_chunk, write_norm)
+    from .kernels import (CHUNK, ByWidth, bucket_segment, chunk_range, fill_uniforms, jit_helper, jit_kernel,
+                          pack_chunk, unpack_chunk, write_norm)
 
 __all__ = ["level_encode", "fused_level_encode", "level_decode"]
 
@@ -72,7 +70,7 @@ def _decode_torch(packed, unit, bucket, bits, levels, n):
 if HAVE_NUMBA:
     # -- numba implementation (CPU) -----------------------------------------------------------
 
-    @numba.njit(inline="always")
+    @jit_helper
     def _level(v, s, top, u, stochastic, sign_shift):
         r = min(abs(v) * s, top)
         if stochastic:
@@ -82,12 +80,12 @@ if HAVE_NUMBA:
             level = np.int32(np.rint(r))
         return np.uint8(level | (np.int32(v < 0) << sign_shift))
 
-    @numba.njit(inline="always")
+    @jit_helper
     def _level_value(code, u, level_mask, sign_shift):
         val = np.float32(code & level_mask) * u
         return -val if code >> sign_shift else val
 
-    @numba.njit(inline="always")
+    @jit_helper
     def _level_segment(xs, cs, us, s, u, top, stochastic, sign_shift, ds, want_decoded):
         """Codes of one bucket's run of coordinates ``xs`` (scale ``s``, level step ``u``; uniforms
         ``us``) into ``cs``, and their decoded values into ``ds`` when wanted."""
@@ -98,7 +96,7 @@ if HAVE_NUMBA:
             for k in range(xs.size):
                 ds[k] = _level_value(cs[k], u, level_mask, sign_shift)
 
-    @numba.njit(inline="always")
+    @jit_helper
     def _chunk_buffers(start, stop, seed, stochastic):
         """A chunk's code buffer and its uniforms (empty unless stochastic)."""
         uniforms = np.empty(CHUNK if stochastic else 0, dtype=np.float32)
@@ -106,7 +104,7 @@ if HAVE_NUMBA:
             fill_uniforms(seed, start, stop - start, uniforms)
         return np.empty(CHUNK, dtype=np.uint8), uniforms
 
-    @numba.njit(inline="always")
+    @jit_helper
     def _level_encode_chunk_one(c, x, scale, unit, bucket, bits, levels, seed, stochastic, out, decoded,
                                 want_decoded):
         start, stop = chunk_range(c, x.size)
@@ -169,7 +167,7 @@ if HAVE_NUMBA:
 
     _level_encode_chunks = ByWidth(_level_encode_kernel)
 
-    @numba.njit(inline="always")
+    @jit_helper
     def _level_decode_chunk_one(c, packed, unit, bucket, bits, levels, out):
         start, stop = chunk_range(c, out.size)
         codes = np.empty(CHUNK, dtype=np.uint8)

@@ -25,9 +25,7 @@ from .buckets import checked_norms, finite_scales
 from .kernels import HAVE_NUMBA, decode_target, run_chunks, use_numba
 
 if HAVE_NUMBA:
-    import numba
-
-    from .kernels import CHUNK, bucket_segment, chunk_range, jit_kernel, unpack_chunk
+    from .kernels import CHUNK, bucket_segment, chunk_range, jit_helper, jit_kernel, unpack_chunk
 
 __all__ = ["Sign", "sign_decode"]
 
@@ -71,7 +69,7 @@ class Sign(Codec):
 
 
 if HAVE_NUMBA:
-    @numba.njit(inline="always")
+    @jit_helper
     def _sign_chunk_one(c, packed, scales, bucket, out):
         start, stop = chunk_range(c, out.size)
         codes = np.empty(CHUNK, dtype=np.uint8)
