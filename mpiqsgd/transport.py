@@ -913,7 +913,7 @@ def exit_now(status: int) -> NoReturn:
     the ``atexit`` handlers, finalize MPI if it was started, and ``os._exit``.
 
     This skips only the interpreter's teardown, which frees torch's, numba's and LLVM's modules
-    one object at a time: 1.1-1.5 s of CPU per process on the 2-core test machine (a process that
+    one object at a time: 1.1-1.9 s of CPU per process on the 2-core test machine (a process that
     imported torch and ran two codecs: 4.3 s of CPU with the teardown, 3.2 s without), and 4 to
     15 s of wall time per rank when many ranks share a loaded machine. Every file mpiqsgd writes
     is closed when it returns; ``atexit`` handlers (logging's flush, say) still run. The command

@@ -44,7 +44,7 @@ def pytest_sessionfinish(session, exitstatus):
 def pytest_unconfigure(config):
     """A pytest in the ranks of an mpiexec job (the files of tests/mpi) ends, once it has said everything,
     as the command line does (:func:`mpiqsgd.transport.exit_now`): without the interpreter's teardown,
-    1.5 s of CPU a rank."""
+    about 2 s of CPU a rank."""
     if _EXIT_STATUS and launched_world(os.environ) is not None:
         from mpiqsgd.transport import exit_now
         exit_now(_EXIT_STATUS[-1])

@@ -1,6 +1,7 @@
 """mpiqsgd.transport: what every transport counts and times (one record a message, at its sender, header and
 payload apart; collectives at their nominal cost), the in-process LocalGroup behind --simulate, and
-MPITransport on a one-rank communicator. Several ranks under mpiexec: tests/mpi/."""
+MPITransport on a one-rank communicator, and how a process ends (exit_now). Several ranks under mpiexec:
+tests/mpi/."""
 
 import subprocess
 import sys
