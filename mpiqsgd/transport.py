@@ -890,13 +890,18 @@ def exit_together(status: int) -> None:
     (:class:`~mpiqsgd.errors.StopJob`): a barrier, then :func:`exit_now`.
 
     Without the explicit finalize ``python -m mpi4py`` turns a non-zero status into ``MPI_Abort``
-    (a line on stderr per rank, and a rank still writing is killed). Returns (doing nothing) when
+    (a line on stderr per rank, and a rank still writing is killed). A non-zero status waits
+    :data:`ABORT_GRACE_SECONDS` first, as an abort does: under Open MPI's mpirun, loaded, the
+    one line a refused launch prints was once lost (CI, 2026-12-07). Returns (doing nothing) when
     MPI was never started or has one rank.
     """
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized() or mpi.COMM_WORLD.Get_size() == 1:
         return
     mpi.COMM_WORLD.Barrier()
+    if status:  # as abort_if_parallel: the launcher may stop forwarding output at the first non-zero exit
+        _flush_stdio()
+        time.sleep(ABORT_GRACE_SECONDS)
     exit_now(status)
 
 
